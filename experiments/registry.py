@@ -1,0 +1,248 @@
+"""Every row of the paper's tables as a concrete job: gin files plus bindings at paper scale.
+
+One :class:`Entry` per row that the paper trains (Tables 2-8, the 1024 result of appendix C, and the
+interpolated schedule of section 3.1); Table 9 rows are guidance scales evaluated on the Table 7
+U-ViT checkpoints, not new runs. Rows whose configurations are identical (Table 6's baselines are
+Table 2's shift-32 and Table 5's DWT-2 rows, Table 3's "dropout from 16" and Table 4's "12+13" are
+Table 2's 128 shift-64 row, Table 7's U-Net rows come from Tables 2 and 6) are recognised by their
+resolved gin configuration and become one :class:`Job`, trained once and reported everywhere.
+
+Choices where the paper is silent (named in README, pinned by tests/test_registry.py):
+- U-ViT schedule: shifted to 64 (the paper's general recommendation, section 5.1).
+- Text-to-image: the interpolated schedule from noise_d 32 to the image size (section 3.1
+  recommends it when guidance is used); evaluated with noise_param 1.0 and 30K samples (appendix A).
+- The 1024 U-Net uses the shift-64 schedule like the other U-Nets.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import os
+import re
+from typing import Iterable, Sequence
+
+GIN_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+PAPER_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_tables.csv")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One row of one table, as the paper prints it."""
+  table: str
+  group: str
+  row: str
+  arch: str                        # 'unet' or 'uvit'
+  resolution: int
+  gin_files: tuple[str, ...]
+  bindings: tuple[str, ...] = ()
+  metrics: tuple[str, ...] = ("fid_train", "fid_eval")
+  guidance: float = 1.0            # Table 9 rows: the guidance scale evaluated
+  num_samples: int = 50_000        # 30K for COCO (Table 8)
+  noise_param: float = 0.2         # 1.0 for COCO (appendix A)
+  throughput: bool = False         # Tables 4 and 5 report relative steps/s
+  note: str = ""
+
+
+@dataclasses.dataclass
+class Job:
+  """One training run (and its evaluations) serving one or more table rows."""
+  name: str
+  arch: str
+  resolution: int
+  gin_files: tuple[str, ...]
+  bindings: tuple[str, ...]
+  entries: list[Entry]
+
+  @property
+  def guidances(self) -> list[float]:
+    return sorted({e.guidance for e in self.entries})
+
+  @property
+  def num_samples(self) -> int:
+    return max(e.num_samples for e in self.entries)
+
+  @property
+  def noise_param(self) -> float:
+    return self.entries[0].noise_param
+
+  @property
+  def metrics(self) -> list[str]:
+    return sorted({m for e in self.entries for m in e.metrics})
+
+  def rows_json(self) -> list[dict[str, str]]:
+    return [{"table": e.table, "group": e.group, "row": e.row} for e in self.entries]
+
+
+def _shift(res: int, noise_d: int) -> tuple[str, ...]:
+  return ("schedule.name = 'cosine_shifted'", f"schedule.image_d = {res}", f"schedule.noise_d = {noise_d}")
+
+
+def _cosine() -> tuple[str, ...]:
+  return ("schedule.name = 'cosine'",)
+
+
+UNET_TRAIN = "train/unet_imagenet.gin"
+UVIT_TRAIN = "train/uvit_imagenet.gin"
+
+
+def _unet(res: int, model_gin: str | None = None, *extra: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  files = (model_gin or f"models/unet_imagenet{res}.gin", UNET_TRAIN)
+  base = [f"Train.image_size = {res}"]
+  if res == 128:  # B.1: adam_beta2=0.999 and 1.5M steps for ImageNet 128
+    base += ["Train.adam_b2 = 0.999", "Train.num_steps = 1500000"]
+  return files, tuple(base) + tuple(extra)
+
+
+def _entries() -> list[Entry]:
+  out: list[Entry] = []
+  add = out.append
+
+  # Table 2: noise schedule (U-Net, ImageNet 128 and 256). Default dropout from 16, shift 64 at 128.
+  for res, rows in ((128, [("cosine (original at 128)", None), ("cosine (shifted to 64)", 64),
+                           ("cosine (shifted to 32)", 32)]),
+                    (256, [("cosine (original at 256)", None), ("cosine (shifted to 128)", 128),
+                           ("cosine (shifted to 64)", 64), ("cosine (shifted to 32)", 32)])):
+    for label, nd in rows:
+      files, b = _unet(res, None, *(_cosine() if nd is None else _shift(res, nd)))
+      add(Entry("2", f"{res}x{res}", label, "unet", res, files, b))
+
+  # Table 3: dropout start (U-Net 128, shift 64).
+  for label, value in (("dropout from 128", "128"), ("dropout from 64", "64"), ("dropout from 32", "32"),
+                       ("dropout from 16", "16"), ("no dropout", "None")):
+    extra = _shift(128, 64) + (f"UNet.dropout_from_resolution = {value}",)
+    if value == "None":
+      extra += ("Train.num_steps = 700000",)  # reported at 700K iterations
+    files, b = _unet(128, None, *extra)
+    add(Entry("3", "128x128", label, "unet", 128, files, b))
+
+  # Table 4: blocks at the 16x16 level (U-Net 128, shift 64): num_res_blocks [3, 4, 4, a, 4].
+  for a in (2, 4, 8, 12):
+    files, b = _unet(128, None, *_shift(128, 64), f"UNet.num_res_blocks = [3, 4, 4, {a}, 4]")
+    add(Entry("4", "128x128", f"{a}+{a + 1} blocks at 16x16", "unet", 128, files, b, throughput=True))
+
+  # Table 5: downsampling strategies at 512 (B.1 keeps the total number of blocks).
+  for label, model_gin, patching in (("None", "models/unet_imagenet512_nodown.gin", "none"),
+                                     ("DWT-1", "models/unet_imagenet512_down2x.gin", "dwt_1"),
+                                     ("DWT-2", "models/unet_imagenet512_down4x.gin", "dwt_2"),
+                                     ("Conv (2x2)", "models/unet_imagenet512_down2x.gin", "conv_2"),
+                                     ("Conv (4x4)", "models/unet_imagenet512_down4x.gin", "conv_4")):
+    files, b = _unet(512, model_gin, *_shift(512, 64), f"UNet.patching_type = '{patching}'")
+    add(Entry("5", "512x512", label, "unet", 512, files, b, throughput=True))
+
+  # Table 6: multiscale loss (256 with shift 32, 512 with shift 64 and DWT-2).
+  ms = ("diffusion_loss.multiscale = True", "diffusion_loss.multiscale_base = 32")
+  for res, nd, model_gin, patch in ((256, 32, None, ()),
+                                    (512, 64, "models/unet_imagenet512_down4x.gin", ("UNet.patching_type = 'dwt_2'",))):
+    for label, extra in ((f"{res} (shift {nd})", ()), ("+ multiscale loss (32)", ms)):
+      files, b = _unet(res, model_gin, *_shift(res, nd), *patch, *extra)
+      add(Entry("6", f"{res}x{res}", label, "unet", res, files, b, metrics=("fid_train", "fid_eval", "is")))
+
+  # Table 7: ours vs the literature (literature rows are reference values only).
+  t7 = {128: ("models/unet_imagenet128.gin", _shift(128, 32), ()),
+        256: ("models/unet_imagenet256.gin", _shift(256, 32), ()),
+        512: ("models/unet_imagenet512_down4x.gin", _shift(512, 64), ("UNet.patching_type = 'dwt_2'",) + ms)}
+  for res, (model_gin, sched, extra) in t7.items():
+    files, b = _unet(res, model_gin, *sched, *extra)
+    add(Entry("7", f"{res}x{res}", "simple diffusion (U-Net)", "unet", res, files, b,
+              metrics=("fid_train", "fid_eval", "is")))
+    for w in (1.0, 1.05, 1.1, 1.2, 1.4, 1.8, 2.0, 3.0):
+      uvit_files = (f"models/uvit_imagenet{res}.gin", UVIT_TRAIN)
+      uvit_b = (f"Train.image_size = {res}",) + _shift(res, 64)
+      if w == 1.0:
+        add(Entry("7", f"{res}x{res}", "simple diffusion (U-ViT 2B)", "uvit", res, uvit_files, uvit_b,
+                  metrics=("fid_train", "fid_eval", "is")))
+      add(Entry("9", f"{res}x{res}", f"guidance {w:.2f}", "uvit", res, uvit_files, uvit_b,
+                metrics=("fid_train", "fid_eval", "is"), guidance=w))
+
+  # Table 8: text to image on COCO (zero-shot FID@30K, noise_param 1.0).
+  for res, group in ((256, "256x256 COCO zero-shot"), (512, "512x512 COCO zero-shot")):
+    b = (f"Train.image_size = {res}", "Train.num_steps = 700000", "schedule.name = 'cosine_interpolated'",
+         f"schedule.image_d = {res}", "schedule.noise_d_low = 32", f"schedule.noise_d_high = {res}")
+    add(Entry("8", group, "simple diffusion (U-ViT 2B)", "uvit", res, ("models/uvit_t2i.gin", UVIT_TRAIN), b,
+              metrics=("fid_train",), num_samples=30_000, noise_param=1.0,
+              note="needs a data set with text embeddings (core.data prepare ... text embeddings)"))
+
+  # Appendix C: 1024x1024 U-Net with 4x4 patching, with and without the multiscale loss.
+  for label, extra in (("U-Net 4x4 patching", ()), ("U-Net 4x4 patching + multiscale loss", ms)):
+    files = ("models/unet_1024_patch4.gin", UNET_TRAIN)
+    b = ("Train.image_size = 1024",) + _shift(1024, 64) + extra
+    add(Entry("1024", "1024x1024", label, "unet", 1024, files, b, metrics=("fid_train",)))
+
+  # Section 3.1: the interpolated schedule (no table in the paper; shift 32 -> 256 at 512).
+  files, b = _unet(512, "models/unet_imagenet512_down4x.gin", "UNet.patching_type = 'dwt_2'",
+                   "schedule.name = 'cosine_interpolated'", "schedule.image_d = 512", "schedule.noise_d_low = 32",
+                   "schedule.noise_d_high = 256")
+  add(Entry("interpolated", "512x512", "cosine interpolated (shift 32 to 256)", "unet", 512, files, b,
+            metrics=("fid_train", "fid_eval", "is")))
+  return out
+
+
+ENTRIES: list[Entry] = _entries()
+TABLES: tuple[str, ...] = tuple(dict.fromkeys(e.table for e in ENTRIES))
+
+
+def config_key(gin_files: Sequence[str], bindings: Sequence[str]) -> str:
+  """The resolved configuration (gin's view of every bound value), to recognise identical runs."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from core import config as config_lib  # pylint: disable=import-outside-toplevel
+  config_lib.parse(list(gin_files), list(bindings))
+  text = gin.config_str()
+  gin.clear_config()
+  return text
+
+
+def _slug(s: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+_NAMES: dict[str, str] = {}
+
+
+def job_name(key: str) -> str:
+  """A run name fixed by the configuration: the first paper row (in table order) that uses it."""
+  if not _NAMES:
+    for e in ENTRIES:
+      k = config_key(e.gin_files, e.bindings)
+      if k not in _NAMES:
+        digest = hashlib.sha1(k.encode()).hexdigest()[:6]
+        _NAMES[k] = f"{e.arch}{e.resolution}-t{e.table}-{_slug(e.row)}-{digest}"
+  return _NAMES[key]
+
+
+def jobs(entries: Iterable[Entry] | None = None) -> list[Job]:
+  """Groups entries into jobs by resolved configuration, in the order first seen.
+
+  The same configuration always gets the same run name, whichever table asked for it, so a run
+  trained for Table 2 is found (not retrained) when Table 6 or 7 is run.
+  """
+  entries = list(ENTRIES if entries is None else entries)
+  by_key: dict[str, Job] = {}
+  for e in entries:
+    key = config_key(e.gin_files, e.bindings)
+    if key not in by_key:
+      by_key[key] = Job(job_name(key), e.arch, e.resolution, e.gin_files, e.bindings, [])
+    by_key[key].entries.append(e)
+  return list(by_key.values())
+
+
+def paper_rows(table: str) -> list[dict[str, str]]:
+  """The rows of ``table`` in the paper's CSV, in the paper's order."""
+  with open(PAPER_CSV, newline="") as f:
+    return [r for r in csv.DictReader(f) if r["table"] == table]
+
+
+def select(table: str, rows: Sequence[str] | None = None) -> list[Entry]:
+  """Entries of ``table`` (optionally only the named rows), with helpful errors."""
+  from core.errors import UserError  # pylint: disable=import-outside-toplevel
+  if table not in TABLES:
+    raise UserError(f"unknown table {table!r}; valid tables: {', '.join(TABLES)}")
+  chosen = [e for e in ENTRIES if e.table == table]
+  if rows:
+    labels = {e.row for e in chosen} | {f"{e.group}/{e.row}" for e in chosen}
+    for r in rows:
+      if r not in labels:
+        valid = "; ".join(sorted({f"{e.group}/{e.row}" for e in chosen}))
+        raise UserError(f"table {table} has no row {r!r}; valid rows: {valid}")
+    chosen = [e for e in chosen if e.row in rows or f"{e.group}/{e.row}" in rows]
+  return chosen

@@ -1,0 +1,68 @@
+"""Scales: the same table row at paper size, as a CPU demo, or as a smoke test.
+
+A scale is a gin layer over the row's paper configuration: ``gin/scales/<scale>.gin`` (fixed
+settings: steps, batch, channel widths, evaluation size) plus bindings computed from the row's own
+paper values so that each row keeps its relative meaning. Every resolution-valued setting is divided
+by the same factor as the image size (the paper's 128x128 becomes 16x16 at factor 8): the schedule's
+``image_d`` and ``noise_d`` (so the ratio image_d / noise_d, hence the shift, is the paper's), the
+dropout start, the attention resolutions and the multiscale loss base; block counts are reduced
+but keep their order (Table 4's 2 < 4 < 8 < 12 blocks stay increasing). Both layers are ordinary gin
+bindings and so appear in the run's operative ``config.gin``.
+"""
+from __future__ import annotations
+
+import math
+
+import gin
+
+from core import config as config_lib
+
+SCALES = ("paper", "demo", "smoke")
+# Image size divisor per scale: the paper's U-Nets reach 8x8 at their lowest level, so 8 is the
+# largest factor that keeps every level of every configuration at least 1x1.
+FACTOR = {"paper": 1, "demo": 8, "smoke": 8}
+# Per-level residual-block divisor (ceil), so deep levels stay deeper than shallow ones.
+BLOCK_DIVISOR = {"paper": 1, "demo": 2, "smoke": 4}
+TRANSFORMER_BLOCKS = {"demo": 4, "smoke": 1}
+
+
+def _q(name: str, default=None):
+  return config_lib.query(name, default)
+
+
+def _fmt(v) -> str:
+  return repr(v) if not isinstance(v, (list, tuple)) else "[" + ", ".join(repr(x) for x in v) + "]"
+
+
+def scale_bindings(gin_files, bindings, arch: str, resolution: int, scale: str) -> list[str]:
+  """Bindings that turn the paper configuration of a row into the same row at ``scale``."""
+  if scale == "paper":
+    return []
+  f = FACTOR[scale]
+  config_lib.parse(list(gin_files) + [f"scales/{scale}.gin"], list(bindings))
+  out = [f"Train.image_size = {resolution // f}"]
+  name = _q("schedule.name", "cosine")
+  for key in ("image_d", "noise_d", "noise_d_low", "noise_d_high"):
+    v = _q(f"schedule.{key}")
+    if v is not None:
+      out.append(f"schedule.{key} = {max(1, int(v) // f)}")
+  if name == "cosine":
+    # The unshifted schedule is the shift with noise_d = image_d: nothing to rescale.
+    pass
+  if _q("diffusion_loss.multiscale", False):
+    out.append(f"diffusion_loss.multiscale_base = {max(1, int(_q('diffusion_loss.multiscale_base', 32)) // f)}")
+  cls = "UNet" if arch == "unet" else "UViT"
+  blocks = _q(f"{cls}.num_res_blocks")
+  if blocks is not None:
+    out.append(f"{cls}.num_res_blocks = {_fmt([max(1, math.ceil(b / BLOCK_DIVISOR[scale])) for b in blocks])}")
+  if arch == "unet":
+    attn = _q("UNet.attn_resolutions")
+    if attn is not None:
+      out.append(f"UNet.attn_resolutions = {_fmt(sorted({max(1, a // f) for a in attn}))}")
+    drop = _q("UNet.dropout_from_resolution")
+    if drop is not None:
+      out.append(f"UNet.dropout_from_resolution = {max(1, int(drop) // f)}")
+  else:
+    out.append(f"UViT.num_transformer_blocks = {TRANSFORMER_BLOCKS[scale]}")
+  gin.clear_config()
+  return out
