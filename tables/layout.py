@@ -1,0 +1,160 @@
+"""A format-free layout of one paper table: our numbers beside the paper's, row by row.
+
+Columns: the row label; for each metric the paper reports in that table (or we measured) a
+'paper' and an 'ours' column (FID train, FID eval, IS as mean +- std, steps/s relative to the
+table's reference row = 100%); then where our numbers come from: training step, number of
+samples, Inception extractor, experiment scale. A missing number is a dash (``Cell(None)``), never
+a zero. Rows evaluated with another sample count than the paper (50K ImageNet, 30K COCO) carry a
+dagger and a footnote; relative throughput measured on another device than the reference row
+carries a double dagger. :mod:`tables.markdown` and :mod:`tables.latex` turn a layout into text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pandas as pd
+
+from tables import paper as paper_lib
+
+DAGGER, DDAGGER = "dagger", "ddagger"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One cell; ``text=None`` is a dash (no value)."""
+  text: str | None
+  std: str | None = None      # IS: shown as text +- std
+  percent: bool = False       # relative steps/s
+  mark: str | None = None     # DAGGER / DDAGGER footnote mark
+  emphasis: bool = False      # group headings
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  key: str
+  top: str          # metric name, e.g. 'FID train'
+  sub: str = ""     # 'paper' / 'ours' / ''
+  numeric: bool = True
+
+
+@dataclasses.dataclass
+class Row:
+  kind: str              # 'group' or 'data'
+  cells: list[Cell]      # one per column ('group' rows: one cell spanning the table)
+  key: tuple[str, str, str] | None = None
+
+
+@dataclasses.dataclass
+class Layout:
+  table: str
+  caption: str
+  columns: list[Column]
+  rows: list[Row]
+  footnotes: list[tuple[str | None, str]]  # (mark, text)
+
+
+def _present(v) -> bool:
+  """False for None / NaN / empty sequences."""
+  if isinstance(v, (tuple, list)):
+    return len(v) > 0
+  return v is not None and not (isinstance(v, float) and math.isnan(v)) and not pd.isna(v)
+
+
+def format_count(n: int) -> str:
+  """50000 -> '50K', 2500 -> '2.5K', 512 -> '512'."""
+  return f"{n / 1000:g}K" if n >= 1000 else str(n)
+
+
+def _metrics_for(table: str, rows: pd.DataFrame) -> list[tuple[str, str]]:
+  """(key, header) of the metric columns: those the paper reports here or that we measured."""
+  info = paper_lib.TABLES[table]
+  candidates = [("fid_train", info.fid_train_header, "fid_train"),
+                ("fid_eval", "FID eval", "fid_eval"), ("is", "IS", "is_mean"),
+                ("steps", "steps/s", "steps_per_sec_rel")]
+  out = []
+  for key, header, col in candidates:
+    if (rows[col] != "").any() or rows["our_" + col].map(_present).any():
+      out.append((key, header))
+  return out
+
+
+def _paper_cell(key: str, r) -> Cell:
+  if key == "fid_train":
+    return Cell(r.fid_train or None)
+  if key == "fid_eval":
+    return Cell(r.fid_eval or None)
+  if key == "is":
+    return Cell(r.is_mean or None, std=r.is_std or None)
+  if r.steps_per_sec_rel:
+    return Cell(f"{float(r.steps_per_sec_rel) * 100:.0f}", percent=True)
+  return Cell(None)
+
+
+def _our_cell(key: str, r) -> Cell:
+  if key in ("fid_train", "fid_eval"):
+    v = getattr(r, "our_" + key)
+    return Cell(f"{v:.2f}") if _present(v) else Cell(None)
+  if key == "is":
+    if not _present(r.our_is_mean):
+      return Cell(None)
+    std = f"{r.our_is_std:.2f}" if _present(r.our_is_std) else None
+    return Cell(f"{r.our_is_mean:.1f}", std=std)
+  if not _present(r.our_steps_per_sec_rel):
+    return Cell(None)
+  return Cell(f"{r.our_steps_per_sec_rel * 100:.0f}", percent=True,
+              mark=DDAGGER if r.device_mismatch else None)
+
+
+def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> Layout:
+  """Lays out one table from :func:`tables.measured.measure`'s frame (paper order kept)."""
+  info = paper_lib.TABLES[table]
+  rows_df = measured[measured["table"] == table]
+  metrics = _metrics_for(table, rows_df)
+  columns = [Column("label", info.row_header, numeric=False)]
+  for key, header in metrics:
+    columns += [Column(f"{key}:paper", header, "paper"), Column(f"{key}:ours", header, "ours")]
+  columns += [Column("step", "step"), Column("samples", "samples"),
+              Column("extractor", "extractor", numeric=False),
+              Column("scale", "scale", numeric=False)]
+
+  rows: list[Row] = []
+  group = None
+  any_samples_mismatch = any_device_mismatch = any_literature = False
+  for r in rows_df.itertuples(index=False):
+    if r.group != group:
+      group = r.group
+      rows.append(Row("group", [Cell(group, emphasis=True)]))
+    literature = paper_lib.is_literature(r.note)
+    any_literature |= literature
+    mismatch = bool(r.samples_mismatch) if _present(r.samples_mismatch) else False
+    any_samples_mismatch |= mismatch
+    any_device_mismatch |= bool(r.device_mismatch) if _present(r.device_mismatch) else False
+    cells = [Cell(r.row, mark=DAGGER if mismatch else None)]
+    for key, _ in metrics:
+      cells += [_paper_cell(key, r), _our_cell(key, r)]
+    samples = "/".join(format_count(n) for n in r.num_samples) if _present(r.num_samples) else None
+    cells += [Cell(str(int(r.step)) if _present(r.step) else None),
+              Cell(samples),
+              Cell(r.extractor if _present(r.extractor) else None),
+              Cell(r.scale if _present(r.scale) else None)]
+    rows.append(Row("data", cells, key=(r.table, r.group, r.row)))
+
+  source = f"results in {workdir}" if workdir else "no workdir given"
+  notes: list[tuple[str | None, str]] = [(None, (
+      f"Paper: the paper's values. Ours: {source}; each row shows the latest evaluated training "
+      f"step; a dash means no value. The paper uses {format_count(info.paper_samples)} samples."))]
+  if any(k == "steps" for k, _ in metrics):
+    ref = rows_df[rows_df["steps_per_sec_rel_f"].sub(1.0).abs() < 1e-9]
+    if len(ref):
+      notes.append((None, f"steps/s is relative to the reference row '{ref['row'].iloc[0]}' "
+                          "(100%)."))
+  if any_literature:
+    notes.append((None, "Rows from the literature show the paper's values only."))
+  if any_samples_mismatch:
+    notes.append((DAGGER, f"evaluated with a different number of samples than the paper's "
+                          f"{format_count(info.paper_samples)} (or an unrecorded one); see the "
+                          "samples column. FID is biased upward with fewer samples."))
+  if any_device_mismatch:
+    notes.append((DDAGGER, "throughput measured on a different device than the reference row."))
+  return Layout(table, info.caption, columns, rows, notes)

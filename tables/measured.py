@@ -1,0 +1,152 @@
+"""Chooses, for every row of the paper's tables, the measured numbers it shows.
+
+Rules (pinned by tests/test_tables.py):
+- A row's results come from the runs whose job.json lists that (table, group, row). Literature
+  rows (Tables 7, 8) are never measured.
+- Guidance: Table 9's 'guidance X' rows take results with ``guidance == X``; every other row takes
+  guidance 1.0 (a missing guidance counts as 1.0, i.e. no guidance).
+- Step: one step per row, the latest step with any of the row's metrics; if several runs serve the
+  row, the run reaching the latest step wins (then the latest result time, then the later run
+  directory). Within that step the last line for each metric wins (re-evaluations append).
+- Table 8 has one FID@30K column: the COCO validation set is its reference (appendix C), so it
+  shows ``fid_eval`` and falls back to ``fid_train``.
+- Throughput: the latest ``throughput.jsonl`` entry of a row (by ``time``, then file order),
+  relative to the latest entry of the table's reference row (paper steps_per_sec_rel == 1.00).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from tables import paper as paper_lib
+from tables.runs import Runs
+
+METRICS = ("fid_train", "fid_eval", "is")
+MEASURED_COLUMNS = ("run", "scale", "step", "our_fid_train", "our_fid_eval", "our_is_mean",
+                    "our_is_std", "num_samples", "samples_mismatch", "extractor",
+                    "our_steps_per_sec", "our_steps_per_sec_rel", "device", "device_mismatch")
+
+
+def time_seconds(t) -> float:
+  """A result's ``time`` as seconds since the epoch (number or ISO string); NaN if absent."""
+  if t is None or (isinstance(t, float) and math.isnan(t)):
+    return float("nan")
+  if isinstance(t, (int, float, np.integer, np.floating)):
+    return float(t)
+  try:
+    return pd.Timestamp(str(t)).timestamp()
+  except (ValueError, TypeError):
+    return float("nan")
+
+
+def _latest_by_time(df: pd.DataFrame) -> pd.DataFrame:
+  """Sorts oldest first: by time (missing times first), then by file order."""
+  key = df["time"].map(time_seconds).fillna(-np.inf)
+  return df.assign(_t=key).sort_values(["_t", "line"], kind="stable")
+
+
+def _guidance_matches(g: pd.Series, target: float) -> pd.Series:
+  g = pd.to_numeric(g, errors="coerce").fillna(1.0)
+  return (g - target).abs() < 1e-6
+
+
+def _row_results(runs: Runs, table: str, group: str, row: str) -> pd.DataFrame:
+  serving = runs.serves[(runs.serves["table"] == table) & (runs.serves["group"] == group)
+                        & (runs.serves["row"] == row)]["run"].unique()
+  res = runs.results[runs.results["run"].isin(serving) & runs.results["metric"].isin(METRICS)]
+  res = res[_guidance_matches(res["guidance"], paper_lib.guidance_of(table, row))]
+  return res.dropna(subset=["step", "value"])
+
+
+def _pick(res: pd.DataFrame) -> pd.DataFrame:
+  """The chosen run's latest step, last line per metric."""
+  run_order = {r: i for i, r in enumerate(dict.fromkeys(res["run"]))}
+  per_run = res.assign(_t=res["time"].map(time_seconds).fillna(-np.inf)).groupby("run").agg(
+      step=("step", "max"), t=("_t", "max"))
+  per_run["order"] = [run_order[r] for r in per_run.index]
+  best = per_run.sort_values(["step", "t", "order"]).index[-1]
+  res = res[(res["run"] == best)]
+  res = res[res["step"] == res["step"].max()]
+  return res.sort_values("line", kind="stable").groupby("metric").tail(1).set_index("metric")
+
+
+def _measure_row(runs: Runs, table: str, group: str, row: str) -> dict:
+  out = dict.fromkeys(MEASURED_COLUMNS)
+  res = _row_results(runs, table, group, row)
+  if table == "8":  # single FID@30K column
+    res = res[res["metric"] != "is"]
+  if res.empty:
+    return out
+  chosen = _pick(res)
+  info = paper_lib.TABLES[table]
+  used = []
+  for metric in info.fid_train_metrics:
+    if metric in chosen.index:
+      out["our_fid_train"] = float(chosen.loc[metric, "value"])
+      used.append(metric)
+      break
+  if table != "8":
+    if "fid_eval" in chosen.index:
+      out["our_fid_eval"] = float(chosen.loc["fid_eval", "value"])
+      used.append("fid_eval")
+    if "is" in chosen.index:
+      out["our_is_mean"] = float(chosen.loc["is", "value"])
+      std = pd.to_numeric(pd.Series([chosen.loc["is", "std"]]), errors="coerce").iloc[0]
+      out["our_is_std"] = None if pd.isna(std) else float(std)
+      used.append("is")
+  if not used:
+    return out
+  used_rows = chosen.loc[used]
+  counts = pd.to_numeric(used_rows["num_samples"], errors="coerce")
+  out["num_samples"] = tuple(sorted({int(c) for c in counts.dropna()}))
+  out["samples_mismatch"] = bool(counts.isna().any() or (counts != info.paper_samples).any())
+  extractors = [str(e) for e in used_rows["extractor"].dropna().unique()]
+  out["extractor"] = "; ".join(sorted(extractors)) or None
+  run = str(used_rows["run"].iloc[0])
+  out["run"] = run
+  scale = runs.runs.loc[runs.runs["run"] == run, "scale"]
+  out["scale"] = None if scale.empty or pd.isna(scale.iloc[0]) else str(scale.iloc[0])
+  out["step"] = int(chosen["step"].iloc[0])
+  return out
+
+
+def _latest_throughput(runs: Runs) -> dict[tuple[str, str, str], pd.Series]:
+  tp = runs.throughput.dropna(subset=["table", "group", "row", "steps_per_sec"])
+  if tp.empty:
+    return {}
+  tp = _latest_by_time(tp).groupby(["table", "group", "row"]).tail(1)
+  return {(str(r.table), str(r.group), str(r.row)): r for r in tp.itertuples(index=False)}
+
+
+def _reference_row(paper: pd.DataFrame, table: str, group: str) -> tuple[str, str, str] | None:
+  refs = paper[(paper["table"] == table) & np.isclose(paper["steps_per_sec_rel_f"].fillna(0), 1.0)]
+  same_group = refs[refs["group"] == group]
+  refs = same_group if len(same_group) else refs
+  if refs.empty:
+    return None
+  r = refs.iloc[0]
+  return (r["table"], r["group"], r["row"])
+
+
+def measure(runs: Runs, paper: pd.DataFrame) -> pd.DataFrame:
+  """The paper's frame extended with our measured columns (``MEASURED_COLUMNS``, ours prefixed
+  ``our_``), in the paper's order."""
+  throughput = _latest_throughput(runs)
+  records = []
+  for p in paper.itertuples(index=False):
+    m = (dict.fromkeys(MEASURED_COLUMNS) if paper_lib.is_literature(p.note)
+         else _measure_row(runs, p.table, p.group, p.row))
+    ref = _reference_row(paper, p.table, p.group)
+    tp = throughput.get((p.table, p.group, p.row))
+    if ref is not None and tp is not None:
+      m["our_steps_per_sec"] = float(tp.steps_per_sec)
+      m["device"] = None if pd.isna(tp.device) else str(tp.device)
+      ref_tp = throughput.get(ref)
+      if ref_tp is not None and float(ref_tp.steps_per_sec) > 0:
+        m["our_steps_per_sec_rel"] = float(tp.steps_per_sec) / float(ref_tp.steps_per_sec)
+        m["device_mismatch"] = str(tp.device) != str(ref_tp.device)
+    records.append(m)
+  measured = pd.DataFrame.from_records(records, columns=list(MEASURED_COLUMNS))
+  return pd.concat([paper.reset_index(drop=True), measured], axis=1)

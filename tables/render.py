@@ -1,0 +1,119 @@
+"""``python -m tables.render``: the paper's tables with our measured numbers beside the paper's.
+
+  python -m tables.render table=all format=both workdir=runs/demo out=out/tables
+
+Writes ``<out>/table_<N>.md`` and/or ``<out>/table_<N>.tex`` per table (plus ``tables.md`` /
+``tables.tex`` with all of them when several are rendered; ``figures=true`` adds ``<out>/figures``).
+``out=-`` prints to stdout instead. Results are read from every run directory under ``workdir``
+(see :mod:`tables.runs`); without a workdir the tables show the paper's values and dashes.
+
+Each row shows the paper's value beside ours, plus the training step, sample count, Inception
+extractor and scale our numbers come from. Ours = the latest evaluated step of the run(s) whose
+job.json lists the row (guidance 1.0; Table 9: the row's guidance), the last line winning for
+repeated evaluations; a dash = no value; a dagger = another sample count than the paper's (50K,
+COCO 30K); steps/s = latest throughput.jsonl entry relative to the table's reference row.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from core import cli
+from core.errors import UserError, run_main
+from tables import files, latex, layout, markdown, measured, paper, runs
+
+OPTIONS = [
+    cli.Option("table", "all",
+               "which table: a table of the paper (Tables 2-9, '1024' = appendix C) or all.",
+               choices=["all", *paper.TABLES]),
+    cli.Option("format", "both",
+               "output format: GitHub markdown (pipe tables), LaTeX (booktabs) or both.",
+               choices=["markdown", "latex", "both"]),
+    cli.Option("workdir", None, "directory holding the run directories (<workdir>/<run>/job.json, "
+               "eval/results.jsonl) and throughput.jsonl; unset: paper values only."),
+    cli.Option("out", "out/tables", "output directory (created); '-' prints to stdout instead."),
+    cli.Option("standalone", False,
+               "LaTeX: wrap into a \\documentclass{article} document with booktabs "
+               "that compiles on its own.", parse=cli.parse_bool),
+    cli.Option("figures", False, "also draw the figures (tables.figures) into <out>/figures.",
+               parse=cli.parse_bool),
+]
+
+
+def select_tables(table: str) -> list[str]:
+  if table == "all":
+    return list(paper.TABLES)
+  if table not in paper.TABLES:
+    raise UserError(f"unknown table {table!r}; valid tables: {', '.join(paper.TABLES)} or all")
+  return [table]
+
+
+def warn_unknown_rows(r: runs.Runs, paper_df) -> list[str]:
+  """Rows listed in job.json files that are not rows of the paper (likely typos)."""
+  known = set(zip(paper_df["table"], paper_df["group"], paper_df["row"]))
+  msgs = []
+  for s in r.serves.itertuples(index=False):
+    if (s.table, s.group, s.row) not in known:
+      msgs.append(f"warning: run {s.run} serves ({s.table!r}, {s.group!r}, {s.row!r}), "
+                  "which is not a row of experiments/paper_tables.csv; it is not shown")
+  return msgs
+
+
+def layouts(tables: Sequence[str], workdir: str | None) -> list[layout.Layout]:
+  """Reads the paper and the workdir's results and lays out the chosen tables."""
+  paper_df = paper.load_paper()
+  recorded = runs.load(workdir)
+  for msg in warn_unknown_rows(recorded, paper_df):
+    print(msg, file=sys.stderr)
+  frame = measured.measure(recorded, paper_df)
+  return [layout.build(t, frame, workdir=workdir) for t in tables]
+
+
+def render(tables: Sequence[str], workdir: str | None, fmt: str = "both",
+           standalone: bool = False) -> dict[str, str]:
+  """{file name: text} of the rendered tables."""
+  outs: dict[str, str] = {}
+  lays = layouts(tables, workdir)
+  if fmt in ("markdown", "both"):
+    for lay in lays:
+      outs[f"table_{lay.table}.md"] = markdown.render(lay)
+    if len(lays) > 1:
+      outs["tables.md"] = "\n".join(markdown.render(lay) for lay in lays)
+  if fmt in ("latex", "both"):
+    for lay in lays:
+      outs[f"table_{lay.table}.tex"] = latex.render(lay, standalone=standalone)
+    if len(lays) > 1:
+      body = "\n".join(latex.render(lay) for lay in lays)
+      outs["tables.tex"] = latex.wrap(body) if standalone else body
+  return outs
+
+
+def main(argv: Sequence[str]) -> int:
+  opts, bindings = cli.parse(argv, OPTIONS, prog="tables.render", description=__doc__)
+  if bindings:
+    raise UserError(f"tables.render takes no gin bindings; got {' '.join(bindings)}")
+  tables = select_tables(opts["table"])
+  workdir = opts["workdir"]
+  if workdir and not files.isdir(workdir):
+    raise UserError(f"workdir={workdir} is not a directory; pass the directory holding the run "
+                    "directories, or leave workdir unset for the paper's values only")
+  outs = render(tables, workdir, opts["format"], opts["standalone"])
+  if opts["out"] == "-":
+    combined = [v for k, v in outs.items() if k.startswith("tables.")]
+    for text in combined or outs.values():
+      print(text)
+    return 0
+  files.makedirs(opts["out"])
+  for name, text in outs.items():
+    path = files.join(opts["out"], name)
+    files.write_text(path, text)
+    print(path)
+  if opts["figures"]:
+    from tables import figures  # pylint: disable=g-import-not-at-top
+    for path in figures.draw_all(workdir, files.join(opts["out"], "figures"), tables):
+      print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  run_main(main)
