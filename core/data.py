@@ -1,0 +1,678 @@
+"""Preparing image data sets: an image source -> ArrayRecord shards of fixed-resolution uint8 RGB.
+
+``python -m core.data prepare src=<source> res=<int> out=<dir or gs://...>`` reads an image
+source, center-crops and resizes every image as ADM (guided-diffusion, Dhariwal & Nichol 2021)
+does for ImageNet, and writes ArrayRecord files (one record per image) that
+``core.input_pipeline`` reads with grain. The paper trains on ImageNet at 128-512 (and 1024,
+Appendix C) but does not spell out its resizing; ADM's center crop is the standard choice for
+class-conditional ImageNet FID comparisons, so it is what we use (pinned by
+``tests/test_data.py::test_adm_resize_matches_direct_pil``).
+
+Sources (``src=``):
+  * a folder of class folders: ``src/<class>/**/<image>``; labels are the indices of the sorted
+    class folder names; ``eval_fraction`` of the images (chosen by a hash of the relative path,
+    so the split is deterministic) go to the 'eval' split, the rest to 'train'.
+  * a flat folder of images: unconditional (``num_classes = 0``, every label 0), split as above.
+  * the ImageNet layout: ``src/train/<wnid>/*.JPEG`` -> split 'train' and ``src/val/...`` ->
+    split 'eval'. ``val`` may hold class folders (as after the usual ``valprep.sh``) or be flat;
+    a flat ``val`` needs ``val_labels=<file>``: one line per image, ``<file name> <wnid>``
+    (whitespace or comma separated; the name may omit its extension). Kaggle's
+    ``LOC_val_solution.csv`` (``ImageId,PredictionString`` with the wnid first) works as is.
+  * ``emoji`` (or a path to the ``emoji-datasource-google`` npm tarball): the built-in default
+    data set of :mod:`core.datasets`.
+
+Record format (one ArrayRecord record per image; no pickle): ``b"SDR1"``, a little-endian uint32
+header length, a UTF-8 JSON header ``{"shape": [H, W, 3], "label": int, "key": str[,
+"text_emb": {"shape": [...], "dtype": "float16"|"float32"}]}``, then the raw uint8 image bytes
+(row-major HWC), then the raw text-embedding bytes if any. :func:`encode_record` and
+:func:`decode_record` are the only code that knows this layout.
+
+``<out>/meta.json`` describes the result (resolution, num_classes, class names, counts and skipped
+counts per split, source, shard file names); ``<out>/label_map.json`` maps class name -> label.
+Unreadable or corrupt files are skipped and counted, never fatal.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from core import cli
+from core.errors import UserError, run_main
+
+FORMAT = "simple-diffusion-records/1"
+MAGIC = b"SDR1"
+SPLITS = ("train", "eval")
+SHARD_SUFFIX = ".array_record"
+# group_size:1 makes every record individually addressable (needed for grain's random access).
+WRITER_OPTIONS = "group_size:1"
+TARGET_SHARD_BYTES = 512 * 2**20
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+_TEXT_DTYPES = ("float16", "float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Record format.
+
+
+def encode_record(image: np.ndarray, label: int, *, key: str = "",
+                  text_emb: np.ndarray | None = None) -> bytes:
+  """Serialises one example: MAGIC, uint32 header length, JSON header, image bytes, text bytes."""
+  image = np.ascontiguousarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3:
+    raise ValueError(f"image must be uint8 [H, W, C], got {image.dtype} {image.shape}")
+  header: dict[str, Any] = {"shape": list(image.shape), "label": int(label), "key": key}
+  payload = [image.tobytes()]
+  if text_emb is not None:
+    text_emb = np.ascontiguousarray(text_emb)
+    if text_emb.dtype.name not in _TEXT_DTYPES:
+      text_emb = text_emb.astype(np.float32)
+    header["text_emb"] = {"shape": list(text_emb.shape), "dtype": text_emb.dtype.name}
+    payload.append(text_emb.tobytes())
+  h = json.dumps(header, separators=(",", ":")).encode()
+  return b"".join([MAGIC, struct.pack("<I", len(h)), h, *payload])
+
+
+def decode_header(record: bytes) -> tuple[dict[str, Any], int]:
+  """Returns (header dict, offset of the image bytes) of a record made by encode_record."""
+  if record[:4] != MAGIC:
+    raise ValueError(f"not a {FORMAT} record (magic {record[:4]!r})")
+  (n,) = struct.unpack_from("<I", record, 4)
+  return json.loads(record[8:8 + n].decode()), 8 + n
+
+
+def decode_record(record: bytes) -> dict[str, Any]:
+  """Inverse of :func:`encode_record`: {'image': uint8 [H,W,C], 'label': int32, 'key': str[, 'text_emb']}.
+
+  The arrays are read-only views into ``record`` (no copy).
+  """
+  header, off = decode_header(record)
+  shape = tuple(header["shape"])
+  n_img = int(np.prod(shape))
+  image = np.frombuffer(record, np.uint8, count=n_img, offset=off).reshape(shape)
+  out = {"image": image, "label": np.int32(header["label"]), "key": header.get("key", "")}
+  if "text_emb" in header:
+    t = header["text_emb"]
+    out["text_emb"] = np.frombuffer(record, np.dtype(t["dtype"]), count=int(np.prod(t["shape"])),
+                                    offset=off + n_img).reshape(t["shape"])
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Image preprocessing (ADM / guided-diffusion center crop).
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """Converts to RGB; transparent images (RGBA, LA, P with transparency) are composited on white."""
+  if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  return img.convert("RGB")
+
+
+def center_crop_resize(img: Image.Image, res: int) -> np.ndarray:
+  """ADM's ImageNet preprocessing: uint8 [res, res, 3] from a PIL RGB image.
+
+  1. While the smaller side is at least 2*res, halve both sides with a BOX filter (integer
+     division of the size, as ADM does; this anti-aliases large downscales cheaply).
+  2. Resize with BICUBIC so that the smaller side is exactly res (the other side rounded).
+  3. Take the central res x res crop (offsets floor((size - res) / 2)).
+  """
+  while min(img.size) >= 2 * res:
+    img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
+  scale = res / min(img.size)
+  img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), resample=Image.BICUBIC)
+  arr = np.asarray(img, dtype=np.uint8)
+  top = (arr.shape[0] - res) // 2
+  left = (arr.shape[1] - res) // 2
+  out = arr[top:top + res, left:left + res]
+  if out.shape != (res, res, 3):
+    raise ValueError(f"crop has shape {out.shape}, expected {(res, res, 3)}")
+  return np.ascontiguousarray(out)
+
+
+def load_image(path_or_bytes: str | bytes, res: int) -> np.ndarray:
+  """Decodes an image file (path or its bytes) and returns ADM-preprocessed uint8 [res, res, 3]."""
+  f = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+  with Image.open(f) as img:
+    img.load()
+    return center_crop_resize(to_rgb(img), res)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One image of a source: a stable key (relative path or file name), its label, and its bytes.
+
+  Exactly one of ``path`` (a file to read) and ``data`` (the file's bytes) is set.
+  """
+  key: str
+  label: int
+  path: str | None = None
+  data: bytes | None = None
+
+
+@dataclasses.dataclass
+class Source:
+  """Images to prepare, per split, plus the label set."""
+  items: dict[str, list[Item]]
+  class_names: list[str]
+  description: str
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # found while listing
+  skipped_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+def hash_fraction(key: str) -> float:
+  """A deterministic number in [0, 1) from a key (first 8 bytes of its SHA-256)."""
+  return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+
+
+def split_of(key: str, eval_fraction: float) -> str:
+  """'eval' for about eval_fraction of keys (by hash), else 'train'."""
+  return "eval" if hash_fraction(key) < eval_fraction else "train"
+
+
+def _visible(name: str) -> bool:
+  return not name.startswith(".")
+
+
+def _list_files(root: str) -> list[str]:
+  """Every non-hidden regular file under root, as sorted paths relative to root."""
+  out = []
+  for d, dirs, files in os.walk(root, followlinks=True):
+    dirs[:] = sorted(x for x in dirs if _visible(x))
+    rel = os.path.relpath(d, root)
+    for f in sorted(files):
+      if _visible(f):
+        out.append(f if rel == "." else os.path.join(rel, f))
+  return sorted(out)
+
+
+def _subdirs(path: str) -> list[str]:
+  return sorted(x for x in os.listdir(path) if _visible(x) and os.path.isdir(os.path.join(path, x)))
+
+
+def _class_folder_items(root: str, class_names: list[str], key_prefix: str) -> list[Item]:
+  index = {c: i for i, c in enumerate(class_names)}
+  items = []
+  for c in _subdirs(root):
+    if c not in index:
+      raise UserError(f"class folder {os.path.join(root, c)!r} is not one of the {len(class_names)} "
+                      f"training classes; check src= (val classes must match train classes)")
+    for rel in _list_files(os.path.join(root, c)):
+      items.append(Item(key=f"{key_prefix}{c}/{rel}", label=index[c],
+                        path=os.path.join(root, c, rel)))
+  return items
+
+
+def read_val_labels(path: str, class_names: list[str]) -> dict[str, int]:
+  """Parses a val labels file -> {file stem: label}. See the module docstring for the format."""
+  if not os.path.isfile(path):
+    raise UserError(f"val_labels={path!r} does not exist; pass a file of '<image file> <wnid>' lines")
+  index = {c: i for i, c in enumerate(class_names)}
+  labels: dict[str, int] = {}
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      line = line.strip()
+      if not line:
+        continue
+      fields = line.split(",", 1) if "," in line else line.split(None, 1)
+      if len(fields) < 2 or not fields[1].split():
+        raise UserError(f"val_labels={path!r} line {n} is not '<image file> <class>': {line[:80]!r}")
+      name, cls = fields[0].strip(), fields[1].split()[0]
+      if cls not in index:
+        if n == 1:  # a header line such as 'ImageId,PredictionString'
+          continue
+        raise UserError(f"val_labels={path!r} line {n}: class {cls!r} is not a train class folder name")
+      labels[os.path.splitext(os.path.basename(name))[0]] = index[cls]
+  return labels
+
+
+def scan_folder(src: str, *, eval_fraction: float | None = None, val_labels: str | None = None,
+                splits: Sequence[str] = SPLITS) -> Source:
+  """Lists an image folder (class folders, flat, or the ImageNet train/val layout) as a Source."""
+  if not os.path.isdir(src):
+    raise UserError(f"src={src!r} is not a directory; pass an image folder, an ImageNet root "
+                    f"(train/, val/), or src=emoji")
+  items: dict[str, list[Item]] = {s: [] for s in splits}
+  skipped: dict[str, int] = {s: 0 for s in splits}
+  examples: dict[str, list[str]] = {s: [] for s in splits}
+  train_dir, val_dir = os.path.join(src, "train"), os.path.join(src, "val")
+  if os.path.isdir(train_dir) and _subdirs(train_dir):  # ImageNet layout
+    if eval_fraction is not None:
+      raise UserError(f"eval_fraction= does not apply to {src!r}: it has train/ and val/ folders, "
+                      f"whose val/ images form the eval split; drop eval_fraction")
+    class_names = _subdirs(train_dir)
+    if "train" in items:
+      items["train"] = _class_folder_items(train_dir, class_names, "train/")
+    if "eval" in items:
+      if not os.path.isdir(val_dir):
+        raise UserError(f"{src!r} has train/ but no val/ folder for the eval split; add val/ or pass "
+                        f"splits=train")
+      if _subdirs(val_dir):
+        items["eval"] = _class_folder_items(val_dir, class_names, "val/")
+      else:
+        if not val_labels:
+          raise UserError(f"{val_dir!r} is a flat folder; pass val_labels=<file of '<image> <wnid>' "
+                          f"lines> (e.g. LOC_val_solution.csv) or pass splits=train")
+        labels = read_val_labels(val_labels, class_names)
+        for rel in _list_files(val_dir):
+          stem = os.path.splitext(os.path.basename(rel))[0]
+          if stem in labels:
+            items["eval"].append(Item(key=f"val/{rel}", label=labels[stem],
+                                      path=os.path.join(val_dir, rel)))
+          else:
+            skipped["eval"] += 1
+            if len(examples["eval"]) < 10:
+              examples["eval"].append(f"val/{rel}: no entry in val_labels")
+    desc = f"imagenet-layout:{os.path.abspath(src)}"
+  else:
+    frac = 0.1 if eval_fraction is None else eval_fraction
+    if not 0.0 <= frac < 1.0:
+      raise UserError(f"eval_fraction={frac} must be in [0, 1)")
+    class_names = _subdirs(src)
+    if class_names:
+      listed = _class_folder_items(src, class_names, "")
+    else:
+      listed = [Item(key=rel, label=0, path=os.path.join(src, rel)) for rel in _list_files(src)]
+    for it in listed:
+      s = split_of(it.key, frac)
+      if s in items:
+        items[s].append(it)
+    desc = f"folder:{os.path.abspath(src)} (eval_fraction={frac})"
+  return Source(items=items, class_names=class_names, description=desc, skipped=skipped,
+                skipped_examples=examples)
+
+
+def is_emoji_source(src: str) -> bool:
+  return src == "emoji" or (src.endswith(".tgz") and "emoji-datasource" in os.path.basename(src))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _decode_item(args: tuple[Item, int]) -> tuple[np.ndarray | None, str]:
+  """Worker: (image or None, reason when None). Never raises on a bad file."""
+  item, res = args
+  try:
+    return load_image(item.data if item.data is not None else item.path, res), ""
+  except Exception as e:  # corrupt, truncated, not an image, unreadable: skip and count
+    return None, f"{type(e).__name__}: {str(e)[:120]}"
+
+
+class _Progress:
+  """tqdm when stderr is a terminal, else a log line every 10% (or 30 s)."""
+
+  def __init__(self, total: int, desc: str, enabled: bool = True):
+    self.total, self.desc, self.n = total, desc, 0
+    self.enabled = enabled
+    self.start = self.last = time.time()
+    self.next_pct = 10
+    self.bar = None
+    if enabled and sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    if self.bar is not None:
+      self.bar.update(n)
+      return
+    if not self.enabled or not self.total or (self.total < 2000 and self.n < self.total):
+      return  # small splits: just the final line
+    pct = 100 * self.n / self.total
+    now = time.time()
+    if pct >= self.next_pct or now - self.last >= 30:
+      rate = self.n / max(now - self.start, 1e-9)
+      print(f"{self.desc}: {self.n}/{self.total} ({pct:.0f}%), {rate:.0f} img/s", file=sys.stderr,
+            flush=True)
+      self.last = now
+      while self.next_pct <= pct:
+        self.next_pct += 10
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _decode_chunk(items: list[Item], res: int) -> list[tuple[np.ndarray | None, str]]:
+  return [_decode_item((it, res)) for it in items]
+
+
+def _map_items(items: list[Item], res: int, workers: int, chunk: int = 64
+               ) -> Iterator[tuple[np.ndarray | None, str]]:
+  """(image or None, reason) for each item, in order; decoded by ``workers`` processes."""
+  if workers <= 1 or len(items) < chunk:
+    yield from (_decode_item((it, res)) for it in items)
+    return
+  # spawn, not fork: callers (a trainer preparing the default set) may have JAX threads running.
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+    pending: collections.deque = collections.deque()
+    for start in range(0, len(items), chunk):  # a bounded window of chunks in flight
+      pending.append(ex.submit(_decode_chunk, items[start:start + chunk], res))
+      if len(pending) >= 4 * workers:
+        yield from pending.popleft().result()
+    while pending:
+      yield from pending.popleft().result()
+
+
+def shard_names(split: str, n: int) -> list[str]:
+  return [f"{split}-{i:05d}-of-{n:05d}{SHARD_SUFFIX}" for i in range(n)]
+
+
+def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards: int = 0,
+                workers: int = 1, text_emb: dict[str, np.ndarray] | None = None,
+                progress: bool = True) -> dict[str, Any]:
+  """Decodes, preprocesses and writes one split; returns {'count', 'skipped', 'shards', ...}."""
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  if shards <= 0:
+    shards = max(1, math.ceil(len(items) * res * res * 3 / TARGET_SHARD_BYTES))
+  shards = max(1, min(shards, max(1, len(items))))
+  names = shard_names(split, shards)
+  writers = [ArrayRecordWriter(os.path.join(out_dir, n), WRITER_OPTIONS) for n in names]
+  counts = [0] * shards
+  written, skipped, examples = 0, 0, []
+  bar = _Progress(len(items), f"prepare {split}", progress)
+  try:
+    for item, (image, reason) in zip(items, _map_items(items, res, workers)):
+      bar.update()
+      emb = None
+      if image is not None and text_emb is not None:
+        emb = text_emb.get(os.path.splitext(os.path.basename(item.key))[0])
+        if emb is None:
+          image, reason = None, "no text embedding for this image"
+      if image is None:
+        skipped += 1
+        if len(examples) < 10:
+          examples.append(f"{item.key}: {reason}")
+        continue
+      shard = written % shards  # round robin keeps the shards balanced whatever gets skipped
+      writers[shard].write(encode_record(image, item.label, key=item.key, text_emb=emb))
+      counts[shard] += 1
+      written += 1
+  finally:
+    bar.close()
+    for w in writers:
+      w.close()
+  # Drop shards left empty (only possible when nearly everything was skipped).
+  keep = [n for n, c in zip(names, counts) if c > 0]
+  for n, c in zip(names, counts):
+    if c == 0:
+      os.remove(os.path.join(out_dir, n))
+  return {"count": written, "skipped": skipped, "shards": keep,
+          "shard_counts": [c for c in counts if c > 0], "skipped_examples": examples}
+
+
+def _load_text_emb(path: str) -> dict[str, np.ndarray]:
+  if not os.path.isfile(path):
+    raise UserError(f"text_emb={path!r} does not exist; pass an .npz of arrays keyed by image file stem")
+  with np.load(path, allow_pickle=False) as z:
+    return {os.path.splitext(os.path.basename(k))[0]: z[k] for k in z.files}
+
+
+def write_dataset(source: Source, res: int, out_dir: str, *, shards: int = 0, workers: int = 1,
+                  text_emb: dict[str, np.ndarray] | None = None, progress: bool = True,
+                  source_name: str | None = None) -> dict[str, Any]:
+  """Writes every split of ``source`` plus meta.json and label_map.json into a local directory."""
+  os.makedirs(out_dir, exist_ok=True)
+  t0 = time.time()
+  meta: dict[str, Any] = {
+      "format": FORMAT, "resolution": res, "num_classes": len(source.class_names),
+      "class_names": list(source.class_names), "source": source_name or source.description,
+      "preprocessing": "adm_center_crop (BOX halving while min side >= 2*res, BICUBIC, center crop); "
+                       "alpha composited on white",
+      "has_text_emb": text_emb is not None,
+      "counts": {}, "skipped": {}, "shards": {}, "shard_counts": {}, "skipped_examples": {},
+  }
+  n_ref = len(source.items.get("train", [])) or max(len(v) for v in source.items.values())
+  for split, items in source.items.items():
+    split_shards = 0  # auto
+    if shards > 0:
+      split_shards = max(1, math.ceil(shards * len(items) / max(1, n_ref)))
+    r = write_split(items, split, res, out_dir, shards=split_shards, workers=workers,
+                    text_emb=text_emb, progress=progress)
+    meta["counts"][split] = r["count"]
+    meta["skipped"][split] = r["skipped"] + source.skipped.get(split, 0)
+    meta["shards"][split] = r["shards"]
+    meta["shard_counts"][split] = r["shard_counts"]
+    meta["skipped_examples"][split] = (source.skipped_examples.get(split, []) +
+                                       r["skipped_examples"])[:10]
+  meta["prepare_seconds"] = round(time.time() - t0, 2)
+  with open(os.path.join(out_dir, "label_map.json"), "w") as f:
+    json.dump({c: i for i, c in enumerate(source.class_names)}, f, indent=1)
+  with open(os.path.join(out_dir, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  return meta
+
+
+def summary_line(meta: dict[str, Any]) -> str:
+  parts = [f"{s}: {meta['counts'][s]} written, {meta['skipped'][s]} skipped" for s in meta["counts"]]
+  return f"prepared {meta['resolution']}x{meta['resolution']} ({meta['num_classes']} classes) -- " + \
+         "; ".join(parts)
+
+
+def make_temp_dir(parent: str | None, prefix: str) -> str:
+  """mkdtemp, but with the usual permissions (mkdtemp's 0700 would survive the final rename)."""
+  tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)
+  return tmp
+
+
+def _remote(path: str) -> bool:
+  return path.startswith("gs://")
+
+
+def _storage():
+  try:
+    from core import storage  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"gs:// paths need core.storage ({e}); use a local out= and copy it with "
+                    f"gsutil -m cp -r") from None
+  return storage
+
+
+def _install_local(tmp: str, out: str, overwrite: bool) -> None:
+  """Moves the finished files of tmp into out (an atomic directory rename when out is new)."""
+  try:
+    os.rename(tmp, out)
+    return
+  except OSError:
+    if not os.path.isdir(out):
+      raise
+  old_meta = os.path.join(out, "meta.json")
+  if os.path.exists(old_meta):
+    if not overwrite:
+      raise UserError(f"out={out!r} already holds a prepared data set; pass overwrite=true or "
+                      f"choose another out=")
+    with open(old_meta) as f:
+      old = json.load(f)
+    for names in old.get("shards", {}).values():
+      for n in names:
+        p = os.path.join(out, n)
+        if os.path.exists(p):
+          os.remove(p)
+  names = sorted(os.listdir(tmp), key=lambda n: n == "meta.json")  # meta.json last
+  for n in names:
+    os.replace(os.path.join(tmp, n), os.path.join(out, n))
+  os.rmdir(tmp)
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+  if _remote(out):
+    if _storage().exists(out.rstrip("/") + "/meta.json") and not overwrite:
+      raise UserError(f"out={out!r} already holds a prepared data set; pass overwrite=true or "
+                      f"choose another out=")
+    return
+  if os.path.exists(out):
+    if not os.path.isdir(out):
+      raise UserError(f"out={out!r} exists and is not a directory")
+    if os.path.exists(os.path.join(out, "meta.json")):
+      if not overwrite:
+        raise UserError(f"out={out!r} already holds a prepared data set; pass overwrite=true or "
+                        f"choose another out=")
+    elif os.listdir(out):
+      raise UserError(f"out={out!r} is a non-empty directory without meta.json; choose an empty "
+                      f"or new directory")
+
+
+def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None, shards: int = 0,
+            splits: Sequence[str] = SPLITS, val_labels: str | None = None,
+            text_emb: str | None = None, workers: int = 1, max_images: int = 0,
+            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+  """Prepares ``src`` at resolution ``res`` into ``out`` (local or gs://); returns the meta dict."""
+  if res <= 0:
+    raise UserError(f"res={res} must be a positive image size, e.g. res=64")
+  bad = [s for s in splits if s not in SPLITS]
+  if bad or not splits:
+    raise UserError(f"splits={','.join(splits)} must name some of: {', '.join(SPLITS)}")
+  _check_out(out, overwrite)
+  if is_emoji_source(src):
+    from core import datasets  # pylint: disable=g-import-not-at-top
+    source = datasets.emoji_source(None if src == "emoji" else src,
+                                   eval_fraction=eval_fraction, splits=splits)
+  else:
+    if not os.path.exists(src):
+      raise UserError(f"src={src!r} does not exist; pass an image folder, an ImageNet root "
+                      f"(train/, val/) or src=emoji")
+    source = scan_folder(src, eval_fraction=eval_fraction, val_labels=val_labels, splits=splits)
+  if max_images > 0:
+    source.items = {s: v[:max_images] for s, v in source.items.items()}
+  emb = _load_text_emb(text_emb) if text_emb else None
+  if _remote(out):
+    tmp = make_temp_dir(None, "sd-prepare-")
+  else:
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = make_temp_dir(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-")
+  try:
+    meta = write_dataset(source, res, tmp, shards=shards, workers=workers, text_emb=emb,
+                         progress=progress)
+    if _remote(out):
+      storage = _storage()
+      base = out.rstrip("/")
+      if overwrite and storage.exists(f"{base}/meta.json"):
+        storage.remove(f"{base}/meta.json")  # readers never see the old meta with new shards
+      for n in sorted(os.listdir(tmp), key=lambda n: n == "meta.json"):  # meta.json last
+        storage.copy_from_local(os.path.join(tmp, n), f"{base}/{n}")
+      shutil.rmtree(tmp, ignore_errors=True)
+    else:
+      _install_local(tmp, out, overwrite)
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+PREPARE_OPTIONS = [
+    cli.Option("src", None, "image source: a folder of class folders (label = index of the sorted "
+               "folder name), a flat image folder (unconditional), an ImageNet root with train/<wnid>/ "
+               "and val/ (val/ as class folders, or flat plus val_labels=), or 'emoji' for the "
+               "built-in emoji-datasource-google set (needs npm). Required."),
+    cli.Option("res", None, "output resolution: images are ADM center-cropped and resized to "
+               "res x res. Required.", int),
+    cli.Option("out", None, "output directory (local path or gs://bucket/prefix); gets "
+               "<split>-NNNNN-of-NNNNN.array_record shards, meta.json and label_map.json. Required."),
+    cli.Option("eval_fraction", None, "for a folder source without train/ and val/: fraction of "
+               "images (chosen by a hash of their relative path) put in the 'eval' split. Default 0.1.",
+               float),
+    cli.Option("shards", 0, "number of train shards (eval gets a proportional number); 0 = about "
+               "one per 512 MiB of pixels.", int),
+    cli.Option("splits", "train,eval", "comma-separated splits to write (train, eval).",
+               lambda s: [x.strip() for x in s.split(",") if x.strip()]),
+    cli.Option("val_labels", None, "labels for a flat ImageNet val/ folder: lines '<image file> "
+               "<wnid>' (whitespace or comma separated, e.g. Kaggle's LOC_val_solution.csv)."),
+    cli.Option("text_emb", None, "optional .npz of text embeddings keyed by image file stem, "
+               "stored in each record as 'text_emb' (images without one are skipped)."),
+    cli.Option("workers", max(1, min(16, os.cpu_count() or 1)), "processes decoding images.", int),
+    cli.Option("max_images", 0, "keep at most this many images per split (0 = all); for smoke tests.",
+               int),
+    cli.Option("overwrite", False, "replace a data set already prepared at out=.", cli.parse_bool),
+    cli.Option("progress", True, "show progress (a bar on a terminal, else periodic log lines).",
+               cli.parse_bool),
+]
+
+DESCRIPTION = """\
+Prepares an image data set for training: every image is converted to RGB (transparency composited
+on white), center-cropped and resized as ADM does for ImageNet (halve with a BOX filter while the
+smaller side is >= 2*res, BICUBIC so the smaller side is res, central res x res crop) and written
+as uint8 records with an int label to ArrayRecord shards (splits 'train' and 'eval'), plus
+meta.json. Corrupt or unreadable files are skipped and counted.
+
+commands:
+  prepare src=... res=... out=...   prepare a data set (options below)
+  info data_dir=...                 print a prepared data set's meta.json summary
+
+example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16"""
+
+
+def main(argv: Sequence[str]) -> int:
+  """``python -m core.data prepare ...`` / ``python -m core.data info data_dir=...``."""
+  argv = list(argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(cli.format_help("core.data prepare", DESCRIPTION, PREPARE_OPTIONS))
+    return 0
+  cmd, rest = argv[0], argv[1:]
+  if cmd == "info":
+    values, _ = cli.parse(rest, [cli.Option("data_dir", None, "a prepared data set directory.")],
+                          prog="core.data info", description="Prints a prepared data set's summary.")
+    if not values["data_dir"]:
+      raise UserError("info needs data_dir=<prepared data set directory>")
+    from core import input_pipeline  # pylint: disable=g-import-not-at-top
+    meta = input_pipeline.read_meta(values["data_dir"])
+    print(summary_line(meta))
+    print(json.dumps({k: meta[k] for k in ("resolution", "num_classes", "counts", "skipped",
+                                            "source")}, indent=1))
+    return 0
+  if cmd != "prepare":
+    raise UserError(f"unknown command {cmd!r}; use: python -m core.data prepare src=... res=... out=...")
+  values, bindings = cli.parse(rest, PREPARE_OPTIONS, prog="core.data prepare",
+                               description=DESCRIPTION)
+  if bindings:
+    raise UserError(f"prepare takes no gin bindings (got {bindings[0]!r}); see --help")
+  for name in ("src", "res", "out"):
+    if values[name] is None:
+      raise UserError(f"{name}= is required, e.g. python -m core.data prepare src=emoji res=64 "
+                      f"out=data/emoji-64")
+  splits = values["splits"]
+  if isinstance(splits, str):  # the default
+    splits = [x.strip() for x in splits.split(",") if x.strip()]
+  meta = prepare(values["src"], values["res"], values["out"], eval_fraction=values["eval_fraction"],
+                 shards=values["shards"], splits=splits, val_labels=values["val_labels"],
+                 text_emb=values["text_emb"], workers=values["workers"],
+                 max_images=values["max_images"], overwrite=values["overwrite"],
+                 progress=values["progress"])
+  for split, ex in meta["skipped_examples"].items():
+    for e in ex[:3]:
+      print(f"skipped ({split}) e.g. {e}", file=sys.stderr)
+  print(summary_line(meta) + f" -> {values['out']} in {meta['prepare_seconds']:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  run_main(main)

@@ -1,0 +1,282 @@
+"""Reading prepared data sets: a resumable, per-host-sharded grain loader and a whole-split reader.
+
+:func:`make_train_loader` builds a grain ``DataLoader`` over the ArrayRecord shards written by
+``python -m core.data prepare`` and returns its iterator. Every host (JAX process) reads a
+disjoint share of each epoch's global shuffled order (grain ``ShardOptions``, the semantics of
+``ShardByJaxProcess``) and yields ``{'image': uint8 [B, H, W, 3], 'label': int32 [B]}`` with
+``B = global_batch_size / process_count``. Epochs repeat forever (or ``num_epochs`` times), each
+with a new permutation. Horizontal flips (p = 1/2, as ADM's ``random_flip``; the paper does not say)
+come from the per-record random generator grain derives from ``(seed, position in the stream)``,
+so the whole stream is a function of the seed. ``iterator.get_state()`` returns bytes and
+``iterator.set_state(bytes)`` restores them: a resumed run sees exactly the batches an
+uninterrupted run would (pinned by ``tests/test_input_pipeline.py``).
+
+:func:`load_split` / :func:`iter_split` read a whole split in file order (e.g. the reference images
+of FID train / FID eval, Section 5), and :func:`read_meta` returns ``meta.json``; compare its
+``resolution`` with the model's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from core import data
+from core.errors import UserError
+
+
+def _prepare_hint(data_dir: str) -> str:
+  return (f"prepare it with: python -m core.data prepare src=<image folder or emoji> res=<res> "
+          f"out={data_dir}")
+
+
+def _localize(data_dir: str) -> str:
+  """A local directory holding ``data_dir``: gs:// data sets are copied once (through core.storage)
+  to ``<data root>/gcs/<hash of URL and meta.json>``, since ArrayRecord readers need local files."""
+  if not data_dir.startswith("gs://"):
+    return data_dir
+  from core import datasets, storage  # pylint: disable=g-import-not-at-top
+  base = data_dir.rstrip("/")
+  if not storage.exists(f"{base}/meta.json"):
+    raise UserError(f"data set {data_dir!r} has no meta.json; {_prepare_hint(data_dir)}")
+  meta_bytes = storage.read_bytes(f"{base}/meta.json")
+  meta = json.loads(meta_bytes)
+  # Keyed by URL and content: a data set prepared again at the same URL gets a fresh copy.
+  key = hashlib.sha1(base.encode() + b"\0" + meta_bytes).hexdigest()[:16]
+  local = os.path.join(datasets.data_root(), "gcs", key)
+  if os.path.exists(os.path.join(local, "meta.json")):
+    return local
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  tmp = data.make_temp_dir(os.path.dirname(local), ".gcs-")
+  try:
+    for n in [n for v in meta.get("shards", {}).values() for n in v] + ["label_map.json"]:
+      storage.copy_to_local(f"{base}/{n}", os.path.join(tmp, n))
+    with open(os.path.join(tmp, "meta.json"), "wb") as f:  # last: marks the copy complete
+      f.write(meta_bytes)
+    try:
+      os.rename(tmp, local)
+    except OSError:  # another process finished the same copy first
+      pass
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return local
+
+
+def read_meta(data_dir: str) -> dict[str, Any]:
+  """The data set's meta.json (resolution, num_classes, class_names, counts, skipped, shards, ...)."""
+  if not data_dir:
+    raise UserError("no data set given; pass data_dir=<prepared directory>")
+  if data_dir.startswith("gs://"):
+    data_dir = _localize(data_dir)
+  path = os.path.join(data_dir, "meta.json")
+  if not os.path.isfile(path):
+    what = "does not exist" if not os.path.exists(data_dir) else "has no meta.json"
+    raise UserError(f"data set {data_dir!r} {what}; {_prepare_hint(data_dir)}")
+  with open(path) as f:
+    meta = json.load(f)
+  if meta.get("format") != data.FORMAT:
+    raise UserError(f"{path} has format {meta.get('format')!r}, expected {data.FORMAT!r}; prepare it "
+                    f"again with python -m core.data prepare")
+  return meta
+
+
+def split_paths(data_dir: str, split: str) -> tuple[list[str], dict[str, Any]]:
+  """(shard paths, meta) of one split; UserError naming the prepare command if it is missing."""
+  local = _localize(data_dir)
+  meta = read_meta(local)
+  names = meta["shards"].get(split)
+  if not names:
+    have = [s for s, v in meta["shards"].items() if v]
+    raise UserError(f"data set {data_dir!r} has no records in split {split!r} (it has: "
+                    f"{', '.join(have) or 'none'}); {_prepare_hint(data_dir)} splits={split}")
+  paths = [os.path.join(local, n) for n in names]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise UserError(f"shard {missing[0]!r} listed in meta.json is missing; {_prepare_hint(data_dir)} "
+                    f"overwrite=true")
+  return paths, meta
+
+
+class RecordSource(grain.sources.RandomAccessDataSource):
+  """grain source over one split's ArrayRecord shards; its repr (which grain stores in iterator
+  states and checks on restore) names the data set's content, not its path, so a run can resume
+  from a copy of the data in another directory."""
+
+  def __init__(self, paths: list[str], meta: dict[str, Any], split: str):
+    self._source = grain.sources.ArrayRecordDataSource(paths)
+    fp = hashlib.sha1(json.dumps([meta["resolution"], meta["shards"][split],
+                                  meta["shard_counts"][split]]).encode()).hexdigest()[:16]
+    self._repr = f"RecordSource(split={split}, records={len(self._source)}, fingerprint={fp})"
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, record_key: int) -> bytes:
+    return self._source[record_key]
+
+  def __repr__(self) -> str:
+    return self._repr
+
+
+class DecodeRecord(grain.transforms.Map):
+  """bytes -> {'image': uint8 [H,W,3], 'label': int32[, 'text_emb']} (see core.data.decode_record)."""
+
+  def map(self, element: bytes) -> dict[str, np.ndarray]:
+    r = data.decode_record(element)
+    out = {"image": r["image"], "label": r["label"]}
+    if "text_emb" in r:
+      out["text_emb"] = r["text_emb"]
+    return out
+
+
+class RandomFlip(grain.transforms.RandomMap):
+  """Flips the image left-right with probability 1/2, using the record's own generator."""
+
+  def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator):
+    if rng.random() < 0.5:
+      element = dict(element, image=element["image"][:, ::-1])
+    return element
+
+
+class _Closed:
+  """Stands in for the pipeline of a closed TrainIterator."""
+
+  def __next__(self):
+    raise ValueError("this data iterator was closed")
+
+  def get_state(self):
+    raise ValueError("this data iterator was closed")
+
+  set_state = get_state
+
+
+class TrainIterator(grain.DataLoaderIterator):
+  """grain's DataLoaderIterator plus ``close()`` (stops worker processes) and ``with`` support.
+
+  ``get_state() -> bytes`` and ``set_state(bytes)`` are grain's (the orbax grain checkpoint handler
+  takes this iterator as is).
+  """
+
+  def set_state(self, state: bytes) -> None:
+    try:
+      super().set_state(state)
+    except ValueError as e:
+      raise UserError("the saved data iterator state does not fit this loader (same data set, seed, "
+                      f"num_workers and shuffle needed to resume): {str(e).splitlines()[0]}") from None
+
+  def close(self) -> None:
+    """Stops grain's worker processes and drops the pipeline (idempotent)."""
+    it = getattr(self, "_iterator", None)  # grain's underlying DatasetIterator
+    if it is not None and not isinstance(it, _Closed):
+      if hasattr(it, "close"):
+        it.close()
+      self._iterator = _Closed()  # let the pipeline be collected now, not at interpreter exit
+
+  def __enter__(self) -> "TrainIterator":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl app they are not parsed yet."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuffle: bool = True,
+                      random_flip: bool = True, num_workers: int = 0, worker_buffer_size: int = 1,
+                      process_index: int | None = None, process_count: int | None = None,
+                      num_epochs: int | None = None, split: str = "train",
+                      resolution: int | None = None, read_threads: int = 8,
+                      prefetch_buffer_size: int = 64) -> TrainIterator:
+  """Iterator of this host's batches {'image': uint8 [B,H,W,3], 'label': int32 [B]}, B = global/hosts.
+
+  Args:
+    data_dir: a directory written by ``python -m core.data prepare`` (or gs://, copied locally).
+    global_batch_size: batch size summed over hosts; must divide by process_count.
+    seed: shuffling and flip seed (reduced mod 2**31, as grain wants a 32-bit seed).
+    shuffle: a new global permutation every epoch; False reads in file order.
+    random_flip: left-right flips with probability 1/2, a deterministic function of the seed.
+    num_workers: grain worker processes (0 = decode in this process).
+    worker_buffer_size: batches each worker prepares ahead.
+    process_index, process_count: this host and the number of hosts (default: from JAX).
+    num_epochs: None repeats forever.
+    split: 'train' or 'eval'.
+    resolution: if given, a UserError unless the data set has this resolution.
+    read_threads, prefetch_buffer_size: grain ReadOptions for reading records.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise UserError(f"global batch size {global_batch_size} must be a positive multiple of the "
+                    f"number of hosts ({process_count})")
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process_index={process_index} must be in [0, {process_count})")
+  paths, meta = split_paths(data_dir, split)
+  if resolution is not None and meta["resolution"] != resolution:
+    raise UserError(f"data set {data_dir!r} has resolution {meta['resolution']} but the model expects "
+                    f"{resolution}; prepare one with res={resolution} or change the model resolution")
+  source = RecordSource(paths, meta, split)
+  local_batch = global_batch_size // process_count
+  if len(source) < process_count:
+    raise UserError(f"split {split!r} of {data_dir!r} has {len(source)} records, fewer than the "
+                    f"{process_count} hosts")
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shuffle=shuffle, num_epochs=num_epochs, seed=int(seed) % 2**31)
+  ops: list[Any] = [DecodeRecord()]
+  if random_flip:
+    ops.append(RandomFlip())
+  ops.append(grain.transforms.Batch(batch_size=local_batch, drop_remainder=True))
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+  loader = grain.DataLoader(
+      data_source=source, sampler=sampler, operations=ops, worker_count=num_workers,
+      worker_buffer_size=worker_buffer_size,
+      shard_options=grain.sharding.ShardOptions(shard_index=process_index,
+                                                shard_count=process_count, drop_remainder=True),
+      read_options=grain.ReadOptions(num_threads=read_threads,
+                                     prefetch_buffer_size=prefetch_buffer_size))
+  return TrainIterator(loader, state=None)
+
+
+def iter_split(data_dir: str, split: str, *, batch_size: int = 256, limit: int | None = None
+               ) -> Iterator[dict[str, np.ndarray]]:
+  """Yields a split in file order as {'image': uint8 [b,H,W,3], 'label': int32 [b]} batches."""
+  paths, meta = split_paths(data_dir, split)
+  source = grain.sources.ArrayRecordDataSource(paths)
+  n = len(source) if limit is None else min(limit, len(source))
+  for start in range(0, n, batch_size):
+    recs = [data.decode_record(source[i]) for i in range(start, min(n, start + batch_size))]
+    out = {"image": np.stack([r["image"] for r in recs]),
+           "label": np.asarray([r["label"] for r in recs], np.int32)}
+    if meta.get("has_text_emb"):
+      out["text_emb"] = np.stack([r["text_emb"] for r in recs])
+    yield out
+
+
+def load_split(data_dir: str, split: str, *, limit: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N,H,W,3], labels int32 [N]) of a whole split, e.g. for FID reference statistics."""
+  paths, meta = split_paths(data_dir, split)
+  n = sum(meta["shard_counts"][split]) if limit is None else min(limit, sum(meta["shard_counts"][split]))
+  res = meta["resolution"]
+  images = np.empty((n, res, res, 3), np.uint8)
+  labels = np.empty((n,), np.int32)
+  i = 0
+  for b in iter_split(data_dir, split, limit=n):
+    k = len(b["label"])
+    images[i:i + k], labels[i:i + k] = b["image"], b["label"]
+    i += k
+  del paths
+  return images, labels
