@@ -25,9 +25,18 @@ CONFIGURABLE_MODULES = (
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_REGISTERED = []
+
+
 def register_configurables() -> None:
+  """Imports every module with configurables; also makes ``@schedule_range()`` usable in gin files
+  (the U-ViT's 'linear' logSNR embedding spans the shifted schedule's range, appendix A)."""
   for name in CONFIGURABLE_MODULES:
     importlib.import_module(name)
+  if not _REGISTERED:
+    from core import schedules  # pylint: disable=import-outside-toplevel
+    gin.external_configurable(schedules.schedule_range, "schedule_range", denylist=["schedule", "num"])
+    _REGISTERED.append(True)
 
 
 def resolve_gin_file(path: str) -> str:

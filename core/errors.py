@@ -21,7 +21,8 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
   try:
     rc = main(argv)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    # gin appends "In call to configurable ..." lines to exceptions raised inside configurables.
+    print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
