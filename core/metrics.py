@@ -1,0 +1,271 @@
+"""Training metrics: one JSON line per logged step in ``metrics.jsonl`` plus TensorBoard events.
+
+The run directory (team conventions) holds ``<workdir>/metrics.jsonl`` (``{"step", "loss", "lr",
+"grad_norm", "steps_per_sec", ...}``; the tables and plots read it) and ``<workdir>/tb/``
+(TensorBoard event files written with tensorboardX, no TensorFlow needed): scalars, sample grids
+and the operative gin config as text.
+
+Exactly once on resume: a run that died after its last checkpoint (step S) may have logged rows
+for steps > S. A :class:`MetricWriter` created with ``start_step=S`` drops those rows from
+``metrics.jsonl`` (and a torn last line), and its TensorBoard writer starts with a
+``SessionLog.START`` at step S + 1 (tensorboardX's ``purge_step``) so that TensorBoard hides the
+orphaned events of the dead run. The resumed run then rewrites steps S + 1, ... once.
+
+``gs://`` work directories: everything is written to a local staging directory (the existing
+``metrics.jsonl`` is downloaded first, so truncation works there too) and mirrored with
+:class:`core.storage.Syncer` on :meth:`MetricWriter.flush` (and at most every ``sync_every_s``
+seconds while writing), so an upload that fails is retried at the next flush.
+
+Only the chief process writes (``is_chief=False`` makes every method a no-op), as in multi-host
+JAX training where each host runs the same loop.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from core import storage
+from core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, *, padding: int = 0,
+               pad_value: int = 0) -> np.ndarray:
+  """Tiles ``[N, H, W, C]`` images row by row into one ``[R*H + (R-1)*p, K*W + (K-1)*p, C]`` image.
+
+  ``ncols`` (K) defaults to ``ceil(sqrt(N))``; R = ``ceil(N / K)``. Cells after the N-th and the
+  ``padding`` (p) pixels between cells hold ``pad_value``. The dtype is kept (uint8 for samples).
+  """
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise UserError(f"image_grid: images must be [N, H, W, C], got shape {images.shape}")
+  n, h, w, c = images.shape
+  if n == 0:
+    raise UserError("image_grid: no images")
+  ncols = int(ncols or math.ceil(math.sqrt(n)))
+  if ncols <= 0:
+    raise UserError(f"image_grid: ncols must be positive, got {ncols}")
+  ncols = min(ncols, n)
+  nrows = math.ceil(n / ncols)
+  out = np.full((nrows * h + (nrows - 1) * padding, ncols * w + (ncols - 1) * padding, c),
+                pad_value, dtype=images.dtype)
+  for i in range(n):
+    r, k = divmod(i, ncols)
+    y, x = r * (h + padding), k * (w + padding)
+    out[y:y + h, x:x + w] = images[i]
+  return out
+
+
+def _scalar(name: str, v: Any) -> float | int | str | bool | None:
+  """A JSON-able Python value for ``v`` (numbers, 0-d or size-1 arrays, strings)."""
+  if v is None or isinstance(v, (str, bool)):
+    return v
+  if isinstance(v, numbers.Integral):
+    return int(v)
+  if isinstance(v, numbers.Real):
+    return float(v)
+  a = np.asarray(v)
+  if a.size != 1:
+    raise UserError(f"write_scalars: {name!r} has shape {a.shape}; pass a single number")
+  a = a.reshape(())
+  if np.issubdtype(a.dtype, np.bool_):
+    return bool(a)
+  if np.issubdtype(a.dtype, np.integer):
+    return int(a)
+  return float(a)
+
+
+def truncate_jsonl(path: str, max_step: int) -> int:
+  """Keeps the rows of a local ``metrics.jsonl`` with ``step <= max_step``; drops unparsable
+  (torn) lines. Rewrites atomically; returns the number of rows dropped."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped, rewrite = [], 0, False
+  with open(path, "r", encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        step = int(row["step"])
+      except (ValueError, KeyError, TypeError):
+        dropped += 1
+        continue
+      if step <= max_step:
+        if not line.endswith("\n"):
+          line, rewrite = line + "\n", True
+        kept.append(line)
+      else:
+        dropped += 1
+  if dropped or rewrite:
+    storage.write_text(path, "".join(kept))
+  return dropped
+
+
+class MetricWriter:
+  """Writes ``metrics.jsonl`` rows and TensorBoard events for one run directory.
+
+  Args:
+    workdir: the run directory (local or ``gs://``).
+    start_step: the step the run (re)starts from: rows and events of steps > ``start_step`` left
+      by an earlier, crashed run are dropped (see module docstring). With 0 (a fresh run, or a
+      writer that logs at arbitrary steps such as the eval worker's) TensorBoard purges nothing.
+    tensorboard: write TensorBoard event files under ``<workdir>/tb``.
+    jsonl: write ``<workdir>/metrics.jsonl`` (the eval worker keeps its rows in its own
+      ``results.jsonl`` and uses TensorBoard only).
+    is_chief: only the chief writes; other processes get a writer that does nothing.
+    sync_every_s: for ``gs://`` workdirs, also upload while writing when this many seconds have
+      passed since the last upload (``flush`` and ``close`` always upload).
+  """
+
+  def __init__(self, workdir: str, *, start_step: int = 0, tensorboard: bool = True,
+               jsonl: bool = True, is_chief: bool = True, sync_every_s: float = 120.0):
+    self.workdir = os.fspath(workdir)
+    self.is_chief = is_chief
+    self.start_step = int(start_step)
+    self._closed = False
+    self._file = None
+    self._tb = None
+    self._syncer = None
+    self._staging = None
+    self._sync_every_s = sync_every_s
+    self._last_sync = time.monotonic()
+    if not is_chief:
+      return
+    if storage.is_remote(self.workdir):
+      self._staging = tempfile.mkdtemp(prefix="metrics-staging-")
+      remote_metrics = storage.join(self.workdir, METRICS_FILE)
+      if jsonl and storage.exists(remote_metrics):
+        storage.copy_to_local(remote_metrics, os.path.join(self._staging, METRICS_FILE))
+      self._syncer = storage.Syncer(self._staging, self.workdir)
+      self.local_dir = self._staging
+    else:
+      self.local_dir = self.workdir
+    os.makedirs(self.local_dir, exist_ok=True)
+    self.metrics_path = os.path.join(self.local_dir, METRICS_FILE)
+    if jsonl:
+      dropped = truncate_jsonl(self.metrics_path, self.start_step)
+      if dropped:
+        log.info("%s: dropped %d rows after step %d (written after the last checkpoint)",
+                 self.metrics_path, dropped, self.start_step)
+      self._file = open(self.metrics_path, "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      # A nanosecond suffix keeps event files of quick restarts apart and in creation order.
+      self._tb = SummaryWriter(logdir=os.path.join(self.local_dir, TB_DIR),
+                               purge_step=self.start_step + 1 if self.start_step > 0 else None,
+                               flush_secs=30,
+                               filename_suffix=f".{time.time_ns()}")
+
+  # ----------------------------------------------------------------------------------------------
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Appends ``{"step": step, **scalars}`` to metrics.jsonl; numbers also go to TensorBoard."""
+    if not self.is_chief:
+      return
+    self._check_open()
+    step = int(step)
+    row: dict[str, Any] = {"step": step}
+    for k, v in scalars.items():
+      if k == "step":
+        raise UserError("write_scalars: 'step' is the first argument, not a metric name")
+      row[k] = _scalar(k, v)
+    if self._file is not None:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()  # a crash loses at most the line being written (dropped on resume)
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, float(v), step)
+    self._maybe_sync()
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """TensorBoard images: each value is a uint8 ``[H, W, C]`` image or ``[N, H, W, C]`` batch
+    (tiled with :func:`image_grid`); C is 1, 3 or 4."""
+    if not self.is_chief or self._tb is None:
+      return
+    self._check_open()
+    for name, img in images.items():
+      img = np.asarray(img)
+      if img.dtype != np.uint8:
+        raise UserError(f"write_images: {name!r} has dtype {img.dtype}; pass uint8 in [0, 255]")
+      if img.ndim == 4:
+        img = image_grid(img)
+      if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
+        raise UserError(f"write_images: {name!r} has shape {img.shape}; pass [H, W, C] or "
+                        "[N, H, W, C] with C in 1, 3, 4")
+      self._tb.add_image(name, img, int(step), dataformats="HWC")
+    self._maybe_sync()
+
+  def write_text(self, tag: str, text: str, step: int = 0) -> None:
+    """TensorBoard text (markdown), e.g. the operative gin config; TB tag ``<tag>/text_summary``.
+
+    Write the config at ``step=start_step`` so that each (re)start shows the config it ran with.
+    """
+    if not self.is_chief or self._tb is None:
+      return
+    self._check_open()
+    self._tb.add_text(tag, text, int(step))
+
+  def flush(self) -> None:
+    """Flushes files and, for gs:// workdirs, uploads what changed (retrying earlier failures)."""
+    if not self.is_chief or self._closed:
+      return
+    if self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    self._sync()
+
+  def close(self) -> None:
+    """Flushes, closes the files and (gs://) uploads; the staging directory is removed if every
+    file arrived."""
+    if not self.is_chief or self._closed:
+      return
+    if self._file is not None:
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+    self._closed = True
+    result = self._sync()
+    if self._staging is not None:
+      if result is not None and result.ok:
+        shutil.rmtree(self._staging, ignore_errors=True)
+      else:
+        log.warning("metrics for %s not fully uploaded; local copy kept in %s", self.workdir,
+                    self._staging)
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # ----------------------------------------------------------------------------------------------
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise UserError(f"MetricWriter for {self.workdir} is closed")
+
+  def _maybe_sync(self) -> None:
+    if self._syncer is not None and time.monotonic() - self._last_sync >= self._sync_every_s:
+      if self._tb is not None:
+        self._tb.flush()
+      self._sync()
+
+  def _sync(self):
+    if self._syncer is None:
+      return None
+    self._last_sync = time.monotonic()
+    return self._syncer.sync()

@@ -1,0 +1,772 @@
+"""One small file API over local paths and ``gs://bucket/prefix`` paths (the run directory).
+
+Every run directory (``config.gin``, ``metrics.jsonl``, ``checkpoints/``, ``tb/``, ``eval/``; see
+the team conventions) may live on local disk or on Google Cloud Storage. The functions here take
+either kind of path and do the obvious thing for each:
+
+* local paths go through ``os``/``shutil``; text and byte writes are atomic (temp file + rename);
+* ``gs://`` paths go through ``google-cloud-storage``. With ``STORAGE_EMULATOR_HOST`` set (tests,
+  ``gcp-storage-emulator``) the client uses anonymous credentials and the project in
+  ``GOOGLE_CLOUD_PROJECT`` (default ``"test-project"``); otherwise Application Default Credentials.
+
+GCS has no directories: a "directory" ``gs://b/p`` exists when some object's name starts with
+``p/``; :func:`makedirs` is a no-op there, :func:`listdir` lists the next path component.
+
+Transient failures (HTTP 408/429/5xx, connection resets, timeouts) are retried by one loop with
+exponential backoff (:func:`set_retry` / :func:`retry_options` configure it); the library's own
+retry is switched off so that the two never multiply. A missing object or bucket raises
+:class:`NotFoundError` (a :class:`core.errors.UserError` and a ``FileNotFoundError``) whose one-line
+message names the path.
+
+:class:`Syncer` mirrors a local directory to a remote one (new or changed files only) and keeps
+uploads that failed in a queue that the next :meth:`Syncer.sync` retries first, so a GCS outage
+during training delays files but loses none (a trainer that writes its run directory locally
+calls :func:`sync_dir` after each checkpoint and log flush).
+
+Orbax can also write checkpoints straight to ``gs://``: it goes through ``etils.epath`` (needs the
+``gcsfs`` package) for directories and small files, and through tensorstore's ``gcs`` driver for
+array data. Against the emulator tensorstore needs ``TENSORSTORE_GCS_HTTP_URL=<emulator url>`` and
+``GOOGLE_AUTH_TOKEN_FOR_TESTING=<anything>`` besides ``STORAGE_EMULATOR_HOST`` (see
+``tests/gcs_emulator.py``); on real GCS, Application Default Credentials suffice.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import fnmatch
+import hashlib
+import http.client
+import logging
+import os
+import posixpath
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+
+from core.errors import UserError
+
+_T = TypeVar("_T")
+_SCHEME = "gs://"
+log = logging.getLogger(__name__)
+
+
+class NotFoundError(UserError, FileNotFoundError):
+  """A path (local file, GCS object or bucket) that does not exist."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Retry policy.
+
+
+@dataclasses.dataclass
+class RetryOptions:
+  """How transient GCS errors are retried: ``attempts`` tries in all, sleeping
+  ``initial_delay * multiplier**k`` (capped at ``max_delay``, with +-25% jitter) between them."""
+  attempts: int = 6
+  initial_delay: float = 1.0
+  max_delay: float = 30.0
+  multiplier: float = 2.0
+  timeout: float = 120.0  # per HTTP request, seconds
+
+
+_retry = RetryOptions()
+
+
+def set_retry(**kwargs) -> RetryOptions:
+  """Changes the process-wide retry options (fields of :class:`RetryOptions`); returns the old."""
+  global _retry
+  old = _retry
+  _retry = dataclasses.replace(_retry, **kwargs)
+  return old
+
+
+@contextlib.contextmanager
+def retry_options(**kwargs) -> Iterator[RetryOptions]:
+  """Temporarily changes the retry options (e.g. short backoff in tests)."""
+  old = set_retry(**kwargs)
+  try:
+    yield _retry
+  finally:
+    set_retry(**dataclasses.asdict(old))
+
+
+_TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def is_transient(exc: BaseException) -> bool:
+  """Whether ``exc`` is worth retrying: 408/429/5xx responses, connection and timeout errors."""
+  from google.api_core import exceptions as api_exceptions
+  from google.auth import exceptions as auth_exceptions
+  from google.cloud.storage import exceptions as gcs_exceptions
+  import requests
+  import urllib3
+
+  if isinstance(exc, api_exceptions.GoogleAPICallError):
+    return exc.code in _TRANSIENT_CODES
+  if isinstance(exc, gcs_exceptions.InvalidResponse):
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None) in _TRANSIENT_CODES
+  if isinstance(exc, gcs_exceptions.DataCorruption):
+    return True  # checksum mismatch on download: fetch again
+  if isinstance(exc, auth_exceptions.TransportError):
+    return True
+  return isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError,
+                          requests.exceptions.ChunkedEncodingError, requests.Timeout,
+                          http.client.BadStatusLine, http.client.IncompleteRead,
+                          http.client.ResponseNotReady, urllib3.exceptions.PoolError,
+                          urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError))
+
+
+def _with_retry(fn: Callable[[], _T], what: str) -> _T:
+  """Calls ``fn`` and retries transient errors; translates the rest into one-line errors."""
+  from google.api_core import exceptions as api_exceptions
+  opts = _retry
+  delay = opts.initial_delay
+  for attempt in range(1, max(1, opts.attempts) + 1):
+    try:
+      return fn()
+    except api_exceptions.NotFound as e:
+      raise NotFoundError(_not_found_message(what)) from e
+    except api_exceptions.Forbidden as e:
+      raise UserError(f"{what}: permission denied ({_short(e)}); check the credentials "
+                      "(gcloud auth application-default login) and the bucket's IAM") from e
+    except api_exceptions.Unauthorized as e:
+      raise UserError(f"{what}: not authenticated ({_short(e)}); run "
+                      "'gcloud auth application-default login'") from e
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_transient(e) or attempt >= opts.attempts:
+        if is_transient(e):
+          raise TransientError(f"{what}: giving up after {attempt} attempts: {_short(e)}") from e
+        raise
+      sleep = min(delay, opts.max_delay) * random.uniform(0.75, 1.25)
+      log.warning("%s: %s; retry %d/%d in %.1fs", what, _short(e), attempt,
+                  opts.attempts - 1, sleep)
+      time.sleep(sleep)
+      delay *= opts.multiplier
+  raise AssertionError("unreachable")
+
+
+class TransientError(OSError):
+  """GCS stayed unreachable (or kept answering 429/5xx) through every retry."""
+
+
+def _short(e: BaseException) -> str:
+  s = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {s[0][:200] if s else ''}"
+
+
+def _not_found_message(what: str) -> str:
+  path = what.split(" ", 1)[-1]
+  if is_remote(path):
+    bucket, _ = split(path)
+    try:
+      if not _client().bucket(bucket).exists(retry=None, timeout=_retry.timeout):
+        return (f"{path}: bucket gs://{bucket} does not exist (or is not visible with these "
+                "credentials); check the path")
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return f"{path}: no such file or object; check the path"
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths and the client.
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a ``gs://`` URL (else a local path)."""
+  return os.fspath(path).startswith(_SCHEME)
+
+
+def split(path: str) -> tuple[str, str]:
+  """``gs://bucket/a/b`` -> ``('bucket', 'a/b')`` (no leading or trailing slash on the name)."""
+  if not is_remote(path):
+    raise UserError(f"{path}: not a gs:// path")
+  rest = path[len(_SCHEME):]
+  bucket, _, name = rest.partition("/")
+  if not bucket:
+    raise UserError(f"{path}: no bucket name; write gs://BUCKET/PATH")
+  return bucket, name.strip("/")
+
+
+def join(a: str | os.PathLike, *parts: str) -> str:
+  """Joins path components; ``/`` separated for ``gs://`` paths, ``os.path.join`` otherwise."""
+  a = os.fspath(a)
+  if not is_remote(a):
+    return os.path.join(a, *parts)
+  out = a
+  for p in parts:
+    p = os.fspath(p)
+    if not p:
+      continue
+    out = p if is_remote(p) else (out.rstrip("/") + "/" + p.lstrip("/"))
+  return out
+
+
+def basename(path: str) -> str:
+  """Last component of a local or gs:// path (ignoring a trailing slash)."""
+  return posixpath.basename(os.fspath(path).rstrip("/")) if is_remote(path) else os.path.basename(
+      os.path.normpath(path))
+
+
+_client_lock = threading.Lock()
+_clients: dict[tuple[str, str], object] = {}
+
+
+def _client():
+  """A cached ``google.cloud.storage.Client`` (one per emulator host / project setting)."""
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+  project = os.environ.get("GOOGLE_CLOUD_PROJECT", "")
+  key = (emulator, project)
+  with _client_lock:
+    if key not in _clients:
+      from google.cloud import storage as gcs
+      if emulator:
+        from google.auth.credentials import AnonymousCredentials
+        _clients[key] = gcs.Client(project=project or "test-project",
+                                   credentials=AnonymousCredentials())
+      else:
+        import google.auth.exceptions
+        try:
+          _clients[key] = gcs.Client(project=project or None)
+        except google.auth.exceptions.DefaultCredentialsError as e:
+          raise UserError("no Google Cloud credentials for gs:// paths; run 'gcloud auth "
+                          "application-default login' or set GOOGLE_APPLICATION_CREDENTIALS "
+                          "(tests: STORAGE_EMULATOR_HOST)") from e
+    return _clients[key]
+
+
+def _blob(path: str):
+  bucket, name = split(path)
+  if not name:
+    raise UserError(f"{path}: names a bucket, not an object; add an object path")
+  return _client().bucket(bucket).blob(name)
+
+
+def _iter_blobs(bucket: str, prefix: str, delimiter: str | None = None):
+  """All blobs (and, with a delimiter, the prefixes) under ``prefix``, with retries per page."""
+  client = _client()
+  page_token = None
+  while True:
+    def one_page(token=page_token):
+      it = client.list_blobs(bucket, prefix=prefix or None, delimiter=delimiter,
+                             page_token=token, retry=None, timeout=_retry.timeout)
+      page = next(it.pages, None)
+      blobs = list(page) if page is not None else []
+      return blobs, set(it.prefixes), it.next_page_token
+    blobs, prefixes, page_token = _with_retry(one_page, f"list gs://{bucket}/{prefix}")
+    yield blobs, prefixes
+    if not page_token:
+      return
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole-file operations.
+
+
+def exists(path: str) -> bool:
+  """Whether a file/object or a directory (some object under ``path/``) exists."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    return os.path.exists(path)
+  bucket, name = split(path)
+  if not name:
+    return _with_retry(lambda: _client().bucket(bucket).exists(retry=None,
+                                                               timeout=_retry.timeout),
+                       f"stat {path}")
+  if _with_retry(lambda: _blob(path).exists(retry=None, timeout=_retry.timeout), f"stat {path}"):
+    return True
+  return isdir(path)
+
+
+def isdir(path: str) -> bool:
+  """Whether ``path`` is a directory (gs: some object's name starts with ``path/``)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    return os.path.isdir(path)
+  bucket, name = split(path)
+  client = _client()
+  def probe():
+    it = client.list_blobs(bucket, prefix=(name + "/") if name else None, max_results=1,
+                           retry=None, timeout=_retry.timeout)
+    return any(True for _ in it)
+  try:
+    return _with_retry(probe, f"stat {path}")
+  except NotFoundError:
+    return False
+
+
+def read_bytes(path: str) -> bytes:
+  """The contents of a file or object."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    try:
+      with open(path, "rb") as f:
+        return f.read()
+    except FileNotFoundError as e:
+      raise NotFoundError(f"{path}: no such file; check the path") from e
+  return _with_retry(lambda: _blob(path).download_as_bytes(retry=None, timeout=_retry.timeout),
+                     f"read {path}")
+
+
+def read_text(path: str) -> str:
+  """The contents of a file or object, decoded as UTF-8."""
+  return read_bytes(path).decode("utf-8")
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a whole file/object (atomically: readers see the old or the new contents)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    _atomic_local_write(path, bytes(data))
+    return
+  _with_retry(lambda: _blob(path).upload_from_string(
+      data, content_type="application/octet-stream", retry=None, timeout=_retry.timeout),
+              f"write {path}")
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes a whole text file (UTF-8), atomically."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    _atomic_local_write(path, text.encode("utf-8"))
+    return
+  _with_retry(lambda: _blob(path).upload_from_string(
+      text.encode("utf-8"), content_type="text/plain; charset=utf-8", retry=None,
+      timeout=_retry.timeout), f"write {path}")
+
+
+def append_lines(path: str, lines: Iterable[str]) -> None:
+  """Appends lines (a newline is added to each) to a text file, creating it if needed.
+
+  Local: one ``open(..., 'a')`` write. GCS objects are immutable, so on ``gs://`` the new lines
+  are uploaded as a temporary object ``<name>.append-<uuid>`` and *composed* onto the end of the
+  object (``if_generation_match`` guards against a concurrent writer; on a conflict the append is
+  redone), then the temporary object is deleted. Only the appended bytes travel, so appending to
+  a large ``results.jsonl`` stays cheap. If the object does not exist yet it is created with
+  ``if_generation_match=0``. A crash between the two steps can leave a stray ``.append-*`` object
+  but never a partial line in the file.
+  """
+  path = os.fspath(path)
+  data = "".join(l.rstrip("\n") + "\n" for l in lines).encode("utf-8")
+  if not data:
+    return
+  if not is_remote(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "ab") as f:
+      f.write(data)
+    return
+  from google.api_core import exceptions as api_exceptions
+  blob = _blob(path)
+  for _ in range(max(2, _retry.attempts)):
+    generation = _with_retry(lambda: _generation(blob), f"stat {path}")
+    try:
+      if generation is None:
+        _with_retry(lambda: blob.upload_from_string(
+            data, content_type="text/plain; charset=utf-8", if_generation_match=0, retry=None,
+            timeout=_retry.timeout), f"append {path}")
+        return
+      piece = blob.bucket.blob(f"{blob.name}.append-{uuid.uuid4().hex}")
+      _with_retry(lambda: piece.upload_from_string(
+          data, content_type="text/plain; charset=utf-8", retry=None, timeout=_retry.timeout),
+                  f"append {path}")
+      try:
+        # A fresh destination Blob: one carrying the old object's metadata (crc32c, md5) would
+        # send those stale checksums as the composed object's.
+        dest = blob.bucket.blob(blob.name)
+        _with_retry(lambda: dest.compose([dest, piece], if_generation_match=generation,
+                                         retry=None, timeout=_retry.timeout), f"append {path}")
+      finally:
+        with contextlib.suppress(Exception):
+          _with_retry(lambda: piece.delete(retry=None, timeout=_retry.timeout),
+                      f"delete {path}")
+      return
+    except api_exceptions.PreconditionFailed:
+      continue  # someone else appended in between: read the new generation and redo
+  raise UserError(f"{path}: kept changing during append_lines; is another process writing it?")
+
+
+def _generation(blob) -> int | None:
+  from google.api_core import exceptions as api_exceptions
+  try:
+    blob.reload(retry=None, timeout=_retry.timeout)
+  except api_exceptions.NotFound:
+    return None
+  return blob.generation
+
+
+# ------------------------------------------------------------------------------------------------
+# Directories.
+
+
+def makedirs(path: str) -> None:
+  """Creates a local directory and its parents; a no-op for ``gs://`` (no directories there)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+  """Sorted names of the immediate children of a directory (gs: objects and prefixes below it)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    try:
+      return sorted(os.listdir(path))
+    except FileNotFoundError as e:
+      raise NotFoundError(f"{path}: no such directory; check the path") from e
+  bucket, name = split(path)
+  prefix = (name + "/") if name else ""
+  names: set[str] = set()
+  found = False
+  for blobs, prefixes in _iter_blobs(bucket, prefix, delimiter="/"):
+    for b in blobs:
+      found = True
+      rest = b.name[len(prefix):]
+      if rest:  # skip a "directory placeholder" object named exactly prefix
+        names.add(rest)
+    for p in prefixes:
+      found = True
+      names.add(p[len(prefix):].rstrip("/"))
+  if not found:
+    raise NotFoundError(_not_found_message(f"list {path}") if name else f"{path}: empty bucket")
+  return sorted(names)
+
+
+def list_files(root: str, pattern: str | None = None) -> list[str]:
+  """Every file below ``root`` (recursively) as sorted ``/``-separated paths relative to it.
+
+  ``pattern`` (``fnmatch``, matched against the relative path, where ``*`` also crosses ``/``)
+  keeps only matching files, e.g. ``list_files(ckpt_dir, '*/_METADATA')``. A missing ``root`` gives
+  an empty list.
+  """
+  root = os.fspath(root)
+  out: list[str] = []
+  if not is_remote(root):
+    for d, _, files in os.walk(root):
+      for f in files:
+        out.append(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/"))
+  else:
+    bucket, name = split(root)
+    prefix = (name + "/") if name else ""
+    for blobs, _ in _iter_blobs(bucket, prefix):
+      out.extend(b.name[len(prefix):] for b in blobs if b.name != prefix)
+  if pattern is not None:
+    out = [p for p in out if fnmatch.fnmatchcase(p, pattern)]
+  return sorted(out)
+
+
+def remove(path: str, *, missing_ok: bool = False) -> None:
+  """Deletes one file or object."""
+  path = os.fspath(path)
+  try:
+    if not is_remote(path):
+      try:
+        os.unlink(path)
+      except FileNotFoundError as e:
+        raise NotFoundError(f"{path}: no such file; check the path") from e
+    else:
+      _with_retry(lambda: _blob(path).delete(retry=None, timeout=_retry.timeout),
+                  f"delete {path}")
+  except NotFoundError:
+    if not missing_ok:
+      raise
+
+
+def rmtree(path: str, *, missing_ok: bool = True) -> None:
+  """Deletes a directory tree (gs: every object under ``path/``, and an object named ``path``)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.unlink(path)
+    elif not missing_ok:
+      raise NotFoundError(f"{path}: no such directory; check the path")
+    return
+  bucket, name = split(path)
+  if not name:
+    raise UserError(f"{path}: refusing to delete a whole bucket; give a prefix")
+  deleted = 0
+  for rel in list_files(path):
+    remove(join(path, rel), missing_ok=True)
+    deleted += 1
+  try:
+    _with_retry(lambda: _blob(path).delete(retry=None, timeout=_retry.timeout),
+                f"delete {path}")
+    deleted += 1
+  except NotFoundError:
+    pass
+  if not deleted and not missing_ok:
+    raise NotFoundError(f"{path}: nothing to delete; check the path")
+
+
+def _upload_file(local: str, remote: str) -> None:
+  _with_retry(lambda: _blob(remote).upload_from_filename(local, retry=None,
+                                                         timeout=_retry.timeout),
+              f"upload {remote}")
+
+
+def copy_from_local(local_path: str, remote_path: str) -> None:
+  """Copies a local file, or a directory tree (into ``remote_path/...``), to any path."""
+  local_path, remote_path = os.fspath(local_path), os.fspath(remote_path)
+  if not os.path.exists(local_path):
+    raise NotFoundError(f"{local_path}: no such file or directory; check the path")
+  if os.path.isdir(local_path):
+    for rel in list_files(local_path):
+      copy_from_local(os.path.join(local_path, *rel.split("/")), join(remote_path, *rel.split("/")))
+    return
+  if is_remote(remote_path):
+    _upload_file(local_path, remote_path)
+  else:
+    os.makedirs(os.path.dirname(os.path.abspath(remote_path)), exist_ok=True)
+    shutil.copy2(local_path, remote_path)
+
+
+def copy_to_local(remote_path: str, local_path: str) -> None:
+  """Copies a file/object, or a whole directory (prefix), from any path to a local path."""
+  remote_path, local_path = os.fspath(remote_path), os.fspath(local_path)
+  if not is_remote(remote_path):
+    if os.path.isdir(remote_path):
+      shutil.copytree(remote_path, local_path, dirs_exist_ok=True)
+    elif os.path.exists(remote_path):
+      os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+      shutil.copy2(remote_path, local_path)
+    else:
+      raise NotFoundError(f"{remote_path}: no such file or directory; check the path")
+    return
+  _, name = split(remote_path)
+  blob = _blob(remote_path) if name else None
+  if blob is not None and _with_retry(lambda: blob.exists(retry=None, timeout=_retry.timeout),
+                                      f"stat {remote_path}"):
+    _download(remote_path, local_path)
+    return
+  files = list_files(remote_path)
+  if not files:
+    raise NotFoundError(_not_found_message(f"read {remote_path}"))
+  for rel in files:
+    _download(join(remote_path, rel), os.path.join(local_path, *rel.split("/")))
+
+
+def _download(remote: str, local: str) -> None:
+  d = os.path.dirname(os.path.abspath(local))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(local) + ".", suffix=".tmp")
+  os.close(fd)
+  try:
+    _with_retry(lambda: _blob(remote).download_to_filename(tmp, retry=None,
+                                                           timeout=_retry.timeout),
+                f"read {remote}")
+    os.replace(tmp, local)
+  finally:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mirroring a local run directory.
+
+
+@dataclasses.dataclass
+class SyncResult:
+  """What one :meth:`Syncer.sync` did (relative paths)."""
+  uploaded: list[str]
+  failed: list[str]     # still queued; retried by the next sync
+  deleted: list[str]
+  skipped: int          # unchanged files
+
+  @property
+  def ok(self) -> bool:
+    return not self.failed
+
+
+DEFAULT_EXCLUDE = ("*.orbax-checkpoint-tmp*", "*.tmp")
+# Files whose presence tells orbax that a checkpoint (directory) is complete.
+COMMIT_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
+
+
+def _md5_b64(path: str) -> str:
+  h = hashlib.md5()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return base64.b64encode(h.digest()).decode("ascii")
+
+
+class Syncer:
+  """Mirrors ``local_dir`` to ``remote_dir``: uploads new or changed files, never loses a failure.
+
+  * A file is (re)uploaded when its (size, mtime) differs from what this syncer last uploaded.
+    On the first sync the remote listing is read once and files whose size and MD5 already match
+    the remote object are skipped, so a restarted trainer does not re-upload a whole run.
+  * An upload that fails (after the per-request retries of :func:`set_retry`) is logged and
+    queued; every later :meth:`sync` retries the queue first. A sync does not raise for such a
+    failure: training goes on and the file arrives when GCS is back. Only errors that retrying
+    cannot fix (missing bucket, permission denied: :class:`core.errors.UserError`) are raised.
+  * ``delete=True`` also deletes remote copies of files that this syncer saw locally and that are
+    gone now (e.g. checkpoints removed by orbax's ``max_to_keep``); files it never saw are left
+    alone.
+  * ``exclude`` patterns (``fnmatch`` on the relative path) skip files being written, by default
+    orbax's ``*.orbax-checkpoint-tmp*`` directories and ``*.tmp`` files.
+  * Orbax's commit markers (``commit_success.txt``, ``_CHECKPOINT_METADATA``) are uploaded after
+    all other files, and a marker waits in the queue while any file below its directory is
+    queued, so orbax reading the mirror (which trusts ``commit_success.txt`` on gs://) never sees
+    a half-uploaded checkpoint as finalized.
+
+  Thread-safe: concurrent :meth:`sync` calls run one after the other.
+  """
+
+  def __init__(self, local_dir: str, remote_dir: str, *, delete: bool = False,
+               exclude: Sequence[str] = DEFAULT_EXCLUDE):
+    self.local_dir = os.fspath(local_dir)
+    self.remote_dir = os.fspath(remote_dir)
+    self.delete = delete
+    self.exclude = tuple(exclude)
+    self._uploaded: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) last uploaded
+    self._failed: dict[str, str] = {}                # rel -> last error, in queue order
+    self._remote_checked = False
+    self._lock = threading.Lock()
+
+  @property
+  def pending(self) -> list[str]:
+    """Relative paths whose upload failed and is queued for the next sync."""
+    return list(self._failed)
+
+  def _excluded(self, rel: str) -> bool:
+    return any(fnmatch.fnmatchcase(rel, p) for p in self.exclude)
+
+  def _remote_state(self) -> dict[str, tuple[int, str | None]]:
+    """rel -> (size, md5 base64) of what is already under remote_dir."""
+    if not is_remote(self.remote_dir):
+      out = {}
+      for rel in list_files(self.remote_dir):
+        p = os.path.join(self.remote_dir, *rel.split("/"))
+        out[rel] = (os.path.getsize(p), None)
+      return out
+    bucket, name = split(self.remote_dir)
+    prefix = (name + "/") if name else ""
+    out = {}
+    for blobs, _ in _iter_blobs(bucket, prefix):
+      for b in blobs:
+        out[b.name[len(prefix):]] = (b.size, b.md5_hash)
+    return out
+
+  def sync(self) -> SyncResult:
+    """Uploads queued failures, then new and changed files; returns what happened."""
+    with self._lock:
+      return self._sync()
+
+  def _sync(self) -> SyncResult:
+    local: dict[str, tuple[int, int]] = {}
+    if os.path.isdir(self.local_dir):
+      for rel in list_files(self.local_dir):
+        if self._excluded(rel):
+          continue
+        try:
+          st = os.stat(os.path.join(self.local_dir, *rel.split("/")))
+        except FileNotFoundError:
+          continue  # removed while we looked
+        local[rel] = (st.st_size, st.st_mtime_ns)
+
+    if not self._remote_checked:
+      try:
+        remote = self._remote_state()
+        for rel, (size, md5) in remote.items():
+          if rel in local and local[rel][0] == size:
+            p = os.path.join(self.local_dir, *rel.split("/"))
+            if md5 is None or md5 == _md5_b64(p):
+              self._uploaded[rel] = local[rel]
+        self._remote_checked = True
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("sync %s -> %s: cannot list the remote yet (%s); uploading everything",
+                    self.local_dir, self.remote_dir, _short(e))
+
+    # Failed uploads first (in the order they failed), then everything new or changed.
+    for rel in list(self._failed):
+      if rel not in local:
+        del self._failed[rel]  # gone locally (e.g. a temporary file): nothing to upload
+    todo = list(self._failed)
+    todo += sorted(r for r, st in local.items()
+                   if r not in self._failed and self._uploaded.get(r) != st)
+    uploaded, skipped = [], len(local) - len(todo)
+    # Commit markers go last, deepest first, and only once everything below their directory is
+    # up: a remote checkpoint never looks finalized while some of its files are missing.
+    markers = sorted((r for r in todo if posixpath.basename(r) in COMMIT_MARKERS),
+                     key=lambda r: -r.count("/"))
+    todo = [r for r in todo if posixpath.basename(r) not in COMMIT_MARKERS] + markers
+    for rel in todo:
+      if posixpath.basename(rel) in COMMIT_MARKERS:
+        d = posixpath.dirname(rel)
+        below = d + "/" if d else ""
+        depth = rel.count("/")
+        if any(f.startswith(below) and (posixpath.basename(f) not in COMMIT_MARKERS
+                                        or f.count("/") > depth)
+               for f in self._failed if f != rel):  # failed this round (markers: deeper ones)
+          self._failed.pop(rel, None)
+          self._failed[rel] = "waiting for the files below it"
+          continue
+      src = os.path.join(self.local_dir, *rel.split("/"))
+      dst = join(self.remote_dir, *rel.split("/"))
+      try:
+        st = local[rel]
+        copy_from_local(src, dst)
+        self._uploaded[rel] = st
+        self._failed.pop(rel, None)
+        uploaded.append(rel)
+      except Exception as e:  # pylint: disable=broad-except
+        self._failed.pop(rel, None)
+        if not os.path.exists(src):
+          continue  # deleted locally while syncing: nothing to upload
+        if isinstance(e, UserError):
+          self._failed[rel] = _short(e)
+          raise  # a missing bucket or no permission: retrying will not help
+        self._failed[rel] = _short(e)
+        log.warning("sync: upload of %s failed (%s); queued for the next sync", dst, _short(e))
+
+    deleted = []
+    if self.delete:
+      gone = [r for r in self._uploaded if r not in local]
+      # Commit markers first, so a checkpoint being removed never looks complete but partial.
+      for rel in sorted(gone, key=lambda r: (posixpath.basename(r) not in COMMIT_MARKERS, r)):
+        try:
+          remove(join(self.remote_dir, *rel.split("/")), missing_ok=True)
+          del self._uploaded[rel]
+          deleted.append(rel)
+        except Exception as e:  # pylint: disable=broad-except
+          log.warning("sync: delete of %s failed (%s); will retry", rel, _short(e))
+    return SyncResult(uploaded=uploaded, failed=list(self._failed), deleted=deleted,
+                      skipped=skipped)
+
+
+_syncers: dict[tuple[str, str], Syncer] = {}
+_syncers_lock = threading.Lock()
+
+
+def sync_dir(local_dir: str, remote_dir: str, *, delete: bool = False) -> SyncResult:
+  """Mirrors ``local_dir`` to ``remote_dir`` with a per-(local, remote) :class:`Syncer` kept for
+  the life of the process, so failed uploads are retried by the next call (see :class:`Syncer`)."""
+  key = (os.path.abspath(os.fspath(local_dir)), os.fspath(remote_dir))
+  with _syncers_lock:
+    syncer = _syncers.get(key)
+    if syncer is None or syncer.delete != delete:
+      syncer = _syncers[key] = Syncer(local_dir, remote_dir, delete=delete)
+  return syncer.sync()

@@ -1,0 +1,155 @@
+"""core.metrics: metrics.jsonl rows and TensorBoard events, read back with TensorBoard's reader."""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator as ea
+
+from core import metrics
+from core import storage
+from core.errors import UserError
+from tests.gcs_emulator import gcs_bucket  # noqa: F401  pylint: disable=unused-import
+
+
+def load_tb(logdir: str) -> ea.EventAccumulator:
+  acc = ea.EventAccumulator(logdir, size_guidance={ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0})
+  acc.Reload()
+  return acc
+
+
+def read_rows(path: str) -> list[dict]:
+  return [json.loads(l) for l in storage.read_text(path).splitlines()]
+
+
+def decode_png(s: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(s)))
+
+
+def test_image_grid_layout():
+  imgs = np.arange(5 * 2 * 3 * 1, dtype=np.uint8).reshape(5, 2, 3, 1)
+  g = metrics.image_grid(imgs, ncols=2)
+  assert g.shape == (3 * 2, 2 * 3, 1) and g.dtype == np.uint8
+  for i in range(5):
+    r, c = divmod(i, 2)
+    np.testing.assert_array_equal(g[2 * r:2 * r + 2, 3 * c:3 * c + 3], imgs[i])
+  assert (g[4:6, 3:6] == 0).all()  # empty last cell
+  g = metrics.image_grid(imgs, ncols=3, padding=1, pad_value=255)
+  assert g.shape == (2 * 2 + 1, 3 * 3 + 2, 1)
+  assert (g[2, :] == 255).all() and (g[:, 3] == 255).all()
+  np.testing.assert_array_equal(g[3:5, 4:7], imgs[4])
+  assert metrics.image_grid(imgs).shape == (2 * 2, 3 * 3, 1)  # ncols = ceil(sqrt(5)) = 3
+  with pytest.raises(UserError):
+    metrics.image_grid(imgs[0])
+
+
+def test_scalars_images_text_roundtrip(tmp_path):
+  wd = str(tmp_path / "run")
+  rng = np.random.default_rng(0)
+  batch = rng.integers(0, 256, (4, 8, 6, 3), dtype=np.uint8)
+  single = rng.integers(0, 256, (10, 12, 1), dtype=np.uint8)
+  config = "UViT.num_transformer_blocks = 2\ntrain.batch_size = 8"
+  with metrics.MetricWriter(wd) as w:
+    for step in (1, 2, 3):
+      w.write_scalars(step, {"loss": 1.0 / step, "lr": np.float32(1e-4 * step),
+                             "num_images": np.int64(8 * step), "note": "x"})
+    w.write_images(3, {"samples": batch, "gray": single})
+    w.write_text("config", config, step=0)
+  rows = read_rows(os.path.join(wd, "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert rows[1] == {"step": 2, "loss": 0.5, "lr": pytest.approx(2e-4), "num_images": 16,
+                     "note": "x"}
+  assert isinstance(rows[2]["num_images"], int)
+
+  acc = load_tb(os.path.join(wd, "tb"))
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
+      (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+  assert [e.value for e in acc.Scalars("num_images")] == [8.0, 16.0, 24.0]
+  assert "note" not in acc.Tags()["scalars"]
+  (img,) = acc.Images("samples")
+  assert img.step == 3 and (img.height, img.width) == (2 * 8, 2 * 6)
+  np.testing.assert_array_equal(decode_png(img.encoded_image_string),
+                                metrics.image_grid(batch, 2))
+  (gray,) = acc.Images("gray")
+  assert (gray.height, gray.width) == (10, 12)
+  np.testing.assert_array_equal(decode_png(gray.encoded_image_string)[..., 0], single[..., 0])
+  tag = "config/text_summary"
+  assert acc.SummaryMetadata(tag).plugin_data.plugin_name == "text"
+  (t,) = acc.Tensors(tag)
+  assert t.tensor_proto.string_val[0].decode() == config
+
+
+def test_resume_drops_rows_after_checkpoint(tmp_path):
+  wd = str(tmp_path / "run")
+  w = metrics.MetricWriter(wd)
+  for step in range(1, 11):
+    w.write_scalars(step, {"loss": float(step)})
+  w.close()
+  with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 11, "lo')  # torn line from a crash mid-write
+  # The run died after checkpointing step 5; the resumed run logs 6 and 7 again.
+  with metrics.MetricWriter(wd, start_step=5) as w:
+    assert [r["step"] for r in read_rows(os.path.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+    for step in (6, 7):
+      w.write_scalars(step, {"loss": 100.0 + step})
+  rows = read_rows(os.path.join(wd, "metrics.jsonl"))
+  assert [(r["step"], r["loss"]) for r in rows] == [(s, float(s)) for s in range(1, 6)] + [
+      (6, 106.0), (7, 107.0)]
+  acc = load_tb(os.path.join(wd, "tb"))  # TensorBoard purges the dead run's steps 6..10
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == rows_as_pairs(rows)
+  assert len(os.listdir(os.path.join(wd, "tb"))) == 2
+
+
+def rows_as_pairs(rows):
+  return [(r["step"], r["loss"]) for r in rows]
+
+
+def test_tensorboard_only_writer_purges_nothing(tmp_path):
+  """The eval worker's use: TensorBoard only, steps of whichever checkpoints were evaluated."""
+  wd = str(tmp_path / "run" / "eval")
+  with metrics.MetricWriter(wd, jsonl=False) as w:
+    w.write_scalars(1000, {"eval/fid_train_w1": 30.0})
+  with metrics.MetricWriter(wd, jsonl=False) as w:  # the worker restarted
+    w.write_scalars(2000, {"eval/fid_train_w1": 20.0})
+  assert os.listdir(wd) == ["tb"]
+  acc = load_tb(os.path.join(wd, "tb"))
+  assert [(e.step, e.value) for e in acc.Scalars("eval/fid_train_w1")] == [(1000, 30.0),
+                                                                          (2000, 20.0)]
+
+
+def test_non_chief_writes_nothing(tmp_path):
+  wd = str(tmp_path / "run")
+  with metrics.MetricWriter(wd, is_chief=False) as w:
+    w.write_scalars(1, {"loss": 1.0})
+    w.write_images(1, {"x": np.zeros((2, 2, 3), np.uint8)})
+    w.write_text("config", "a")
+    w.flush()
+  assert not os.path.exists(wd)
+
+
+def test_bad_inputs(tmp_path):
+  with metrics.MetricWriter(str(tmp_path)) as w:
+    with pytest.raises(UserError, match="single number"):
+      w.write_scalars(1, {"loss": np.ones(3)})
+    with pytest.raises(UserError, match="uint8"):
+      w.write_images(1, {"x": np.zeros((2, 2, 3), np.float32)})
+
+
+def test_gcs_workdir_stages_and_syncs(gcs_bucket):
+  wd = storage.join(gcs_bucket, "run")
+  with metrics.MetricWriter(wd) as w:
+    for step in (1, 2, 3):
+      w.write_scalars(step, {"loss": float(step)})
+    w.flush()
+    assert [r["step"] for r in read_rows(storage.join(wd, "metrics.jsonl"))] == [1, 2, 3]
+    w.write_scalars(4, {"loss": 4.0})
+  assert [r["step"] for r in read_rows(storage.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4]
+  assert len(storage.listdir(storage.join(wd, "tb"))) == 1
+  with metrics.MetricWriter(wd, start_step=2, tensorboard=False) as w:
+    w.write_scalars(3, {"loss": 30.0})
+  assert [(r["step"], r["loss"]) for r in read_rows(storage.join(wd, "metrics.jsonl"))] == [
+      (1, 1.0), (2, 2.0), (3, 30.0)]
