@@ -20,7 +20,7 @@ from core.errors import UserError
 # Modules whose configurables gin files may name. Imported before parsing so every name resolves.
 CONFIGURABLE_MODULES = (
     "core.schedules", "core.diffusion", "core.sampling", "core.sharding", "core.models",
-    "core.train",
+    "core.trainer",
 )
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -38,7 +38,7 @@ class LoadedRun:
 
 def load_run(run_dir: str) -> LoadedRun:
   """Rebuilds model and schedule from ``<run_dir>/config.gin``."""
-  from core import train as train_lib  # pylint: disable=import-outside-toplevel
+  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
   path = storage.join(run_dir, "config.gin")
   if not storage.exists(path):
     raise UserError(f"{path} does not exist: is {run_dir} a run directory written by core.train?")
@@ -56,7 +56,7 @@ def load_run(run_dir: str) -> LoadedRun:
 
 def restore_ema_params(run: LoadedRun, step: int, mesh=None) -> Any:
   """The EMA parameters of checkpoint ``step`` (sharded like in training)."""
-  from core import train as train_lib  # pylint: disable=import-outside-toplevel
+  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
   mesh = mesh or shd.make_mesh()
   tx = train_lib.make_optimizer(run.cfg)
   abstract = jax.eval_shape(functools.partial(train_lib.init_state, run.model, tx, run.cfg,

@@ -76,7 +76,7 @@ def evaluate_checkpoint(run_dir: str, step: int, *, guidances: Sequence[float], 
   """Evaluates one checkpoint at each guidance scale; returns the rows it appended."""
   import jax  # pylint: disable=import-outside-toplevel
   from eval import inception, metrics, reference, sample  # pylint: disable=import-outside-toplevel
-  from core import train as train_lib  # pylint: disable=import-outside-toplevel
+  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
 
   _repair(run_dir)
   done = {_key(r) for r in read_results(run_dir)}

@@ -17,7 +17,7 @@ ASSUMED_PEAK = 989e12
 
 def _build(job, scale: str):
   """Parses the job's gin at ``scale`` and returns (model, TrainConfig)."""
-  from core import train as train_lib  # pylint: disable=import-outside-toplevel
+  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
   from core.models import make_model  # pylint: disable=import-outside-toplevel
   from experiments import run  # pylint: disable=import-outside-toplevel
   args = run.job_args(job, scale, "unused", None)
@@ -47,7 +47,7 @@ def describe(job, scale: str, workdir: str) -> dict[str, Any]:
   """Row labels, run name, resolution, parameters, FLOPs per image, batch, steps, time estimate."""
   from core.models import flops as flops_lib  # pylint: disable=import-outside-toplevel
   model, cfg = _build(job, scale)
-  from core import train as train_lib  # pylint: disable=import-outside-toplevel
+  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
   nc = int(getattr(model, "num_classes", 0) or 0)
   state = jax.eval_shape(functools.partial(train_lib.init_state, model, train_lib.make_optimizer(cfg), cfg,
                                            num_classes=nc), jax.random.key(0))

@@ -83,6 +83,8 @@ def _cosine() -> tuple[str, ...]:
 
 
 UNET_TRAIN = "train/unet_imagenet.gin"
+# The U-ViT's 'linear' logSNR input spans the (shifted) schedule's range (appendix A).
+_LINEAR_RANGE = "UViT.logsnr_range = @schedule_range()"
 UVIT_TRAIN = "train/uvit_imagenet.gin"
 
 
@@ -148,7 +150,7 @@ def _entries() -> list[Entry]:
               metrics=("fid_train", "fid_eval", "is")))
     for w in (1.0, 1.05, 1.1, 1.2, 1.4, 1.8, 2.0, 3.0):
       uvit_files = (f"models/uvit_imagenet{res}.gin", UVIT_TRAIN)
-      uvit_b = (f"Train.image_size = {res}",) + _shift(res, 64)
+      uvit_b = (f"Train.image_size = {res}",) + _shift(res, 64) + (_LINEAR_RANGE,)
       if w == 1.0:
         add(Entry("7", f"{res}x{res}", "simple diffusion (U-ViT 2B)", "uvit", res, uvit_files, uvit_b,
                   metrics=("fid_train", "fid_eval", "is")))
@@ -159,6 +161,7 @@ def _entries() -> list[Entry]:
   for res, group in ((256, "256x256 COCO zero-shot"), (512, "512x512 COCO zero-shot")):
     b = (f"Train.image_size = {res}", "Train.num_steps = 700000", "schedule.name = 'cosine_interpolated'",
          f"schedule.image_d = {res}", "schedule.noise_d_low = 32", f"schedule.noise_d_high = {res}")
+    b += (_LINEAR_RANGE,)
     add(Entry("8", group, "simple diffusion (U-ViT 2B)", "uvit", res, ("models/uvit_t2i.gin", UVIT_TRAIN), b,
               metrics=("fid_train",), num_samples=30_000, noise_param=1.0,
               note="needs a data set with text embeddings (core.data prepare ... text embeddings)"))

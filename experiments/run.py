@@ -124,7 +124,7 @@ def is_evaluated(job: registry.Job, run_dir: str, num_samples: int) -> bool:
 
 
 def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any]) -> None:
-  from core import train as train_lib  # pylint: disable=import-outside-toplevel
+  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
   from eval import worker  # pylint: disable=import-outside-toplevel
   run_dir = storage.join(workdir, job.name)
   args = job_args(job, scale, run_dir, opts["data_dir"])

@@ -17,7 +17,7 @@ from core import storage
 
 def measure(entries, scale: str, workdir: str, *, steps: int = 10, warmup: int = 2) -> list[dict]:
   """Times ``steps`` training steps (after ``warmup``) for each throughput row; appends results."""
-  from core import train as train_lib  # pylint: disable=import-outside-toplevel
+  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
   from experiments import plan  # pylint: disable=import-outside-toplevel
   from experiments import registry  # pylint: disable=import-outside-toplevel
   rows = []

@@ -7,3 +7,5 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401,E402  (GCS emulator fixtures)

@@ -1,0 +1,21 @@
+"""Peak dense bf16 FLOP/s per device, for model FLOPs utilisation (MFU) in logs and benchmarks."""
+from __future__ import annotations
+
+import jax
+
+# Vendor peak dense bf16 (no sparsity) per device as JAX enumerates them.
+PEAK_BF16 = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def peak_flops_per_second(device=None) -> float | None:
+  """The device's peak (None for CPUs and unknown devices: MFU is then not reported)."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  for name in sorted(PEAK_BF16, key=len, reverse=True):
+    if name.lower() in kind.lower():
+      return PEAK_BF16[name]
+  return None

