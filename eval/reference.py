@@ -95,6 +95,15 @@ def get_reference(reference: str | None, *, data_dir: str | None, split: str, ex
   return reference_stats(data_dir, split, extractor, max_images=max_images, read_batches=read_batches)
 
 
+def describe(data_dir: str | None, split: str, extractor, *, reference: str | None = None,
+             max_images: int | None = None) -> str:
+  """What a result was measured against, for results.jsonl: the reference .npz when one was given,
+  else the cache file of the split's statistics (it names data set, split, extractor and resize)."""
+  if reference and reference != "auto":
+    return reference
+  return stats_cache_path(data_dir or "", split, extractor.name, extractor.resize_mode, max_images)
+
+
 def main(argv: Sequence[str]) -> int:
   """Precomputes and caches the FID reference statistics of one split of a prepared data set."""
   from core.cli import Option, parse, parse_bool  # pylint: disable=import-outside-toplevel
@@ -103,7 +112,7 @@ def main(argv: Sequence[str]) -> int:
       Option("data_dir", None, "prepared data set (python -m core.data prepare), local or gs://"),
       Option("split", "train", "split to summarise: train (FID train) or eval (FID eval)"),
       Option("source", "auto", "Inception weights: auto, clean-fid, fid-helper or a .pt path"),
-      Option("resize_mode", "clean", "resize to 299x299 before the network", choices=RESIZE_MODES),
+      Option("resize_mode", "clean", "how images are resized to 299x299.", choices=RESIZE_MODES),
       Option("max_images", 0, "use only the first this many images; 0 = all", parse=int),
       Option("batch_size", 50, "images per Inception forward pass", parse=int),
       Option("recompute", False, "overwrite an existing cache file", parse=parse_bool),

