@@ -158,5 +158,8 @@ def schedule_range(schedule: Callable | None = None, num: int = 4097) -> tuple[f
   """
   if schedule is None:
     schedule = get_schedule()
-  values = np.asarray(schedule(jnp.linspace(0.0, 1.0, num)), dtype=np.float64)
+  # Concrete even when called while a model is being traced (gin evaluates @schedule_range()
+  # whenever the module is constructed, including flax's clones inside init/apply).
+  with jax.ensure_compile_time_eval():
+    values = np.asarray(schedule(jnp.linspace(0.0, 1.0, num)), dtype=np.float64)
   return float(values.min()), float(values.max())

@@ -26,9 +26,6 @@ from core import cli
 from core import storage
 from core.errors import UserError, run_main
 
-METRICS = ("fid_train", "fid_eval", "is")
-
-
 def results_path(run_dir: str) -> str:
   return storage.join(run_dir, "eval", "results.jsonl")
 
@@ -70,55 +67,92 @@ def _key(row: dict[str, Any]) -> tuple:
   return (int(row["step"]), row["metric"], float(row["guidance"]), int(row["num_samples"]), int(row["seed"]))
 
 
-def evaluate_checkpoint(run_dir: str, step: int, *, guidances: Sequence[float], num_samples: int,
-                        batch_size: int, sampler_steps: int, noise_param: float, seed: int,
-                        extractor_source: str, writer=None) -> list[dict[str, Any]]:
-  """Evaluates one checkpoint at each guidance scale; returns the rows it appended."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from eval import inception, metrics, reference, sample  # pylint: disable=import-outside-toplevel
-  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
+class Evaluator:
+  """What stays fixed while the worker follows a run: extractor, references, evaluation settings."""
 
-  _repair(run_dir)
-  done = {_key(r) for r in read_results(run_dir)}
-  run = sample.load_run(run_dir)
-  extractor = inception.FeatureExtractor(source=extractor_source)
-  data_dir, _ = train_lib.resolve_data_dir(run.cfg)
-  refs = {"fid_train": reference.reference_stats(data_dir, "train", extractor),
-          "fid_eval": reference.reference_stats(data_dir, "eval", extractor)}
-  wanted = ["fid_train", "fid_eval"] + (["is"] if extractor.has_logits else [])
-  if not extractor.has_logits:
-    print(f"IS unavailable: extractor {extractor.name} has no logits head", file=sys.stderr, flush=True)
-  params = None
-  written = []
-  for w in guidances:
-    todo = [m for m in wanted if (step, m, float(w), num_samples, seed) not in done]
+  def __init__(self, run_dir: str, *, guidances: Sequence[float], num_samples: int, batch_size: int,
+               sampler_steps: int, noise_param: float, seed: int, extractor_source: str,
+               ref_train: str | None = None, ref_eval: str | None = None,
+               max_reference_images: int | None = None):
+    from eval import inception  # pylint: disable=import-outside-toplevel
+    self.run_dir = run_dir
+    self.guidances = [float(w) for w in guidances]
+    self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+    self.sampler_steps, self.noise_param = sampler_steps, noise_param
+    self.extractor = inception.FeatureExtractor(source=extractor_source)
+    self.metrics = ["fid_train", "fid_eval"] + (["is"] if self.extractor.has_logits else [])
+    if not self.extractor.has_logits:
+      print(f"IS unavailable: extractor {self.extractor.name} has no logits head (FID only)",
+            file=sys.stderr, flush=True)
+    self._refs_given = {"fid_train": ref_train, "fid_eval": ref_eval}
+    self._max_ref = max_reference_images
+    self._refs = None
+    self._run = None
+
+  def _references(self):
+    """(stats, description) per FID metric; computed (and cached next to the data) on first use."""
+    if self._refs is None:
+      from core import trainer  # pylint: disable=import-outside-toplevel
+      from eval import reference, sample  # pylint: disable=import-outside-toplevel
+      self._run = sample.load_run(self.run_dir)
+      data_dir = None
+      if not all(self._refs_given.values()):
+        data_dir, _ = trainer.resolve_data_dir(self._run.cfg)
+      self._refs = {}
+      for metric, split in (("fid_train", "train"), ("fid_eval", "eval")):
+        given = self._refs_given[metric]
+        stats = reference.get_reference(given, data_dir=data_dir, split=split, extractor=self.extractor,
+                                        max_images=self._max_ref)
+        desc = reference.describe(data_dir, split, self.extractor, reference=given, max_images=self._max_ref)
+        self._refs[metric] = (stats, desc)
+    return self._refs
+
+  def missing(self, step: int) -> list[tuple[float, str]]:
+    """(guidance, metric) pairs of ``step`` without a result row yet."""
+    done = {_key(r) for r in read_results(self.run_dir)}
+    return [(w, m) for w in self.guidances for m in self.metrics
+            if (step, m, w, self.num_samples, self.seed) not in done]
+
+  def evaluate(self, step: int, writer=None) -> list[dict[str, Any]]:
+    """Evaluates checkpoint ``step`` at each guidance scale; appends and returns the new rows."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from eval import metrics, sample  # pylint: disable=import-outside-toplevel
+    _repair(self.run_dir)
+    todo = self.missing(step)
     if not todo:
-      continue
-    if params is None:
-      params = sample.restore_ema_params(run, step)
-    cache = os.path.join(_local_cache_root(run_dir), f"step{step}_w{w}_n{num_samples}_s{seed}")
-    os.makedirs(cache, exist_ok=True)
-    images = sample.sample_images(run, params, num_samples=num_samples, batch_size=batch_size,
-                                  num_steps=sampler_steps, noise_param=noise_param, guidance=w,
-                                  seed=seed, cache_dir=cache)
-    if jax.process_index() != 0:
-      continue
-    result = metrics.compute_metrics(images, extractor=extractor, ref_train=refs["fid_train"],
-                                     ref_eval=refs["fid_eval"])
-    rows = []
-    for m in todo:
-      value, std = (result["is"] if m == "is" else (result[m], None))
-      rows.append({"step": step, "metric": m, "value": float(value), "std": None if std is None else float(std),
-                   "num_samples": num_samples, "extractor": extractor.name,
-                   "reference": reference.describe(data_dir, "train" if m != "fid_eval" else "eval", extractor),
-                   "guidance": float(w), "seed": seed, "sampler_steps": sampler_steps,
-                   "noise_param": noise_param, "time": time.time()})
-    storage.append_lines(results_path(run_dir), [json.dumps(r) for r in rows])
-    if writer is not None:
-      writer.write_scalars(step, {f"eval/{r['metric']}_w{w:g}": r["value"] for r in rows})
-    written += rows
-    shutil.rmtree(cache, ignore_errors=True)
-  return written
+      return []
+    refs = self._references()
+    params = sample.restore_ema_params(self._run, step)
+    written = []
+    for w in self.guidances:
+      wanted = [m for (ww, m) in todo if ww == w]
+      if not wanted:
+        continue
+      cache = os.path.join(_local_cache_root(self.run_dir), f"step{step}_w{w:g}_n{self.num_samples}_s{self.seed}")
+      os.makedirs(cache, exist_ok=True)
+      images = sample.sample_images(self._run, params, num_samples=self.num_samples, batch_size=self.batch_size,
+                                    num_steps=self.sampler_steps, noise_param=self.noise_param, guidance=w,
+                                    seed=self.seed, cache_dir=cache)
+      if jax.process_index() != 0:
+        continue
+      result = metrics.compute_metrics(images, extractor=self.extractor, ref_train=refs["fid_train"][0],
+                                       ref_eval=refs["fid_eval"][0], is_splits=min(10, len(images)))
+      rows = []
+      for m in wanted:
+        value, std = result["is"] if m == "is" else (result[m], None)
+        rows.append({"step": step, "metric": m, "value": float(value), "std": None if std is None else float(std),
+                     "num_samples": self.num_samples, "extractor": self.extractor.name,
+                     "reference": refs["fid_eval" if m == "fid_eval" else "fid_train"][1],
+                     "guidance": w, "seed": self.seed, "sampler_steps": self.sampler_steps,
+                     "noise_param": self.noise_param, "time": time.time()})
+      # One append per guidance scale: a kill leaves either all of these rows or a torn line.
+      storage.append_lines(results_path(self.run_dir), [json.dumps(r) for r in rows])
+      if writer is not None:
+        writer.write_scalars(step, {f"eval/{r['metric']}_w{w:g}": r["value"] for r in rows})
+        writer.flush()
+      written += rows
+      shutil.rmtree(cache, ignore_errors=True)
+    return written
 
 
 def _local_cache_root(run_dir: str) -> str:
@@ -136,10 +170,15 @@ OPTIONS = [
     cli.Option("noise_param", 0.2, "interpolation between posterior and upper variance (appendix A)", parse=float),
     cli.Option("seed", 0, "sampling seed (noise and class labels)", parse=int),
     cli.Option("extractor", "auto", "Inception source: auto, clean-fid, fid-helper or a path to TorchScript weights"),
-    cli.Option("once", False, "evaluate the newest checkpoint once and exit", parse=cli.parse_bool),
+    cli.Option("ref_train", None, "FID train reference .npz with mu and sigma (default: the run's train split)"),
+    cli.Option("ref_eval", None, "FID eval reference .npz with mu and sigma (default: the run's eval split)"),
+    cli.Option("max_reference_images", None, "use only this many images of each split for reference statistics",
+               parse=int),
+    cli.Option("once", False, "evaluate one checkpoint (the newest, or step=) and exit", parse=cli.parse_bool),
     cli.Option("step", None, "with once=true: the checkpoint step to evaluate (default: newest)", parse=int),
     cli.Option("poll_seconds", 60, "how often to look for new checkpoints", parse=float),
-    cli.Option("stop_after_step", None, "exit after evaluating this step (e.g. the run's last)", parse=int),
+    cli.Option("stop_after_step", None, "exit once this step (e.g. the run's last) is evaluated", parse=int),
+    cli.Option("distributed", False, "call jax.distributed.initialize() (multi-host sampling)", parse=cli.parse_bool),
 ]
 
 
@@ -152,11 +191,16 @@ def main(argv: Sequence[str]) -> int:
     raise UserError("give workdir=<run directory>")
   if not storage.exists(storage.join(run_dir, "config.gin")):
     raise UserError(f"{run_dir} is not a run directory (no config.gin); start training with core.train first")
+  if opts["distributed"]:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize()
   from core import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from core.metrics import MetricWriter  # pylint: disable=import-outside-toplevel
-  kw = dict(guidances=opts["guidance"], num_samples=opts["num_samples"], batch_size=opts["batch_size"],
-            sampler_steps=opts["sampler_steps"], noise_param=opts["noise_param"], seed=opts["seed"],
-            extractor_source=opts["extractor"])
+  evaluator = Evaluator(run_dir, guidances=opts["guidance"], num_samples=opts["num_samples"],
+                        batch_size=opts["batch_size"], sampler_steps=opts["sampler_steps"],
+                        noise_param=opts["noise_param"], seed=opts["seed"], extractor_source=opts["extractor"],
+                        ref_train=opts["ref_train"], ref_eval=opts["ref_eval"],
+                        max_reference_images=opts["max_reference_images"])
   checkpointer = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
   writer = MetricWriter(storage.join(run_dir, "eval"), jsonl=False)
   try:
@@ -167,17 +211,17 @@ def main(argv: Sequence[str]) -> int:
         raise UserError(f"no complete checkpoint in {checkpointer.directory} yet")
       if step not in steps:
         raise UserError(f"checkpoint step {step} does not exist in {checkpointer.directory}; available: {steps}")
-      for r in evaluate_checkpoint(run_dir, step, writer=writer, **kw):
+      for r in evaluator.evaluate(step, writer):
         print(json.dumps(r), flush=True)
       return 0
     while True:
-      done_steps = {int(r["step"]) for r in read_results(run_dir)}
-      todo = [s for s in checkpointer.all_steps() if s not in done_steps]
-      for step in sorted(todo, reverse=True)[:1]:
-        for r in evaluate_checkpoint(run_dir, step, writer=writer, **kw):
+      # Newest first: a worker that fell behind reports the current state of the run first.
+      todo = [s for s in reversed(checkpointer.all_steps()) if evaluator.missing(s)]
+      if todo:
+        for r in evaluator.evaluate(todo[0], writer):
           print(json.dumps(r), flush=True)
       last = opts["stop_after_step"]
-      if last is not None and last in {int(r["step"]) for r in read_results(run_dir)}:
+      if last is not None and last in checkpointer.all_steps() and not evaluator.missing(last):
         return 0
       if not todo:
         time.sleep(opts["poll_seconds"])

@@ -77,8 +77,8 @@ def format_text(planned: list[dict[str, Any]]) -> str:
     lines.append(f"{p['run_name']}  ({p['scale']}, {p['resolution']}x{p['resolution']})")
     for r in p["rows"]:
       lines.append(f"    {r}")
-    lines.append(f"    params {p['params'] / 1e6:,.1f}M  forward {p['gflops_per_image']:,.1f} GFLOP/image  "
-                 f"batch {p['batch_size']}  steps {p['steps']:,}  ~{p['estimated_hours']:,.1f} accelerator-hours "
+    lines.append(f"    params {p['params'] / 1e6:,.1f}M  forward {p['gflops_per_image']:,.3g} GFLOP/image  "
+                 f"batch {p['batch_size']}  steps {p['steps']:,}  ~{p['estimated_hours']:,.3g} accelerator-hours "
                  f"({p['estimate_basis']})")
   total = sum(p["estimated_hours"] for p in planned)
   lines.append(f"{len(planned)} job(s), about {total:,.1f} accelerator-hours in total")

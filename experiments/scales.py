@@ -34,13 +34,25 @@ def _fmt(v) -> str:
   return repr(v) if not isinstance(v, (list, tuple)) else "[" + ", ".join(repr(x) for x in v) + "]"
 
 
+def layer_bindings(scale: str) -> list[str]:
+  """The fixed part of a scale: the bindings of ``gin/scales/<scale>.gin``, in order."""
+  text = open(config_lib.resolve_gin_file(f"scales/{scale}.gin")).read()
+  lines = [l.split("#", 1)[0].strip() for l in text.splitlines()]
+  return [l for l in lines if l]
+
+
 def scale_bindings(gin_files, bindings, arch: str, resolution: int, scale: str) -> list[str]:
-  """Bindings that turn the paper configuration of a row into the same row at ``scale``."""
+  """Bindings that turn the paper configuration of a row into the same row at ``scale``.
+
+  They come after the row's own bindings, so the scale layer wins over paper-scale values that a
+  row sets (e.g. the 1.5M steps of the 128x128 U-Net).
+  """
   if scale == "paper":
     return []
   f = FACTOR[scale]
-  config_lib.parse(list(gin_files) + [f"scales/{scale}.gin"], list(bindings))
-  out = [f"Train.image_size = {resolution // f}"]
+  layer = layer_bindings(scale)
+  config_lib.parse(list(gin_files), list(bindings) + layer)
+  out = layer + [f"Train.image_size = {resolution // f}", f"model.image_size = {resolution // f}"]
   name = _q("schedule.name", "cosine")
   for key in ("image_d", "noise_d", "noise_d_low", "noise_d_high"):
     v = _q(f"schedule.{key}")
