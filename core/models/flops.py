@@ -1,0 +1,148 @@
+"""Forward FLOPs per image of a UNet / UViT configuration, for model-FLOPs utilisation (MFU).
+
+Counts 2 x multiply-accumulates of every convolution, dense layer and attention matmul (q k^T and
+attention x v); normalisation, activations, the DWT and other elementwise work are not counted
+(the usual MFU convention). A training step costs 3x the forward pass (forward + backward).
+
+``forward_flops`` walks the configuration analytically (no JAX); ``jaxpr_flops`` counts the same
+quantity from a traced jaxpr (dot_general / conv_general_dilated, scan bodies times their
+length), and tests/test_models_flops.py checks the two agree exactly and both agree with XLA's
+cost analysis within 10%.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from core.models.patching import parse_patching
+from core.models.validate import image_hw, validate
+
+
+def _conv(h: int, w: int, k: int, cin: int, cout: int) -> float:
+  return 2.0 * h * w * k * k * cin * cout
+
+
+def _dense(tokens: int, cin: int, cout: int) -> float:
+  return 2.0 * tokens * cin * cout
+
+
+def _attention(tokens: int, c: int, ctx_tokens: int | None = None, ctx_dim: int | None = None
+               ) -> float:
+  s = tokens if ctx_tokens is None else ctx_tokens
+  d = c if ctx_dim is None else ctx_dim
+  proj = _dense(tokens, c, c) * 2 + _dense(s, d, c) * 2        # q, out; k, v
+  return proj + 2.0 * 2.0 * tokens * s * c                      # q k^T and weights @ v
+
+
+def _resblock(h: int, w: int, cin: int, cout: int, emb: int) -> float:
+  f = _conv(h, w, 3, cin, cout) + _conv(h, w, 3, cout, cout) + _dense(1, emb, 2 * cout)
+  if cin != cout:
+    f += _dense(h * w, cin, cout)
+  return f
+
+
+def _mlp(tokens: int, c: int, emb: int, expansion: int = 4) -> float:
+  return _dense(tokens, c, expansion * c) * 2 + _dense(1, emb, 2 * expansion * c)
+
+
+def _transformer_block(tokens: int, c: int, emb: int, text: tuple[int, int] | None) -> float:
+  f = _mlp(tokens, c, emb) + _attention(tokens, c)
+  if text is not None:
+    f += _attention(tokens, c, *text)
+  return f
+
+
+def forward_flops(model: Any, image_size: int | Sequence[int], image_channels: int = 3,
+                  text_len: int = 0, text_dim: int = 0) -> float:
+  """Forward FLOPs for one image (2 x MACs of convs, dense layers and attention matmuls)."""
+  validate(model, image_size, image_channels)
+  is_uvit = hasattr(model, "num_transformer_blocks")
+  hh, ww = image_hw(image_size)
+  p = parse_patching(model.patching_type)
+  e = model.emb_channels
+  widths = [model.base_channels * m for m in model.channel_multiplier]
+  attn = set(int(r) for r in model.attn_resolutions)
+  sizes = [(hh // p.factor // 2 ** i, ww // p.factor // 2 ** i) for i in range(len(widths))]
+  res = [min(s) for s in sizes]
+
+  total = _dense(1, model.base_channels, e) + _dense(1, e, e)      # logSNR MLP
+  text = None
+  if is_uvit and model.text_channels > 0:
+    total += _dense(text_len, text_dim, model.text_channels)
+    text = (text_len, model.text_channels)
+
+  h0, w0 = sizes[0]
+  if p.kind == "conv":
+    total += _conv(h0, w0, p.size, image_channels, widths[0])       # k x k, stride k
+    total += _conv(h0, w0, p.size, widths[0], image_channels)       # transposed, same shape
+  else:
+    total += _conv(h0, w0, 3, p.channels(image_channels), widths[0])
+    total += _conv(h0, w0, 3, widths[0], p.channels(image_channels))
+
+  def level_block(i: int) -> float:
+    h, w = sizes[i]
+    if res[i] in attn:
+      if is_uvit:
+        return _transformer_block(h * w, widths[i], e, text)
+      return _resblock(h, w, widths[i], widths[i], e) + _attention(h * w, widths[i])
+    return _resblock(h, w, widths[i], widths[i], e)
+
+  blocks = list(model.num_res_blocks)
+  levels = len(blocks)
+  for i in range(levels):
+    up_blocks = blocks[i] if is_uvit else blocks[i] + 1
+    total += (blocks[i] + up_blocks) * level_block(i)
+    if is_uvit or i < levels - 1:   # down- and upsampling between level i and i + 1
+      (h, w), (h2, w2) = sizes[i], sizes[i + 1]
+      total += _conv(h2, w2, 3, widths[i], widths[i + 1])           # avg-pool, conv
+      total += _conv(h, w, 3, widths[i + 1], widths[i])             # nearest x2, conv
+  if is_uvit:
+    th, tw = sizes[-1]
+    total += model.num_transformer_blocks * _transformer_block(th * tw, widths[-1], e, text)
+  return float(total)
+
+
+def train_flops(model: Any, image_size: int | Sequence[int], **kw) -> float:
+  """FLOPs of one training step per image: 3 x forward (forward + backward)."""
+  return 3.0 * forward_flops(model, image_size, **kw)
+
+
+def jaxpr_flops(fn: Callable[..., Any], *args, **kwargs) -> float:
+  """Counts dot_general / conv FLOPs (2 x MACs) in the jaxpr of fn(*args), scans x length."""
+  import jax  # local: the analytic counter above needs no JAX
+
+  closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  return _count(closed.jaxpr)
+
+
+def _count(jaxpr: Any) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lc, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      k = int(np.prod([lhs[d] for d in lc])) if lc else 1
+      total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * k
+    elif name == "conv_general_dilated":
+      dn = eqn.params["dimension_numbers"]
+      rhs = eqn.invars[1].aval.shape
+      kernel_spatial = float(np.prod([rhs[d] for d in dn.rhs_spec[2:]]))
+      cin = rhs[dn.rhs_spec[1]]
+      out = float(np.prod(eqn.outvars[0].aval.shape))
+      dil = float(np.prod(eqn.params.get("lhs_dilation") or (1,)))
+      # A transposed conv (lhs dilation d, kernel d) touches one non-zero input per d^2 taps.
+      total += 2.0 * out * kernel_spatial * cin / dil
+    sub = 0.0
+    for v in eqn.params.values():
+      for j in (v if isinstance(v, (list, tuple)) else [v]):
+        inner = getattr(j, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+          sub = max(sub, _count(inner)) if name == "cond" else sub + _count(inner)
+        elif hasattr(j, "eqns"):
+          sub += _count(j)
+    if name == "scan":
+      sub *= eqn.params["length"]
+    total += sub
+  return total

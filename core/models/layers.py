@@ -1,0 +1,121 @@
+"""Convolutional building blocks: the ResBlock of appendix B.2.1 and the resampling layers.
+
+Written in flax linen: parameters, optimizer state and EMA are plain pytrees that jit, shard and
+checkpoint directly, and nn.scan / nn.remat stack and rematerialise blocks. Parameters are always
+float32; ``dtype`` sets the compute dtype (bfloat16 for speed). Normalisation statistics are
+computed in float32 by flax whatever the compute dtype.
+
+Choices where the paper is silent (stated here, pinned by tests/test_models.py):
+* NormalizeWithBias in a ResBlock is GroupNorm with learned scale and bias and gcd(C, 32) groups.
+* Dropout sits after the second swish, before the zero-initialised output convolution (the
+  pseudo-code of B.2.1 omits it; this is where DDPM / ADM put it). Whether a block uses dropout is
+  decided by its resolution: :func:`dropout_rate` (Sec. 3.4, Table 3).
+* Downsample = 2x2 average pooling followed by a 3x3 convolution to the next level's channels
+  ("downsampling ... in our case with average pooling", Sec. 3.1); Upsample = nearest-neighbour 2x
+  followed by a 3x3 convolution.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from core.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: Any) -> Any:
+  """'float32' | 'bfloat16' | 'float16' (or a numpy dtype) -> jnp dtype; UserError otherwise."""
+  if not isinstance(name, str):
+    name = jnp.dtype(name).name
+  if name not in DTYPES:
+    raise UserError(f"dtype={name!r} is not supported; use one of {', '.join(DTYPES)}")
+  return DTYPES[name]
+
+
+def num_groups(channels: int) -> int:
+  """GroupNorm groups for ``channels``: gcd(channels, 32) (32 groups for the paper's widths)."""
+  return math.gcd(channels, 32)
+
+
+def dropout_rate(resolution: int, dropout: float, dropout_from_resolution: int | None) -> float:
+  """Dropout of a module at ``resolution``: ``dropout`` iff resolution <= dropout_from_resolution.
+
+  Sec. 3.4 / 5.1: "if the starting resolution is 32, then dropout is applied to modules operating
+  on resolutions 32x32, 16x16 and 8x8". None means no dropout anywhere.
+  """
+  if dropout_from_resolution is None or dropout <= 0.0:
+    return 0.0
+  return float(dropout) if resolution <= dropout_from_resolution else 0.0
+
+
+def group_norm(channels: int, dtype: Any, name: str | None = None) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-5, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def conv3x3(features: int, dtype: Any, zero: bool = False, name: str | None = None) -> nn.Conv:
+  kw = {"kernel_init": nn.initializers.zeros} if zero else {}
+  return nn.Conv(features, (3, 3), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
+                 name=name, **kw)
+
+
+class ResBlock(nn.Module):
+  """Residual block of appendix B.2.1 with scale/shift conditioning on ``emb``.
+
+  h = GN(x); [skip: h = (h + GN(skip)) / sqrt(2)]; swish; conv3x3; GN(h) * (1 + scale) + shift
+  with (scale, shift) = Dense(2 out_ch)(emb); swish; dropout; conv3x3 (zero-init);
+  return proj(x) + h, proj a 1x1 conv only when the channel count changes. A fresh block is the
+  identity map (zero-init output conv).
+  """
+  out_ch: int
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, skip: jax.Array | None = None) -> jax.Array:
+    c_in = x.shape[-1]
+    h = group_norm(c_in, self.dtype, name="norm_in")(x)
+    if skip is not None:
+      s = group_norm(skip.shape[-1], self.dtype, name="norm_skip")(skip)
+      h = (h + s) / math.sqrt(2.0)
+    h = nn.swish(h)
+    h = conv3x3(self.out_ch, self.dtype, name="conv_in")(h)
+    emb_out = nn.Dense(2 * self.out_ch, dtype=self.dtype, param_dtype=jnp.float32,
+                       name="emb_proj")(emb)[:, None, None, :]
+    scale, shift = jnp.split(emb_out, 2, axis=-1)
+    h = group_norm(self.out_ch, self.dtype, name="norm_out")(h) * (1.0 + scale) + shift
+    h = nn.swish(h)
+    if self.dropout > 0.0:
+      h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+    h = conv3x3(self.out_ch, self.dtype, zero=True, name="conv_out")(h)
+    if c_in != self.out_ch:
+      x = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32, name="skip_proj")(x)
+    return x + h
+
+
+class Downsample(nn.Module):
+  """2x2 average pooling, then a 3x3 conv to ``out_ch`` (the pseudo-code's downsample(h, ch))."""
+  out_ch: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    return conv3x3(self.out_ch, self.dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour 2x upsampling, then a 3x3 conv to ``out_ch``."""
+  out_ch: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return conv3x3(self.out_ch, self.dtype, name="conv")(x)

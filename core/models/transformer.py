@@ -1,0 +1,191 @@
+"""Transformer blocks of the U-ViT (appendix B.2.1): MLP block, self- and cross-attention, scan.
+
+Written in flax linen (parameters are plain pytrees; nn.scan stacks the 36 blocks of the paper's
+U-ViT into one compiled loop body, nn.remat trades their activations for recomputation).
+
+Following the pseudo-code of B.2.1:
+* mlp_block: h = Dense(4C)(Normalize(x)); h = swish(h) * (1 + scale) + shift, (scale, shift) from
+  a Dense of the conditioning embedding; dropout (transformer_dropout); Dense(C) zero-initialised.
+* self_attention: q, k, v = DenseGeneral(Normalize(x), (heads, head_dim)); q and k go through
+  NormalizeWithBias (LayerNorm with bias over head_dim); softmax(q k^T * head_dim^-0.5) v; output
+  DenseGeneral over (heads, head_dim) -> C, zero-initialised.
+* transformer_block: x += mlp_block(x); x += self_attention(x) — MLP first (NOTES.md item 4).
+"Normalize" (no "WithBias") is read as LayerNorm with a learned scale and no bias.
+
+Text conditioning (Sec. 3.6 / 5.2: "cross-attention in the transformer that operates on T5 XXL
+text embeddings"): when the model has text_channels > 0, every transformer block ends with
+x += cross_attention(x, text), a block like self_attention whose keys and values come from the
+text sequence (projected once per model to text_channels, see uvit.py). Mask-free: padding tokens
+of the text sequence are attended like any other (zero embeddings after the shared projection's
+LayerNorm and bias; the simple version).
+
+Attention is computed by jax.nn.dot_product_attention: on GPU with 16-bit inputs and head_dim
+<= 128 the fused cuDNN (flash) kernel, otherwise XLA's implementation (attention_impl='auto').
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from core.errors import UserError
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def _dense(features, dtype, name=None, zero=False, axis=-1):
+  kw = {"kernel_init": nn.initializers.zeros} if zero else {}
+  return nn.DenseGeneral(features, axis=axis, dtype=dtype, param_dtype=jnp.float32, name=name,
+                         **kw)
+
+
+def normalize(dtype, name=None) -> nn.LayerNorm:
+  """The pseudo-code's Normalize: LayerNorm with learned scale, no bias."""
+  return nn.LayerNorm(use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def normalize_with_bias(dtype, name=None) -> nn.LayerNorm:
+  """The pseudo-code's NormalizeWithBias for q and k: LayerNorm with scale and bias."""
+  return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                          implementation: str = "auto") -> jax.Array:
+  """softmax(q k^T * scale) v on [B, T, heads, head_dim] via jax.nn.dot_product_attention."""
+  if implementation not in ATTENTION_IMPLS:
+    raise UserError(f"attention_impl={implementation!r} is unknown; use one of "
+                    f"{', '.join(ATTENTION_IMPLS)}")
+  impl = implementation
+  if impl == "auto":
+    fused_ok = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+                and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+    impl = "cudnn" if fused_ok else "xla"
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with normalised q, k (B.2.1); self-attention when ``context`` is None."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.num_heads:
+      raise UserError(f"num_heads={self.num_heads} does not divide the {c} channels of an "
+                      "attention layer; choose num_heads dividing every attention width")
+    head_dim = c // self.num_heads
+    x_norm = normalize(self.dtype, name="norm")(x)
+    kv_in = x_norm if context is None else context
+    shape = (self.num_heads, head_dim)
+    q = _dense(shape, self.dtype, name="query")(x_norm)
+    k = _dense(shape, self.dtype, name="key")(kv_in)
+    v = _dense(shape, self.dtype, name="value")(kv_in)
+    q = normalize_with_bias(self.dtype, name="norm_q")(q)
+    k = normalize_with_bias(self.dtype, name="norm_k")(k)
+    out = dot_product_attention(q, k, v, head_dim ** -0.5, self.attention_impl)
+    return _dense(c, self.dtype, name="out", zero=True, axis=(-2, -1))(out)
+
+
+class MLPBlock(nn.Module):
+  """The pseudo-code's mlp_block, with an optional U-Net skip input (normalised, averaged)."""
+  expansion: int = 4
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, skip: jax.Array | None = None) -> jax.Array:
+    c = x.shape[-1]
+    h = normalize(self.dtype, name="norm")(x)
+    if skip is not None:
+      h = (h + normalize(self.dtype, name="norm_skip")(skip)) / math.sqrt(2.0)
+    h = _dense(self.expansion * c, self.dtype, name="dense_in")(h)
+    mod = _dense(2 * self.expansion * c, self.dtype, name="emb_proj")(emb)[:, None, :]
+    scale, shift = jnp.split(mod, 2, axis=-1)
+    h = nn.swish(h) * (1.0 + scale) + shift
+    if self.dropout > 0.0:
+      h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+    return _dense(c, self.dtype, name="dense_out", zero=True)(h)
+
+
+class TransformerBlock(nn.Module):
+  """x += mlp_block(x, emb); x += self_attention(x); [x += cross_attention(x, text)] (B.2.1)."""
+  num_heads: int
+  dropout: float = 0.0
+  cross_attention: bool = False
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+  attention_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, text: jax.Array | None = None,
+               skip: jax.Array | None = None) -> jax.Array:
+    x = x + MLPBlock(dropout=self.dropout, deterministic=self.deterministic, dtype=self.dtype,
+                     name="mlp")(x, emb, skip)
+    x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="self_attn")(x)
+    if self.cross_attention:
+      if text is None:
+        raise UserError("this model has text cross-attention (text_channels > 0) but was called "
+                        "without text_emb; pass text_emb=[B, T, D] or set text_channels=0")
+      x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="cross_attn")(
+          x, text)
+    return x
+
+
+class _ScanBody(nn.Module):
+  """(carry, broadcast inputs) -> (carry, None) wrapper so nn.scan can stack TransformerBlocks."""
+  num_heads: int
+  dropout: float = 0.0
+  cross_attention: bool = False
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+  attention_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, emb, text):
+    block = TransformerBlock(self.num_heads, self.dropout, self.cross_attention,
+                             self.deterministic, self.dtype, self.attention_impl, name="block")
+    return block(x, emb, text), None
+
+
+class TransformerStack(nn.Module):
+  """num_blocks TransformerBlocks, residual connections only (B.2: no skips in the middle).
+
+  scan=True: one nn.scan over blocks, parameters stacked on a leading axis of size num_blocks
+  (params['blocks']['block'][...] with shape [num_blocks, ...]); compile time does not grow with
+  depth. scan=False: an unrolled loop, params['block_<i>']. remat=True wraps each block in
+  nn.remat (activations recomputed in the backward pass).
+  """
+  num_blocks: int
+  num_heads: int
+  dropout: float = 0.0
+  cross_attention: bool = False
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+  attention_impl: str = "auto"
+  scan: bool = True
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, text: jax.Array | None = None) -> jax.Array:
+    kw = dict(num_heads=self.num_heads, dropout=self.dropout,
+              cross_attention=self.cross_attention, deterministic=self.deterministic,
+              dtype=self.dtype, attention_impl=self.attention_impl)
+    if self.num_blocks == 0:
+      return x
+    if self.scan:
+      body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
+      stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                      "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=self.num_blocks)
+      x, _ = stack(name="blocks", **kw)(x, emb, text)
+      return x
+    block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+    for i in range(self.num_blocks):
+      x = block_cls(name=f"block_{i}", **kw)(x, emb, text)
+    return x

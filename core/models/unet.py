@@ -1,0 +1,116 @@
+"""The U-Net of simple diffusion (Sec. 3.3-3.4, appendix B.1), in flax linen.
+
+Linen because parameters, optimizer state and EMA are plain pytrees that jit, shard and
+checkpoint directly, and nn.remat rematerialises blocks.
+
+Layout (choices where B.1 is silent are marked *, pinned by tests/test_models.py):
+* PatchIn ('none' | 'dwt_L' | 'conv_k') to base_channels * channel_multiplier[0].
+* Level i (resolution r_i = d / patch / 2^i, channels ch_i = base_channels * channel_multiplier[i]):
+  down path: the level's input is kept as a skip*, then num_res_blocks[i] ResBlocks (each
+  followed by self-attention if r_i is in attn_resolutions), each output kept as a skip; then
+  Downsample to ch_{i+1} (not after the last level). So a level yields a+1 skips, all with ch_i
+  channels, and the up path runs a+1 blocks ("a + (a+1)" blocks, Sec. 5.1 / Table 4).
+* Up path, bottom level first: Upsample to ch_i (not at the bottom level), then
+  num_res_blocks[i] + 1 ResBlocks each merging a popped skip as in B.2.1 ((GN(h) + GN(skip)) /
+  sqrt 2, additive, not concatenation*), each followed by attention at attention levels.
+  There is no separate middle block*: the bottom level's a down and a+1 up blocks play that role.
+* PatchOut: GroupNorm, swish, zero-init conv (transposed conv for conv patching), inverse DWT.
+Dropout: ResBlocks at resolutions <= dropout_from_resolution use ``dropout`` (Sec. 3.4).
+Returns the v prediction in float32 (compute in ``dtype``, parameters in float32).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from core.errors import UserError
+from core.models.conditioning import Conditioning
+from core.models.layers import Downsample, ResBlock, Upsample, compute_dtype, dropout_rate
+from core.models.patching import PatchIn, PatchOut
+from core.models.transformer import Attention
+from core.models.validate import level_resolutions, validate
+
+
+class SpatialAttention(nn.Module):
+  """x + Attention(x) on the flattened H*W tokens of a feature map (U-Net attention layers)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    t = x.reshape(b, h * w, c)
+    t = t + Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(t)
+    return t.reshape(b, h, w, c)
+
+
+@gin.configurable("UNet")
+class UNet(nn.Module):
+  """Class-conditional U-Net (B.1). Call: (z, logsnr, label=None, text_emb=None, train=False)."""
+  base_channels: int = 128
+  emb_channels: int = 1024
+  channel_multiplier: Sequence[int] = (1, 2, 4, 8, 8)
+  num_res_blocks: Sequence[int] = (3, 4, 4, 12, 4)
+  attn_resolutions: Sequence[int] = (8, 16)
+  num_heads: int = 4
+  dropout: float = 0.1
+  dropout_from_resolution: int | None = 16
+  patching_type: str = "none"
+  num_classes: int = 0
+  logsnr_input_type: str = "sinusoidal"
+  logsnr_range: Sequence[float] = (-15.0, 15.0)
+  dtype: str = "float32"
+  remat: bool = False
+  attention_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, z: jax.Array, logsnr: jax.Array, label: jax.Array | None = None,
+               text_emb: jax.Array | None = None, train: bool = False) -> jax.Array:
+    if z.ndim != 4:
+      raise UserError(f"UNet input must be NHWC [B, H, W, C], got shape {z.shape}")
+    if text_emb is not None:
+      raise UserError("the UNet has no text cross-attention; use model.arch='uvit' with "
+                      "UViT.text_channels > 0 for text-to-image")
+    validate(self, z.shape[1:3], z.shape[-1])
+    dt = compute_dtype(self.dtype)
+    b = z.shape[0]
+    res = level_resolutions(self, z.shape[1:3])
+    widths = [self.base_channels * m for m in self.channel_multiplier]
+    attn = set(int(r) for r in self.attn_resolutions)
+    det = not train
+    block_cls = nn.remat(ResBlock) if self.remat else ResBlock
+    attn_cls = nn.remat(SpatialAttention) if self.remat else SpatialAttention
+
+    cond = Conditioning(self.emb_channels, self.base_channels, self.logsnr_input_type,
+                        tuple(self.logsnr_range), self.num_classes, dt, name="cond")
+    emb = cond(logsnr, label, b)
+    h = PatchIn(self.patching_type, widths[0], dt, name="patch_in")(z.astype(dt))
+
+    def block(i, name, h, skip=None):
+      rate = dropout_rate(res[i], self.dropout, self.dropout_from_resolution)
+      h = block_cls(widths[i], rate, det, dt, name=name)(h, emb, skip)
+      if res[i] in attn:
+        h = attn_cls(self.num_heads, dt, self.attention_impl, name=name + "_attn")(h)
+      return h
+
+    n = len(widths)
+    hs = []
+    for i in range(n):
+      hs.append(h)
+      for j in range(self.num_res_blocks[i]):
+        h = block(i, f"down{i}_block{j}", h)
+        hs.append(h)
+      if i < n - 1:
+        h = Downsample(widths[i + 1], dt, name=f"down{i}_resample")(h)
+    for i in reversed(range(n)):
+      if i < n - 1:
+        h = Upsample(widths[i], dt, name=f"up{i}_resample")(h)
+      for j in range(self.num_res_blocks[i] + 1):
+        h = block(i, f"up{i}_block{j}", h, skip=hs.pop())
+    assert not hs
+    return PatchOut(self.patching_type, z.shape[-1], dt, name="patch_out")(h)
