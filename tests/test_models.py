@@ -1,10 +1,7 @@
 """Blocks, U-Net and U-ViT behaviour: zero-init identities, dropout placement, scan, dtypes."""
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
 
 import flax.linen as nn  # noqa: E402
 import gin  # noqa: E402

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
 
 import gin  # noqa: E402
 import jax  # noqa: E402

@@ -1,10 +1,7 @@
 """5/3 DWT against PyWavelets 'bior2.2' and the JPEG2000 lifting steps; exact inverse; layout."""
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
