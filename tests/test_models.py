@@ -1,21 +1,19 @@
 """Blocks, U-Net and U-ViT behaviour: zero-init identities, dropout placement, scan, dtypes."""
 from __future__ import annotations
 
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-
-import flax.linen as nn  # noqa: E402
-import gin  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from core.errors import UserError  # noqa: E402
-from core.models import UNet, UViT  # noqa: E402
-from core.models.conditioning import (  # noqa: E402
+from core.errors import UserError
+from core.models import UNet, UViT
+from core.models.conditioning import (
     Conditioning, logsnr_features, sinusoidal_features)
-from core.models.layers import ResBlock, dropout_rate  # noqa: E402
-from core.models.transformer import MLPBlock, TransformerBlock  # noqa: E402
+from core.models.layers import ResBlock, dropout_rate
+from core.models.transformer import MLPBlock, TransformerBlock
 
 @pytest.fixture(autouse=True)
 def _no_gin_bindings():

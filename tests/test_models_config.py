@@ -4,18 +4,17 @@ from __future__ import annotations
 import glob
 import os
 
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-import gin  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from core.errors import UserError  # noqa: E402
-from core.models import make_model, model_image_size  # noqa: E402
-from core.models import summary  # noqa: E402
-from core.models.patching import parse_patching  # noqa: E402
-from tests.test_models import random_params  # noqa: E402
+from core.errors import UserError
+from core.models import make_model, model_image_size
+from core.models import summary
+from core.models.patching import parse_patching
+from tests.test_models import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = sorted(glob.glob(os.path.join(ROOT, "gin", "models", "*.gin")))

@@ -4,16 +4,15 @@ from __future__ import annotations
 import json
 import os
 
+import gin
+import jax
+import jax.numpy as jnp
+import pytest
 
-import gin  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import pytest  # noqa: E402
-
-from core import benchmark  # noqa: E402
-from core.models import UNet, UViT, make_model, model_image_size  # noqa: E402
-from core.models.flops import forward_flops, jaxpr_flops, train_flops  # noqa: E402
-from core.models.summary import example_inputs, param_shapes  # noqa: E402
+from core import benchmark
+from core.models import UNet, UViT, make_model, model_image_size
+from core.models.flops import forward_flops, jaxpr_flops, train_flops
+from core.models.summary import example_inputs, param_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One per distinct structure: U-Net none / dwt / conv patching, U-ViT dwt, U-ViT text + 32x32

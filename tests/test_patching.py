@@ -1,17 +1,15 @@
 """5/3 DWT against PyWavelets 'bior2.2' and the JPEG2000 lifting steps; exact inverse; layout."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import pywt
 
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import pywt  # noqa: E402
-
-from core.errors import UserError  # noqa: E402
-from core.models import patching  # noqa: E402
-from core.models.patching import (  # noqa: E402
+from core.errors import UserError
+from core.models import patching
+from core.models.patching import (
     PatchIn, PatchOut, depth_to_space, lift53, parse_patching, space_to_depth)
 
 # Jitted once per shape: op-by-op dispatch of the lifting steps is slow on a shared CPU.
