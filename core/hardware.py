@@ -11,11 +11,15 @@ PEAK_BF16 = {
 }
 
 
-def peak_flops_per_second(device=None) -> float | None:
-  """The device's peak (None for CPUs and unknown devices: MFU is then not reported)."""
-  device = device or jax.devices()[0]
-  kind = getattr(device, "device_kind", "")
-  for name in sorted(PEAK_BF16, key=len, reverse=True):
-    if name.lower() in kind.lower():
+def peak_flops(device_kind: str) -> float | None:
+  """Peak for a ``Device.device_kind`` string (None for CPUs and unknown devices)."""
+  for name in sorted(PEAK_BF16, key=len, reverse=True):  # 'TPU v5 lite' before 'TPU v5'
+    if name.lower() in device_kind.lower():
       return PEAK_BF16[name]
   return None
+
+
+def peak_flops_per_second(device=None) -> float | None:
+  """The peak of ``device`` (default: the first device); None means MFU is not reported."""
+  device = device or jax.devices()[0]
+  return peak_flops(getattr(device, "device_kind", ""))

@@ -71,6 +71,8 @@ class TrainConfig:
   num_sample_images: int = 16
   sample_steps: int = 64
   max_nonfinite_in_a_row: int = 20
+  text_len: int = 128                 # text-to-image: tokens and width of the text embeddings
+  text_dim: int = 4096                # (T5-XXL, section 3.6)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -94,7 +96,9 @@ def learning_rate_at(cfg: TrainConfig, step: int) -> float:
 def init_state(model, tx, cfg: TrainConfig, rng: jax.Array, num_classes: int) -> dict[str, Any]:
   x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
   label = jnp.zeros((1,), jnp.int32) if num_classes else None
-  params = model.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), label=label, train=False)["params"]
+  text = jnp.zeros((1, cfg.text_len, cfg.text_dim), jnp.float32) if getattr(model, "text_channels", 0) else None
+  params = model.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), label=label, text_emb=text,
+                      train=False)["params"]
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
@@ -111,20 +115,25 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
   step_rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
   loss_rng, drop_rng, cond_rng = jax.random.split(step_rng, 3)
   x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+  # Classifier-free guidance: drop the conditioning of cond_drop_prob of the examples (appendix A);
+  # a dropped class is the null class num_classes, a dropped text embedding is all zeros.
+  drop = jax.random.bernoulli(cond_rng, cfg.cond_drop_prob, (x.shape[0],))
   label = None
   if num_classes:
-    label = batch["label"].astype(jnp.int32)
-    drop = jax.random.bernoulli(cond_rng, cfg.cond_drop_prob, label.shape)
-    label = jnp.where(drop, num_classes, label)
+    label = jnp.where(drop, num_classes, batch["label"].astype(jnp.int32))
+  text_emb = None
+  if "text_emb" in batch:
+    text_emb = jnp.where(drop[:, None, None], 0.0, batch["text_emb"].astype(jnp.float32))
 
   def loss_fn(params):
     def v_fn(z, logsnr):
-      return model.apply({"params": params}, z, logsnr, label=label, train=True, rngs={"dropout": drop_rng})
+      return model.apply({"params": params}, z, logsnr, label=label, text_emb=text_emb, train=True,
+                         rngs={"dropout": drop_rng})
     # The loss type (eps-MSE, v-MSE, multiscale) is gin-configured on diffusion_loss.
     return diffusion.diffusion_loss(v_fn, x, loss_rng, logsnr_fn=logsnr_fn)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -350,8 +359,11 @@ def _write_row(step: int, m: dict[str, jax.Array], writer, cfg: TrainConfig, ext
   return row
 
 
-def time_train_steps(model, logsnr_fn, cfg: TrainConfig, *, steps: int = 10, warmup: int = 2) -> float:
-  """Steps per second of the real training step on random data (Tables 4 and 5, benchmarks)."""
+def time_train_steps(model, logsnr_fn, cfg: TrainConfig, *, steps: int = 10, warmup: int = 2) -> dict[str, float]:
+  """Times the real training step on random data (Tables 4 and 5, core.benchmark).
+
+  Returns steps_per_sec, compile_s (first call) and the last loss.
+  """
   mesh = shd.make_mesh()
   shd.check_batch_size(mesh, cfg.batch_size)
   num_classes = int(getattr(model, "num_classes", 0) or 0)
@@ -364,10 +376,16 @@ def time_train_steps(model, logsnr_fn, cfg: TrainConfig, *, steps: int = 10, war
       in_shardings=(state_sharding, shd.batch_sharding(mesh)), out_shardings=(state_sharding, shd.replicated(mesh)),
       donate_argnums=(0,))
   rng = np.random.default_rng(0)
-  d = cfg.image_size
-  batch = shd.global_batch(mesh, {
-      "image": rng.integers(0, 256, (cfg.batch_size // jax.process_count(), d, d, 3), dtype=np.uint8),
-      "label": rng.integers(0, max(num_classes, 1), (cfg.batch_size // jax.process_count(),), dtype=np.int32)})
+  d, local = cfg.image_size, cfg.batch_size // jax.process_count()
+  batch = {"image": rng.integers(0, 256, (local, d, d, 3), dtype=np.uint8),
+           "label": rng.integers(0, max(num_classes, 1), (local,), dtype=np.int32)}
+  if getattr(model, "text_channels", 0):
+    batch["text_emb"] = rng.standard_normal((local, cfg.text_len, cfg.text_dim), dtype=np.float32)
+  batch = shd.global_batch(mesh, batch)
+  start = time.perf_counter()
+  state, m = step_fn(state, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - start
   for _ in range(warmup):
     state, m = step_fn(state, batch)
   jax.block_until_ready(m)
@@ -375,25 +393,5 @@ def time_train_steps(model, logsnr_fn, cfg: TrainConfig, *, steps: int = 10, war
   for _ in range(steps):
     state, m = step_fn(state, batch)
   jax.block_until_ready((state, m))
-  return steps / (time.perf_counter() - start)
-
-
-def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
-  """Sample grids from the EMA parameters for TensorBoard (fixed seed and labels)."""
-  from core import sampling  # pylint: disable=import-outside-toplevel
-  from core.metrics import image_grid  # pylint: disable=import-outside-toplevel
-  n = cfg.num_sample_images
-  labels = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
-  shape = (n, cfg.image_size, cfg.image_size, 3)
-
-  @jax.jit
-  def run(params, rng):
-    v_fn = lambda z, logsnr: model.apply({"params": params}, z, logsnr, label=labels, train=False)
-    return sampling.ddpm_sample(v_fn, rng, shape, logsnr_fn=logsnr_fn, num_steps=cfg.sample_steps)
-
-  def sample(params, step):
-    x = run(params, jax.random.key(cfg.seed + 1))
-    img = np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
-    return image_grid(img, ncols=int(np.ceil(np.sqrt(n))))
-
-  return sample
+  return {"steps_per_sec": steps / (time.perf_counter() - start), "compile_s": compile_s,
+          "loss": float(m["loss"])}

@@ -29,7 +29,7 @@ def measure(entries, scale: str, workdir: str, *, steps: int = 10, warmup: int =
     model, cfg = plan._build(job, scale)  # pylint: disable=protected-access
     import gin  # pylint: disable=import-outside-toplevel
     logsnr_fn = gin.query_parameter("train.logsnr_fn").scoped_configurable_fn()
-    sps = train_lib.time_train_steps(model, logsnr_fn, cfg, steps=steps, warmup=warmup)
+    sps = train_lib.time_train_steps(model, logsnr_fn, cfg, steps=steps, warmup=warmup)["steps_per_sec"]
     for e in job.entries:
       row = {"table": e.table, "group": e.group, "row": e.row, "steps_per_sec": sps,
              "img_per_sec": sps * cfg.batch_size, "batch_size": cfg.batch_size, "scale": scale,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from core import benchmark
+from core import hardware
 from core.models import UNet, UViT, make_model, model_image_size
 from core.models.flops import forward_flops, jaxpr_flops, train_flops
 from core.models.summary import example_inputs, param_shapes
@@ -76,13 +77,13 @@ def test_analytic_flops_within_10_percent_of_xla_cost_analysis(model):
 
 
 def test_peak_table():
-  assert benchmark.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-  assert benchmark.peak_flops("NVIDIA H200") == 989e12
-  assert benchmark.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
-  assert benchmark.peak_flops("TPU v4", "tpu") == 275e12
-  assert benchmark.peak_flops("TPU v5 lite", "tpu") == 197e12
-  assert benchmark.peak_flops("TPU v5p", "tpu") == 459e12
-  assert benchmark.peak_flops("cpu", "cpu") is None
+  assert hardware.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert hardware.peak_flops("NVIDIA H200") == 989e12
+  assert hardware.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+  assert hardware.peak_flops("TPU v4") == 275e12
+  assert hardware.peak_flops("TPU v5 lite") == 197e12
+  assert hardware.peak_flops("TPU v5p") == 459e12
+  assert hardware.peak_flops("cpu") is None
 
 
 @pytest.mark.slow

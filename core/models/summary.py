@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from core import cli
+from core import config as config_lib
 from core.errors import UserError, run_main
 from core.models.factory import make_model, model_image_size
 from core.models.flops import forward_flops
@@ -101,18 +102,6 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return files, [a for a in argv if a not in files]
 
 
-def load_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-  """Parses gin files and bindings into the global config (UserError on a bad file/binding)."""
-  import os
-  for f in files:
-    if not os.path.exists(f):
-      raise UserError(f"gin file {f!r} does not exist")
-  try:
-    gin.parse_config_files_and_bindings(list(files), list(bindings))
-  except (ValueError, KeyError, TypeError) as e:
-    raise UserError(f"bad gin config: {str(e).splitlines()[0]}") from None
-
-
 def main(argv: Sequence[str]) -> int:
   files, rest = split_gin_args(argv)
   opts, bindings = cli.parse(rest, OPTIONS, prog="core.models.summary",
@@ -121,7 +110,7 @@ def main(argv: Sequence[str]) -> int:
   if not files and not bindings:
     raise UserError("give a gin file, e.g. python -m core.models.summary "
                     "gin/models/uvit_imagenet256.gin")
-  load_gin(files, bindings)
+  config_lib.parse(files, bindings)
   size = opts["image_size"] or model_image_size()
   if size is None:
     raise UserError("no image size: bind model.image_size in the gin file or pass image_size=")

@@ -1,0 +1,215 @@
+"""The experiment registry against the paper: rows, appendix B settings, shared jobs, errors."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import gin
+import pytest
+
+from core import config as config_lib
+from core.errors import UserError
+from experiments import registry, run, scales
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _csv_rows():
+  with open(registry.PAPER_CSV) as f:
+    return list(csv.DictReader(f))
+
+
+def _ours(r):
+  return "literature" not in r["note"]
+
+
+def test_paper_csv_is_the_shared_transcription():
+  shared = os.path.join(os.path.dirname(ROOT), "shared", "paper", "tables.csv")
+  if not os.path.exists(shared):
+    pytest.skip("no ../shared/paper here")
+  assert open(shared).read() == open(registry.PAPER_CSV).read()
+
+
+@pytest.mark.parametrize("table", sorted({r["table"] for r in _csv_rows()}))
+def test_each_table_has_exactly_the_papers_rows(table):
+  """Every non-literature row of the paper's table is an entry, in the paper's order, and no more."""
+  want = [(r["group"], r["row"]) for r in _csv_rows() if r["table"] == table and _ours(r)]
+  got = [(e.group, e.row) for e in registry.select(table)]
+  assert got == want
+
+
+def test_plan_json_lists_the_rows(capsys):
+  assert run.main(["table=4", "scale=smoke", "mode=plan", "format=json"]) == 0
+  planned = json.loads(capsys.readouterr().out)
+  rows = [r for p in planned for r in p["rows"]]
+  assert rows == [f"T4 128x128 / {r['row']}" for r in _csv_rows() if r["table"] == "4"]
+  for p in planned:
+    assert p["params"] > 0 and p["gflops_per_image"] > 0 and p["batch_size"] == 8 and p["steps"] == 4
+    assert p["resolution"] == 16
+
+
+def test_identical_configurations_are_one_job():
+  jobs = registry.jobs()
+  by_row = {(e.table, e.group, e.row): j.name for j in jobs for e in j.entries}
+  # Table 3's "dropout from 16" and Table 4's "12+13" are Table 2's 128 shift-64 run (their paper
+  # values are identical too: 2.41 / 3.03).
+  assert by_row[("3", "128x128", "dropout from 16")] == by_row[("2", "128x128", "cosine (shifted to 64)")]
+  assert by_row[("4", "128x128", "12+13 blocks at 16x16")] == by_row[("2", "128x128", "cosine (shifted to 64)")]
+  # Table 6's baselines are Table 2's 256 shift-32 and Table 5's DWT-2 rows.
+  assert by_row[("6", "256x256", "256 (shift 32)")] == by_row[("2", "256x256", "cosine (shifted to 32)")]
+  assert by_row[("6", "512x512", "512 (shift 64)")] == by_row[("5", "512x512", "DWT-2")]
+  # Table 7's U-Net rows come from Tables 2 and 6; Table 9 evaluates Table 7's U-ViTs.
+  assert by_row[("7", "128x128", "simple diffusion (U-Net)")] == by_row[("2", "128x128", "cosine (shifted to 32)")]
+  assert by_row[("7", "512x512", "simple diffusion (U-Net)")] == by_row[("6", "512x512", "+ multiscale loss (32)")]
+  for res in (128, 256, 512):
+    g = f"{res}x{res}"
+    names = {by_row[("9", g, f"guidance {w:.2f}")] for w in (1.0, 1.05, 1.1, 1.2, 1.4, 1.8, 2.0, 3.0)}
+    assert names == {by_row[("7", g, "simple diffusion (U-ViT 2B)")]}
+  # Different configurations stay apart, and a name does not depend on which table asked for it.
+  assert len({j.name for j in jobs}) == len(jobs)
+  assert registry.jobs(registry.select("6"))[0].name == by_row[("6", "256x256", "256 (shift 32)")]
+
+
+def _operative(job, scale="paper"):
+  """Builds model, schedule and trainer settings from the job's gin, then reads gin's operative config."""
+  from core import schedules, trainer
+  from core.models import make_model
+  args = run.job_args(job, scale, "unused", None)
+  files = [a.split("=", 1)[1] for a in args if a.startswith("gin_file=")]
+  binds = [a for a in args if not a.startswith(("gin_file=", "workdir="))]
+  config_lib.parse(files, binds)
+  make_model(), schedules.get_schedule(), trainer.TrainConfig()
+  text = gin.operative_config_str()  # what a run built from this config writes as config.gin
+  loss = config_lib.query("diffusion_loss.loss_type")  # used inside the train step, so query it
+  multiscale = config_lib.query("diffusion_loss.multiscale", False)
+  gin.clear_config()
+  values = {}
+  for line in text.splitlines():
+    if " = " in line and not line.startswith("#"):
+      k, v = line.split(" = ", 1)
+      values[k.strip()] = v.strip()
+  return values, loss, multiscale
+
+
+def _job(table, group, row):
+  return next(j for j in registry.jobs(registry.select(table)) if any(e.row == row and e.group == group for e in j.entries))
+
+
+def test_paper_scale_unet128_matches_appendix_b1():
+  v, loss, _ = _operative(_job("2", "128x128", "cosine (shifted to 64)"))
+  assert v["UNet.base_channels"] == "128" and v["UNet.emb_channels"] == "1024"
+  assert v["UNet.channel_multiplier"] == "[1, 2, 4, 8, 8]"
+  assert v["UNet.num_res_blocks"] == "[3, 4, 4, 12, 4]"
+  assert v["UNet.attn_resolutions"] == "[8, 16]" and v["UNet.num_heads"] == "4"
+  assert v["UNet.dropout"] == "0.1" and v["UNet.dropout_from_resolution"] == "16"
+  assert v["UNet.patching_type"] == "'none'"
+  assert v["schedule.name"] == "'cosine_shifted'" and v["schedule.image_d"] == "128" and v["schedule.noise_d"] == "64"
+  assert v["Train.adam_b1"] == "0.9" and v["Train.adam_b2"] == "0.999" and v["Train.adam_eps"] == "1e-12"
+  assert v["Train.learning_rate"] == "5e-05" and v["Train.warmup_steps"] == "10000"
+  assert v["Train.batch_size"] == "512" and v["Train.num_steps"] == "1500000"
+  assert v["Train.ema_decay"] == "0.9999" and v["Train.grad_clip"] == "1.0" and v["Train.weight_decay"] == "0.0"
+  assert loss == "eps_mse"
+
+
+def test_paper_scale_unet512_variants_match_appendix_b1():
+  v, _, _ = _operative(_job("5", "512x512", "None"))
+  assert v["UNet.channel_multiplier"] == "[1, 1, 1, 2, 4, 8, 8]" and v["UNet.num_res_blocks"] == "[1, 1, 2, 2, 4, 12, 4]"
+  assert v["UNet.patching_type"] == "'none'" and v["Train.adam_b2"] == "0.99" and v["Train.num_steps"] == "2000000"
+  v, _, _ = _operative(_job("5", "512x512", "Conv (2x2)"))
+  assert v["UNet.channel_multiplier"] == "[1, 2, 2, 4, 8, 8]" and v["UNet.num_res_blocks"] == "[2, 2, 2, 4, 12, 4]"
+  assert v["UNet.patching_type"] == "'conv_2'"
+  v, _, multiscale = _operative(_job("6", "512x512", "+ multiscale loss (32)"))
+  assert v["UNet.channel_multiplier"] == "[2, 3, 4, 8, 8]" and v["UNet.num_res_blocks"] == "[3, 3, 4, 12, 4]"
+  assert v["UNet.patching_type"] == "'dwt_2'" and v["schedule.noise_d"] == "64" and multiscale is True
+
+
+def test_paper_scale_uvit512_matches_appendix_b2():
+  v, loss, _ = _operative(_job("7", "512x512", "simple diffusion (U-ViT 2B)"))
+  assert v["UViT.base_channels"] == "128" and v["UViT.emb_channels"] == "1024"
+  assert v["UViT.channel_multiplier"] == "[1, 2, 4, 16]" and v["UViT.num_res_blocks"] == "[2, 2, 2]"
+  assert v["UViT.num_transformer_blocks"] == "36" and v["UViT.num_heads"] == "4"
+  assert v["UViT.transformer_dropout"] == "0.2" and v["UViT.logsnr_input_type"] == "'linear'"
+  assert v["UViT.patching_type"] in ("'dwt_2'", "'dwt_5/3_2'")
+  assert v["Train.learning_rate"] == "0.0001" and v["Train.batch_size"] == "2048" and v["Train.num_steps"] == "500000"
+  assert v["Train.adam_b2"] == "0.99" and loss == "v_mse"
+
+
+def test_smoke_scale_keeps_relative_meaning():
+  """At smoke scale the image is 1/8 of the paper's and so are noise_d and the dropout start."""
+  job = _job("3", "128x128", "dropout from 32")
+  b = scales.scale_bindings(job.gin_files, job.bindings, job.arch, job.resolution, "smoke")
+  assert "Train.image_size = 16" in b and "schedule.image_d = 16" in b and "schedule.noise_d = 8" in b
+  assert "UNet.dropout_from_resolution = 4" in b and "UNet.attn_resolutions = [1, 2]" in b
+  blocks = [_job("4", "128x128", f"{a}+{a + 1} blocks at 16x16") for a in (2, 4, 8, 12)]
+  demo = [next(x for x in scales.scale_bindings(j.gin_files, j.bindings, j.arch, j.resolution, "demo")
+               if x.startswith("UNet.num_res_blocks")) for j in blocks]
+  sixteen = [int(d.split("[")[1].rstrip("]").split(",")[3]) for d in demo]
+  assert sixteen == sorted(sixteen) and len(set(sixteen)) == 4  # Table 4's ordering survives
+
+
+def test_unknown_table_row_and_binding_are_one_line_errors():
+  with pytest.raises(UserError, match=r"unknown table '10'; valid tables: 2, 3"):
+    run.main(["table=10"])
+  with pytest.raises(UserError, match=r"no row 'shifted to 16'; valid rows: .*cosine \(shifted to 32\)"):
+    run.main(["table=2", "row=shifted to 16", "mode=plan"])
+  with pytest.raises(UserError, match="takes no gin bindings"):
+    run.main(["table=2", "UNet.base_channels=8"])
+  with pytest.raises(UserError, match="unknown option 'tabel'"):
+    run.main(["tabel=2"])
+
+
+def test_paper_scale_on_cpu_is_refused_with_its_cost():
+  with pytest.raises(UserError, match=r"scale=paper needs accelerators: .* accelerator-hours"):
+    run.main(["table=4", "scale=paper", "row=2+3 blocks at 16x16"])
+
+
+def test_tpu_dry_run_commands_are_well_formed(capsys):
+  import shlex
+  run.main(["table=7", "row=simple diffusion (U-ViT 2B)", "scale=paper", "launcher=tpu", "dry_run=true",
+            "workdir=gs://bucket/sd", "repo_url=https://example.org/sd.git", "tpu_zone=us-central2-b"])
+  out = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+  create = [l for l in out if "queued-resources create" in l]
+  ssh = [l for l in out if "tpu-vm ssh" in l]
+  assert len(create) == 3 and all("--accelerator-type v4-256" in l for l in create)
+  assert len(ssh) == 6 and all("--worker=all" in l for l in ssh)
+  for line in out:
+    shlex.split(line)  # every command parses as shell
+  train = [l for l in ssh if "core.train" in l][0]
+  inner = shlex.split(train)[-1]
+  assert "distributed=true" in inner and "workdir=gs://bucket/sd/uvit128-" in inner
+  assert "gin_file=models/uvit_imagenet128.gin" in inner and "UViT.logsnr_range=@schedule_range()" in inner
+  with pytest.raises(UserError, match="needs workdir on GCS"):
+    run.main(["table=7", "row=simple diffusion (U-ViT 2B)", "scale=paper", "launcher=tpu", "dry_run=true",
+              "workdir=/tmp/x", "repo_url=u"])
+
+
+@pytest.mark.slow
+def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys):
+  """table=2 scale=smoke trains, evaluates and records all rows; the renderer reads them; a rerun
+  after an interruption redoes nothing that finished."""
+  workdir = str(tmp_path / "runs")
+  first = "cosine (shifted to 64)"
+  # A first invocation that stops after one row stands for an interrupted table run.
+  run.main(["table=2", f"row={first}", "scale=smoke", f"workdir={workdir}"])
+  done_before = {d: open(os.path.join(workdir, d, "eval", "results.jsonl")).read() for d in os.listdir(workdir)}
+  capsys.readouterr()
+  run.main(["table=2", "scale=smoke", f"workdir={workdir}"])
+  out = capsys.readouterr().out
+  assert out.count("trained already") == len(done_before) and out.count("evaluated already") == len(done_before)
+  for d, text in done_before.items():
+    assert open(os.path.join(workdir, d, "eval", "results.jsonl")).read() == text
+  runs = sorted(os.listdir(workdir))
+  assert len(runs) == 7
+  from tables import render
+  out_dir = tmp_path / "tables"
+  render.main(["table=2", f"workdir={workdir}", f"out={out_dir}", "format=markdown"])
+  md = (out_dir / "table_2.md").read_text()
+  for r in [r for r in _csv_rows() if r["table"] == "2"]:
+    line = next(l for l in md.splitlines() if l.startswith(f"| {r['row']}"))
+    cells = [c.strip() for c in line.split("|")]
+    assert r["fid_train"] in cells and "smoke" in cells
+    assert "–" not in cells[3] and float(cells[3]) > 0  # our FID train is filled in
+  # A third run does nothing at all.
+  run.main(["table=2", "scale=smoke", f"workdir={workdir}"])
+  assert capsys.readouterr().out.count("trained already") == 7
