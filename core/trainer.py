@@ -83,6 +83,14 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
       optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
 
 
+def forward_flops(model, cfg: TrainConfig) -> float:
+  """Analytic forward FLOPs per image of ``model`` at the run's image size (and text length)."""
+  from core.models import flops as flops_lib  # pylint: disable=import-outside-toplevel
+  text = getattr(model, "text_channels", 0) > 0
+  return float(flops_lib.forward_flops(model, cfg.image_size, text_len=cfg.text_len if text else 0,
+                                       text_dim=cfg.text_dim if text else 0))
+
+
 def learning_rate_at(cfg: TrainConfig, step: int) -> float:
   if not cfg.warmup_steps:
     return cfg.learning_rate
@@ -254,7 +262,6 @@ def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_s
   """Trains (or resumes) the gin-configured run in ``workdir``; returns a small summary."""
   from core import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from core import progress as progress_lib  # pylint: disable=import-outside-toplevel
-  from core.models import flops as flops_lib  # pylint: disable=import-outside-toplevel
   from core.models import validate as validate_model  # pylint: disable=import-outside-toplevel
 
   cfg = TrainConfig()
@@ -300,7 +307,7 @@ def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_s
     storage.write_text(storage.join(workdir, "config.gin"), config_lib.operative_config())
     writer.write_text("config", config_lib.operative_config(), step=start)
 
-  flops_per_image = 3.0 * flops_lib.forward_flops(model, cfg.image_size)
+  flops_per_image = 3.0 * forward_flops(model, cfg)
   peak = hardware.peak_flops_per_second()
   sampler = _make_sampler(model, logsnr_fn, cfg, num_classes) if cfg.sample_every else None
   end = cfg.num_steps if stop_at_step is None else min(cfg.num_steps, stop_at_step)

@@ -45,14 +45,13 @@ def _measured_img_per_sec(job, workdir: str) -> float | None:
 
 def describe(job, scale: str, workdir: str) -> dict[str, Any]:
   """Row labels, run name, resolution, parameters, FLOPs per image, batch, steps, time estimate."""
-  from core.models import flops as flops_lib  # pylint: disable=import-outside-toplevel
   model, cfg = _build(job, scale)
   from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
   nc = int(getattr(model, "num_classes", 0) or 0)
   state = jax.eval_shape(functools.partial(train_lib.init_state, model, train_lib.make_optimizer(cfg), cfg,
                                            num_classes=nc), jax.random.key(0))
   params = sum(int(a.size) for a in jax.tree.leaves(state["params"]))
-  fwd = float(flops_lib.forward_flops(model, cfg.image_size))
+  fwd = train_lib.forward_flops(model, cfg)
   images = cfg.num_steps * cfg.batch_size
   measured = _measured_img_per_sec(job, workdir)
   img_per_sec = measured or ASSUMED_MFU * ASSUMED_PEAK / (3 * fwd)

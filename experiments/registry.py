@@ -162,6 +162,8 @@ def _entries() -> list[Entry]:
     b = (f"Train.image_size = {res}", "Train.num_steps = 700000", "schedule.name = 'cosine_interpolated'",
          f"schedule.image_d = {res}", "schedule.noise_d_low = 32", f"schedule.noise_d_high = {res}")
     b += (_LINEAR_RANGE,)
+    if res == 512:  # uvit_t2i.gin is the 256 model; at 512 two DWT levels keep the same feature maps
+      b += ("model.image_size = 512", "UViT.patching_type = 'dwt_2'")
     add(Entry("8", group, "simple diffusion (U-ViT 2B)", "uvit", res, ("models/uvit_t2i.gin", UVIT_TRAIN), b,
               metrics=("fid_train",), num_samples=30_000, noise_param=1.0,
               note="needs a data set with text embeddings (core.data prepare ... text embeddings)"))
