@@ -26,10 +26,12 @@ class Checkpointer:
   """Saves and restores ``(train_state, data_iterator)`` pairs under ``<run_dir>/checkpoints``."""
 
   def __init__(self, run_dir: str, *, max_to_keep: int | None = 3, async_save: bool = True,
-               with_data: bool = True):
+               with_data: bool = True, use_ocdbt: bool = True):
     self.directory = storage.join(run_dir, "checkpoints")
     self.with_data = with_data
-    handlers = {STATE: ocp.StandardCheckpointHandler()}
+    # OCDBT (one key-value database per checkpoint) is orbax's default and the fast path for
+    # thousands of arrays; use_ocdbt=False writes one zarr array per leaf instead.
+    handlers = {STATE: ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt)}
     if with_data:
       handlers[DATA] = grain.checkpoint.CheckpointHandler()
     self._manager = ocp.CheckpointManager(

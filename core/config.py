@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from typing import Sequence
 
 import gin
@@ -53,8 +54,12 @@ def resolve_gin_file(path: str) -> str:
   raise UserError(f"gin file {path!r} not found{hint}")
 
 
+def _registry_items():
+  return list(gin.config._REGISTRY.items())  # pylint: disable=protected-access
+
+
 def _known_configurables() -> list[str]:
-  return sorted({k[1].split(".")[-1] for k in gin.config._REGISTRY.keys()})  # pylint: disable=protected-access
+  return sorted({selector.split(".")[-1] for selector, _ in _registry_items()})
 
 
 def _explain(err: Exception, bindings: Sequence[str]) -> str:
@@ -64,9 +69,9 @@ def _explain(err: Exception, bindings: Sequence[str]) -> str:
     close = difflib.get_close_matches(name.split(".")[-1], _known_configurables(), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return f"unknown gin configurable {name!r}{hint}; known: {', '.join(_known_configurables())}"
-  if "doesn't have a parameter named" in msg or "does not have a parameter" in msg:
-    parts = msg.split("'")
-    cfg, param = (parts[1], parts[3]) if len(parts) >= 4 else ("?", "?")
+  m = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", msg)
+  if m:
+    cfg, param = m.group(1), m.group(2)
     try:
       params = [p for p in _signature_params(cfg)]
     except Exception:  # pylint: disable=broad-except
@@ -79,8 +84,8 @@ def _explain(err: Exception, bindings: Sequence[str]) -> str:
 
 def _signature_params(configurable: str) -> list[str]:
   import inspect
-  for key, info in gin.config._REGISTRY.items():  # pylint: disable=protected-access
-    if key[1].split(".")[-1] == configurable.split(".")[-1]:
+  for selector, info in _registry_items():
+    if selector.split(".")[-1] == configurable.split(".")[-1]:
       fn = info.wrapped
       target = fn.__init__ if isinstance(fn, type) else fn
       if isinstance(fn, type) and hasattr(fn, "__dataclass_fields__"):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -58,11 +57,8 @@ def _locked(path: str) -> Iterator[None]:
 
 
 def _sha1(path: str) -> str:
-  h = hashlib.sha1()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+  from core.storage import file_digest  # pylint: disable=import-outside-toplevel
+  return file_digest(path, "sha1").hex()
 
 
 def emoji_tarball(root: str | None = None) -> str:

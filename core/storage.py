@@ -604,12 +604,17 @@ DEFAULT_EXCLUDE = ("*.orbax-checkpoint-tmp*", "*.tmp")
 COMMIT_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
 
 
-def _md5_b64(path: str) -> str:
-  h = hashlib.md5()
+def file_digest(path: str, algorithm: str = "sha1") -> bytes:
+  """The digest of a local file, read in 1 MiB chunks."""
+  h = hashlib.new(algorithm)
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
-  return base64.b64encode(h.digest()).decode("ascii")
+  return h.digest()
+
+
+def _md5_b64(path: str) -> str:
+  return base64.b64encode(file_digest(path, "md5")).decode("ascii")
 
 
 class Syncer:

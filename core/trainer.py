@@ -67,6 +67,7 @@ class TrainConfig:
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
+  checkpoint_ocdbt: bool = True       # False: one zarr array per leaf (see core/checkpoint.py)
   sample_every: int = 0               # 0: no sample grids during training
   num_sample_images: int = 16
   sample_steps: int = 64
@@ -207,6 +208,13 @@ class ShardedLoader:
       st = state["shards"][str(s)]
       it.set_state(st.encode() if isinstance(st, str) else st)
 
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after a restore."""
+    for it in self._iters:
+      start = getattr(it, "start_prefetch", None)
+      if start:
+        start()
+
   def close(self) -> None:
     for it in self._iters:
       close = getattr(it, "close", None)
@@ -291,7 +299,8 @@ def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_s
       donate_argnums=(0,))
 
   loader = ShardedLoader(data_dir, cfg, cfg.num_data_shards or jax.process_count())
-  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
+                                       use_ocdbt=cfg.checkpoint_ocdbt)
   start = checkpointer.latest_step()
   if start is None:
     state = jax.jit(functools.partial(init_state, model, tx, cfg, num_classes=num_classes),
@@ -364,6 +373,27 @@ def _write_row(step: int, m: dict[str, jax.Array], writer, cfg: TrainConfig, ext
   row.update(extra)
   writer.write_scalars(step, row)
   return row
+
+
+def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
+  """Sample grids from the EMA parameters for TensorBoard (fixed seed and labels)."""
+  from core import sampling  # pylint: disable=import-outside-toplevel
+  from core.metrics import image_grid  # pylint: disable=import-outside-toplevel
+  n = cfg.num_sample_images
+  labels = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
+  shape = (n, cfg.image_size, cfg.image_size, 3)
+
+  @jax.jit
+  def run(params, rng):
+    v_fn = lambda z, logsnr: model.apply({"params": params}, z, logsnr, label=labels, train=False)
+    return sampling.ddpm_sample(v_fn, rng, shape, logsnr_fn=logsnr_fn, num_steps=cfg.sample_steps)
+
+  def sample(params, step):
+    x = run(params, jax.random.key(cfg.seed + 1))
+    img = np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+    return image_grid(img, ncols=int(np.ceil(np.sqrt(n))))
+
+  return sample
 
 
 def time_train_steps(model, logsnr_fn, cfg: TrainConfig, *, steps: int = 10, warmup: int = 2) -> dict[str, float]:

@@ -16,6 +16,7 @@ batches (VIRTUAL_imagenet256_labeled.npz).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -29,8 +30,17 @@ def _sym(a: np.ndarray) -> np.ndarray:
 
 def psd_sqrt(a: np.ndarray) -> np.ndarray:
   """Square root of a symmetric PSD matrix by eigh, negative (rounding) eigenvalues clipped to 0."""
-  w, v = np.linalg.eigh(_sym(np.asarray(a, np.float64)))
-  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  a = _sym(np.asarray(a, np.float64))
+  key = hashlib.sha1(a.tobytes()).hexdigest()
+  if key not in _SQRT_CACHE:
+    w, v = np.linalg.eigh(a)
+    if len(_SQRT_CACHE) >= 4:  # a reference's root is reused for every checkpoint and guidance scale
+      _SQRT_CACHE.pop(next(iter(_SQRT_CACHE)))
+    _SQRT_CACHE[key] = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  return _SQRT_CACHE[key]
+
+
+_SQRT_CACHE: dict[str, np.ndarray] = {}
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:

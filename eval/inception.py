@@ -24,7 +24,6 @@ VIRTUAL_imagenet256_labeled.npz) were computed with. Either way the network sees
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import platform
@@ -104,11 +103,8 @@ def download_clean_fid_weights(dest: str | None = None, timeout: float = 60.0) -
 
 
 def _sha1(path: str) -> str:
-  h = hashlib.sha1()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
+  from core.storage import file_digest  # pylint: disable=import-outside-toplevel
+  return file_digest(path, "sha1").hex()
 
 
 def name_for_weights(path: str) -> str:

@@ -22,7 +22,7 @@ SCALES = ("paper", "demo", "smoke")
 # largest factor that keeps every level of every configuration at least 1x1.
 FACTOR = {"paper": 1, "demo": 8, "smoke": 8}
 # Per-level residual-block divisor (ceil), so deep levels stay deeper than shallow ones.
-BLOCK_DIVISOR = {"paper": 1, "demo": 2, "smoke": 4}
+BLOCK_DIVISOR = {"paper": 1, "demo": 2, "smoke": 16}  # smoke: one block a level
 TRANSFORMER_BLOCKS = {"demo": 4, "smoke": 1}
 
 
