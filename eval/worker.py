@@ -67,13 +67,16 @@ def _key(row: dict[str, Any]) -> tuple:
   return (int(row["step"]), row["metric"], float(row["guidance"]), int(row["num_samples"]), int(row["seed"]))
 
 
+SAVE_CHOICES = ("none", "grid", "npz", "png")
+
+
 class Evaluator:
   """What stays fixed while the worker follows a run: extractor, references, evaluation settings."""
 
   def __init__(self, run_dir: str, *, guidances: Sequence[float], num_samples: int, batch_size: int,
                sampler_steps: int, noise_param: float, seed: int, extractor_source: str,
                ref_train: str | None = None, ref_eval: str | None = None,
-               max_reference_images: int | None = None):
+               max_reference_images: int | None = None, save_samples: str = "grid"):
     from eval import inception  # pylint: disable=import-outside-toplevel
     self.run_dir = run_dir
     self.guidances = [float(w) for w in guidances]
@@ -86,6 +89,7 @@ class Evaluator:
             file=sys.stderr, flush=True)
     self._refs_given = {"fid_train": ref_train, "fid_eval": ref_eval}
     self._max_ref = max_reference_images
+    self.save_samples = save_samples
     self._refs = None
     self._run = None
 
@@ -106,6 +110,32 @@ class Evaluator:
         desc = reference.describe(data_dir, split, self.extractor, reference=given, max_images=self._max_ref)
         self._refs[metric] = (stats, desc)
     return self._refs
+
+  def _save(self, step: int, w: float, images) -> None:
+    """A sample grid for figures (eval/samples_<step>[_w<w>].png), and optionally every sample."""
+    import io  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    from core.metrics import image_grid  # pylint: disable=import-outside-toplevel
+    if self.save_samples == "none":
+      return
+
+    def png(a) -> bytes:
+      buf = io.BytesIO()
+      Image.fromarray(np.asarray(a)).save(buf, format="PNG")
+      return buf.getvalue()
+
+    suffix = "" if w == 1.0 else f"_w{w:g}"
+    eval_dir = storage.join(self.run_dir, "eval")
+    storage.write_bytes(storage.join(eval_dir, f"samples_{step}{suffix}.png"), png(image_grid(images[:64])))
+    if self.save_samples == "npz":
+      buf = io.BytesIO()
+      np.savez_compressed(buf, images=images)
+      storage.write_bytes(storage.join(eval_dir, "samples", f"step{step}_w{w:g}.npz"), buf.getvalue())
+    elif self.save_samples == "png":
+      folder = storage.join(eval_dir, "samples", f"step{step}_w{w:g}")
+      for i, img in enumerate(images):
+        storage.write_bytes(storage.join(folder, f"{i:06d}.png"), png(img))
 
   def missing(self, step: int) -> list[tuple[float, str]]:
     """(guidance, metric) pairs of ``step`` without a result row yet."""
@@ -135,6 +165,7 @@ class Evaluator:
                                     seed=self.seed, cache_dir=cache)
       if jax.process_index() != 0:
         continue
+      self._save(step, w, images)
       result = metrics.compute_metrics(images, extractor=self.extractor, ref_train=refs["fid_train"][0],
                                        ref_eval=refs["fid_eval"][0], is_splits=min(10, len(images)))
       rows = []
@@ -174,6 +205,8 @@ OPTIONS = [
     cli.Option("ref_eval", None, "FID eval reference .npz with mu and sigma (default: the run's eval split)"),
     cli.Option("max_reference_images", None, "use only this many images of each split for reference statistics",
                parse=int),
+    cli.Option("save_samples", "grid", "keep samples: a PNG grid for figures (grid), also every sample as "
+               "one .npz (npz) or a PNG folder (png), or nothing (none)", choices=SAVE_CHOICES),
     cli.Option("once", False, "evaluate one checkpoint (the newest, or step=) and exit", parse=cli.parse_bool),
     cli.Option("step", None, "with once=true: the checkpoint step to evaluate (default: newest)", parse=int),
     cli.Option("poll_seconds", 60, "how often to look for new checkpoints", parse=float),
@@ -200,7 +233,7 @@ def main(argv: Sequence[str]) -> int:
                         batch_size=opts["batch_size"], sampler_steps=opts["sampler_steps"],
                         noise_param=opts["noise_param"], seed=opts["seed"], extractor_source=opts["extractor"],
                         ref_train=opts["ref_train"], ref_eval=opts["ref_eval"],
-                        max_reference_images=opts["max_reference_images"])
+                        max_reference_images=opts["max_reference_images"], save_samples=opts["save_samples"])
   checkpointer = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
   writer = MetricWriter(storage.join(run_dir, "eval"), jsonl=False)
   try:

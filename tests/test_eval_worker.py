@@ -46,9 +46,16 @@ def test_worker_killed_and_restarted_writes_each_result_exactly_once(trained, tm
   shutil.copytree(trained, clean)
   shutil.copytree(trained, killed)
 
-  p = subprocess.run(_worker(clean), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+  p = subprocess.run(_worker(clean, "save_samples=npz"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                     timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   want = {_key(r): r for r in _rows(clean)}
+  import numpy as np
+  from PIL import Image
+  saved = np.load(clean / "eval" / "samples" / "step4_w1.npz")["images"]
+  assert saved.shape == (16, 16, 16, 3) and saved.dtype == np.uint8
+  grid = Image.open(clean / "eval" / "samples_4.png")
+  assert grid.size[0] >= 4 * 16 and grid.mode == "RGB"
   assert set(want) == {(4, m, w) for m in ("fid_train", "fid_eval") for w in (1.0, 2.0)}
   assert all(r["num_samples"] == 16 and r["extractor"].startswith("fid-helper") for r in want.values())
 
