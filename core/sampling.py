@@ -141,3 +141,8 @@ def ddpm_sample(v_fn: Callable, rng, shape, *, logsnr_fn: Callable, num_steps: i
   z = jax.lax.fori_loop(0, num_steps - lowest_idx, body, z)
   logsnr_lowest = logsnr_fn(jnp.asarray(lowest_idx / num_steps, dtype))
   return predict_x(v_fn, z, logsnr_lowest, clip_x, dynamic_clip)
+
+
+def to_uint8(x):
+  """[-1, 1] samples to the uint8 pixels a saved PNG would hold (round to nearest, clip)."""
+  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

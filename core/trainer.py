@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import gin
 import jax
@@ -390,7 +390,7 @@ def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
 
   def sample(params, step):
     x = run(params, jax.random.key(cfg.seed + 1))
-    img = np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+    img = np.asarray(sampling.to_uint8(x))
     return image_grid(img, ncols=int(np.ceil(np.sqrt(n))))
 
   return sample

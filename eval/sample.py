@@ -72,11 +72,6 @@ def restore_ema_params(run: LoadedRun, step: int, mesh=None) -> Any:
   return state["ema_params"]
 
 
-def to_uint8(x: jax.Array) -> jax.Array:
-  """[-1, 1] floats to the uint8 pixels a saved PNG would hold (round to nearest)."""
-  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
 def make_batch_sampler(run: LoadedRun, *, batch_size: int, num_steps: int, noise_param: float,
                        guidance: float, mesh) -> Callable[[Any, int, int], jax.Array]:
   """A jitted ``(params, seed, batch_index) -> uint8 [batch, H, W, 3]`` sampler."""
@@ -99,7 +94,7 @@ def make_batch_sampler(run: LoadedRun, *, batch_size: int, num_steps: int, noise
       v_fn = lambda z, logsnr: model_fn(z, logsnr, None)
     x = sampling.ddpm_sample(v_fn, sample_rng, shape, logsnr_fn=run.logsnr_fn, num_steps=num_steps,
                              noise_param=noise_param)
-    return to_uint8(x)
+    return sampling.to_uint8(x)
 
   return jax.jit(one_batch, static_argnums=(1,), out_shardings=shd.batch_sharding(mesh))
 

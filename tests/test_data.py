@@ -15,7 +15,6 @@ from PIL import Image
 
 from core import data, datasets, input_pipeline
 from core.errors import UserError, run_main
-from tests.gcs_emulator import gcs_bucket  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,6 +197,7 @@ def test_prepare_shards_and_workers(tmp_path):
                     progress=False)
   assert m1["shards"]["train"] == [f"train-0000{i}-of-00003.array_record" for i in range(3)]
   assert m1["shard_counts"]["train"] == [24, 23, 23]
+  assert m2["shards"] == m1["shards"] and m2["shard_counts"] == m1["shard_counts"]
   a, _ = input_pipeline.load_split(str(tmp_path / "a"), "train")
   b, _ = input_pipeline.load_split(str(tmp_path / "b"), "train")
   np.testing.assert_array_equal(a, b)

@@ -13,7 +13,6 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from core import metrics
 from core import storage
 from core.errors import UserError
-from tests.gcs_emulator import gcs_bucket  # noqa: F401  pylint: disable=unused-import
 
 
 def load_tb(logdir: str) -> ea.EventAccumulator:

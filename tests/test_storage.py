@@ -10,7 +10,6 @@ import pytest
 
 from core import storage
 from core.errors import UserError
-from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  pylint: disable=unused-import
 
 FAST_RETRY = dict(attempts=2, initial_delay=0.01, max_delay=0.02, timeout=5.0)
 

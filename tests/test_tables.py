@@ -18,7 +18,6 @@ import pytest
 from core import storage
 from core.errors import UserError, run_main
 from tables import layout, markdown, measured, paper, render, runs
-from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  pylint: disable=unused-import
 
 PAPER = paper.load_paper()
 EXTRACTOR = "clean-fid inception_v3 (torchscript)"

@@ -13,7 +13,6 @@ import math
 import sys
 from typing import Any, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 
