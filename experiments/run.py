@@ -26,7 +26,7 @@ from experiments import launchers, registry, scales
 # Demo and smoke compare samples with a prefix of each split: Inception on a CPU costs ~0.2 s/image.
 EVAL = {
     "paper": {"num_samples": None, "sampler_steps": 256, "batch_size": 256, "max_reference_images": None},
-    "demo": {"num_samples": 128, "sampler_steps": 64, "batch_size": 64, "max_reference_images": 256},
+    "demo": {"num_samples": 64, "sampler_steps": 64, "batch_size": 64, "max_reference_images": 128},
     "smoke": {"num_samples": 16, "sampler_steps": 4, "batch_size": 8, "max_reference_images": 32},
 }
 
