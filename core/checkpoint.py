@@ -10,6 +10,7 @@ loaded: :meth:`Checkpointer.latest_step` only sees finished ones.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import grain
@@ -27,6 +28,8 @@ class Checkpointer:
 
   def __init__(self, run_dir: str, *, max_to_keep: int | None = 3, async_save: bool = True,
                with_data: bool = True, use_ocdbt: bool = True):
+    if not storage.is_remote(run_dir):
+      run_dir = os.path.abspath(run_dir)  # orbax wants absolute paths
     self.directory = storage.join(run_dir, "checkpoints")
     self.with_data = with_data
     # OCDBT (one key-value database per checkpoint) is orbax's default and the fast path for
