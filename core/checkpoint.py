@@ -14,7 +14,6 @@ import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from core import storage
@@ -82,7 +81,3 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) describing ``tree``, the target for a restore."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

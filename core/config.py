@@ -124,7 +124,3 @@ def operative_config() -> str:
   """The values the run actually used (gin's operative config), for ``config.gin``."""
   return gin.operative_config_str()
 
-
-def full_config() -> str:
-  """Everything bound, used or not."""
-  return gin.config_str()

@@ -161,6 +161,24 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
   return new_state, metrics
 
 
+def abstract_state(model, tx, cfg: TrainConfig, num_classes: int, mesh) -> tuple[Any, Any]:
+  """(ShapeDtypeStructs carrying their FSDP shardings, the shardings) of the train state, unallocated."""
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, cfg, num_classes=num_classes),
+                            jax.random.key(cfg.seed))
+  shardings = shd.tree_shardings(mesh, abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return abstract, shardings
+
+
+def jit_train_step(model, tx, logsnr_fn, cfg: TrainConfig, num_classes: int, mesh, state_sharding):
+  """The sharded, buffer-donating jitted :func:`train_step`."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, logsnr_fn=logsnr_fn, cfg=cfg, num_classes=num_classes),
+      in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+      out_shardings=(state_sharding, shd.replicated(mesh)),
+      donate_argnums=(0,))
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -287,16 +305,8 @@ def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_s
   mesh = shd.make_mesh()
   shd.check_batch_size(mesh, cfg.batch_size)
   tx = make_optimizer(cfg)
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, cfg, num_classes=num_classes),
-                            jax.random.key(cfg.seed))
-  state_sharding = shd.tree_shardings(mesh, abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, logsnr_fn=logsnr_fn, cfg=cfg, num_classes=num_classes),
-      in_shardings=(state_sharding, shd.batch_sharding(mesh)),
-      out_shardings=(state_sharding, shd.replicated(mesh)),
-      donate_argnums=(0,))
+  abstract, state_sharding = abstract_state(model, tx, cfg, num_classes, mesh)
+  step_fn = jit_train_step(model, tx, logsnr_fn, cfg, num_classes, mesh, state_sharding)
 
   loader = ShardedLoader(data_dir, cfg, cfg.num_data_shards or jax.process_count())
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
@@ -405,13 +415,10 @@ def time_train_steps(model, logsnr_fn, cfg: TrainConfig, *, steps: int = 10, war
   shd.check_batch_size(mesh, cfg.batch_size)
   num_classes = int(getattr(model, "num_classes", 0) or 0)
   tx = make_optimizer(cfg)
-  init = functools.partial(init_state, model, tx, cfg, num_classes=num_classes)
-  state_sharding = shd.tree_shardings(mesh, jax.eval_shape(init, jax.random.key(0)))
-  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, logsnr_fn=logsnr_fn, cfg=cfg, num_classes=num_classes),
-      in_shardings=(state_sharding, shd.batch_sharding(mesh)), out_shardings=(state_sharding, shd.replicated(mesh)),
-      donate_argnums=(0,))
+  _, state_sharding = abstract_state(model, tx, cfg, num_classes, mesh)
+  state = jax.jit(functools.partial(init_state, model, tx, cfg, num_classes=num_classes),
+                  out_shardings=state_sharding)(jax.random.key(0))
+  step_fn = jit_train_step(model, tx, logsnr_fn, cfg, num_classes, mesh, state_sharding)
   rng = np.random.default_rng(0)
   d, local = cfg.image_size, cfg.batch_size // jax.process_count()
   batch = {"image": rng.integers(0, 256, (local, d, d, 3), dtype=np.uint8),

@@ -10,7 +10,6 @@ quantised to uint8 exactly as saved images would be, before any metric sees them
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable
 
@@ -58,11 +57,7 @@ def restore_ema_params(run: LoadedRun, step: int, mesh=None) -> Any:
   """The EMA parameters of checkpoint ``step`` (sharded like in training)."""
   from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
   mesh = mesh or shd.make_mesh()
-  tx = train_lib.make_optimizer(run.cfg)
-  abstract = jax.eval_shape(functools.partial(train_lib.init_state, run.model, tx, run.cfg,
-                                              num_classes=run.num_classes), jax.random.key(0))
-  shardings = shd.tree_shardings(mesh, abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  abstract, _ = train_lib.abstract_state(run.model, train_lib.make_optimizer(run.cfg), run.cfg, run.num_classes, mesh)
   checkpointer = ckpt_lib.Checkpointer(run.run_dir, with_data=False, async_save=False)
   if step not in checkpointer.all_steps():
     raise UserError(f"checkpoint step {step} does not exist in {checkpointer.directory}; "
