@@ -9,8 +9,14 @@ resolved gin configuration and become one :class:`Job`, trained once and reporte
 
 Choices where the paper is silent (named in README, pinned by tests/test_registry.py):
 - U-ViT schedule: shifted to 64 (the paper's general recommendation, section 5.1).
-- Text-to-image: the interpolated schedule from noise_d 32 to the image size (section 3.1
-  recommends it when guidance is used); evaluated with noise_param 1.0 and 30K samples (appendix A).
+- Text-to-image: the interpolated schedule from noise_d 32 to 256 at both 256 and 512 (section 3.1
+  recommends it when guidance is used; its only example, "for a resolution of 512 ... starting at
+  shift 32 and interpolating to shift 256", is also our 'interpolated' row); evaluated with
+  noise_param 1.0 and 30K samples (appendix A), FID against the COCO validation set (appendix C:
+  the data set's eval split, metric 'fid_eval'), over Figure 8's guidance scales.
+- The U-ViT 512 trains without the multiscale loss: B.2's settings "for 512" name none, and
+  Table 6 tests it on U-Nets only (section 3.2 recommends it above 256).
+- Sampling steps: 256 (not in the paper; FID depends on it with noise_param 0.2), an Entry field.
 - The 1024 U-Net uses the shift-64 schedule like the other U-Nets.
 """
 from __future__ import annotations
@@ -24,6 +30,12 @@ from typing import Iterable, Sequence
 
 GIN_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 PAPER_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_tables.csv")
+
+
+# Not in the paper (appendix A gives the sampler, not its step count); FID depends on it.
+SAMPLER_STEPS = 256
+# Figure 8: guidance scales of the text-to-image model (CLIP vs FID@30K on COCO at 256).
+FIGURE8_GUIDANCE = (1.0, 1.25, 1.4, 1.5, 2.0, 3.0, 4.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +54,11 @@ class Entry:
   noise_param: float = 0.2         # 1.0 for COCO (appendix A)
   throughput: bool = False         # Tables 4 and 5 report relative steps/s
   note: str = ""
+  guidance_sweep: tuple[float, ...] = ()   # further guidance scales evaluated (Figure 8)
+  sampler_steps: int = SAMPLER_STEPS       # DDPM steps when sampling for FID / IS
+  # The row trains this fraction of its model's usual number of steps (Table 3 "no dropout":
+  # 700K of 1.5M); the scales keep the fraction (experiments/scales.py).
+  steps_fraction: float = 1.0
 
 
 @dataclasses.dataclass
@@ -56,7 +73,16 @@ class Job:
 
   @property
   def guidances(self) -> list[float]:
-    return sorted({e.guidance for e in self.entries})
+    return sorted({e.guidance for e in self.entries} | {w for e in self.entries
+                                                        for w in e.guidance_sweep})
+
+  @property
+  def sampler_steps(self) -> int:
+    return max(e.sampler_steps for e in self.entries)
+
+  @property
+  def steps_fraction(self) -> float:
+    return self.entries[0].steps_fraction
 
   @property
   def num_samples(self) -> int:
@@ -113,10 +139,12 @@ def _entries() -> list[Entry]:
   for label, value in (("dropout from 128", "128"), ("dropout from 64", "64"), ("dropout from 32", "32"),
                        ("dropout from 16", "16"), ("no dropout", "None")):
     extra = _shift(128, 64) + (f"UNet.dropout_from_resolution = {value}",)
-    if value == "None":
-      extra += ("Train.num_steps = 700000",)  # reported at 700K iterations
+    fraction = 1.0
+    if value == "None":  # reported at 700K iterations (of the 1.5M of the other rows)
+      extra += ("Train.num_steps = 700000",)
+      fraction = 700_000 / 1_500_000
     files, b = _unet(128, None, *extra)
-    add(Entry("3", "128x128", label, "unet", 128, files, b))
+    add(Entry("3", "128x128", label, "unet", 128, files, b, steps_fraction=fraction))
 
   # Table 4: blocks at the 16x16 level (U-Net 128, shift 64): num_res_blocks [3, 4, 4, a, 4].
   for a in (2, 4, 8, 12):
@@ -157,16 +185,19 @@ def _entries() -> list[Entry]:
       add(Entry("9", f"{res}x{res}", f"guidance {w:.2f}", "uvit", res, uvit_files, uvit_b,
                 metrics=("fid_train", "fid_eval", "is"), guidance=w))
 
-  # Table 8: text to image on COCO (zero-shot FID@30K, noise_param 1.0).
+  # Table 8: text to image on COCO (zero-shot FID@30K against the COCO validation set, which is
+  # the data set's eval split: metric fid_eval; noise_param 1.0; Figure 8's guidance sweep).
+  # Interpolated schedule 32 -> 256 at both resolutions (section 3.1's example is 512: 32 -> 256).
   for res, group in ((256, "256x256 COCO zero-shot"), (512, "512x512 COCO zero-shot")):
     b = (f"Train.image_size = {res}", "Train.num_steps = 700000", "schedule.name = 'cosine_interpolated'",
-         f"schedule.image_d = {res}", "schedule.noise_d_low = 32", f"schedule.noise_d_high = {res}")
+         f"schedule.image_d = {res}", "schedule.noise_d_low = 32", "schedule.noise_d_high = 256")
     b += (_LINEAR_RANGE,)
     if res == 512:  # uvit_t2i.gin is the 256 model; at 512 two DWT levels keep the same feature maps
       b += ("model.image_size = 512", "UViT.patching_type = 'dwt_2'")
     add(Entry("8", group, "simple diffusion (U-ViT 2B)", "uvit", res, ("models/uvit_t2i.gin", UVIT_TRAIN), b,
-              metrics=("fid_train",), num_samples=30_000, noise_param=1.0,
-              note="needs a data set with text embeddings (core.data prepare ... text embeddings)"))
+              metrics=("fid_eval",), num_samples=30_000, noise_param=1.0, guidance_sweep=FIGURE8_GUIDANCE,
+              note="needs a data set with text embeddings (core.data prepare ... text embeddings) whose "
+                   "eval split is the COCO validation set"))
 
   # Appendix C: 1024x1024 U-Net with 4x4 patching, with and without the multiscale loss.
   for label, extra in (("U-Net 4x4 patching", ()), ("U-Net 4x4 patching + multiscale loss", ms)):

@@ -5,8 +5,13 @@ settings: steps, batch, channel widths, evaluation size) plus bindings computed 
 paper values so that each row keeps its relative meaning. Every resolution-valued setting is divided
 by the same factor as the image size (the paper's 128x128 becomes 16x16 at factor 8): the schedule's
 ``image_d`` and ``noise_d`` (so the ratio image_d / noise_d, hence the shift, is the paper's), the
-dropout start, the attention resolutions and the multiscale loss base; block counts are reduced
-but keep their order (Table 4's 2 < 4 < 8 < 12 blocks stay increasing). Both layers are ordinary gin
+dropout start, the attention resolutions and the multiscale loss base, for both networks. Block
+counts: the row's total number of (down-path) residual blocks is divided by the scale's divisor
+and apportioned to the levels in proportion to the paper's counts (largest remainder, at least one
+a level, :func:`scaled_blocks`), so Table 5's "total number of blocks is kept the same" across
+None / DWT-1 / DWT-2 holds at every scale and Table 4's 2 < 4 < 8 < 12 blocks at 16x16 stay
+strictly increasing. A row that trains a fraction of its model's usual steps (Table 3's "no
+dropout", 700K of 1.5M) keeps that fraction of the scale's steps. Both layers are ordinary gin
 bindings and so appear in the run's operative ``config.gin``.
 """
 from __future__ import annotations
@@ -16,13 +21,15 @@ import math
 import gin
 
 from core import config as config_lib
+from experiments import registry
 
 SCALES = ("paper", "demo", "smoke")
 # Image size divisor per scale: the paper's U-Nets reach 8x8 at their lowest level, so 8 is the
 # largest factor that keeps every level of every configuration at least 1x1.
 FACTOR = {"paper": 1, "demo": 8, "smoke": 8}
-# Per-level residual-block divisor (ceil), so deep levels stay deeper than shallow ones.
-BLOCK_DIVISOR = {"paper": 1, "demo": 2, "smoke": 16}  # smoke: one block a level
+# Divisor of a row's total residual blocks (then apportioned to levels, see scaled_blocks). 3 is
+# the largest that keeps Table 4's four rows distinct at the 16x16 level (1, 2, 3, 4).
+BLOCK_DIVISOR = {"paper": 1, "demo": 2, "smoke": 3}
 TRANSFORMER_BLOCKS = {"demo": 4, "smoke": 1}
 
 
@@ -32,6 +39,29 @@ def _q(name: str, default=None):
 
 def _fmt(v) -> str:
   return repr(v) if not isinstance(v, (list, tuple)) else "[" + ", ".join(repr(x) for x in v) + "]"
+
+
+def scaled_blocks(blocks, divisor: int) -> list[int]:
+  """Per-level blocks at a scale: total ceil(sum / divisor) (at least one a level), apportioned
+  in proportion to ``blocks`` by largest remainder (ties to the deeper level)."""
+  blocks = [int(b) for b in blocks]
+  total, levels = sum(blocks), len(blocks)
+  if divisor == 1 or total == 0:
+    return blocks
+  target = max(levels, math.ceil(total / divisor))
+  quota = [b * target / total for b in blocks]
+  out = [max(1, math.floor(q)) for q in quota]
+  while sum(out) < target:
+    out[max(range(levels), key=lambda i: (quota[i] - out[i], i))] += 1
+  while sum(out) > target:
+    out[min((i for i in range(levels) if out[i] > 1), key=lambda i: (quota[i] - out[i], -i))] -= 1
+  return out
+
+
+def steps_fraction(gin_files, bindings) -> float:
+  """The registry's steps_fraction of the row with this configuration (1.0 if none matches)."""
+  key = (tuple(gin_files), tuple(bindings))
+  return next((e.steps_fraction for e in registry.ENTRIES if (e.gin_files, e.bindings) == key), 1.0)
 
 
 def layer_bindings(scale: str) -> list[str]:
@@ -66,15 +96,18 @@ def scale_bindings(gin_files, bindings, arch: str, resolution: int, scale: str) 
   cls = "UNet" if arch == "unet" else "UViT"
   blocks = _q(f"{cls}.num_res_blocks")
   if blocks is not None:
-    out.append(f"{cls}.num_res_blocks = {_fmt([max(1, math.ceil(b / BLOCK_DIVISOR[scale])) for b in blocks])}")
-  if arch == "unet":
-    attn = _q("UNet.attn_resolutions")
-    if attn is not None:
-      out.append(f"UNet.attn_resolutions = {_fmt(sorted({max(1, a // f) for a in attn}))}")
-    drop = _q("UNet.dropout_from_resolution")
-    if drop is not None:
-      out.append(f"UNet.dropout_from_resolution = {max(1, int(drop) // f)}")
-  else:
+    out.append(f"{cls}.num_res_blocks = {_fmt(scaled_blocks(blocks, BLOCK_DIVISOR[scale]))}")
+  attn = _q(f"{cls}.attn_resolutions")
+  if attn:
+    out.append(f"{cls}.attn_resolutions = {_fmt(sorted({max(1, a // f) for a in attn}))}")
+  drop = _q(f"{cls}.dropout_from_resolution")
+  if drop is not None:
+    out.append(f"{cls}.dropout_from_resolution = {max(1, int(drop) // f)}")
+  if arch != "unet":
     out.append(f"UViT.num_transformer_blocks = {TRANSFORMER_BLOCKS[scale]}")
+  fraction = steps_fraction(gin_files, bindings)
+  if fraction != 1.0:
+    steps = int(_q("Train.num_steps"))   # the scale layer's steps (it comes after the row's)
+    out.append(f"Train.num_steps = {max(1, round(steps * fraction))}")
   gin.clear_config()
   return out

@@ -3,14 +3,16 @@
 The network is conditioned on logSNR(t) rather than t (the schedules are defined in logSNR,
 Sec. 3.1), on an ImageNet class (Sec. 5) and, for text-to-image, on T5-XXL embeddings (Sec. 3.6).
 
-logsnr_input_type (how the scalar logSNR becomes features; the paper names 'linear' for the U-ViT
-(B.2) and is silent for the U-Net):
+logsnr_input_type (how the scalar logSNR becomes features), as in the authors' code lineage
+(google-research diffusion_distillation unet.py): logSNR is first mapped to u in [0, 1], then u
+gets the DDPM timestep embedding, sinusoidal features of 1000 u (u plays diffusion time):
 * 'linear': u = (logsnr - lo) / (hi - lo), [lo, hi] = logsnr_range, the clipped (and shifted)
-  schedule's [logsnr_min, logsnr_max] (a model setting so gin can bind it from the schedule);
-  sinusoidal features of 1000 u (DDPM timestep embedding, u in [0, 1] like diffusion time).
-* 'sinusoidal': sinusoidal features of the raw logSNR value (frequencies 1 ... 1/10000).
+  schedule's [logsnr_min, logsnr_max] (appendix A: "care needs to be taken when these endpoints are
+  used to define the embedding"; gin binds it with ``@schedule_range()``). B.2 names it for the
+  U-ViT; we use it for the U-Net too (README choices table).
+* 'sigmoid': u = sigmoid(logsnr) (= alpha_t^2).
 * 'inv_cos': u = (2/pi) arctan(exp(-logsnr/2)), the time at which the unshifted cosine schedule
-  has this logSNR; sinusoidal features of 1000 u.
+  has this logSNR (logsnr clipped to [-20, 20] first).
 The features (width = base_channels) go through Dense(emb) -> swish -> Dense(emb); the class
 embedding is added and a swish applied; every block then reads its own Dense of this vector.
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 
 from core.errors import UserError
 
-LOGSNR_INPUT_TYPES = ("linear", "sinusoidal", "inv_cos")
+LOGSNR_INPUT_TYPES = ("linear", "sigmoid", "inv_cos")
 
 
 def sinusoidal_features(x: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -42,29 +44,35 @@ def sinusoidal_features(x: jax.Array, dim: int, max_period: float = 10_000.0) ->
   return feats
 
 
+def logsnr_to_unit(logsnr: jax.Array, input_type: str,
+                   logsnr_range: Sequence[float] = (-15.0, 15.0)) -> jax.Array:
+  """logSNR -> u in [0, 1] for the chosen logsnr_input_type (see module docstring)."""
+  logsnr = jnp.asarray(logsnr, jnp.float32)
+  if input_type == "linear":
+    lo, hi = float(logsnr_range[0]), float(logsnr_range[1])
+    return (logsnr - lo) / (hi - lo)
+  if input_type == "sigmoid":
+    return jax.nn.sigmoid(logsnr)
+  if input_type == "inv_cos":
+    return jnp.arctan(jnp.exp(-0.5 * jnp.clip(logsnr, -20.0, 20.0))) / (0.5 * jnp.pi)
+  raise UserError(f"logsnr_input_type={input_type!r} is unknown; use one of "
+                  f"{', '.join(LOGSNR_INPUT_TYPES)}")
+
+
 def logsnr_features(logsnr: jax.Array, dim: int, input_type: str,
                     logsnr_range: Sequence[float] = (-15.0, 15.0)) -> jax.Array:
-  """logSNR [B] -> [B, dim] features for the chosen logsnr_input_type (see module docstring)."""
+  """logSNR [B] -> [B, dim]: the timestep embedding of 1000 u, u = logsnr_to_unit(logsnr)."""
   logsnr = jnp.asarray(logsnr, jnp.float32)
   if logsnr.ndim == 0:
     logsnr = logsnr[None]
-  if input_type == "linear":
-    lo, hi = float(logsnr_range[0]), float(logsnr_range[1])
-    return sinusoidal_features(1000.0 * (logsnr - lo) / (hi - lo), dim)
-  if input_type == "sinusoidal":
-    return sinusoidal_features(logsnr, dim)
-  if input_type == "inv_cos":
-    u = jnp.arctan(jnp.exp(-0.5 * jnp.clip(logsnr, -20.0, 20.0))) / (0.5 * jnp.pi)
-    return sinusoidal_features(1000.0 * u, dim)
-  raise UserError(f"logsnr_input_type={input_type!r} is unknown; use one of "
-                  f"{', '.join(LOGSNR_INPUT_TYPES)}")
+  return sinusoidal_features(1000.0 * logsnr_to_unit(logsnr, input_type, logsnr_range), dim)
 
 
 class Conditioning(nn.Module):
   """logSNR (+ class) -> conditioning vector [B, emb_channels] consumed by every block."""
   emb_channels: int
   feature_dim: int
-  logsnr_input_type: str = "sinusoidal"
+  logsnr_input_type: str = "linear"
   logsnr_range: Sequence[float] = (-15.0, 15.0)
   num_classes: int = 0
   dtype: Any = jnp.float32

@@ -97,9 +97,15 @@ def forward_flops(model: Any, image_size: int | Sequence[int], image_channels: i
       (h, w), (h2, w2) = sizes[i], sizes[i + 1]
       total += _conv(h2, w2, 3, widths[i], widths[i + 1])           # avg-pool, conv
       total += _conv(h, w, 3, widths[i + 1], widths[i])             # nearest x2, conv
+  if not is_uvit and getattr(model, "middle_block", False):   # ResBlock, attention, ResBlock
+    h, w = sizes[-1]
+    total += 2 * _resblock(h, w, widths[-1], widths[-1], e) + _attention(h * w, widths[-1])
   if is_uvit:
     th, tw = sizes[-1]
     total += model.num_transformer_blocks * _transformer_block(th * tw, widths[-1], e, text)
+    if getattr(model, "shared_modulation", False) and model.num_transformer_blocks:
+      # one scale/shift projection for the whole stack instead of one per block
+      total -= (model.num_transformer_blocks - 1) * _dense(1, e, 8 * widths[-1])
   return float(total)
 
 

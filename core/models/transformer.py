@@ -10,6 +10,10 @@ Following the pseudo-code of B.2.1:
   NormalizeWithBias (LayerNorm with bias over head_dim); softmax(q k^T * head_dim^-0.5) v; output
   DenseGeneral over (heads, head_dim) -> C, zero-initialised.
 * transformer_block: x += mlp_block(x); x += self_attention(x) — MLP first (NOTES.md item 4).
+  Every MLP block has its own (scale, shift) projection of the embedding, as the listing reads
+  (604M of the 2.47B parameters of the paper's "U-ViT 2B"). TransformerStack(shared_modulation=
+  True) instead computes one projection for the whole stack, shared by its blocks (a variant
+  for the "2B" label; README choices table).
 "Normalize" (no "WithBias") is read as LayerNorm with a learned scale and no bias.
 
 Text conditioning (Sec. 3.6 / 5.2: "cross-attention in the transformer that operates on T5 XXL
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 from core.errors import UserError
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+MLP_EXPANSION = 4   # B.2.1 mlp_block(expansion_factor=4)
 
 
 def _dense(features, dtype, name=None, zero=False, axis=-1):
@@ -93,20 +98,23 @@ class Attention(nn.Module):
 
 class MLPBlock(nn.Module):
   """The pseudo-code's mlp_block, with an optional U-Net skip input (normalised, averaged)."""
-  expansion: int = 4
+  expansion: int = MLP_EXPANSION
   dropout: float = 0.0
   deterministic: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, skip: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array, skip: jax.Array | None = None,
+               mod: jax.Array | None = None) -> jax.Array:
+    """``mod``: a precomputed [B, 2 * expansion * C] (scale, shift) projection (shared)."""
     c = x.shape[-1]
     h = normalize(self.dtype, name="norm")(x)
     if skip is not None:
       h = (h + normalize(self.dtype, name="norm_skip")(skip)) / math.sqrt(2.0)
     h = _dense(self.expansion * c, self.dtype, name="dense_in")(h)
-    mod = _dense(2 * self.expansion * c, self.dtype, name="emb_proj")(emb)[:, None, :]
-    scale, shift = jnp.split(mod, 2, axis=-1)
+    if mod is None:
+      mod = _dense(2 * self.expansion * c, self.dtype, name="emb_proj")(emb)
+    scale, shift = jnp.split(mod[:, None, :], 2, axis=-1)
     h = nn.swish(h) * (1.0 + scale) + shift
     if self.dropout > 0.0:
       h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
@@ -124,9 +132,9 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, text: jax.Array | None = None,
-               skip: jax.Array | None = None) -> jax.Array:
+               skip: jax.Array | None = None, mod: jax.Array | None = None) -> jax.Array:
     x = x + MLPBlock(dropout=self.dropout, deterministic=self.deterministic, dtype=self.dtype,
-                     name="mlp")(x, emb, skip)
+                     name="mlp")(x, emb, skip, mod)
     x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="self_attn")(x)
     if self.cross_attention:
       if text is None:
@@ -147,10 +155,10 @@ class _ScanBody(nn.Module):
   attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x, emb, text):
+  def __call__(self, x, emb, text, mod):
     block = TransformerBlock(self.num_heads, self.dropout, self.cross_attention,
                              self.deterministic, self.dtype, self.attention_impl, name="block")
-    return block(x, emb, text), None
+    return block(x, emb, text, None, mod), None
 
 
 class TransformerStack(nn.Module):
@@ -159,7 +167,8 @@ class TransformerStack(nn.Module):
   scan=True: one nn.scan over blocks, parameters stacked on a leading axis of size num_blocks
   (params['blocks']['block'][...] with shape [num_blocks, ...]); compile time does not grow with
   depth. scan=False: an unrolled loop, params['block_<i>']. remat=True wraps each block in
-  nn.remat (activations recomputed in the backward pass).
+  nn.remat (activations recomputed in the backward pass). shared_modulation=True: one (scale,
+  shift) projection of emb, params['shared_emb_proj'], used by every block's MLP.
   """
   num_blocks: int
   num_heads: int
@@ -170,6 +179,7 @@ class TransformerStack(nn.Module):
   attention_impl: str = "auto"
   scan: bool = True
   remat: bool = False
+  shared_modulation: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, text: jax.Array | None = None) -> jax.Array:
@@ -178,14 +188,18 @@ class TransformerStack(nn.Module):
               dtype=self.dtype, attention_impl=self.attention_impl)
     if self.num_blocks == 0:
       return x
+    mod = None
+    if self.shared_modulation:
+      mod = _dense(2 * MLP_EXPANSION * x.shape[-1], self.dtype, name="shared_emb_proj")(emb)
     if self.scan:
       body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
       stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=self.num_blocks)
-      x, _ = stack(name="blocks", **kw)(x, emb, text)
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=self.num_blocks)
+      x, _ = stack(name="blocks", **kw)(x, emb, text, mod)
       return x
     block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
     for i in range(self.num_blocks):
-      x = block_cls(name=f"block_{i}", **kw)(x, emb, text)
+      x = block_cls(name=f"block_{i}", **kw)(x, emb, text, None, mod)
     return x

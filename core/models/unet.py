@@ -13,7 +13,12 @@ Layout (choices where B.1 is silent are marked *, pinned by tests/test_models.py
 * Up path, bottom level first: Upsample to ch_i (not at the bottom level), then
   num_res_blocks[i] + 1 ResBlocks each merging a popped skip as in B.2.1 ((GN(h) + GN(skip)) /
   sqrt 2, additive, not concatenation*), each followed by attention at attention levels.
-  There is no separate middle block*: the bottom level's a down and a+1 up blocks play that role.
+* Middle block (``middle_block=True``, the default*): ResBlock, self-attention, ResBlock at the
+  bottom level's resolution between the down and the up path, without skips, as in the authors'
+  code lineage (google-research diffusion_distillation unet.py, and ADM / VDM before it). B.1 and
+  Table 4 count the blocks of each level ("a+b"), which the lineage's num_res_blocks also counts
+  without the middle block. ``middle_block=False`` drops it.
+* logSNR input: 'linear' over the (shifted) schedule's range by default* (conditioning.py).
 * PatchOut: GroupNorm, swish, zero-init conv (transposed conv for conv patching), inverse DWT.
 Dropout: ResBlocks at resolutions <= dropout_from_resolution use ``dropout`` (Sec. 3.4).
 Returns the v prediction in float32 (compute in ``dtype``, parameters in float32).
@@ -62,11 +67,12 @@ class UNet(nn.Module):
   dropout_from_resolution: int | None = 16
   patching_type: str = "none"
   num_classes: int = 0
-  logsnr_input_type: str = "sinusoidal"
+  logsnr_input_type: str = "linear"
   logsnr_range: Sequence[float] = (-15.0, 15.0)
   dtype: str = "float32"
   remat: bool = False
   attention_impl: str = "auto"
+  middle_block: bool = True
 
   @nn.compact
   def __call__(self, z: jax.Array, logsnr: jax.Array, label: jax.Array | None = None,
@@ -107,6 +113,11 @@ class UNet(nn.Module):
         hs.append(h)
       if i < n - 1:
         h = Downsample(widths[i + 1], dt, name=f"down{i}_resample")(h)
+    if self.middle_block:
+      rate = dropout_rate(res[-1], self.dropout, self.dropout_from_resolution)
+      h = block_cls(widths[-1], rate, det, dt, name="mid_block0")(h, emb)
+      h = attn_cls(self.num_heads, dt, self.attention_impl, name="mid_attn")(h)
+      h = block_cls(widths[-1], rate, det, dt, name="mid_block1")(h, emb)
     for i in reversed(range(n)):
       if i < n - 1:
         h = Upsample(widths[i], dt, name=f"up{i}_resample")(h)

@@ -10,7 +10,9 @@ Following the pseudo-code ``uvit(x, logsnr)`` of B.2.1:
   one more entry than num_res_blocks: its last entry is the transformer's width (16 -> 2048).
 * Transformer: flatten to tokens, add a learned position embedding (normal(0.01)), then
   num_transformer_blocks transformer blocks (MLP block then self-attention, [then cross-attention
-  on text]) with residual connections only — no skips (B.2). Stacked with nn.scan.
+  on text]) with residual connections only — no skips (B.2). Stacked with nn.scan. Each MLP block
+  has its own scale/shift projection (the literal B.2.1 reading, 2.47B parameters at paper size);
+  ``shared_modulation=True`` shares one projection across the stack (1.88B).
 * Up path, bottom level first: upsample to ch_i (the garbled ``channel_multiplier[i_level 1]``
   of the listing read as channel_multiplier[i_level], NOTES.md item 4), then num_res_blocks[i]
   ResBlocks each merging one popped skip (so the up path has as many blocks as the down path, as
@@ -85,6 +87,7 @@ class UViT(nn.Module):
   remat: bool = False
   scan: bool = True
   attention_impl: str = "auto"
+  shared_modulation: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array, logsnr: jax.Array, label: jax.Array | None = None,
@@ -133,7 +136,8 @@ class UViT(nn.Module):
     tokens = tokens + pos.astype(dt)[None]
     tokens = TransformerStack(self.num_transformer_blocks, self.num_heads,
                               self.transformer_dropout, cross, det, dt, self.attention_impl,
-                              scan=self.scan, remat=self.remat, name="transformer")(
+                              scan=self.scan, remat=self.remat,
+                              shared_modulation=self.shared_modulation, name="transformer")(
                                   tokens, emb, text)
     h = tokens.reshape(b, th, tw, tc)
 

@@ -99,6 +99,9 @@ def validate(model: Any, image_size: int | Sequence[int], image_channels: int = 
       if ch % model.num_heads:
         raise UserError(f"{arch}.num_heads={model.num_heads} does not divide the {ch} channels "
                         f"of the attention level at resolution {r}")
+  if not is_uvit and getattr(model, "middle_block", False) and widths[-1] % model.num_heads:
+    raise UserError(f"{arch}.num_heads={model.num_heads} does not divide the {widths[-1]} "
+                    "channels of the middle block's attention (or set UNet.middle_block=False)")
   if is_uvit:
     ch = widths[-1]
     if model.num_transformer_blocks < 0:
