@@ -11,6 +11,9 @@ H, W, C. With alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr):
 Losses are unweighted (w(t) = 1) with t ~ U(0, 1) per example. 'eps_mse' is the U-Net default
 (eps_hat = sigma z + alpha v_hat, Appendix A), 'v_mse' the U-ViT default (mean_loss_type='v_mse',
 Appendix B). The multiscale loss of Section 3.2 is applied to whichever target the loss type uses.
+Its L^{s x s} averages over the C channels as well as the s x s pixels: the paper's
+(1/s^2) ||D_s[eps] - D_s[eps_hat]||^2 divided by C. The factor is the same at every scale, so the
+weighting between scales (1/s) is the paper's; the total is the paper's loss / C.
 """
 from __future__ import annotations
 

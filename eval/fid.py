@@ -9,8 +9,11 @@ values and spurious imaginary parts, and gives wrong FIDs for ill-conditioned or
 covariances (fewer samples than 2048 features). Here the trace term uses the similar symmetric PSD
 matrix: tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with A = S1^(1/2), which equals the sum of the
 singular values of A B (B = S2^(1/2)); both square roots are taken by ``eigh`` in float64 with
-eigenvalues clipped at 0. On rank-deficient sample covariances this is accurate to ~1e-12
-relative (eigenvalues of A S2 A, then their square roots: ~1e-7; scipy's sqrtm: ~1e-7 or worse).
+eigenvalues clipped at 0. Accuracy, measured on rank-deficient sample covariances (200-1800
+samples of 512-2048 features) against the exact trace, the sum of the singular values of the small
+matrix X1 X2^T of centred features: 5e-14 to 8e-9 relative in d^2 (independent checks: 3e-10 to
+7e-9), the float64 limit of square roots of singular matrices; taking the square roots of the
+eigenvalues of A S2 A instead loses more (~1e-7).
 Statistics are saved as .npz with keys ``mu`` and ``sigma``, the layout of ADM's reference
 batches (VIRTUAL_imagenet256_labeled.npz).
 """
