@@ -122,7 +122,9 @@ def test_unet_dropout_exactly_at_resolutions_up_to_setting():
   params = random_params(m, z, logsnr, label=label)
   rows = _dropout_activity(m, params, z, logsnr, label=label)
   assert sorted({r for _, r, _ in rows}) == [4, 8, 16]
-  assert len(rows) == 3 + 6                                     # a down + (a+1) up per level
+  # a down + (a+1) up per level, plus the middle block's two ResBlocks at the bottom (4x4)
+  assert len(rows) == 3 + 6 + 2
+  assert [r for _, r, _ in rows].count(4) == 1 + 2 + 2
   for _, res, diff in rows:
     assert (diff > 0) == (res <= 8), (res, diff)
 
