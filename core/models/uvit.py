@@ -12,7 +12,7 @@ Following the pseudo-code ``uvit(x, logsnr)`` of B.2.1:
   num_transformer_blocks transformer blocks (MLP block then self-attention, [then cross-attention
   on text]) with residual connections only — no skips (B.2). Stacked with nn.scan. Each MLP block
   has its own scale/shift projection (the literal B.2.1 reading, 2.47B parameters at paper size);
-  ``shared_modulation=True`` shares one projection across the stack (1.88B).
+  ``shared_modulation=True`` shares one projection across the stack (1.89B).
 * Up path, bottom level first: upsample to ch_i (the garbled ``channel_multiplier[i_level 1]``
   of the listing read as channel_multiplier[i_level], NOTES.md item 4), then num_res_blocks[i]
   ResBlocks each merging one popped skip (so the up path has as many blocks as the down path, as

@@ -1,0 +1,165 @@
+"""Model choices taken from the authors' code lineage: logSNR input types, the U-Net middle block,
+and the U-ViT's per-block vs shared scale/shift projection (closed-form parameter counts)."""
+from __future__ import annotations
+
+import math
+import os
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import expit
+
+from core import config as config_lib
+from core import schedules
+from core.models import UNet, UViT, make_model
+from core.models.conditioning import LOGSNR_INPUT_TYPES, logsnr_features, logsnr_to_unit
+from core.models.summary import count_params, param_shapes
+from experiments import registry, run
+from tests.test_models import TINY_UNET, TINY_UVIT, random_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _ddpm_embedding(u: np.ndarray, dim: int) -> np.ndarray:
+  """The lineage's get_timestep_embedding(u, dim, max_time=1): sin/cos of 1000 u f_k, numpy."""
+  half = dim // 2
+  freqs = np.exp(-np.log(10000.0) * np.arange(half) / (half - 1))
+  args = 1000.0 * np.asarray(u, np.float64)[:, None] * freqs[None]
+  return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+
+def test_logsnr_input_types_are_the_lineages():
+  """u in [0, 1] by the lineage's three maps, then the DDPM timestep embedding of 1000 u."""
+  assert set(LOGSNR_INPUT_TYPES) == {"linear", "sigmoid", "inv_cos"}
+  lo, hi = -19.1589, 10.8411
+  l = np.array([lo, -7.3, 0.0, 2.5, hi], np.float32)
+  want = {"linear": (l - lo) / (hi - lo), "sigmoid": expit(l.astype(np.float64))}
+  # inv_cos inverts the unshifted cosine schedule logsnr(t) = -2 log tan(pi t / 2).
+  t = np.array([0.05, 0.3, 0.5, 0.8, 0.95])
+  cos_logsnr = (-2.0 * np.log(np.tan(np.pi * t / 2))).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(logsnr_to_unit(cos_logsnr, "inv_cos")), t, atol=1e-6)
+  want["inv_cos"] = t
+  for kind, u in want.items():
+    x = cos_logsnr if kind == "inv_cos" else l
+    np.testing.assert_allclose(np.asarray(logsnr_to_unit(x, kind, (lo, hi))), u, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(logsnr_features(x, 16, kind, (lo, hi))),
+                               _ddpm_embedding(u, 16), atol=2e-3)   # float32 args up to 1000
+
+
+def test_unet_embeds_linear_logsnr_over_the_schedule_range_by_default():
+  """The U-Net's first conditioning layer sees the embedding of (logsnr - lo) / (hi - lo), not of
+  the raw logSNR (the old behaviour)."""
+  assert UNet.logsnr_input_type == "linear" and UViT.logsnr_input_type == "linear"
+  lo, hi = -16.3863, 13.6137
+  m = UNet(**TINY_UNET, logsnr_range=(lo, hi))
+  z = jnp.zeros((3, 16, 16, 3))
+  logsnr = jnp.array([lo, -2.0, hi])
+  params = random_params(m, z, logsnr)
+  _, state = m.apply({"params": params}, z, logsnr, capture_intermediates=True)
+  dense0 = np.asarray(state["intermediates"]["cond"]["logsnr_dense0"]["__call__"][0])
+  w = params["cond"]["logsnr_dense0"]
+  feats = _ddpm_embedding((np.asarray(logsnr) - lo) / (hi - lo), TINY_UNET["base_channels"])
+  np.testing.assert_allclose(dense0, feats @ np.asarray(w["kernel"]) + np.asarray(w["bias"]),
+                             atol=2e-3)
+
+
+@pytest.mark.parametrize("table,group,row,image_d,noise_d", [
+    ("2", "128x128", "cosine (shifted to 32)", 128, 32),
+    ("2", "256x256", "cosine (original at 256)", 256, 256),
+    ("5", "512x512", "DWT-2", 512, 64),
+    ("1024", "1024x1024", "U-Net 4x4 patching", 1024, 64),
+])
+def test_paper_unet_jobs_span_the_shifted_range(table, group, row, image_d, noise_d):
+  """Every U-Net run binds 'linear' over its own (shifted) schedule's range: appendix A."""
+  job = next(j for j in registry.jobs(registry.select(table))
+             if any(e.group == group and e.row == row for e in j.entries))
+  args = run.job_args(job, "paper", "unused", None)
+  config_lib.parse([a.split("=", 1)[1] for a in args if a.startswith("gin_file=")],
+                   [a for a in args if not a.startswith(("gin_file=", "workdir="))])
+  model = make_model()
+  shift = 2 * math.log(noise_d / image_d)
+  assert model.logsnr_input_type == "linear" and model.middle_block
+  np.testing.assert_allclose(model.logsnr_range, (-15 + shift, 15 + shift), atol=1e-4)
+  np.testing.assert_allclose(model.logsnr_range, schedules.schedule_range(), atol=1e-9)
+
+
+def _resblock_params(c: int, e: int) -> int:
+  return 2 * c + (9 * c * c + c) + (2 * c * e + 2 * c) + 2 * c + (9 * c * c + c)
+
+
+def _attention_params(c: int, heads: int) -> int:
+  return c + 3 * (c * c + c) + 2 * 2 * (c // heads) + (c * c + c)
+
+
+def test_unet_middle_block_is_resblock_attention_resblock_at_the_bottom():
+  """middle_block (default on) adds exactly two ResBlocks and one attention at the lowest level,
+  whatever attn_resolutions says (the lineage's mid.block_1, mid.attn_1, mid.block_2)."""
+  with_mid = UNet(**{**TINY_UNET, "attn_resolutions": ()})
+  assert with_mid.middle_block
+  p = param_shapes(with_mid, 16)
+  assert {k for k in p if k.startswith("mid")} == {"mid_block0", "mid_attn", "mid_block1"}
+  assert not any(k.endswith("_attn") and not k.startswith("mid") for k in p)
+  c = TINY_UNET["base_channels"] * TINY_UNET["channel_multiplier"][-1]
+  extra = 2 * _resblock_params(c, TINY_UNET["emb_channels"]) + _attention_params(
+      c, TINY_UNET["num_heads"])
+  assert count_params(p) - count_params(param_shapes(with_mid.clone(middle_block=False), 16)) \
+      == extra
+
+
+def _uvit_params(shared: bool) -> int:
+  """Closed form of the paper U-ViT 512 (B.2), per-block or shared (scale, shift) projection.
+
+  Independent of the code: written from B.2 / B.2.1 (as tests/test_models_config.py's formula).
+  """
+  e, widths, blocks, heads, n_tf, tokens, patch = 1024, [128, 256, 512, 2048], 2, 4, 36, 256, 48
+  cond = 128 * e + e + e * e + e + 1001 * e
+  total = cond + (9 * patch * 128 + 128) + (2 * 128 + 9 * 128 * patch + patch)
+  for i, c in enumerate(widths[:-1]):
+    total += blocks * (2 * _resblock_params(c, e) + 2 * c)       # down + up (skip norm)
+    total += 2 * (9 * c * widths[i + 1]) + widths[i + 1] + c       # resampling convs
+  c = widths[-1]
+  modulation = e * 8 * c + 8 * c
+  mlp = c + (c * 4 * c + 4 * c) + (4 * c * c + c)
+  block = mlp + _attention_params(c, heads)
+  total += tokens * c + n_tf * block
+  return total + (modulation if shared else n_tf * modulation)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_uvit_parameter_count_literal_and_shared_projection(shared):
+  """Paper label "U-ViT 2B"; B.2.1 read literally gives 2.47B, the shared variant 1.89B."""
+  gin.parse_config_file(os.path.join(ROOT, "gin", "models", "uvit_imagenet512.gin"))
+  model = make_model()
+  assert model.shared_modulation is False                    # the literal reading is the default
+  n = count_params(param_shapes(model.clone(shared_modulation=shared), 512))
+  assert n == _uvit_params(shared)
+  assert n == (1_886_431_792 if shared else 2_474_207_792)
+
+
+def test_shared_projection_equals_literal_when_the_projections_agree():
+  """shared_modulation=True is the literal model whose 36 (here 3) projections are tied."""
+  z = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  logsnr = jnp.array([-3.0, 2.0])
+  shared = UViT(**TINY_UVIT, shared_modulation=True, scan=False)
+  literal = shared.clone(shared_modulation=False)
+  p = random_params(shared, z, logsnr)
+  proj = p["transformer"].pop("shared_emb_proj")
+  for name, blk in p["transformer"].items():
+    blk["mlp"]["emb_proj"] = proj
+  y_literal = literal.apply({"params": p}, z, logsnr)
+  p["transformer"]["shared_emb_proj"] = proj
+  for blk in (v for k, v in p["transformer"].items() if k.startswith("block_")):
+    del blk["mlp"]["emb_proj"]
+  y_shared = shared.apply({"params": p}, z, logsnr)
+  assert float(jnp.abs(y_shared).max()) > 0
+  np.testing.assert_allclose(np.asarray(y_shared), np.asarray(y_literal), rtol=1e-5, atol=1e-5)
