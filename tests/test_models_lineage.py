@@ -16,7 +16,8 @@ from core import config as config_lib
 from core import schedules
 from core.models import UNet, UViT, make_model
 from core.models.conditioning import LOGSNR_INPUT_TYPES, logsnr_features, logsnr_to_unit
-from core.models.summary import count_params, param_shapes
+from core.models.flops import forward_flops, jaxpr_flops
+from core.models.summary import count_params, example_inputs, param_shapes
 from experiments import registry, run
 from tests.test_models import TINY_UNET, TINY_UVIT, random_params
 
@@ -163,3 +164,18 @@ def test_shared_projection_equals_literal_when_the_projections_agree():
   y_shared = shared.apply({"params": p}, z, logsnr)
   assert float(jnp.abs(y_shared).max()) > 0
   np.testing.assert_allclose(np.asarray(y_shared), np.asarray(y_literal), rtol=1e-5, atol=1e-5)
+
+
+def test_flops_count_the_middle_block_and_the_shared_projection():
+  """Analytic FLOPs equal the traced matmul FLOPs with either switch (one projection when shared)."""
+  for model in (UNet(**TINY_UNET), UNet(**TINY_UNET, middle_block=False),
+                UViT(**TINY_UVIT, shared_modulation=True),
+                UViT(**TINY_UVIT, shared_modulation=True, scan=False)):
+    params = param_shapes(model, 16)
+    args = example_inputs(model, 16)
+    traced = jaxpr_flops(lambda p, a, m=model: m.apply({"params": p}, **a), params, args)
+    assert forward_flops(model, 16) == traced, model
+  e, c, n = TINY_UVIT["emb_channels"], 8 * 4, TINY_UVIT["num_transformer_blocks"]
+  literal = UViT(**TINY_UVIT)
+  assert forward_flops(literal, 16) - forward_flops(literal.clone(shared_modulation=True), 16) \
+      == (n - 1) * 2 * e * 8 * c
