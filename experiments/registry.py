@@ -195,9 +195,10 @@ def _entries() -> list[Entry]:
     if res == 512:  # uvit_t2i.gin is the 256 model; at 512 two DWT levels keep the same feature maps
       b += ("model.image_size = 512", "UViT.patching_type = 'dwt_2'")
     add(Entry("8", group, "simple diffusion (U-ViT 2B)", "uvit", res, ("models/uvit_t2i.gin", UVIT_TRAIN), b,
-              metrics=("fid_eval",), num_samples=30_000, noise_param=1.0, guidance_sweep=FIGURE8_GUIDANCE,
-              note="needs a data set with text embeddings (core.data prepare ... text embeddings) whose "
-                   "eval split is the COCO validation set"))
+              metrics=("fid_eval",), num_samples=30_000, noise_param=1.0,
+              guidance_sweep=FIGURE8_GUIDANCE,
+              note="needs a data set with text embeddings (core.data prepare ... text embeddings) "
+                   "whose eval split is the COCO validation set"))
 
   # Appendix C: 1024x1024 U-Net with 4x4 patching, with and without the multiscale loss.
   for label, extra in (("U-Net 4x4 patching", ()), ("U-Net 4x4 patching + multiscale loss", ms)):

@@ -167,7 +167,7 @@ def test_shared_projection_equals_literal_when_the_projections_agree():
 
 
 def test_flops_count_the_middle_block_and_the_shared_projection():
-  """Analytic FLOPs equal the traced matmul FLOPs with either switch (one projection when shared)."""
+  """Analytic FLOPs equal the traced matmul FLOPs with either switch (one projection if shared)."""
   for model in (UNet(**TINY_UNET), UNet(**TINY_UNET, middle_block=False),
                 UViT(**TINY_UVIT, shared_modulation=True),
                 UViT(**TINY_UVIT, shared_modulation=True, scan=False)):
