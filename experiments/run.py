@@ -9,17 +9,22 @@ records ``job.json`` and ``eval/results.jsonl`` in ``<workdir>/<run name>``, whe
 ``python -m tables.render`` finds them. Jobs already complete are skipped; partial ones resume.
 ``mode=plan`` lists the jobs with their cost; ``mode=throughput`` measures steps/s for the rows of
 Tables 4 and 5 on synthetic data on this machine.
+
+Only a finished run is evaluated: a row's result is always its run's final step. SIGTERM (a
+scheduler's preemption notice) stops the whole command, after the trainer's checkpoint, with exit
+status 75 (EX_TEMPFAIL; 2 is a mistake to fix): rerunning the same command resumes where it stopped.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
 from core import cli
 from core import storage
-from core.errors import UserError, run_main
+from core.errors import Preempted, UserError, run_main
 from experiments import launchers, registry, scales
 
 # Evaluation size per scale (the paper: 50K samples, 256 sampler steps is our default).
@@ -136,13 +141,19 @@ def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any])
     if opts["eval"]:
       print("python -m eval.worker " + " ".join(e_args))
     return
-  write_job_json(job, scale, run_dir, args)
+  try:
+    write_job_json(job, scale, run_dir, args)
+  except OSError as e:
+    raise UserError(f"cannot write to {run_dir} ({e.strerror or e}); choose a writable workdir=") from None
   rows = ", ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)
   if is_trained(run_dir):
     print(f"[{job.name}] trained already ({rows})", flush=True)
   else:
     print(f"[{job.name}] training ({rows})", flush=True)
-    train_cli.main(args)
+    train_cli.main(args)  # raises Preempted on SIGTERM: nothing below runs
+    if not is_trained(run_dir):  # only a finished run's final step is a row's result
+      raise UserError(f"[{job.name}] stopped at step {_latest_step(run_dir)} before its last step; "
+                      f"rerun the same command to resume it")
   if opts["eval"]:
     n = int(dict(a.split("=", 1) for a in e_args)["num_samples"])
     if is_evaluated(job, run_dir, n):
@@ -164,6 +175,19 @@ def check_device(scale: str, launcher: str, planned: list[dict[str, Any]]) -> No
     raise UserError(
         f"scale=paper needs accelerators: these {len(planned)} job(s) cost about {total:,.0f} accelerator-hours "
         f"at paper settings; this machine has only a CPU. Run scale=demo here, or launcher=tpu (see mode=plan)")
+
+
+def check_data(scale: str, launcher: str, data_dir: str | None) -> None:
+  """Paper scale and TPU pods train on ImageNet: the built-in emoji set is for demo and smoke."""
+  if not data_dir and (scale == "paper" or launcher == "tpu"):
+    why = "scale=paper" if scale == "paper" else "launcher=tpu"
+    raise UserError(f"{why} needs data_dir=<prepared ImageNet at the rows' resolution> (python -m "
+                    f"core.data prepare src=<imagenet dir> res=... out=gs://...); without it the runs "
+                    f"would train on the built-in emoji set")
+
+
+def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument
+  raise Preempted("SIGTERM: stopped; rerun the same command to resume")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -189,6 +213,9 @@ def main(argv: Sequence[str]) -> int:
     from experiments import throughput  # pylint: disable=import-outside-toplevel
     throughput.measure(entries, scale, workdir)
     return 0
+  check_data(scale, opts["launcher"], opts["data_dir"])
+  # SIGTERM outside the trainer's loop (which checkpoints first) stops the command too.
+  signal.signal(signal.SIGTERM, _stop_on_sigterm)
   if opts["launcher"] == "tpu":
     for job in job_list:
       run_dir = storage.join(workdir, job.name)
@@ -200,8 +227,11 @@ def main(argv: Sequence[str]) -> int:
                if scale == "paper" else [])
   for job in job_list:
     run_local(job, scale, workdir, opts)
-  print(f"done: {len(job_list)} job(s) in {workdir}; render with: python -m tables.render table={table} "
-        f"workdir={workdir}", file=sys.stderr)
+  if opts["dry_run"]:
+    print(f"dry run: printed the commands of {len(job_list)} job(s); nothing was run", file=sys.stderr)
+  else:
+    print(f"done: {len(job_list)} job(s) in {workdir}; render with: python -m tables.render "
+          f"table={table} workdir={workdir}", file=sys.stderr)
   return 0
 
 
