@@ -305,6 +305,23 @@ def test_latex_compiles_standalone(tmp_path):
     assert (out / name.replace(".tex", ".pdf")).stat().st_size > 1000
 
 
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no LaTeX engine (pdflatex)")
+def test_latex_keeps_the_papers_table_numbers(tmp_path):
+  """LaTeX itself (the labels it writes to the .aux file) numbers each float as the paper does,
+  for all tables in one document and for one table alone (not 1, 2, 3 by its running count)."""
+  out = tmp_path / "out"
+  render.main([f"out={out}", "format=latex", "standalone=true"])
+  want = {"2": "2", "3": "3", "4": "4", "5": "5", "6": "6", "7": "7", "8": "8", "9": "9",
+          "1024": "C"}
+  for name, expected in [("tables", want), ("table_5", {"5": "5"}), ("table_1024", {"1024": "C"})]:
+    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", name + ".tex"],
+                          cwd=out, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    aux = (out / f"{name}.aux").read_text()
+    got = dict(re.findall(r"\\newlabel\{tab:simple-diffusion-(\w+)\}\{\{([^}]*)\}", aux))
+    assert got == expected, (name, got)
+
+
 def test_markdown_is_a_pipe_table_with_one_cell_per_column(tmp_path):
   workdir = table2_workdir(str(tmp_path))
   outs = render.render(list(paper.TABLES), workdir, "markdown")
