@@ -8,13 +8,11 @@ CLIs run as subprocesses, as a user runs them.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -22,9 +20,8 @@ import pytest
 from PIL import Image
 
 from core import data, input_pipeline
-from core.errors import UserError, run_main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from core.errors import UserError
+from tests.fault_helpers import assert_one_error_line, read_only, run_cli, run_in_process, snapshot
 SHARD = "train-00000-of-00001.array_record"
 
 
@@ -52,70 +49,10 @@ def over_white(rgb8: np.ndarray, alpha8: np.ndarray) -> np.ndarray:
   return np.round(rgb8 * a + 255 * (1 - a)).astype(np.int64)
 
 
-def run_cli(*args: str, wrap: list[str] | None = None) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([*(wrap or []), sys.executable, "-m", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
-
-
-def run_in_process(capsys, main, *args: str) -> subprocess.CompletedProcess:
-  """A CLI's main through run_main in this process (the code path of ``python -m``, without the
-  interpreter start-up: importing grain costs seconds per subprocess on a small CPU)."""
-  with pytest.raises(SystemExit) as e:
-    run_main(main, list(args))
-  cap = capsys.readouterr()
-  return subprocess.CompletedProcess(args, e.value.code, cap.out, cap.err)
-
-
 def info(capsys, data_dir, *extra: str, subprocess_: bool = False) -> subprocess.CompletedProcess:
   if subprocess_:
     return run_cli("core.data", "info", f"data_dir={data_dir}", *extra)
   return run_in_process(capsys, data.main, "info", f"data_dir={data_dir}", *extra)
-
-
-def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-  err = proc.stderr.strip()
-  assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-  assert "\n" not in err and err.startswith("error: "), err[-3000:]
-  assert "Traceback" not in proc.stdout + proc.stderr
-  for n in needles:
-    assert n in err, (n, err)
-  return err
-
-
-def snapshot(root) -> dict[str, bytes]:
-  """Every file under root (relative path -> bytes): what must survive a failed command."""
-  out = {}
-  for d, _, names in os.walk(root):
-    for n in names:
-      p = os.path.join(d, n)
-      with open(p, "rb") as f:
-        out[os.path.relpath(p, root)] = f.read()
-  return out
-
-
-@contextlib.contextmanager
-def read_only(path):
-  """Makes ``path`` read-only for a CLI run inside the block; yields the argv prefix to run it
-  with. As root (which ignores permissions) the run gets a read-only bind mount of ``path`` in a
-  private mount namespace (``unshare -m``); elsewhere a plain chmod."""
-  path = str(path)
-  if os.geteuid() != 0:
-    mode = os.stat(path).st_mode
-    os.chmod(path, 0o555)
-    try:
-      yield []
-    finally:
-      os.chmod(path, mode)
-    return
-  wrap = ["unshare", "-m", "sh", "-c",
-          'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"', path]
-  probe = subprocess.run([*wrap, "sh", "-c", f'touch "{path}/.probe"'], capture_output=True)
-  if probe.returncode == 0 or shutil.which("unshare") is None:
-    if os.path.exists(os.path.join(path, ".probe")):
-      os.remove(os.path.join(path, ".probe"))
-    pytest.skip("running as root without a way to make a read-only directory (unshare -m)")
-  yield wrap
 
 
 @pytest.fixture(scope="module")
