@@ -29,7 +29,11 @@ header length, a UTF-8 JSON header ``{"shape": [H, W, 3], "label": int, "key": s
 
 ``<out>/meta.json`` describes the result (resolution, num_classes, class names, counts and skipped
 counts per split, source, shard file names); ``<out>/label_map.json`` maps class name -> label.
-Unreadable or corrupt files are skipped and counted, never fatal.
+Unreadable or corrupt files are skipped and counted, never fatal, but a source with no readable
+image is refused. 16-bit images keep their high byte (:func:`to_rgb`). Everything is written to a
+temporary directory beside ``out`` that is renamed into place, so a failed prepare (unwritable
+``out``, full disk) leaves no half-written data set; ``info`` checks the shards
+(:func:`core.input_pipeline.check_shards`).
 """
 from __future__ import annotations
 
@@ -736,7 +740,8 @@ def main(argv: Sequence[str]) -> int:
     names = [n for v in meta["shards"].values() for n in v]
     nbytes = sum(os.path.getsize(os.path.join(local, n)) for n in names
                  if os.path.isfile(os.path.join(local, n)))
-    full = values["verify"] == "full" or (values["verify"] == "auto" and nbytes <= VERIFY_AUTO_BYTES)
+    verify = values["verify"]
+    full = verify == "full" or (verify == "auto" and nbytes <= VERIFY_AUTO_BYTES)
     n = input_pipeline.check_shards(local, meta, full=full)
     print(summary_line(meta))
     print(json.dumps({k: meta[k] for k in ("resolution", "num_classes", "counts", "skipped",

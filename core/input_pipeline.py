@@ -24,6 +24,7 @@ import os
 import shutil
 from typing import Any, Iterator
 
+from array_record.python.array_record_module import ArrayRecordReader
 import grain
 import numpy as np
 
@@ -145,7 +146,6 @@ def check_shards(data_dir: str, meta: dict[str, Any], splits=None, *, full: bool
   with ``full`` also reads every record, which verifies ArrayRecord's (Riegeli's) per-chunk
   checksums and each record's header. Returns the number of records checked; a UserError naming
   the first damaged shard (zero bytes, truncated, a flipped byte, a missing file) and the fix."""
-  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
   total = 0
   for split in (meta["shards"] if splits is None else splits):
     for name, count in zip(meta["shards"].get(split, []), meta["shard_counts"].get(split, [])):

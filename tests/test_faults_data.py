@@ -37,7 +37,8 @@ def png_bytes(arr: np.ndarray, color_type: int, trns: bytes | None = None) -> by
   def chunk(tag: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
-  out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+  ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+  out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
   if trns is not None:
     out += chunk(b"tRNS", trns)
   return out + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
@@ -55,8 +56,8 @@ def info(capsys, data_dir, *extra: str, subprocess_: bool = False) -> subprocess
   return run_in_process(capsys, data.main, "info", f"data_dir={data_dir}", *extra)
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+@pytest.fixture(name="prepared", scope="module")
+def fixture_prepared(tmp_path_factory):
   """A small prepared data set (12 images, 8x8) that tests copy and damage."""
   root = tmp_path_factory.mktemp("faults-data")
   src = root / "src"
@@ -68,8 +69,8 @@ def prepared(tmp_path_factory):
   return root / "set"
 
 
-@pytest.fixture
-def copy_of(prepared, tmp_path):  # pylint: disable=redefined-outer-name
+@pytest.fixture(name="copy_of")
+def fixture_copy_of(prepared, tmp_path):
   dst = tmp_path / "set"
   shutil.copytree(prepared, dst)
   return dst
@@ -102,7 +103,7 @@ def expected_gray16(x):
 def test_16bit_png_keeps_the_high_byte(tmp_path, name, png, expected):
   path = tmp_path / f"{name}.png"
   path.write_bytes(png)
-  got = data.load_image(str(path), 7)[:, :]  # res = the smaller side: only the center crop acts
+  got = data.load_image(str(path), 7)  # res = the smaller side: only the center crop acts
   top = (9 - 7) // 2
   want = expected[top:top + 7]
   assert got.dtype == np.uint8 and got.shape == (7, 7, 3)
@@ -211,7 +212,7 @@ def _flip(offset):
     ("flipped chunk header", _flip(100), "hash mismatch", False),
     ("flipped record data", _flip(700), "hash mismatch", True),
 ])
-def test_damaged_shard_is_one_line_in_info_and_the_loader(copy_of, capsys, case, damage, reason,  # pylint: disable=redefined-outer-name
+def test_damaged_shard_is_one_line_in_info_and_the_loader(copy_of, capsys, case, damage, reason,
                                                           subprocess_):
   damage(str(copy_of / SHARD))
   before = snapshot(copy_of)
@@ -230,7 +231,7 @@ def test_damaged_shard_is_one_line_in_info_and_the_loader(copy_of, capsys, case,
   del case
 
 
-def test_info_quick_check_misses_flips_and_full_finds_them(copy_of, capsys):  # pylint: disable=redefined-outer-name
+def test_info_quick_check_misses_flips_and_full_finds_them(copy_of, capsys):
   ok = info(capsys, copy_of)
   assert ok.returncode == 0 and "12 records read back with their checksums" in ok.stdout
   _flip(700)(str(copy_of / SHARD))
@@ -249,7 +250,7 @@ def test_info_quick_check_misses_flips_and_full_finds_them(copy_of, capsys):  # 
      b'"num_classes": 0, "counts": {}, "shards": {"train": ["a"]}, "shard_counts": {}}',
      "'shard_counts'"),
 ])
-def test_damaged_meta_json_is_one_line(copy_of, capsys, case, content, needle):  # pylint: disable=redefined-outer-name
+def test_damaged_meta_json_is_one_line(copy_of, capsys, case, content, needle):
   (copy_of / "meta.json").write_bytes(content)
   before = snapshot(copy_of)
   assert_one_error_line(info(capsys, copy_of, subprocess_=case == "empty"), "meta.json", needle,
@@ -261,7 +262,7 @@ def test_damaged_meta_json_is_one_line(copy_of, capsys, case, content, needle): 
   del case
 
 
-def test_overwrite_replaces_a_set_whose_meta_json_is_damaged(copy_of, prepared, tmp_path):  # pylint: disable=redefined-outer-name
+def test_overwrite_replaces_a_set_whose_meta_json_is_damaged(copy_of, tmp_path):
   (copy_of / "meta.json").write_bytes(b"")
   (copy_of / "notes.txt").write_text("mine")
   src = tmp_path / "src2"
@@ -272,7 +273,6 @@ def test_overwrite_replaces_a_set_whose_meta_json_is_damaged(copy_of, prepared, 
                splits=["train"])
   assert input_pipeline.read_meta(str(copy_of))["counts"] == {"train": 3}
   assert sorted(os.listdir(copy_of)) == ["label_map.json", "meta.json", "notes.txt", SHARD]
-  del prepared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_prepare_into_a_read_only_parent(tmp_path):
   assert sorted(os.listdir(ro)) == ["keep.txt"]
 
 
-def test_overwrite_of_a_read_only_data_set_keeps_it(copy_of, tmp_path):  # pylint: disable=redefined-outer-name
+def test_overwrite_of_a_read_only_data_set_keeps_it(copy_of, tmp_path):
   src = tmp_path / "src"
   src.mkdir()
   Image.new("RGB", (8, 8)).save(src / "a.png")

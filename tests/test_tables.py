@@ -380,7 +380,7 @@ def test_a_non_utf8_last_line_is_unfinished_and_elsewhere_an_error(tmp_path):
   assert data_rows(build(str(tmp_path), "2"))[SHIFT32]["fid_train:ours"].text == "4.00"
   with open(os.path.join(d, "eval", "results.jsonl"), "ab") as f:
     f.write(b'\n{"step": 30}\n')
-  with pytest.raises(UserError, match=rf"results.jsonl line 2 is not UTF-8 text \(byte {len(start)}"):
+  with pytest.raises(UserError, match=rf"line 2 is not UTF-8 text \(byte {len(start)}"):
     runs.load(str(tmp_path))
 
 
