@@ -447,13 +447,22 @@ def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards
           examples.append(f"{item.key}: {reason}")
         continue
       shard = written % shards  # round robin keeps the shards balanced whatever gets skipped
-      writers[shard].write(encode_record(image, item.label, key=item.key, text_emb=emb))
+      try:
+        writers[shard].write(encode_record(image, item.label, key=item.key, text_emb=emb))
+      except RuntimeError as e:  # ArrayRecord reports failed writes (disk full, ...) as these
+        raise OSError(_first_line(e)) from None
       counts[shard] += 1
       written += 1
   finally:
     bar.close()
+    close_error = None
     for w in writers:
-      w.close()
+      try:
+        w.close()  # flushes: where a full disk usually shows
+      except RuntimeError as e:
+        close_error = close_error or e
+  if close_error is not None:
+    raise OSError(_first_line(close_error))
   # Drop shards left empty (only possible when nearly everything was skipped).
   keep = [n for n, c in zip(names, counts) if c > 0]
   for n, c in zip(names, counts):
@@ -556,12 +565,16 @@ def _install_local(tmp: str, out: str, overwrite: bool) -> None:
 
 
 def _unwritable(out: str, reason: str) -> UserError:
-  return UserError(f"cannot write the data set to out={out!r} ({reason}); choose a writable out= "
-                   f"(or fix its permissions / free space)")
+  return UserError(f"cannot write the data set to out={out!r} ({reason}); free space or choose "
+                   f"a writable out=")
 
 
 def _os_reason(e: OSError) -> str:
   return f"{e.strerror or e}" + (f": {e.filename}" if isinstance(e.filename, str) else "")
+
+
+def _first_line(e: BaseException) -> str:
+  return ((str(e).strip().splitlines() or [""])[0] or type(e).__name__)[:300]
 
 
 def _check_writable(out: str) -> None:
@@ -653,9 +666,6 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
       _install_local(tmp, out, overwrite)
   except OSError as e:  # read-only or full disk, permissions changed while preparing
     raise _unwritable(out, _os_reason(e)) from None
-  except RuntimeError as e:  # ArrayRecordWriter reports write failures (e.g. ENOSPC) as these
-    raise UserError(f"writing the data set to out={out!r} failed ({str(e).strip()[:200]}); free "
-                    f"space or choose another out=") from None
   finally:
     if tmp is not None and os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)

@@ -324,3 +324,25 @@ def test_overwrite_of_a_read_only_data_set_keeps_it(copy_of, tmp_path):
                    "overwrite=true", "progress=false", wrap=wrap)
   assert_one_error_line(proc, "cannot write", str(copy_of))
   assert snapshot(copy_of) == before and not _leftovers(tmp_path)
+
+
+def test_prepare_on_a_full_disk_leaves_no_temporary_files(tmp_path):
+  """out= on a 160 KiB tmpfs (a private mount, as root) that already holds a file: the shards do
+  not fit, so prepare fails with one line, and the disk holds just the old file afterwards."""
+  if os.geteuid() != 0 or shutil.which("unshare") is None:
+    pytest.skip("needs root and unshare -m to mount a small tmpfs")
+  src = tmp_path / "src"
+  src.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(24):
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / f"{i}.png")
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  script = ('mount -t tmpfs -o size=160k tmpfs "$0" && echo old > "$0/keep.txt" || exit 99; '
+            '"$@"; rc=$?; ls -A "$0" > "$0.after"; cat "$0/keep.txt" >> "$0.after"; exit $rc')
+  proc = run_cli("core.data", "prepare", f"src={src}", "res=16", f"out={disk / 'out'}",
+                 "progress=false", wrap=["unshare", "-m", "sh", "-c", script, str(disk)])
+  if proc.returncode == 99:
+    pytest.skip("could not mount a tmpfs")
+  assert_one_error_line(proc, "No space left on device", "free space")
+  assert (tmp_path / "disk.after").read_text().split() == ["keep.txt", "old"]
