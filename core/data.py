@@ -52,6 +52,7 @@ import struct
 import sys
 import tempfile
 import time
+import zipfile
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -269,20 +270,25 @@ def read_val_labels(path: str, class_names: list[str]) -> dict[str, int]:
     raise UserError(f"val_labels={path!r} does not exist; pass a file of '<image file> <wnid>' lines")
   index = {c: i for i, c in enumerate(class_names)}
   labels: dict[str, int] = {}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except UnicodeDecodeError as e:
+    raise UserError(f"val_labels={path!r} is not UTF-8 text (byte {e.start}); pass a text file "
+                    f"of '<image file> <wnid>' lines") from None
+  for n, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line:
+      continue
+    fields = line.split(",", 1) if "," in line else line.split(None, 1)
+    if len(fields) < 2 or not fields[1].split():
+      raise UserError(f"val_labels={path!r} line {n} is not '<image file> <class>': {line[:80]!r}")
+    name, cls = fields[0].strip(), fields[1].split()[0]
+    if cls not in index:
+      if n == 1:  # a header line such as 'ImageId,PredictionString'
         continue
-      fields = line.split(",", 1) if "," in line else line.split(None, 1)
-      if len(fields) < 2 or not fields[1].split():
-        raise UserError(f"val_labels={path!r} line {n} is not '<image file> <class>': {line[:80]!r}")
-      name, cls = fields[0].strip(), fields[1].split()[0]
-      if cls not in index:
-        if n == 1:  # a header line such as 'ImageId,PredictionString'
-          continue
-        raise UserError(f"val_labels={path!r} line {n}: class {cls!r} is not a train class folder name")
-      labels[os.path.splitext(os.path.basename(name))[0]] = index[cls]
+      raise UserError(f"val_labels={path!r} line {n}: class {cls!r} is not a train class folder name")
+    labels[os.path.splitext(os.path.basename(name))[0]] = index[cls]
   return labels
 
 
@@ -475,8 +481,15 @@ def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards
 def _load_text_emb(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise UserError(f"text_emb={path!r} does not exist; pass an .npz of arrays keyed by image file stem")
-  with np.load(path, allow_pickle=False) as z:
-    return {os.path.splitext(os.path.basename(k))[0]: z[k] for k in z.files}
+  try:
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+      raise ValueError("a single .npy array, not an .npz of named arrays")
+    with z:
+      return {os.path.splitext(os.path.basename(k))[0]: z[k] for k in z.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise UserError(f"text_emb={path!r} is not a readable .npz ({_first_line(e)}); pass an .npz "
+                    f"of arrays keyed by image file stem (numpy.savez)") from None
 
 
 def write_dataset(source: Source, res: int, out_dir: str, *, shards: int = 0, workers: int = 1,

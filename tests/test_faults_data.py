@@ -346,3 +346,27 @@ def test_prepare_on_a_full_disk_leaves_no_temporary_files(tmp_path):
     pytest.skip("could not mount a tmpfs")
   assert_one_error_line(proc, "No space left on device", "free space")
   assert (tmp_path / "disk.after").read_text().split() == ["keep.txt", "old"]
+
+
+@pytest.mark.parametrize("option,content,needle", [
+    ("text_emb", b"PK\x03\x04 cut short", "is not a readable .npz"),
+    ("text_emb", None, "a single .npy array"),
+    ("val_labels", b"ILSVRC2012_val_00000001 n01\xe9\n", "is not UTF-8 text (byte 27)"),
+])
+def test_bad_side_files_of_prepare_are_one_line(tmp_path, capsys, option, content, needle):
+  src = tmp_path / "src"
+  for d in ("train/n01", "val"):
+    (src / d).mkdir(parents=True)
+  Image.new("RGB", (8, 8)).save(src / "train" / "n01" / "a.png")
+  Image.new("RGB", (8, 8)).save(src / "val" / "ILSVRC2012_val_00000001.png")
+  side = tmp_path / ("side.npy" if content is None else "side")
+  if content is None:
+    np.save(side, np.zeros(3))
+  else:
+    side.write_bytes(content)
+  args = ["prepare", f"src={src}", "res=8", f"out={tmp_path / 'out'}", "progress=false",
+          f"{option}={side}"]
+  if option == "text_emb":
+    args.append("splits=train")
+  assert_one_error_line(run_in_process(capsys, data.main, *args), option, needle)
+  assert not (tmp_path / "out").exists()
