@@ -15,6 +15,7 @@ import struct
 import subprocess
 import zlib
 
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 import numpy as np
 import pytest
 from PIL import Image
@@ -206,24 +207,39 @@ def _flip(offset):
   return f
 
 
-@pytest.mark.parametrize("case,damage,reason,subprocess_", [
-    ("zero-byte", _truncate(0), "0 bytes", False),
-    ("truncated", _truncate(-1), "bytes", False),
-    ("flipped chunk header", _flip(100), "hash mismatch", False),
-    ("flipped record data", _flip(700), "hash mismatch", True),
+def _foreign_records(p):
+  """The same number of records, with valid checksums, that are not ours (another tool's file)."""
+  n = ArrayRecordReader(p).num_records()
+  w = ArrayRecordWriter(p, data.WRITER_OPTIONS)
+  for i in range(n):
+    w.write(b"a record of another format %d" % i)
+  w.close()
+
+
+DAMAGED = f"{SHARD} .* is damaged"
+
+
+@pytest.mark.parametrize("case,damage,needles,loader_error,subprocess_", [
+    ("zero-byte", _truncate(0), ["damaged", "0 bytes"], DAMAGED, False),
+    ("truncated", _truncate(-1), ["damaged", "bytes"], DAMAGED, False),
+    ("flipped chunk header", _flip(100), ["damaged", "hash mismatch"], DAMAGED, False),
+    ("flipped record data", _flip(700), ["damaged", "hash mismatch"], DAMAGED, True),
+    ("deleted", os.remove, ["listed in meta.json is missing"], "is missing", False),
+    ("foreign records", _foreign_records, ["damaged", "record 0: not a simple-diffusion"],
+     "is not a simple-diffusion-records/1 record", False),
 ])
-def test_damaged_shard_is_one_line_in_info_and_the_loader(copy_of, capsys, case, damage, reason,
-                                                          subprocess_):
+def test_damaged_shard_is_one_line_in_info_and_the_loader(copy_of, capsys, case, damage, needles,
+                                                          loader_error, subprocess_):
   damage(str(copy_of / SHARD))
   before = snapshot(copy_of)
   proc = info(capsys, copy_of, subprocess_=subprocess_)
-  assert_one_error_line(proc, SHARD, "damaged", reason, "overwrite=true")
+  assert_one_error_line(proc, SHARD, *needles, "overwrite=true")
   assert snapshot(copy_of) == before
-  # The eval split is intact; the train split fails with the same message wherever it is read.
+  # The eval split is intact; the train split fails with one message wherever it is read.
   assert input_pipeline.load_split(str(copy_of), "eval")[0].shape[1:] == (8, 8, 3)
-  with pytest.raises(UserError, match=f"{SHARD} .* is damaged"):
+  with pytest.raises(UserError, match=loader_error):
     input_pipeline.load_split(str(copy_of), "train")
-  with pytest.raises(UserError, match=f"{SHARD} .* is damaged"):
+  with pytest.raises(UserError, match=loader_error):
     with input_pipeline.make_train_loader(str(copy_of), global_batch_size=3, seed=0,
                                           process_index=0, process_count=1) as it:
       for _ in range(4):
