@@ -48,6 +48,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -659,7 +660,8 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
     else:
       parent = os.path.dirname(os.path.abspath(out))
       os.makedirs(parent, exist_ok=True)
-      tmp = make_temp_dir(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-")
+      _remove_stale_temps(out)
+      tmp = make_temp_dir(parent, _temp_prefix(out) + f"{socket.gethostname()}-{os.getpid()}-")
     meta = write_dataset(source, res, tmp, shards=shards, workers=workers, text_emb=emb,
                          progress=progress)
     if not sum(meta["counts"].values()):
@@ -683,6 +685,35 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
     if tmp is not None and os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return meta
+
+
+def _temp_prefix(out: str) -> str:
+  return f".{os.path.basename(os.path.abspath(out))}.tmp-"
+
+
+def _remove_stale_temps(out: str) -> None:
+  """Deletes the temporary directories that killed prepares of ``out`` left beside it: those
+  named with this host and the id of a process that no longer runs (a temporary directory of a
+  whole ImageNet is hundreds of GB). Other hosts' (on a shared file system) are left alone."""
+  parent = os.path.dirname(os.path.abspath(out))
+  pattern = re.compile(re.escape(_temp_prefix(out)) + r"(.+)-(\d+)-[^-]+")
+  for n in os.listdir(parent):
+    m = pattern.fullmatch(n)
+    if not m or m.group(1) != socket.gethostname() or _alive(int(m.group(2))):
+      continue
+    shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+    print(f"removed {os.path.join(parent, n)}, left by an interrupted prepare (process "
+          f"{m.group(2)})", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
 
 
 def _first_example(source: Source) -> str:

@@ -11,8 +11,12 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
+import socket
 import struct
 import subprocess
+import sys
+import time
 import zlib
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
@@ -22,7 +26,8 @@ from PIL import Image
 
 from core import data, input_pipeline
 from core.errors import UserError
-from tests.fault_helpers import assert_one_error_line, read_only, run_cli, run_in_process, snapshot
+from tests.fault_helpers import (ROOT, assert_one_error_line, read_only, run_cli, run_in_process,
+                                 snapshot)
 SHARD = "train-00000-of-00001.array_record"
 
 
@@ -386,3 +391,38 @@ def test_bad_side_files_of_prepare_are_one_line(tmp_path, capsys, option, conten
     args.append("splits=train")
   assert_one_error_line(run_in_process(capsys, data.main, *args), option, needle)
   assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_prepare_leaves_no_data_set_and_the_next_one_cleans_up(tmp_path):
+  """SIGKILL during prepare (held on a FIFO posing as an image, so the kill lands mid-way): out=
+  does not exist; the next prepare deletes the dead process's temporary directory but not those
+  of live processes or other hosts, and writes the data set."""
+  src = tmp_path / "src"
+  src.mkdir()
+  for i in range(6):
+    Image.new("RGB", (8, 8), (i, i, i)).save(src / f"{i}.png")
+  os.mkfifo(src / "zz.png")
+  out = tmp_path / "out"
+  args = [sys.executable, "-m", "core.data", "prepare", f"src={src}", "res=8", f"out={out}",
+          "progress=false", "eval_fraction=0"]
+  proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          stderr=subprocess.PIPE)
+  deadline = time.time() + 60
+  while not _leftovers(tmp_path) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  time.sleep(0.2)
+  proc.kill()
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+  (stale,) = _leftovers(tmp_path)
+  assert not out.exists()
+  keep = [f".out.tmp-{socket.gethostname()}-{os.getpid()}-live0000",  # a live process's
+          ".out.tmp-otherhost-1-abcd1234"]  # another host's (a shared file system)
+  for n in keep:
+    (tmp_path / n).mkdir()
+  os.remove(src / "zz.png")
+  done = run_cli(*args[2:])
+  assert done.returncode == 0, done.stderr
+  assert f"removed {tmp_path / stale}, left by an interrupted prepare" in done.stderr
+  assert sorted(_leftovers(tmp_path)) == sorted(keep)
+  assert input_pipeline.read_meta(str(out))["counts"] == {"train": 6, "eval": 0}
