@@ -196,7 +196,13 @@ def split_paths(data_dir: str, split: str) -> tuple[list[str], dict[str, Any]]:
     have = [s for s, v in meta["shards"].items() if v]
     raise UserError(f"data set {data_dir!r} has no records in split {split!r} (it has: "
                     f"{', '.join(have) or 'none'}); {_prepare_hint(data_dir)} splits={split}")
-  check_shards(local, meta, [split])  # opens each shard: catches empty and truncated files
+  try:
+    check_shards(local, meta, [split])  # opens each shard: catches empty and truncated files
+  except UserError as e:
+    if local == data_dir:
+      raise
+    raise UserError(f"the local copy {local} of {data_dir} is damaged ({str(e).split(';')[0]}); "
+                    f"delete {local} to fetch it again") from None
   return [os.path.join(local, n) for n in names], meta
 
 
