@@ -18,6 +18,7 @@ of FID train / FID eval, Section 5), and :func:`read_meta` returns ``meta.json``
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import os
@@ -154,7 +155,7 @@ def check_shards(data_dir: str, meta: dict[str, Any], splits=None, *, full: bool
         raise UserError(f"shard {path!r} listed in meta.json is missing; "
                         f"{_reprepare_hint(data_dir)}")
       try:
-        reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+        reader = ArrayRecordReader(path)
       except (RuntimeError, OSError, ValueError) as e:
         raise damaged_shard(data_dir, name, _reason(e)) from None
       if not reader.ok():  # the reader keeps its error until close() raises it
@@ -183,7 +184,8 @@ def check_shards(data_dir: str, meta: dict[str, Any], splits=None, *, full: bool
               raise damaged_shard(data_dir, name, f"record {start + i}: {_reason(e)}") from None
         total += n
       finally:
-        reader.close()
+        with contextlib.suppress(RuntimeError):  # a reader that failed raises its error again
+          reader.close()
   return total
 
 
