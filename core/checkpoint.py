@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import sys
@@ -31,6 +32,23 @@ from core import storage
 from core.errors import UserError, first_line
 
 STATE, DATA = "state", "data"
+
+
+DISK_ERRORS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
+               errno.EDQUOT: "Disk quota exceeded"}
+
+
+class _DropDiskErrors(logging.Filter):
+  """Drops the log records orbax's save threads (absl) and asyncio emit for a full or read-only
+  disk: :meth:`Checkpointer._disk_errors` reports that as one line instead of hundreds."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    return not any(k in text for k in (*DISK_ERRORS.values(), "RESOURCE_EXHAUSTED"))
+
+
+for _name in ("absl", "asyncio"):
+  logging.getLogger(_name).addFilter(_DropDiskErrors())
 
 
 def _why(e: BaseException) -> str:
@@ -181,10 +199,8 @@ class Checkpointer:
       yield
     except Exception as e:  # pylint: disable=broad-except  (tensorstore wraps OS errors in ValueError)
       text = f"{e} {e.__cause__ or ''}"
-      kinds = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
-               errno.EDQUOT: "Disk quota exceeded"}
-      code = getattr(e, "errno", None)
-      kind = kinds.get(code) or next((k for k in kinds.values() if k in text), None)
+      kind = DISK_ERRORS.get(getattr(e, "errno", None)) or next(
+          (k for k in DISK_ERRORS.values() if k in text), None)
       if kind is None:
         raise
       self._remove_tmp()
