@@ -46,7 +46,8 @@ OPTIONS = [
     cli.Option("launcher", "local", "local: this machine, one job after another; tpu: Cloud TPU VM slices",
                choices=launchers.LAUNCHERS),
     cli.Option("workdir", None, "where run directories go (local or gs://); default runs/<scale>"),
-    cli.Option("data_dir", None, "prepared data set (paper scale: ImageNet at the row's resolution)"),
+    cli.Option("data_dir", None, "prepared data set (paper scale, launcher=tpu: ImageNet at the rows' "
+               "resolution; {res} in it is replaced by each job's, e.g. gs://bucket/imagenet{res})"),
     cli.Option("format", "text", "output of mode=plan", choices=("text", "json")),
     cli.Option("dry_run", False, "print the commands instead of running them", parse=cli.parse_bool),
     cli.Option("eval", True, "evaluate after training", parse=cli.parse_bool),
@@ -64,7 +65,7 @@ def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) 
   args = [f"gin_file={f}" for f in job.gin_files]
   binds = list(job.bindings) + scales.scale_bindings(job.gin_files, job.bindings, job.arch, job.resolution, scale)
   if data_dir:
-    binds.append(f"Train.data_dir = '{data_dir}'")
+    binds.append(f"Train.data_dir = '{data_dir.replace('{res}', str(job.resolution))}'")
   args += [b.replace(" ", "") for b in binds]
   args.append(f"workdir={run_dir}")
   return args
@@ -167,23 +168,31 @@ def _quote(a: str) -> str:
   return f'"{a}"' if any(c in a for c in " '[]()") else a
 
 
-def check_device(scale: str, launcher: str, planned: list[dict[str, Any]]) -> None:
+def check_device(scale: str, launcher: str, job_list: list[registry.Job], workdir: str) -> None:
   """Refuses paper scale on a machine without accelerators, saying what it would cost."""
   import jax  # pylint: disable=import-outside-toplevel
+  from experiments import plan as plan_lib  # pylint: disable=import-outside-toplevel
   if scale == "paper" and launcher == "local" and jax.default_backend() == "cpu":
+    planned = [plan_lib.describe(j, scale, workdir) for j in job_list]
     total = sum(p["estimated_hours"] or 0 for p in planned)
     raise UserError(
         f"scale=paper needs accelerators: these {len(planned)} job(s) cost about {total:,.0f} accelerator-hours "
         f"at paper settings; this machine has only a CPU. Run scale=demo here, or launcher=tpu (see mode=plan)")
 
 
-def check_data(scale: str, launcher: str, data_dir: str | None) -> None:
+def check_data(scale: str, launcher: str, data_dir: str | None, job_list: list[registry.Job]) -> None:
   """Paper scale and TPU pods train on ImageNet: the built-in emoji set is for demo and smoke."""
-  if not data_dir and (scale == "paper" or launcher == "tpu"):
-    why = "scale=paper" if scale == "paper" else "launcher=tpu"
+  if scale != "paper" and launcher != "tpu":
+    return
+  why = "scale=paper" if scale == "paper" else "launcher=tpu"
+  if not data_dir:
     raise UserError(f"{why} needs data_dir=<prepared ImageNet at the rows' resolution> (python -m "
                     f"core.data prepare src=<imagenet dir> res=... out=gs://...); without it the runs "
                     f"would train on the built-in emoji set")
+  res = sorted({j.resolution for j in job_list})
+  if len(res) > 1 and "{res}" not in data_dir:
+    raise UserError(f"these jobs train at {', '.join(map(str, res))} pixels: put {{res}} in data_dir "
+                    f"(e.g. data_dir=gs://bucket/imagenet{{res}}), one prepared set per resolution")
 
 
 def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument
@@ -213,7 +222,8 @@ def main(argv: Sequence[str]) -> int:
     from experiments import throughput  # pylint: disable=import-outside-toplevel
     throughput.measure(entries, scale, workdir)
     return 0
-  check_data(scale, opts["launcher"], opts["data_dir"])
+  check_device(scale, opts["launcher"], job_list, workdir)  # first: it says what the jobs cost
+  check_data(scale, opts["launcher"], opts["data_dir"], job_list)
   # SIGTERM outside the trainer's loop (which checkpoints first) stops the command too.
   signal.signal(signal.SIGTERM, _stop_on_sigterm)
   if opts["launcher"] == "tpu":
@@ -223,8 +233,6 @@ def main(argv: Sequence[str]) -> int:
                                     eval_args(job, scale, run_dir, opts), opts)
       launchers.execute(cmds, dry_run=opts["dry_run"])
     return 0
-  check_device(scale, opts["launcher"], [plan_lib.describe(j, scale, workdir) for j in job_list]
-               if scale == "paper" else [])
   for job in job_list:
     run_local(job, scale, workdir, opts)
   if opts["dry_run"]:
