@@ -225,7 +225,15 @@ def main(argv: Sequence[str]) -> int:
   check_device(scale, opts["launcher"], job_list, workdir)  # first: it says what the jobs cost
   check_data(scale, opts["launcher"], opts["data_dir"], job_list)
   # SIGTERM outside the trainer's loop (which checkpoints first) stops the command too.
-  signal.signal(signal.SIGTERM, _stop_on_sigterm)
+  previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+  try:
+    return _run_jobs(job_list, table, scale, workdir, opts)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str,
+              opts: dict[str, Any]) -> int:
   if opts["launcher"] == "tpu":
     for job in job_list:
       run_dir = storage.join(workdir, job.name)
