@@ -130,8 +130,8 @@ def _corrupt_data_state(step_dir) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("corrupt", [_corrupt_data_files, _corrupt_manifest, _corrupt_data_state],
-                         ids=["zeroed-arrays", "garbled-manifest", "truncated-iterator-state"])
+@pytest.mark.parametrize("corrupt", [_corrupt_data_files, _corrupt_data_state],
+                         ids=["zeroed-arrays", "truncated-iterator-state"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(run_copy, corrupt):
   """Step 4 is corrupt: it is moved aside (named, with why), the run resumes from step 2, and the
   rewritten steps 3 and 4 have the same losses as before (bit-exact)."""
@@ -148,6 +148,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(run_copy, corrup
 
 
 def test_no_checkpoint_restores_is_one_line_and_moves_nothing(run_copy):
+  """Garbled manifests in every checkpoint (as after a change of optimizer, nothing restores):
+  nothing is moved aside, one line names the newest and why."""
   for step in (2, 4):
     _corrupt_manifest(run_copy / "checkpoints" / str(step))
   before = snapshot(run_copy)
@@ -236,7 +238,7 @@ def test_two_hosts_stop_at_the_same_step_and_resume_exactly(tmp_path):
   """Two JAX processes on localhost; only process 1 gets SIGTERM. Through the preemption sync
   manager (orbax's reached_preemption) both stop and checkpoint at the same step, both exit 75,
   and resuming reproduces an uninterrupted two-process run's losses bit for bit."""
-  common = ["Train.num_steps=40", "Train.num_data_shards=2", "Train.checkpoint_every=100000"]
+  common = ["Train.num_steps=20", "Train.num_data_shards=2", "Train.checkpoint_every=100000"]
 
   def start(workdir):
     port = _free_port()
@@ -268,11 +270,11 @@ def test_two_hosts_stop_at_the_same_step_and_resume_exactly(tmp_path):
   assert codes == [75, 75], errs[0][-2000:] + errs[1][-2000:]
   stops = [int([l for l in e.splitlines() if l.startswith("preempted:")][-1].split("at step ")[1].split(":")[0])
            for e in errs]
-  assert stops[0] == stops[1] < 40, stops
+  assert stops[0] == stops[1] < 20, stops
   assert checkpoint_steps(run) == [stops[0]]
   assert_rows_unique_and_complete(run, stops[0])
 
   codes, errs = finish(start(run))
   assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
-  assert_rows_unique_and_complete(run, 40)
+  assert_rows_unique_and_complete(run, 20)
   assert losses(run) == losses(ref)
