@@ -10,8 +10,8 @@ loaded: :meth:`Checkpointer.latest_step` only sees finished ones.
 
 Faults end in one line: :meth:`Checkpointer.restore_latest` refuses a checkpoint of another model
 naming the first parameter whose shape differs, and sets a complete but unreadable newest checkpoint
-aside (to ``<run>/checkpoints.corrupt/<step>``, nothing is deleted) to resume from the newest one that
-restores, saying which and why; a full disk during a save names the step and the space to free.
+aside (to ``<run>/checkpoints.corrupt/<step>``, nothing is deleted) to resume from the newest one
+that restores, saying which and why; a full disk during a save names the step and the space to free.
 """
 from __future__ import annotations
 
@@ -115,8 +115,8 @@ class Checkpointer:
       for key in sorted(want.keys() | saved.keys()):
         name = f"{part}{key}"
         if key not in saved:
-          raise UserError(f"checkpoint step {step} in {self.directory} has no {name} (the model's has "
-                          f"shape {want[key]}); {fix}")
+          raise UserError(f"checkpoint step {step} in {self.directory} has no {name} (the model's "
+                          f"has shape {want[key]}); {fix}")
         if key not in want:
           raise UserError(f"checkpoint step {step} in {self.directory} has {name} of shape "
                           f"{saved[key]}, which the model does not have; {fix}")
@@ -124,7 +124,8 @@ class Checkpointer:
           raise UserError(f"checkpoint step {step} in {self.directory} has {name} of shape "
                           f"{saved[key]} but the model's is {want[key]}; {fix}")
 
-  def restore_latest(self, abstract_state: Any, data_iterator: Any = None) -> tuple[int | None, Any]:
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None
+                     ) -> tuple[int | None, Any]:
     """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
 
     A checkpoint of another model is refused (:meth:`check_shapes`). When the newest checkpoints
@@ -153,8 +154,8 @@ class Checkpointer:
     if failed:
       bad, why = failed[0]
       raise UserError(f"checkpoint step {bad} ({storage.join(self.directory, str(bad))}) does not "
-                      f"restore ({why}); move it out of {self.directory} to resume from the one before, "
-                      f"or use a new workdir")
+                      f"restore ({why}); move it out of {self.directory} to resume from the one "
+                      f"before, or use a new workdir")
     return None, None
 
   def _set_aside(self, step: int) -> str:
@@ -197,7 +198,7 @@ class Checkpointer:
     with one line (the newest complete checkpoint is intact and is where a rerun resumes)."""
     try:
       yield
-    except Exception as e:  # pylint: disable=broad-except  (tensorstore wraps OS errors in ValueError)
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore wraps OS errors)
       text = f"{e} {e.__cause__ or ''}"
       kind = DISK_ERRORS.get(getattr(e, "errno", None)) or next(
           (k for k in DISK_ERRORS.values() if k in text), None)

@@ -4,8 +4,8 @@ Every command takes ``gin_file=...`` (repeatable) plus bindings like
 ``UViT.num_transformer_blocks=2``. Parsing happens before anything is compiled, and gin's errors
 (unknown configurable, unknown parameter, syntax) become a :class:`core.errors.UserError` that
 names the binding and the fix; so does a value of the wrong type (``Train.learning_rate='fast'``,
-``Train.batch_size='8'``), checked against the configurable's type annotations. After a run has built
-everything, :func:`operative_config` is the
+``Train.batch_size='8'``), checked against the configurable's type annotations. After a run has
+built everything, :func:`operative_config` is the
 text written next to it as ``config.gin`` (the t5x convention: the exact values a run used).
 """
 from __future__ import annotations

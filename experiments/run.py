@@ -46,8 +46,8 @@ OPTIONS = [
     cli.Option("launcher", "local", "local: this machine, one job after another; tpu: Cloud TPU VM slices",
                choices=launchers.LAUNCHERS),
     cli.Option("workdir", None, "where run directories go (local or gs://); default runs/<scale>"),
-    cli.Option("data_dir", None, "prepared data set (paper scale, launcher=tpu: ImageNet at the rows' "
-               "resolution; {res} in it is replaced by each job's, e.g. gs://bucket/imagenet{res})"),
+    cli.Option("data_dir", None, "prepared data set (paper scale, launcher=tpu: ImageNet at the "
+               "rows' resolution; {res} in it becomes each job's, e.g. gs://bucket/imagenet{res})"),
     cli.Option("format", "text", "output of mode=plan", choices=("text", "json")),
     cli.Option("dry_run", False, "print the commands instead of running them", parse=cli.parse_bool),
     cli.Option("eval", True, "evaluate after training", parse=cli.parse_bool),
@@ -145,7 +145,8 @@ def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any])
   try:
     write_job_json(job, scale, run_dir, args)
   except OSError as e:
-    raise UserError(f"cannot write to {run_dir} ({e.strerror or e}); choose a writable workdir=") from None
+    raise UserError(f"cannot write to {run_dir} ({e.strerror or e}); choose a writable "
+                    f"workdir=") from None
   rows = ", ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)
   if is_trained(run_dir):
     print(f"[{job.name}] trained already ({rows})", flush=True)
@@ -180,19 +181,21 @@ def check_device(scale: str, launcher: str, job_list: list[registry.Job], workdi
         f"at paper settings; this machine has only a CPU. Run scale=demo here, or launcher=tpu (see mode=plan)")
 
 
-def check_data(scale: str, launcher: str, data_dir: str | None, job_list: list[registry.Job]) -> None:
+def check_data(scale: str, launcher: str, data_dir: str | None,
+               job_list: list[registry.Job]) -> None:
   """Paper scale and TPU pods train on ImageNet: the built-in emoji set is for demo and smoke."""
   if scale != "paper" and launcher != "tpu":
     return
   why = "scale=paper" if scale == "paper" else "launcher=tpu"
   if not data_dir:
-    raise UserError(f"{why} needs data_dir=<prepared ImageNet at the rows' resolution> (python -m "
-                    f"core.data prepare src=<imagenet dir> res=... out=gs://...); without it the runs "
-                    f"would train on the built-in emoji set")
+    raise UserError(f"{why} needs data_dir=<prepared ImageNet at the rows' resolution> "
+                    f"(python -m core.data prepare src=<imagenet dir> res=... out=gs://...); "
+                    f"without it the runs would train on the built-in emoji set")
   res = sorted({j.resolution for j in job_list})
   if len(res) > 1 and "{res}" not in data_dir:
-    raise UserError(f"these jobs train at {', '.join(map(str, res))} pixels: put {{res}} in data_dir "
-                    f"(e.g. data_dir=gs://bucket/imagenet{{res}}), one prepared set per resolution")
+    raise UserError(f"these jobs train at {', '.join(map(str, res))} pixels: put {{res}} in "
+                    f"data_dir (e.g. data_dir=gs://bucket/imagenet{{res}}), one prepared set per "
+                    f"resolution")
 
 
 def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument
@@ -244,7 +247,8 @@ def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str
   for job in job_list:
     run_local(job, scale, workdir, opts)
   if opts["dry_run"]:
-    print(f"dry run: printed the commands of {len(job_list)} job(s); nothing was run", file=sys.stderr)
+    print(f"dry run: printed the commands of {len(job_list)} job(s); nothing was run",
+          file=sys.stderr)
   else:
     print(f"done: {len(job_list)} job(s) in {workdir}; render with: python -m tables.render "
           f"table={table} workdir={workdir}", file=sys.stderr)

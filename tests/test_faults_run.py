@@ -112,9 +112,9 @@ def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
   assert staged.returncode == 0, staged.stderr[-3000:]
   assert checkpoint_steps(run_dir) == [2]
 
-  p = subprocess.Popen([sys.executable, "-m", "experiments.run", "table=2", f"row={ROW}", "scale=smoke",
-                        f"workdir={workdir}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
+  p = subprocess.Popen([sys.executable, "-m", "experiments.run", "table=2", f"row={ROW}",
+                        "scale=smoke", f"workdir={workdir}"], cwd=ROOT, env=_env(),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     out = ""
     while p.poll() is None and "training" not in out:
@@ -126,7 +126,8 @@ def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
       p.kill()
   out += rest
   assert p.returncode == 75, (out[-2000:], err[-3000:])
-  assert [l for l in err.splitlines() if l.strip()][-1].startswith("preempted: SIGTERM"), err[-2000:]
+  last = [l for l in err.splitlines() if l.strip()][-1]
+  assert last.startswith("preempted: SIGTERM"), err[-2000:]
   assert "evaluating" not in out and out.count("training") == 1, out
   assert not (run_dir / "eval").exists()
   steps = checkpoint_steps(run_dir)

@@ -100,7 +100,8 @@ def test_changed_model_names_the_parameter_and_both_shapes(run_copy):
   # layer, base_channels sinusoidal features into emb_channels=16, with the checkpoint's shape
   # and then the model's.
   assert "checkpoint step 4" in line, line
-  assert "params['cond']['logsnr_dense0']['kernel'] of shape (8, 16) but the model's is (16, 16)" in line
+  want = "params['cond']['logsnr_dense0']['kernel'] of shape (8, 16) but the model's is (16, 16)"
+  assert want in line, line
   assert snapshot(run_copy) == before
 
 
@@ -223,6 +224,13 @@ def test_disk_full_during_a_checkpoint(tmp_path):
     _umount(mnt)
 
 
+def preempted_step(stderr: str) -> int:
+  """N of the last line, ``preempted: SIGTERM at step N: ...``."""
+  line = [l for l in stderr.splitlines() if l.strip()][-1]
+  assert line.startswith("preempted: SIGTERM at step"), stderr[-2000:]
+  return int(line.split("at step ")[1].split(":")[0])
+
+
 def _wait_rows(workdir, n: int, proc, timeout: float = 300) -> None:
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + timeout
@@ -242,9 +250,10 @@ def test_two_hosts_stop_at_the_same_step_and_resume_exactly(tmp_path):
 
   def start(workdir):
     port = _free_port()
-    return [subprocess.Popen(train_cmd(workdir, *common, f"coordinator=127.0.0.1:{port}", "num_processes=2",
-                                       f"process_id={i}"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return [subprocess.Popen(train_cmd(workdir, *common, f"coordinator=127.0.0.1:{port}",
+                                       "num_processes=2", f"process_id={i}"),
+                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for i in range(2)]
 
   def finish(procs):
     errs = []
@@ -268,8 +277,7 @@ def test_two_hosts_stop_at_the_same_step_and_resume_exactly(tmp_path):
       if p.poll() is None:
         p.kill()
   assert codes == [75, 75], errs[0][-2000:] + errs[1][-2000:]
-  stops = [int([l for l in e.splitlines() if l.startswith("preempted:")][-1].split("at step ")[1].split(":")[0])
-           for e in errs]
+  stops = [preempted_step(e) for e in errs]
   assert stops[0] == stops[1] < 20, stops
   assert checkpoint_steps(run) == [stops[0]]
   assert_rows_unique_and_complete(run, stops[0])
