@@ -100,9 +100,9 @@ def test_read_only_output_directory_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
-  """A job trained to step 2 of 4 (a staged run), then the table command, SIGTERMed while it
-  trains: it exits 75, the partial checkpoint is not evaluated (no results.jsonl, no row result),
-  and the next job is not started."""
+  """A job trained to step 2 of 4 (a staged run), then the table command, SIGTERMed once its
+  trainer has resumed: the trainer checkpoints step 3 and the command exits 75; that partial
+  checkpoint is not evaluated (no results.jsonl, no row result) and the next job never starts."""
   workdir = tmp_path / "runs"
   job, _ = run.registry.jobs(run.registry.select("2", [ROW]))
   run_dir = workdir / job.name
@@ -117,7 +117,7 @@ def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     out = ""
-    while p.poll() is None and "training" not in out:
+    while p.poll() is None and "resumed from step 2" not in out:
       out += p.stdout.readline()
     p.send_signal(signal.SIGTERM)
     rest, err = p.communicate(timeout=600)
@@ -130,7 +130,6 @@ def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
   assert last.startswith("preempted: SIGTERM"), err[-2000:]
   assert "evaluating" not in out and out.count("training") == 1, out
   assert not (run_dir / "eval").exists()
-  steps = checkpoint_steps(run_dir)
-  assert steps and steps[-1] < 4  # a partial run: stopped, not finished
+  assert checkpoint_steps(run_dir) == [2, 3]  # stopped after one more step, not finished (4)
   assert [r["step"] for r in rows(run_dir)] == [2]  # Train.log_every=2 at smoke scale: logged once
   assert sorted(os.listdir(workdir)) == [job.name]  # the next job never started
