@@ -283,9 +283,11 @@ class _Preemption:
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._depth = 0
 
   def __enter__(self):
-    if jax.process_count() > 1:
+    self._depth += 1
+    if jax.process_count() > 1 or self._depth > 1:
       return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
@@ -297,8 +299,10 @@ class _Preemption:
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
+    self._depth -= 1
+    if self._depth == 0 and self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def _json_float(x) -> float | None:
@@ -395,38 +399,39 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
   last_log_time, last_log_step = time.time(), start
   step = start
   preempted = False
-  while step < end:
-    batch = shd.global_batch(mesh, next(loader))
-    state, m = step_fn(state, batch)
-    step += 1
-    if step % cfg.log_every == 0 or step == end:
-      now = time.time()
-      steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
-      last_log_time, last_log_step = now, step
-      img_per_sec = steps_per_sec * cfg.batch_size
-      last = _write_row(step, m, writer, cfg, {
-          "steps_per_sec": steps_per_sec, "img_per_sec": img_per_sec,
-          "mfu": (img_per_sec * flops_per_image / (peak * jax.device_count())) if peak else None})
-      bar.update(step, loss=last["loss"])
-      streak = int(state["nonfinite_in_a_row"])
-      if streak:
-        print(f"step {step}: {streak} non-finite step(s) in a row skipped "
-              f"({int(state['nonfinite_total'])} in total)", file=sys.stderr, flush=True)
-      if streak >= cfg.max_nonfinite_in_a_row:
-        checkpointer.wait()
-        raise UserError(
-            f"stopping at step {step}: {streak} non-finite losses or gradients in a row "
-            f"(Train.max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}); last good checkpoint: "
-            f"step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning rate "
-            f"or check the data, then rerun to resume from it")
-    if sampler is not None and step % cfg.sample_every == 0:
-      writer.write_images(step, {"samples/ema": sampler(state["ema_params"], step)})
-    # Every host calls reached_preemption at every step: all stop at the same one.
-    preempted = preemption.requested or checkpointer.reached_preemption(step)
-    if step % cfg.checkpoint_every == 0 or step == end or preempted:
-      checkpointer.save(step, state, loader, force=True)
-    if preempted:
-      break
+  with preemption:  # installed by train() before compiling; re-entering it is a no-op
+    while step < end:
+      batch = shd.global_batch(mesh, next(loader))
+      state, m = step_fn(state, batch)
+      step += 1
+      if step % cfg.log_every == 0 or step == end:
+        now = time.time()
+        steps_per_sec = (step - last_log_step) / max(now - last_log_time, 1e-9)
+        last_log_time, last_log_step = now, step
+        img_per_sec = steps_per_sec * cfg.batch_size
+        last = _write_row(step, m, writer, cfg, {
+            "steps_per_sec": steps_per_sec, "img_per_sec": img_per_sec,
+            "mfu": (img_per_sec * flops_per_image / (peak * jax.device_count())) if peak else None})
+        bar.update(step, loss=last["loss"])
+        streak = int(state["nonfinite_in_a_row"])
+        if streak:
+          print(f"step {step}: {streak} non-finite step(s) in a row skipped "
+                f"({int(state['nonfinite_total'])} in total)", file=sys.stderr, flush=True)
+        if streak >= cfg.max_nonfinite_in_a_row:
+          checkpointer.wait()
+          raise UserError(
+              f"stopping at step {step}: {streak} non-finite losses or gradients in a row "
+              f"(Train.max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}); last good checkpoint: "
+              f"step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning rate "
+              f"or check the data, then rerun to resume from it")
+      if sampler is not None and step % cfg.sample_every == 0:
+        writer.write_images(step, {"samples/ema": sampler(state["ema_params"], step)})
+      # Every host calls reached_preemption at every step: all stop at the same one.
+      preempted = preemption.requested or checkpointer.reached_preemption(step)
+      if step % cfg.checkpoint_every == 0 or step == end or preempted:
+        checkpointer.save(step, state, loader, force=True)
+      if preempted:
+        break
   checkpointer.close()
   writer.close()
   loader.close()
