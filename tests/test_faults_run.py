@@ -17,7 +17,7 @@ from core import config as config_lib
 from core import train as train_cli
 from core.errors import run_main
 from experiments import run
-from tests.test_faults_train import checkpoint_steps, rows
+from tests.test_faults_train import _mount_tmpfs, _umount, checkpoint_steps, rows
 from tests.test_train import ROOT, _env
 
 ROW = "cosine (shifted to 64)"  # a Table 2 row label: two jobs, at 128 and at 256
@@ -82,7 +82,6 @@ def test_core_train_hint_names_gin_files_that_exist(capsys):
 
 
 def test_read_only_output_directory_is_one_line(tmp_path, capsys):
-  from tests.test_faults_train import _mount_tmpfs, _umount
   mnt = tmp_path / "ro"
   mounted = _mount_tmpfs(mnt, "1m", "ro")
   if not mounted:
