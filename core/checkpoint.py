@@ -7,19 +7,55 @@ own orbax handler). Saves are asynchronous and keep the newest ``max_to_keep``. 
 checkpoint under a temporary name and renames it only once it is complete (on GCS, a commit marker
 plays that part), so a checkpoint half-written when the process died is never listed and never
 loaded: :meth:`Checkpointer.latest_step` only sees finished ones.
+
+Faults end in one line: :meth:`Checkpointer.restore_latest` refuses a checkpoint of another model
+naming the first parameter whose shape differs, and sets a complete but unreadable newest checkpoint
+aside (to ``<run>/checkpoints.corrupt/<step>``, nothing is deleted) to resume from the newest one
+that restores, saying which and why; a full disk during a save names the step and the space to free.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from core import storage
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 STATE, DATA = "state", "data"
+
+
+DISK_ERRORS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
+               errno.EDQUOT: "Disk quota exceeded"}
+
+
+class _DropDiskErrors(logging.Filter):
+  """Drops the log records orbax's save threads (absl) and asyncio emit for a full or read-only
+  disk: :meth:`Checkpointer._disk_errors` reports that as one line instead of hundreds."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    return not any(k in text for k in (*DISK_ERRORS.values(), "RESOURCE_EXHAUSTED"))
+
+
+for _name in ("absl", "asyncio"):
+  logging.getLogger(_name).addFilter(_DropDiskErrors())
+
+
+def _why(e: BaseException) -> str:
+  """The innermost error of a chain, on one short line."""
+  while (e.__cause__ or e.__context__) is not None and (e.__cause__ or e.__context__) is not e:
+    e = e.__cause__ or e.__context__
+  return f"{type(e).__name__}: {first_line(e)}"[:200]
 
 
 class Checkpointer:
@@ -57,7 +93,80 @@ class Checkpointer:
     items = {STATE: ocp.args.StandardSave(state)}
     if self.with_data:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._disk_errors(step):
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host at the same step once any host got SIGTERM (under jax.distributed)."""
+    return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
+  def check_shapes(self, step: int, abstract_state: Any) -> None:
+    """Raises a UserError naming the first model parameter whose shape (or presence) in the
+    checkpoint differs from ``abstract_state``'s (``params``, then ``ema_params``)."""
+    saved_tree = self._manager.item_metadata(step)[STATE].tree
+    fix = ("the run directory holds another model: use a new workdir, or the configuration it was "
+           "trained with (its config.gin)")
+    for part in ("params", "ema_params"):
+      if not (isinstance(abstract_state, dict) and part in abstract_state):
+        continue
+      flat = lambda t: {jax.tree_util.keystr(p): tuple(getattr(a, "shape", ()))
+                        for p, a in jax.tree_util.tree_flatten_with_path(t)[0]}
+      want, saved = flat(abstract_state[part]), flat(saved_tree.get(part, {}))
+      for key in sorted(want.keys() | saved.keys()):
+        name = f"{part}{key}"
+        if key not in saved:
+          raise UserError(f"checkpoint step {step} in {self.directory} has no {name} (the model's "
+                          f"has shape {want[key]}); {fix}")
+        if key not in want:
+          raise UserError(f"checkpoint step {step} in {self.directory} has {name} of shape "
+                          f"{saved[key]}, which the model does not have; {fix}")
+        if saved[key] != want[key]:
+          raise UserError(f"checkpoint step {step} in {self.directory} has {name} of shape "
+                          f"{saved[key]} but the model's is {want[key]}; {fix}")
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None
+                     ) -> tuple[int | None, Any]:
+    """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
+
+    A checkpoint of another model is refused (:meth:`check_shapes`). When the newest checkpoints
+    cannot be read but an older one can, the unreadable ones are moved to ``checkpoints.corrupt/``
+    (one process, local run directory) with a message naming each and its error, and the run
+    resumes from the older one. When none restores, nothing is moved and one line names the newest.
+    """
+    steps = self.all_steps()
+    failed: list[tuple[int, str]] = []
+    for step in reversed(steps):
+      try:
+        self.check_shapes(step, abstract_state)
+        state = self.restore(step, abstract_state, data_iterator)
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore/json errors alike)
+        failed.append((step, _why(e)))
+        if storage.is_remote(self.directory) or jax.process_count() > 1:
+          break  # no renames on GCS or across hosts: stop with one line
+        continue
+      for bad, why in failed:
+        aside = self._set_aside(bad)
+        print(f"checkpoint step {bad} does not restore ({why}); moved it to {aside}; resuming from "
+              f"step {step}", file=sys.stderr, flush=True)
+      return step, state
+    if failed:
+      bad, why = failed[0]
+      raise UserError(f"checkpoint step {bad} ({storage.join(self.directory, str(bad))}) does not "
+                      f"restore ({why}); move it out of {self.directory} to resume from the one "
+                      f"before, or use a new workdir")
+    return None, None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves checkpoint ``step`` to ``<run>/checkpoints.corrupt/<step>`` (kept, not deleted)."""
+    aside = os.path.join(os.path.dirname(self.directory), "checkpoints.corrupt", str(step))
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    if os.path.exists(aside):
+      aside += f".{time.time_ns()}"
+    os.rename(os.path.join(self.directory, str(step)), aside)
+    self._manager.reload()
+    return aside
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
     """Restores step ``step`` into arrays shaped and sharded like ``abstract_state``.
@@ -75,9 +184,37 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves have been committed."""
-    self._manager.wait_until_finished()
+    with self._disk_errors(None):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_errors(None):
+      self._manager.wait_until_finished()
     self._manager.close()
+
+  @contextlib.contextmanager
+  def _disk_errors(self, step: int | None):
+    """A full or read-only disk during a save: remove the half-written ``*-tmp`` checkpoint and stop
+    with one line (the newest complete checkpoint is intact and is where a rerun resumes)."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore wraps OS errors)
+      text = f"{e} {e.__cause__ or ''}"
+      kind = DISK_ERRORS.get(getattr(e, "errno", None)) or next(
+          (k for k in DISK_ERRORS.values() if k in text), None)
+      if kind is None:
+        raise
+      self._remove_tmp()
+      last = self.latest_step()
+      raise UserError(f"cannot write checkpoint{'' if step is None else f' step {step}'} to "
+                      f"{self.directory} ({kind}); free space (or make it writable) and rerun to "
+                      f"resume from step {last if last is not None else 0}") from None
+
+  def _remove_tmp(self) -> None:
+    """Removes orbax's temporary (unfinished) checkpoint directories."""
+    if storage.is_remote(self.directory) or jax.process_index() != 0:
+      return  # orbax removes them when the next manager opens the directory
+    for name in os.listdir(self.directory) if os.path.isdir(self.directory) else []:
+      if ".orbax-checkpoint-tmp" in name or name.endswith("-tmp"):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 

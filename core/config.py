@@ -3,16 +3,24 @@
 Every command takes ``gin_file=...`` (repeatable) plus bindings like
 ``UViT.num_transformer_blocks=2``. Parsing happens before anything is compiled, and gin's errors
 (unknown configurable, unknown parameter, syntax) become a :class:`core.errors.UserError` that
-names the binding and the fix. After a run has built everything, :func:`operative_config` is the
+names the binding and the fix; so does a value of the wrong type (``Train.learning_rate='fast'``,
+``Train.batch_size='8'``), checked against the configurable's type annotations. After a run has
+built everything, :func:`operative_config` is the
 text written next to it as ``config.gin`` (the t5x convention: the exact values a run used).
 """
 from __future__ import annotations
 
+import ast
+import collections.abc
 import difflib
 import importlib
+import inspect
 import os
 import re
-from typing import Sequence
+import tokenize
+import types
+import typing
+from typing import Any, Sequence
 
 import gin
 
@@ -83,7 +91,6 @@ def _explain(err: Exception, bindings: Sequence[str]) -> str:
 
 
 def _signature_params(configurable: str) -> list[str]:
-  import inspect
   for selector, info in _registry_items():
     if selector.split(".")[-1] == configurable.split(".")[-1]:
       fn = info.wrapped
@@ -103,13 +110,92 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], *, clear: bool = Tr
   for b in bindings:
     if "=" not in b:
       raise UserError(f"gin binding {b!r} must look like Configurable.parameter=value")
+  errors = (ValueError, SyntaxError, TypeError, KeyError, tokenize.TokenError)
+  for f in files:
+    try:
+      gin.parse_config_file(f, skip_unknown=False)
+    except errors as e:
+      raise UserError(f"{os.path.relpath(f, REPO_ROOT)}: {_explain(e, bindings)}") from None
+    except IOError as e:
+      raise UserError(f"cannot read gin file: {e}") from None
+  for b in bindings:
+    try:
+      gin.parse_config(b, skip_unknown=False)
+    except errors as e:
+      raise UserError(f"gin binding {b!r}: {_explain_binding(e, b)}") from None
+  check_types()
+
+
+def _explain_binding(err: Exception, binding: str) -> str:
+  """Why one command-line binding does not parse."""
+  value = binding.split("=", 1)[1].strip()
+  if isinstance(err, tokenize.TokenError) or value.count("[") != value.count("]") or (
+      value.count("(") != value.count(")")):
+    return "unbalanced brackets or quotes in the value; e.g. UNet.num_res_blocks=[2,2]"
+  if isinstance(err, SyntaxError) and "Failed to parse token" in str(err):
+    return (f"{value} is not a value gin reads (a number, a list like [2,2], true/false, or "
+            f"quoted text like '{value}')")
+  return _explain(err, [binding])
+
+
+def _type_name(hint: Any) -> str:
+  return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+  """Whether a bound ``value`` fits the annotation ``hint`` (True where the hint is not simple)."""
+  if hint is Any or type(value).__module__.startswith("gin"):  # references, macros
+    return True
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    return any(_conforms(value, a) for a in args)
+  if hint is type(None):
+    return value is None
+  if hint is bool:
+    return isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is str:
+    return isinstance(value, str)
+  if origin in (list, tuple, typing.Sequence, collections.abc.Sequence):
+    if not isinstance(value, (list, tuple)):
+      return False
+    inner = [a for a in args if a is not Ellipsis]
+    return len(inner) != 1 or all(_conforms(v, inner[0]) for v in value)
+  return True
+
+
+def _hints(fn: Any) -> dict[str, Any]:
   try:
-    gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False,
-                                        skip_unknown=False)
-  except (ValueError, SyntaxError, TypeError, KeyError, gin.config_parser.ParseError if hasattr(gin.config_parser, "ParseError") else ValueError) as e:  # noqa: E501
-    raise UserError(_explain(e, bindings)) from None
-  except IOError as e:
-    raise UserError(f"cannot read gin file: {e}") from None
+    return typing.get_type_hints(fn.__init__ if isinstance(fn, type) and not hasattr(
+        fn, "__dataclass_fields__") else fn)
+  except Exception:  # pylint: disable=broad-except  (unresolvable annotations: nothing to check)
+    return {}
+
+
+def check_types() -> None:
+  """Every bound parameter must fit its annotation: ``Train.batch_size='8'`` is refused here."""
+  for (_, selector), params in list(gin.config._CONFIG.items()):  # pylint: disable=protected-access
+    try:
+      fn = gin.config._REGISTRY[selector].wrapped  # pylint: disable=protected-access
+    except KeyError:
+      continue
+    hints = _hints(fn)
+    for param, value in params.items():
+      if param in hints and not _conforms(value, hints[param]):
+        name = f"{selector.split('.')[-1]}.{param}"
+        fix = ""
+        if isinstance(value, str):
+          try:
+            bare = ast.literal_eval(value)
+            if _conforms(bare, hints[param]):
+              fix = f"; drop the quotes: {name}={value}"
+          except (ValueError, SyntaxError):
+            pass
+        raise UserError(f"{name}={value!r} must be {_type_name(hints[param])}, not "
+                        f"{type(value).__name__}{fix}")
 
 
 def query(name: str, default=None):

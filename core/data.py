@@ -29,7 +29,11 @@ header length, a UTF-8 JSON header ``{"shape": [H, W, 3], "label": int, "key": s
 
 ``<out>/meta.json`` describes the result (resolution, num_classes, class names, counts and skipped
 counts per split, source, shard file names); ``<out>/label_map.json`` maps class name -> label.
-Unreadable or corrupt files are skipped and counted, never fatal.
+Unreadable or corrupt files are skipped and counted, never fatal, but a source with no readable
+image is refused. 16-bit images keep their high byte (:func:`to_rgb`). Everything is written to a
+temporary directory beside ``out`` that is renamed into place, so a failed prepare (unwritable
+``out``, full disk) leaves no half-written data set; ``info`` checks the shards
+(:func:`core.input_pipeline.check_shards`).
 """
 from __future__ import annotations
 
@@ -42,11 +46,14 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
+import socket
 import struct
 import sys
 import tempfile
 import time
+import zipfile
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -64,6 +71,7 @@ WRITER_OPTIONS = "group_size:1"
 TARGET_SHARD_BYTES = 512 * 2**20
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 _TEXT_DTYPES = ("float16", "float32")
+_SHARD_NAME = re.compile(r"(train|eval)-\d{5}-of-\d{5}" + re.escape(SHARD_SUFFIX))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +125,42 @@ def decode_record(record: bytes) -> dict[str, Any]:
 # Image preprocessing (ADM / guided-diffusion center crop).
 
 
+_WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _wide_gray_to_la(img: Image.Image) -> Image.Image:
+  """16-bit (or 32-bit integer) grayscale -> 8-bit 'LA', keeping the high byte (x >> 8).
+
+  PIL's own ``convert`` clips these modes at 255, which turns a 16-bit image solid white. The high
+  byte is what PIL's PNG decoder keeps for 16-bit RGB(A) and gray+alpha, so every 16-bit PNG maps
+  to 8 bits alike. A PNG ``tRNS`` gray value becomes alpha 0 on exactly those pixels. A mode-'I'
+  image must hold 16-bit values (0..65535); other ranges have no defined 8-bit scale.
+  """
+  x = np.asarray(img)
+  if img.mode == "I" and x.size and (x.min() < 0 or x.max() > 65535):
+    raise ValueError(f"32-bit integer image with values {x.min()}..{x.max()} outside the 16-bit "
+                     f"range 0..65535 has no defined 8-bit scale; convert it to 8 or 16 bits")
+  x = x.astype(np.int64)
+  alpha = np.full(x.shape, 255, np.uint8)
+  t = img.info.get("transparency")
+  if isinstance(t, int):
+    alpha[x == t] = 0
+  return Image.fromarray(np.stack([(x >> 8).astype(np.uint8), alpha], -1), "LA")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-  """Converts to RGB; transparent images (RGBA, LA, P with transparency) are composited on white."""
-  if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+  """Converts to 8-bit RGB; transparency (alpha, or a PNG tRNS colour) is composited on white.
+
+  16-bit grayscale (PIL modes 'I;16*', 'I') keeps the high byte of each value (x >> 8), as PIL
+  does for 16-bit RGB; float images ('F') have no defined scale and raise ValueError (the file is
+  skipped and counted, with the reason).
+  """
+  if img.mode == "F":
+    raise ValueError("floating-point image (mode F) has no defined 8-bit scale; convert it to 8 or "
+                     "16 bits")
+  if img.mode in _WIDE_GRAY:
+    img = _wide_gray_to_la(img)
+  if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
     rgba = img.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
@@ -230,20 +271,25 @@ def read_val_labels(path: str, class_names: list[str]) -> dict[str, int]:
     raise UserError(f"val_labels={path!r} does not exist; pass a file of '<image file> <wnid>' lines")
   index = {c: i for i, c in enumerate(class_names)}
   labels: dict[str, int] = {}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except UnicodeDecodeError as e:
+    raise UserError(f"val_labels={path!r} is not UTF-8 text (byte {e.start}); pass a text file "
+                    f"of '<image file> <wnid>' lines") from None
+  for n, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line:
+      continue
+    fields = line.split(",", 1) if "," in line else line.split(None, 1)
+    if len(fields) < 2 or not fields[1].split():
+      raise UserError(f"val_labels={path!r} line {n} is not '<image file> <class>': {line[:80]!r}")
+    name, cls = fields[0].strip(), fields[1].split()[0]
+    if cls not in index:
+      if n == 1:  # a header line such as 'ImageId,PredictionString'
         continue
-      fields = line.split(",", 1) if "," in line else line.split(None, 1)
-      if len(fields) < 2 or not fields[1].split():
-        raise UserError(f"val_labels={path!r} line {n} is not '<image file> <class>': {line[:80]!r}")
-      name, cls = fields[0].strip(), fields[1].split()[0]
-      if cls not in index:
-        if n == 1:  # a header line such as 'ImageId,PredictionString'
-          continue
-        raise UserError(f"val_labels={path!r} line {n}: class {cls!r} is not a train class folder name")
-      labels[os.path.splitext(os.path.basename(name))[0]] = index[cls]
+      raise UserError(f"val_labels={path!r} line {n}: class {cls!r} is not a train class folder name")
+    labels[os.path.splitext(os.path.basename(name))[0]] = index[cls]
   return labels
 
 
@@ -408,13 +454,22 @@ def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards
           examples.append(f"{item.key}: {reason}")
         continue
       shard = written % shards  # round robin keeps the shards balanced whatever gets skipped
-      writers[shard].write(encode_record(image, item.label, key=item.key, text_emb=emb))
+      try:
+        writers[shard].write(encode_record(image, item.label, key=item.key, text_emb=emb))
+      except RuntimeError as e:  # ArrayRecord reports failed writes (disk full, ...) as these
+        raise OSError(_first_line(e)) from None
       counts[shard] += 1
       written += 1
   finally:
     bar.close()
+    close_error = None
     for w in writers:
-      w.close()
+      try:
+        w.close()  # flushes: where a full disk usually shows
+      except RuntimeError as e:
+        close_error = close_error or e
+  if close_error is not None:
+    raise OSError(_first_line(close_error))
   # Drop shards left empty (only possible when nearly everything was skipped).
   keep = [n for n, c in zip(names, counts) if c > 0]
   for n, c in zip(names, counts):
@@ -427,8 +482,15 @@ def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards
 def _load_text_emb(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise UserError(f"text_emb={path!r} does not exist; pass an .npz of arrays keyed by image file stem")
-  with np.load(path, allow_pickle=False) as z:
-    return {os.path.splitext(os.path.basename(k))[0]: z[k] for k in z.files}
+  try:
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+      raise ValueError("a single .npy array, not an .npz of named arrays")
+    with z:
+      return {os.path.splitext(os.path.basename(k))[0]: z[k] for k in z.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise UserError(f"text_emb={path!r} is not a readable .npz ({_first_line(e)}); pass an .npz "
+                    f"of arrays keyed by image file stem (numpy.savez)") from None
 
 
 def write_dataset(source: Source, res: int, out_dir: str, *, shards: int = 0, workers: int = 1,
@@ -507,17 +569,39 @@ def _install_local(tmp: str, out: str, overwrite: bool) -> None:
     if not overwrite:
       raise UserError(f"out={out!r} already holds a prepared data set; pass overwrite=true or "
                       f"choose another out=")
-    with open(old_meta) as f:
-      old = json.load(f)
-    for names in old.get("shards", {}).values():
-      for n in names:
-        p = os.path.join(out, n)
-        if os.path.exists(p):
-          os.remove(p)
+    for n in sorted(os.listdir(out)):  # the old shards, by name (its meta.json may be damaged)
+      if _SHARD_NAME.fullmatch(n):
+        os.remove(os.path.join(out, n))
   names = sorted(os.listdir(tmp), key=lambda n: n == "meta.json")  # meta.json last
   for n in names:
     os.replace(os.path.join(tmp, n), os.path.join(out, n))
   os.rmdir(tmp)
+
+
+def _unwritable(out: str, reason: str) -> UserError:
+  return UserError(f"cannot write the data set to out={out!r} ({reason}); free space or choose "
+                   f"a writable out=")
+
+
+def _os_reason(e: OSError) -> str:
+  return f"{e.strerror or e}" + (f": {e.filename}" if isinstance(e.filename, str) else "")
+
+
+def _first_line(e: BaseException) -> str:
+  return ((str(e).strip().splitlines() or [""])[0] or type(e).__name__)[:300]
+
+
+def _check_writable(out: str) -> None:
+  """UserError unless out (or, when it does not exist yet, its nearest existing parent) and the
+  parent that gets the temporary directory are writable: prepare would otherwise fail only after
+  decoding every image. (os.access also reports read-only file systems.)"""
+  path = os.path.abspath(out)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  parent = os.path.dirname(os.path.abspath(out))
+  for d in (path, parent):
+    if os.path.isdir(d) and not os.access(d, os.W_OK | os.X_OK):
+      raise _unwritable(out, f"{d} is read-only or not writable by this user")
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -526,6 +610,7 @@ def _check_out(out: str, overwrite: bool) -> None:
       raise UserError(f"out={out!r} already holds a prepared data set; pass overwrite=true or "
                       f"choose another out=")
     return
+  _check_writable(out)
   if os.path.exists(out):
     if not os.path.isdir(out):
       raise UserError(f"out={out!r} exists and is not a directory")
@@ -560,16 +645,30 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
     source = scan_folder(src, eval_fraction=eval_fraction, val_labels=val_labels, splits=splits)
   if max_images > 0:
     source.items = {s: v[:max_images] for s, v in source.items.items()}
+  if not any(source.items.values()):
+    listed = sum(source.skipped.values())
+    raise UserError(f"src={src!r} holds no image files" +
+                    (f" ({listed} listed but not usable, e.g. {_first_example(source)})"
+                     if listed else "") +
+                    f" for splits {','.join(splits)}; point src= at a folder of images "
+                    f"({', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
   emb = _load_text_emb(text_emb) if text_emb else None
-  if _remote(out):
-    tmp = make_temp_dir(None, "sd-prepare-")
-  else:
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = make_temp_dir(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-")
+  tmp = None
   try:
+    if _remote(out):
+      tmp = make_temp_dir(None, "sd-prepare-")
+    else:
+      parent = os.path.dirname(os.path.abspath(out))
+      os.makedirs(parent, exist_ok=True)
+      _remove_stale_temps(out)
+      tmp = make_temp_dir(parent, _temp_prefix(out) + f"{socket.gethostname()}-{os.getpid()}-")
     meta = write_dataset(source, res, tmp, shards=shards, workers=workers, text_emb=emb,
                          progress=progress)
+    if not sum(meta["counts"].values()):
+      n = sum(len(v) for v in source.items.values())
+      examples = [e for v in meta["skipped_examples"].values() for e in v]
+      raise UserError(f"none of the {n} files of src={src!r} could be read as an image (e.g. "
+                      f"{examples[0] if examples else '?'}); nothing was written to out={out!r}")
     if _remote(out):
       storage = _storage()
       base = out.rstrip("/")
@@ -580,10 +679,45 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
       shutil.rmtree(tmp, ignore_errors=True)
     else:
       _install_local(tmp, out, overwrite)
+  except OSError as e:  # read-only or full disk, permissions changed while preparing
+    raise _unwritable(out, _os_reason(e)) from None
   finally:
-    if os.path.isdir(tmp):
+    if tmp is not None and os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return meta
+
+
+def _temp_prefix(out: str) -> str:
+  return f".{os.path.basename(os.path.abspath(out))}.tmp-"
+
+
+def _remove_stale_temps(out: str) -> None:
+  """Deletes the temporary directories that killed prepares of ``out`` left beside it: those
+  named with this host and the id of a process that no longer runs (a temporary directory of a
+  whole ImageNet is hundreds of GB). Other hosts' (on a shared file system) are left alone."""
+  parent = os.path.dirname(os.path.abspath(out))
+  pattern = re.compile(re.escape(_temp_prefix(out)) + r"(.+)-(\d+)-[^-]+")
+  for n in os.listdir(parent):
+    m = pattern.fullmatch(n)
+    if not m or m.group(1) != socket.gethostname() or _alive(int(m.group(2))):
+      continue
+    shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+    print(f"removed {os.path.join(parent, n)}, left by an interrupted prepare (process "
+          f"{m.group(2)})", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+def _first_example(source: Source) -> str:
+  return next((e for v in source.skipped_examples.values() for e in v), "?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,6 +751,16 @@ PREPARE_OPTIONS = [
                cli.parse_bool),
 ]
 
+# info's verify=auto reads every record (checking ArrayRecord's chunk checksums) up to this size.
+VERIFY_AUTO_BYTES = 2 * 2**30
+INFO_OPTIONS = [
+    cli.Option("data_dir", None, "a prepared data set directory (or gs://...)."),
+    cli.Option("verify", "auto", "shard check: quick opens every shard and compares its record "
+               "count with meta.json; full also reads every record (ArrayRecord's checksums catch "
+               "flipped bytes); auto = full up to 2 GiB of shards, else quick.",
+               choices=["auto", "quick", "full"]),
+]
+
 DESCRIPTION = """\
 Prepares an image data set for training: every image is converted to RGB (transparency composited
 on white), center-cropped and resized as ADM does for ImageNet (halve with a BOX filter while the
@@ -626,7 +770,7 @@ meta.json. Corrupt or unreadable files are skipped and counted.
 
 commands:
   prepare src=... res=... out=...   prepare a data set (options below)
-  info data_dir=...                 print a prepared data set's meta.json summary
+  info data_dir=... [verify=...]    print a prepared data set's summary, check its shards
 
 example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16"""
 
@@ -639,15 +783,26 @@ def main(argv: Sequence[str]) -> int:
     return 0
   cmd, rest = argv[0], argv[1:]
   if cmd == "info":
-    values, _ = cli.parse(rest, [cli.Option("data_dir", None, "a prepared data set directory.")],
-                          prog="core.data info", description="Prints a prepared data set's summary.")
+    values, _ = cli.parse(rest, INFO_OPTIONS, prog="core.data info",
+                          description="Prints a prepared data set's summary and checks its shards.")
     if not values["data_dir"]:
       raise UserError("info needs data_dir=<prepared data set directory>")
     from core import input_pipeline  # pylint: disable=g-import-not-at-top
-    meta = input_pipeline.read_meta(values["data_dir"])
+    data_dir = values["data_dir"]
+    meta = input_pipeline.read_meta(data_dir)
+    local = input_pipeline._localize(data_dir)  # pylint: disable=protected-access
+    names = [n for v in meta["shards"].values() for n in v]
+    nbytes = sum(os.path.getsize(os.path.join(local, n)) for n in names
+                 if os.path.isfile(os.path.join(local, n)))
+    verify = values["verify"]
+    full = verify == "full" or (verify == "auto" and nbytes <= VERIFY_AUTO_BYTES)
+    n = input_pipeline.check_shards(local, meta, full=full)
     print(summary_line(meta))
     print(json.dumps({k: meta[k] for k in ("resolution", "num_classes", "counts", "skipped",
                                             "source")}, indent=1))
+    print(f"shards ok: {len(names)} files, {nbytes / 2**20:.1f} MiB, {n} records " +
+          ("read back with their checksums" if full else
+           "opened and counted (verify=full reads every record's checksum)"))
     return 0
   if cmd != "prepare":
     raise UserError(f"unknown command {cmd!r}; use: python -m core.data prepare src=... res=... out=...")

@@ -1,29 +1,53 @@
-"""One error type for mistakes a user can fix, and the one-line reporter for entry points.
+"""One error type for mistakes a user can fix, one for preemption, and the one-line reporter.
 
 Every command of the harness (``python -m core.train``, ``python -m experiments.run``, ...) runs its
 main function through :func:`run_main`: a :class:`UserError` (bad gin binding, unknown table,
 missing data, wrong shape, ...) is printed as a single ``error: ...`` line naming the fix, and the
 process exits with status 2 instead of showing a traceback from deep inside JAX.
+
+A :class:`Preempted` command (SIGTERM: a scheduler's preemption notice) has written its checkpoint
+and stops the whole command with exit status :data:`EXIT_PREEMPTED` = 75 (``EX_TEMPFAIL`` of
+sysexits.h: "temporary failure, try again"), so that a scheduler can tell "requeue me, rerunning the
+same command resumes" from a failure (1, 2) and from a process killed before it could checkpoint
+(143 = 128 + SIGTERM, or 137 for SIGKILL).
 """
 from __future__ import annotations
 
 import sys
 from typing import Callable, Sequence
 
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL
+
 
 class UserError(Exception):
   """A problem with the user's input or environment; its message says how to fix it."""
 
 
+class Preempted(BaseException):
+  """The command was asked to stop (SIGTERM) and stopped cleanly; rerunning it resumes.
+
+  Like KeyboardInterrupt it is not an ``Exception``, so no broad ``except Exception`` swallows it.
+  """
+
+
+def first_line(e: BaseException) -> str:
+  # gin appends "In call to configurable ..." lines to exceptions raised inside configurables.
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
-  """Runs ``main(argv)`` and turns a UserError into a one-line message and exit status 2."""
+  """Runs ``main(argv)``: a UserError becomes one ``error:`` line and exit status 2, a Preempted
+  one ``preempted:`` line and exit status 75."""
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     rc = main(argv)
   except UserError as e:
-    # gin appends "In call to configurable ..." lines to exceptions raised inside configurables.
-    print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-    sys.exit(2)
+    print(f"error: {first_line(e)}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+  except Preempted as e:
+    print(f"preempted: {first_line(e)}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)

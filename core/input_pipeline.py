@@ -17,12 +17,15 @@ of FID train / FID eval, Section 5), and :func:`read_meta` returns ``meta.json``
 """
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from typing import Any, Iterator
 
+from array_record.python.array_record_module import ArrayRecordReader
 import grain
 import numpy as np
 
@@ -35,6 +38,11 @@ def _prepare_hint(data_dir: str) -> str:
           f"out={data_dir}")
 
 
+def _reprepare_hint(data_dir: str) -> str:
+  return (f"prepare it again with: python -m core.data prepare src=<image folder or emoji> "
+          f"res=<res> out={data_dir} overwrite=true")
+
+
 def _localize(data_dir: str) -> str:
   """A local directory holding ``data_dir``: gs:// data sets are copied once (through core.storage)
   to ``<data root>/gcs/<hash of URL and meta.json>``, since ArrayRecord readers need local files."""
@@ -45,7 +53,7 @@ def _localize(data_dir: str) -> str:
   if not storage.exists(f"{base}/meta.json"):
     raise UserError(f"data set {data_dir!r} has no meta.json; {_prepare_hint(data_dir)}")
   meta_bytes = storage.read_bytes(f"{base}/meta.json")
-  meta = json.loads(meta_bytes)
+  meta = parse_meta(meta_bytes, f"{base}/meta.json", data_dir)
   # Keyed by URL and content: a data set prepared again at the same URL gets a fresh copy.
   key = hashlib.sha1(base.encode() + b"\0" + meta_bytes).hexdigest()[:16]
   local = os.path.join(datasets.data_root(), "gcs", key)
@@ -78,12 +86,107 @@ def read_meta(data_dir: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     what = "does not exist" if not os.path.exists(data_dir) else "has no meta.json"
     raise UserError(f"data set {data_dir!r} {what}; {_prepare_hint(data_dir)}")
-  with open(path) as f:
-    meta = json.load(f)
+  with open(path, "rb") as f:
+    return parse_meta(f.read(), path, data_dir)
+
+
+def parse_meta(raw: bytes, path: str, data_dir: str) -> dict[str, Any]:
+  """meta.json's bytes -> dict; a UserError naming the fix when it is empty, not JSON, or lacks
+  the fields a loader needs (a data set whose prepare was interrupted or whose file was edited)."""
+  hint = _reprepare_hint(data_dir)
+  if not raw.strip():
+    raise UserError(f"{path} is empty; {hint}")
+  try:
+    meta = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path} is not UTF-8 text (byte {e.start}); {hint}") from None
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
+                    f"{hint}") from None
+  if not isinstance(meta, dict):
+    raise UserError(f"{path} is not a JSON object; {hint}")
   if meta.get("format") != data.FORMAT:
-    raise UserError(f"{path} has format {meta.get('format')!r}, expected {data.FORMAT!r}; prepare it "
-                    f"again with python -m core.data prepare")
+    raise UserError(f"{path} has format {meta.get('format')!r}, expected {data.FORMAT!r}; {hint}")
+  problem = _meta_problem(meta)
+  if problem:
+    raise UserError(f"{path} {problem}; {hint}")
   return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+  """What is wrong with a meta.json of the right format, or None."""
+  if not isinstance(meta.get("resolution"), int) or meta["resolution"] <= 0:
+    return f"has no positive integer 'resolution' (got {meta.get('resolution')!r})"
+  if not isinstance(meta.get("num_classes"), int):
+    return "has no integer 'num_classes'"
+  for key in ("shards", "shard_counts", "counts"):
+    if not isinstance(meta.get(key), dict):
+      return f"has no '{key}' object"
+  for split, names in meta["shards"].items():
+    counts = meta["shard_counts"].get(split)
+    if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+        or not isinstance(counts, list) or len(counts) != len(names)
+        or not all(isinstance(c, int) and c >= 0 for c in counts)):
+      return f"lists split {split!r} without matching 'shards' and 'shard_counts'"
+  return None
+
+
+def damaged_shard(data_dir: str, name: str, reason: str) -> UserError:
+  """The one-line error for a shard that cannot be read back as written."""
+  reason = (reason.strip().splitlines() or [""])[0][:200] or "unreadable"
+  return UserError(f"shard {name} of data set {data_dir!r} is damaged ({reason}); "
+                   f"{_reprepare_hint(data_dir)}")
+
+
+def _reason(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+
+
+def check_shards(data_dir: str, meta: dict[str, Any], splits=None, *, full: bool = False) -> int:
+  """Opens every shard of ``splits`` (default all) and compares its record count with meta.json;
+  with ``full`` also reads every record, which verifies ArrayRecord's (Riegeli's) per-chunk
+  checksums and each record's header. Returns the number of records checked; a UserError naming
+  the first damaged shard (zero bytes, truncated, a flipped byte, a missing file) and the fix."""
+  total = 0
+  for split in (meta["shards"] if splits is None else splits):
+    for name, count in zip(meta["shards"].get(split, []), meta["shard_counts"].get(split, [])):
+      path = os.path.join(data_dir, name)
+      if not os.path.isfile(path):
+        raise UserError(f"shard {path!r} listed in meta.json is missing; "
+                        f"{_reprepare_hint(data_dir)}")
+      try:
+        reader = ArrayRecordReader(path)
+      except (RuntimeError, OSError, ValueError) as e:
+        raise damaged_shard(data_dir, name, _reason(e)) from None
+      if not reader.ok():  # the reader keeps its error until close() raises it
+        try:
+          reader.close()
+          reason = ""
+        except RuntimeError as e:
+          reason = str(e).strip()
+        raise damaged_shard(data_dir, name, f"{reason or 'not a complete ArrayRecord file'}, "
+                            f"{os.path.getsize(path)} bytes")
+      try:
+        n = reader.num_records()
+        if n != count:
+          raise damaged_shard(data_dir, name, f"{n} records, meta.json says {count}")
+        for start in range(0, n if full else 0, 64):
+          try:
+            records = reader.read(start, min(n, start + 64))
+          except (RuntimeError, OSError) as e:
+            raise damaged_shard(data_dir, name, _reason(e)) from None
+          for i, rec in enumerate(records):
+            try:
+              header, _ = data.decode_header(rec)
+              if header["shape"] != [meta["resolution"], meta["resolution"], 3]:
+                raise ValueError(f"image shape {header['shape']}")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+              raise damaged_shard(data_dir, name, f"record {start + i}: {_reason(e)}") from None
+        total += n
+      finally:
+        with contextlib.suppress(RuntimeError):  # a reader that failed raises its error again
+          reader.close()
+  return total
 
 
 def split_paths(data_dir: str, split: str) -> tuple[list[str], dict[str, Any]]:
@@ -95,21 +198,28 @@ def split_paths(data_dir: str, split: str) -> tuple[list[str], dict[str, Any]]:
     have = [s for s, v in meta["shards"].items() if v]
     raise UserError(f"data set {data_dir!r} has no records in split {split!r} (it has: "
                     f"{', '.join(have) or 'none'}); {_prepare_hint(data_dir)} splits={split}")
-  paths = [os.path.join(local, n) for n in names]
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing:
-    raise UserError(f"shard {missing[0]!r} listed in meta.json is missing; {_prepare_hint(data_dir)} "
-                    f"overwrite=true")
-  return paths, meta
+  try:
+    check_shards(local, meta, [split])  # opens each shard: catches empty and truncated files
+  except UserError as e:
+    if local == data_dir:
+      raise
+    raise UserError(f"the local copy {local} of {data_dir} is damaged ({str(e).split(';')[0]}); "
+                    f"delete {local} to fetch it again") from None
+  return [os.path.join(local, n) for n in names], meta
 
 
 class RecordSource(grain.sources.RandomAccessDataSource):
   """grain source over one split's ArrayRecord shards; its repr (which grain stores in iterator
   states and checks on restore) names the data set's content, not its path, so a run can resume
-  from a copy of the data in another directory."""
+  from a copy of the data in another directory. A record that fails ArrayRecord's checksums (a
+  byte flipped on disk after :func:`split_paths` opened the shards) is a UserError naming the
+  shard and the fix, raised wherever the record is read (the trainer's step, ``iter_split``)."""
 
   def __init__(self, paths: list[str], meta: dict[str, Any], split: str):
     self._source = grain.sources.ArrayRecordDataSource(paths)
+    self._names = [os.path.basename(p) for p in paths]
+    self._ends = np.cumsum(meta["shard_counts"][split]).tolist()
+    self._data_dir = os.path.dirname(paths[0]) if paths else ""
     fp = hashlib.sha1(json.dumps([meta["resolution"], meta["shards"][split],
                                   meta["shard_counts"][split]]).encode()).hexdigest()[:16]
     self._repr = f"RecordSource(split={split}, records={len(self._source)}, fingerprint={fp})"
@@ -118,7 +228,11 @@ class RecordSource(grain.sources.RandomAccessDataSource):
     return len(self._source)
 
   def __getitem__(self, record_key: int) -> bytes:
-    return self._source[record_key]
+    try:
+      return self._source[record_key]
+    except RuntimeError as e:  # Riegeli: "chunk data hash mismatch", a truncated chunk, ...
+      shard = self._names[min(bisect.bisect_right(self._ends, record_key), len(self._names) - 1)]
+      raise damaged_shard(self._data_dir, shard, _reason(e)) from None
 
   def __repr__(self) -> str:
     return self._repr
@@ -128,7 +242,11 @@ class DecodeRecord(grain.transforms.Map):
   """bytes -> {'image': uint8 [H,W,3], 'label': int32[, 'text_emb']} (see core.data.decode_record)."""
 
   def map(self, element: bytes) -> dict[str, np.ndarray]:
-    r = data.decode_record(element)
+    try:
+      r = data.decode_record(element)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+      raise UserError(f"a record is not a {data.FORMAT} record ({_reason(e)}); prepare the data "
+                      f"set again with: python -m core.data prepare ... overwrite=true") from None
     out = {"image": r["image"], "label": r["label"]}
     if "text_emb" in r:
       out["text_emb"] = r["text_emb"]
@@ -254,10 +372,10 @@ def iter_split(data_dir: str, split: str, *, batch_size: int = 256, limit: int |
                ) -> Iterator[dict[str, np.ndarray]]:
   """Yields a split in file order as {'image': uint8 [b,H,W,3], 'label': int32 [b]} batches."""
   paths, meta = split_paths(data_dir, split)
-  source = grain.sources.ArrayRecordDataSource(paths)
+  source, decode = RecordSource(paths, meta, split), DecodeRecord()
   n = len(source) if limit is None else min(limit, len(source))
   for start in range(0, n, batch_size):
-    recs = [data.decode_record(source[i]) for i in range(start, min(n, start + batch_size))]
+    recs = [decode.map(source[i]) for i in range(start, min(n, start + batch_size))]
     out = {"image": np.stack([r["image"] for r in recs]),
            "label": np.asarray([r["label"] for r in recs], np.int32)}
     if meta.get("has_text_emb"):

@@ -208,14 +208,19 @@ class MetricWriter:
       self._tb.add_image(name, img, int(step), dataformats="HWC")
     self._maybe_sync()
 
-  def write_text(self, tag: str, text: str, step: int = 0) -> None:
+  def write_text(self, tag: str, text: str, step: int = 0, *, code: bool = False) -> None:
     """TensorBoard text (markdown), e.g. the operative gin config; TB tag ``<tag>/text_summary``.
 
-    Write the config at ``step=start_step`` so that each (re)start shows the config it ran with.
+    ``code=True`` shows ``text`` verbatim as a fenced code block (a gin file's ``#`` comments would
+    otherwise render as markdown headings). Write the config at ``step=start_step`` so that each
+    (re)start shows the config it ran with.
     """
     if not self.is_chief or self._tb is None:
       return
     self._check_open()
+    if code:
+      fence = "~~~~" if "```" in text else "```"
+      text = f"{fence}\n{text.rstrip()}\n{fence}"
     self._tb.add_text(tag, text, int(step))
 
   def flush(self) -> None:

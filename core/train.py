@@ -3,6 +3,8 @@
 The trainer itself (gin configurables, the loop) is core/trainer.py; this module is only the
 command line, so that ``python -m`` does not register the configurables twice. Invalid gin
 bindings and unknown names fail here, before anything is compiled, with a one-line message.
+Exit status: 0 finished (or reached ``stop_at_step``), 2 a mistake to fix (one ``error:`` line),
+75 preempted by SIGTERM after writing a checkpoint (rerun the same command to resume).
 """
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ import jax
 from core import cli
 from core import config as config_lib
 from core.errors import UserError, run_main
+
+# A run the hint can name: the paper's ImageNet 128 U-Net at demo scale (files under gin/).
+EXAMPLE_GIN_FILES = ("gin_file=models/unet_imagenet128.gin gin_file=train/unet_imagenet.gin "
+                     "gin_file=scales/demo.gin")
 
 OPTIONS = [
     cli.Option("gin_file", None, "gin file(s) defining the run; repeat to layer several", repeated=True),
@@ -40,12 +46,13 @@ def main(argv: Sequence[str]) -> int:
   opts, bindings = cli.parse(argv, OPTIONS, prog="core.train", description=__doc__.split("\n\n")[0])
   from core import trainer  # pylint: disable=import-outside-toplevel
   if not opts["gin_file"]:
-    raise UserError("give at least one gin_file=... (e.g. gin_file=gin/experiments/demo.gin)")
+    raise UserError(f"give at least one gin_file=..., e.g. {EXAMPLE_GIN_FILES} (files under gin/; "
+                    f"python -m experiments.run table=2 dry_run=true prints complete commands)")
   if not opts["workdir"]:
     raise UserError("give workdir=<run directory> (a local path or gs://bucket/prefix)")
   config_lib.parse(opts["gin_file"], bindings)  # fails here, before any compile, on a bad binding
   initialize_distributed(opts)
-  summary = trainer.train(opts["workdir"], stop_at_step=opts["stop_at_step"])
+  summary = trainer.train(opts["workdir"], stop_at_step=opts["stop_at_step"])  # may raise Preempted
   print(json.dumps(summary), flush=True)
   return 0
 

@@ -13,7 +13,11 @@ Safety for week-long runs:
 - every random number is derived from ``(seed, step)``, and the data iterator state is saved in
   the checkpoint, so a run killed at any moment (SIGKILL included) and restarted reproduces the
   uninterrupted run's loss at every step to the last bit;
-- SIGTERM (preemption) writes a final checkpoint before exiting;
+- SIGTERM (preemption) writes a final checkpoint and stops with :class:`core.errors.Preempted`
+  (exit status 75); on several hosts they agree on the step through orbax's ``reached_preemption``
+  (JAX's preemption sync manager), so that every host saves the same step;
+- one trainer per run directory (core/runlock.py); a corrupt newest checkpoint is set aside and the
+  newest one that restores is used; a checkpoint of another model is refused naming the parameter;
 - a non-finite loss or gradient is not applied; it is counted and logged, and after
   ``Train.max_nonfinite_in_a_row`` such steps in a row the run stops, naming the step and the last
   good checkpoint.
@@ -35,12 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.experimental import multihost_utils
+
 from core import checkpoint as ckpt_lib
 from core import hardware
 from core import config as config_lib
+from core import runlock
 from core import sharding as shd
 from core import storage
-from core.errors import UserError
+from core.errors import Preempted, UserError
 
 
 @gin.configurable("Train")
@@ -74,6 +81,17 @@ class TrainConfig:
   max_nonfinite_in_a_row: int = 20
   text_len: int = 128                 # text-to-image: tokens and width of the text embeddings
   text_dim: int = 4096                # (T5-XXL, section 3.6)
+
+  def __post_init__(self):
+    for name in ("image_size", "batch_size", "num_steps", "log_every", "checkpoint_every",
+                 "keep_checkpoints", "num_sample_images", "sample_steps", "max_nonfinite_in_a_row"):
+      if getattr(self, name) < 1:
+        raise UserError(f"Train.{name}={getattr(self, name)} must be at least 1")
+    for name in ("warmup_steps", "sample_every", "num_workers"):
+      if getattr(self, name) < 0:
+        raise UserError(f"Train.{name}={getattr(self, name)} must not be negative")
+    if not self.learning_rate > 0:
+      raise UserError(f"Train.learning_rate={self.learning_rate} must be positive")
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -256,13 +274,21 @@ def resolve_data_dir(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so a final checkpoint is written."""
+  """Turns SIGTERM into a flag the loop checks, so a final checkpoint is written.
+
+  Only for one process: under ``jax.distributed`` the preemption sync manager owns SIGTERM (a
+  Python handler would hide the signal from it) and the loop asks ``reached_preemption`` instead.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._depth = 0
 
   def __enter__(self):
+    self._depth += 1
+    if jax.process_count() > 1 or self._depth > 1:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # not in the main thread
@@ -273,8 +299,10 @@ class _Preemption:
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
+    self._depth -= 1
+    if self._depth == 0 and self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def _json_float(x) -> float | None:
@@ -282,18 +310,56 @@ def _json_float(x) -> float | None:
   return x if np.isfinite(x) else None
 
 
+def _lock_run_dir(workdir: str) -> runlock.RunLock | None:
+  """Locks a local run directory on the chief; every process learns whether that worked."""
+  if storage.is_remote(workdir):
+    return None  # see core/runlock.py
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = runlock.RunLock(workdir).acquire()
+    except UserError as e:
+      error = e
+  if jax.process_count() > 1:
+    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not ok and error is None:
+      error = UserError(f"process 0 could not lock the run directory {workdir} (see its error)")
+  if error is not None:
+    raise error
+  return lock
+
+
 @gin.configurable("train", denylist=["workdir"])
 def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_step: int | None = None
           ) -> dict[str, Any]:
-  """Trains (or resumes) the gin-configured run in ``workdir``; returns a small summary."""
+  """Trains (or resumes) the gin-configured run in ``workdir``; returns a small summary.
+
+  Raises :class:`core.errors.Preempted` after writing its checkpoint when SIGTERM stopped it.
+  """
+  cfg = TrainConfig()
+  if not storage.is_remote(workdir):
+    workdir = os.path.abspath(workdir)
+  try:
+    storage.makedirs(workdir)
+  except OSError as e:
+    raise UserError(f"cannot create run directory {workdir} ({e.strerror or e}); choose a writable "
+                    f"workdir=") from None
+  lock = _lock_run_dir(workdir)
+  try:
+    # SIGTERM from here on (compiling, restoring, training) stops at a checkpoint.
+    with _Preemption() as preemption:
+      return _train(workdir, cfg, model, logsnr_fn, stop_at_step, preemption)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int | None,
+           preemption: _Preemption) -> dict[str, Any]:
   from core import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from core import progress as progress_lib  # pylint: disable=import-outside-toplevel
   from core.models import validate as validate_model  # pylint: disable=import-outside-toplevel
 
-  cfg = TrainConfig()
-  if not storage.is_remote(workdir):
-    workdir = os.path.abspath(workdir)
-  storage.makedirs(workdir)
   is_chief = jax.process_index() == 0
   validate_model(model, cfg.image_size)
   data_dir, meta = resolve_data_dir(cfg)
@@ -311,20 +377,19 @@ def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_s
   loader = ShardedLoader(data_dir, cfg, cfg.num_data_shards or jax.process_count())
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
                                        use_ocdbt=cfg.checkpoint_ocdbt)
-  start = checkpointer.latest_step()
+  start, state = checkpointer.restore_latest(abstract, loader)
   if start is None:
     state = jax.jit(functools.partial(init_state, model, tx, cfg, num_classes=num_classes),
                     out_shardings=state_sharding)(jax.random.key(cfg.seed))
     start = 0
   else:
-    state = checkpointer.restore(start, abstract, loader)
     print(f"resumed from step {start} ({checkpointer.directory})", flush=True)
 
   # The operative config is known once the model and schedule have been built and called.
   writer = metrics_lib.MetricWriter(workdir, start_step=start, is_chief=is_chief)
   if is_chief:
     storage.write_text(storage.join(workdir, "config.gin"), config_lib.operative_config())
-    writer.write_text("config", config_lib.operative_config(), step=start)
+    writer.write_text("config", config_lib.operative_config(), step=start, code=True)
 
   flops_per_image = 3.0 * forward_flops(model, cfg)
   peak = hardware.peak_flops_per_second()
@@ -334,7 +399,7 @@ def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_s
   last_log_time, last_log_step = time.time(), start
   step = start
   preempted = False
-  with _Preemption() as preemption:
+  with preemption:  # installed by train() before compiling; re-entering it is a no-op
     while step < end:
       batch = shd.global_batch(mesh, next(loader))
       state, m = step_fn(state, batch)
@@ -361,17 +426,20 @@ def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_s
               f"or check the data, then rerun to resume from it")
       if sampler is not None and step % cfg.sample_every == 0:
         writer.write_images(step, {"samples/ema": sampler(state["ema_params"], step)})
-      preempted = preemption.requested
+      # Every host calls reached_preemption at every step: all stop at the same one.
+      preempted = preemption.requested or checkpointer.reached_preemption(step)
       if step % cfg.checkpoint_every == 0 or step == end or preempted:
         checkpointer.save(step, state, loader, force=True)
       if preempted:
-        print(f"SIGTERM: wrote checkpoint at step {step}, exiting", file=sys.stderr, flush=True)
         break
   checkpointer.close()
   writer.close()
   loader.close()
   bar.close()
-  return {"step": step, "workdir": workdir, "preempted": preempted}
+  if preempted:
+    raise Preempted(f"SIGTERM at step {step}: checkpoint written to {checkpointer.directory}; "
+                    f"rerun the same command to resume")
+  return {"step": step, "workdir": workdir}
 
 
 def _write_row(step: int, m: dict[str, jax.Array], writer, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:

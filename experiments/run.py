@@ -9,17 +9,22 @@ records ``job.json`` and ``eval/results.jsonl`` in ``<workdir>/<run name>``, whe
 ``python -m tables.render`` finds them. Jobs already complete are skipped; partial ones resume.
 ``mode=plan`` lists the jobs with their cost; ``mode=throughput`` measures steps/s for the rows of
 Tables 4 and 5 on synthetic data on this machine.
+
+Only a finished run is evaluated: a row's result is always its run's final step. SIGTERM (a
+scheduler's preemption notice) stops the whole command, after the trainer's checkpoint, with exit
+status 75 (EX_TEMPFAIL; 2 is a mistake to fix): rerunning the same command resumes where it stopped.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
 from core import cli
 from core import storage
-from core.errors import UserError, run_main
+from core.errors import Preempted, UserError, run_main
 from experiments import launchers, registry, scales
 
 # Evaluation size per scale (the paper: 50K samples, 256 sampler steps is our default).
@@ -41,7 +46,8 @@ OPTIONS = [
     cli.Option("launcher", "local", "local: this machine, one job after another; tpu: Cloud TPU VM slices",
                choices=launchers.LAUNCHERS),
     cli.Option("workdir", None, "where run directories go (local or gs://); default runs/<scale>"),
-    cli.Option("data_dir", None, "prepared data set (paper scale: ImageNet at the row's resolution)"),
+    cli.Option("data_dir", None, "prepared data set (paper scale, launcher=tpu: ImageNet at the "
+               "rows' resolution; {res} in it becomes each job's, e.g. gs://bucket/imagenet{res})"),
     cli.Option("format", "text", "output of mode=plan", choices=("text", "json")),
     cli.Option("dry_run", False, "print the commands instead of running them", parse=cli.parse_bool),
     cli.Option("eval", True, "evaluate after training", parse=cli.parse_bool),
@@ -59,7 +65,7 @@ def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) 
   args = [f"gin_file={f}" for f in job.gin_files]
   binds = list(job.bindings) + scales.scale_bindings(job.gin_files, job.bindings, job.arch, job.resolution, scale)
   if data_dir:
-    binds.append(f"Train.data_dir = '{data_dir}'")
+    binds.append(f"Train.data_dir = '{data_dir.replace('{res}', str(job.resolution))}'")
   args += [b.replace(" ", "") for b in binds]
   args.append(f"workdir={run_dir}")
   return args
@@ -136,13 +142,20 @@ def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any])
     if opts["eval"]:
       print("python -m eval.worker " + " ".join(e_args))
     return
-  write_job_json(job, scale, run_dir, args)
+  try:
+    write_job_json(job, scale, run_dir, args)
+  except OSError as e:
+    raise UserError(f"cannot write to {run_dir} ({e.strerror or e}); choose a writable "
+                    f"workdir=") from None
   rows = ", ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)
   if is_trained(run_dir):
     print(f"[{job.name}] trained already ({rows})", flush=True)
   else:
     print(f"[{job.name}] training ({rows})", flush=True)
-    train_cli.main(args)
+    train_cli.main(args)  # raises Preempted on SIGTERM: nothing below runs
+    if not is_trained(run_dir):  # only a finished run's final step is a row's result
+      raise UserError(f"[{job.name}] stopped at step {_latest_step(run_dir)} before its last step; "
+                      f"rerun the same command to resume it")
   if opts["eval"]:
     n = int(dict(a.split("=", 1) for a in e_args)["num_samples"])
     if is_evaluated(job, run_dir, n):
@@ -156,14 +169,37 @@ def _quote(a: str) -> str:
   return f'"{a}"' if any(c in a for c in " '[]()") else a
 
 
-def check_device(scale: str, launcher: str, planned: list[dict[str, Any]]) -> None:
+def check_device(scale: str, launcher: str, job_list: list[registry.Job], workdir: str) -> None:
   """Refuses paper scale on a machine without accelerators, saying what it would cost."""
   import jax  # pylint: disable=import-outside-toplevel
+  from experiments import plan as plan_lib  # pylint: disable=import-outside-toplevel
   if scale == "paper" and launcher == "local" and jax.default_backend() == "cpu":
+    planned = [plan_lib.describe(j, scale, workdir) for j in job_list]
     total = sum(p["estimated_hours"] or 0 for p in planned)
     raise UserError(
         f"scale=paper needs accelerators: these {len(planned)} job(s) cost about {total:,.0f} accelerator-hours "
         f"at paper settings; this machine has only a CPU. Run scale=demo here, or launcher=tpu (see mode=plan)")
+
+
+def check_data(scale: str, launcher: str, data_dir: str | None,
+               job_list: list[registry.Job]) -> None:
+  """Paper scale and TPU pods train on ImageNet: the built-in emoji set is for demo and smoke."""
+  if scale != "paper" and launcher != "tpu":
+    return
+  why = "scale=paper" if scale == "paper" else "launcher=tpu"
+  if not data_dir:
+    raise UserError(f"{why} needs data_dir=<prepared ImageNet at the rows' resolution> "
+                    f"(python -m core.data prepare src=<imagenet dir> res=... out=gs://...); "
+                    f"without it the runs would train on the built-in emoji set")
+  res = sorted({j.resolution for j in job_list})
+  if len(res) > 1 and "{res}" not in data_dir:
+    raise UserError(f"these jobs train at {', '.join(map(str, res))} pixels: put {{res}} in "
+                    f"data_dir (e.g. data_dir=gs://bucket/imagenet{{res}}), one prepared set per "
+                    f"resolution")
+
+
+def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument
+  raise Preempted("SIGTERM: stopped; rerun the same command to resume")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -189,6 +225,18 @@ def main(argv: Sequence[str]) -> int:
     from experiments import throughput  # pylint: disable=import-outside-toplevel
     throughput.measure(entries, scale, workdir)
     return 0
+  check_device(scale, opts["launcher"], job_list, workdir)  # first: it says what the jobs cost
+  check_data(scale, opts["launcher"], opts["data_dir"], job_list)
+  # SIGTERM outside the trainer's loop (which checkpoints first) stops the command too.
+  previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+  try:
+    return _run_jobs(job_list, table, scale, workdir, opts)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str,
+              opts: dict[str, Any]) -> int:
   if opts["launcher"] == "tpu":
     for job in job_list:
       run_dir = storage.join(workdir, job.name)
@@ -196,12 +244,14 @@ def main(argv: Sequence[str]) -> int:
                                     eval_args(job, scale, run_dir, opts), opts)
       launchers.execute(cmds, dry_run=opts["dry_run"])
     return 0
-  check_device(scale, opts["launcher"], [plan_lib.describe(j, scale, workdir) for j in job_list]
-               if scale == "paper" else [])
   for job in job_list:
     run_local(job, scale, workdir, opts)
-  print(f"done: {len(job_list)} job(s) in {workdir}; render with: python -m tables.render table={table} "
-        f"workdir={workdir}", file=sys.stderr)
+  if opts["dry_run"]:
+    print(f"dry run: printed the commands of {len(job_list)} job(s); nothing was run",
+          file=sys.stderr)
+  else:
+    print(f"done: {len(job_list)} job(s) in {workdir}; render with: python -m tables.render "
+          f"table={table} workdir={workdir}", file=sys.stderr)
   return 0
 
 

@@ -1,7 +1,8 @@
 """LaTeX (booktabs) for a :class:`tables.layout.Layout`; ``standalone`` makes a whole document.
 
 Needs only the booktabs package (plus geometry for the standalone page). Metric names sit in a
-first header row spanning their 'paper' and 'ours' columns, with \\cmidrule under each.
+first header row spanning their 'paper' and 'ours' columns, with \\cmidrule under each. Every
+float keeps the paper's table number (Table 5 is "Table 5", not LaTeX's running count).
 """
 from __future__ import annotations
 
@@ -73,12 +74,25 @@ def tabular(layout: Layout) -> str:
   return "\n".join(lines)
 
 
+def number(table: str) -> str:
+  """The number LaTeX prints for a table: the paper's own (5 for Table 5); 'C' for the 1024
+  result, which the paper gives in the text of appendix C."""
+  return "C" if table == "1024" else table
+
+
 def render(layout: Layout, *, standalone: bool = False) -> str:
-  """A table float (caption, label, tabular, footnotes); with ``standalone`` a full document."""
+  """A table float (caption, label, tabular, footnotes); with ``standalone`` a full document.
+
+  The float sets ``\\thetable`` (locally) to the paper's table number, so its caption reads
+  "Table 5: ..." and ``\\ref`` to its label gives 5, whichever tables are rendered and in what
+  order, instead of LaTeX's running count 1, 2, 3.
+  """
   notes = "\n".join(f"{_MARKS[m] + ' ' if m else ''}{escape(t)}\\par" for m, t in layout.footnotes)
+  where = f" (paper: {paper.source(layout.table)})" if layout.table == "1024" else ""
   body = "\n".join([
-      r"\begin{table}[ht]", r"\centering", r"\small",
-      f"\\caption{{{escape(layout.caption)} (paper: {paper.source(layout.table)})}}",
+      r"\begin{table}[ht]", f"\\renewcommand{{\\thetable}}{{{number(layout.table)}}}",
+      r"\centering", r"\small",
+      f"\\caption{{{escape(layout.caption)}{where}}}",
       f"\\label{{tab:simple-diffusion-{layout.table}}}",
       tabular(layout), "", r"\smallskip", r"{\footnotesize\raggedright", notes, "}",
       r"\end{table}", ""])

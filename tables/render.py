@@ -103,15 +103,20 @@ def main(argv: Sequence[str]) -> int:
     for text in combined or outs.values():
       print(text)
     return 0
-  files.makedirs(opts["out"])
-  for name, text in outs.items():
-    path = files.join(opts["out"], name)
-    files.write_text(path, text)
-    print(path)
-  if opts["figures"]:
-    from tables import figures  # pylint: disable=g-import-not-at-top
-    for path in figures.draw_all(workdir, files.join(opts["out"], "figures"), tables):
+  try:
+    files.makedirs(opts["out"])
+    for name, text in outs.items():  # each file atomically: old or new, never half-written
+      path = files.join(opts["out"], name)
+      files.write_text(path, text)
       print(path)
+    if opts["figures"]:
+      from tables import figures  # pylint: disable=g-import-not-at-top
+      for path in figures.draw_all(workdir, files.join(opts["out"], "figures"), tables):
+        print(path)
+  except OSError as e:  # read-only or full disk, a file where the directory should be
+    where = f": {e.filename}" if isinstance(e.filename, str) else ""
+    raise UserError(f"cannot write the tables to out={opts['out']} ({e.strerror or e}{where}); "
+                    f"choose a writable out= or print them with out=-") from None
   return 0
 
 

@@ -38,19 +38,20 @@ def read_jsonl(path: str) -> pd.DataFrame:
   writer still appending) is skipped; a broken line elsewhere is a UserError."""
   if not files.exists(path):
     return pd.DataFrame({"line": pd.Series([], dtype=int)})
-  lines = files.read_text(path).splitlines()
+  lines = files.read_bytes(path).splitlines()
   records = []
-  for i, text in enumerate(lines):
-    if not text.strip():
+  for i, raw in enumerate(lines):
+    if not raw.strip():
       continue
     try:
-      rec = json.loads(text)
-    except json.JSONDecodeError as e:
+      rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
       if i == len(lines) - 1:
         print(f"warning: skipping unfinished last line of {path}", file=sys.stderr)
         continue
-      raise UserError(f"{path} line {i + 1} is not JSON ({e.msg}); fix or remove that line"
-                      ) from None
+      what = (f"not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})"
+              if isinstance(e, UnicodeDecodeError) else f"not JSON ({e.msg})")
+      raise UserError(f"{path} line {i + 1} is {what}; fix or remove that line") from None
     if not isinstance(rec, dict):
       raise UserError(f"{path} line {i + 1} is not a JSON object; fix or remove that line")
     rec["line"] = i
@@ -69,7 +70,10 @@ def _with_columns(df: pd.DataFrame, columns) -> pd.DataFrame:
 
 def _read_job(path: str) -> dict:
   try:
-    job = json.loads(files.read_text(path))
+    job = json.loads(files.read_bytes(path).decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path} is not UTF-8 text (byte {e.start}); rewrite it or remove the run"
+                    ) from None
   except json.JSONDecodeError as e:
     raise UserError(f"{path} is not valid JSON ({e.msg}); rewrite it or remove the run") from None
   if not isinstance(job, dict) or not isinstance(job.get("rows", []), list):

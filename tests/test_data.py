@@ -270,6 +270,14 @@ def test_gs_output_through_storage(tmp_path, gcs_bucket, monkeypatch):  # pylint
   assert len(images) == meta["counts"]["train"]
   with pytest.raises(UserError, match="already holds"):
     data.prepare(str(src), 8, out, progress=False)
+  # A damaged local copy names itself and the fix (delete it), which then works.
+  (copy,) = [str(p) for p in (tmp_path / "root" / "gcs").iterdir() if not p.name.startswith(".")]
+  with open(os.path.join(copy, meta["shards"]["train"][0]), "r+b") as f:
+    f.truncate(0)
+  with pytest.raises(UserError, match=f"local copy {copy} of {out} is damaged .*; delete {copy}"):
+    input_pipeline.load_split(out, "train")
+  shutil.rmtree(copy)
+  np.testing.assert_array_equal(input_pipeline.load_split(out, "train")[0], images)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,3 +152,20 @@ def test_gcs_workdir_stages_and_syncs(gcs_bucket):
     w.write_scalars(3, {"loss": 30.0})
   assert [(r["step"], r["loss"]) for r in read_rows(storage.join(wd, "metrics.jsonl"))] == [
       (1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_config_text_renders_as_a_code_block(tmp_path):
+  """An operative gin config (``#`` comment lines, ``====``) written with code=True is rendered by
+  TensorBoard's own markdown renderer as one verbatim code block, not as headings."""
+  from tensorboard import plugin_util
+  config = ("# Parameters for Train:\n# =====\nTrain.batch_size = 8\n\n# Parameters for UNet:\n"
+            "UNet.channel_multiplier = [1, 2]\n")
+  wd = str(tmp_path / "run")
+  with metrics.MetricWriter(wd) as w:
+    w.write_text("config", config, step=0, code=True)
+  (t,) = load_tb(os.path.join(wd, "tb")).Tensors("config/text_summary")
+  html = plugin_util.markdown_to_safe_html(t.tensor_proto.string_val[0].decode())
+  assert "<h1>" not in html and html.count("<pre><code>") == 1, html
+  assert "# Parameters for Train:\n# =====\nTrain.batch_size = 8" in html
+  plain = plugin_util.markdown_to_safe_html(config)
+  assert "<h1>" in plain  # what the config looked like before: its comments became headings

@@ -167,7 +167,8 @@ def test_paper_scale_on_cpu_is_refused_with_its_cost():
 def test_tpu_dry_run_commands_are_well_formed(capsys):
   import shlex
   run.main(["table=7", "row=simple diffusion (U-ViT 2B)", "scale=paper", "launcher=tpu", "dry_run=true",
-            "workdir=gs://bucket/sd", "repo_url=https://example.org/sd.git", "tpu_zone=us-central2-b"])
+            "workdir=gs://bucket/sd", "repo_url=https://example.org/sd.git", "tpu_zone=us-central2-b",
+            "data_dir=gs://bucket/imagenet{res}"])
   out = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
   create = [l for l in out if "queued-resources create" in l]
   ssh = [l for l in out if "tpu-vm ssh" in l]
@@ -179,9 +180,10 @@ def test_tpu_dry_run_commands_are_well_formed(capsys):
   inner = shlex.split(train)[-1]
   assert "distributed=true" in inner and "workdir=gs://bucket/sd/uvit128-" in inner
   assert "gin_file=models/uvit_imagenet128.gin" in inner and "UViT.logsnr_range=@schedule_range()" in inner
+  assert "Train.data_dir='gs://bucket/imagenet128'" in shlex.split(inner)  # {res}: the job's resolution
   with pytest.raises(UserError, match="needs workdir on GCS"):
     run.main(["table=7", "row=simple diffusion (U-ViT 2B)", "scale=paper", "launcher=tpu", "dry_run=true",
-              "workdir=/tmp/x", "repo_url=u"])
+              "workdir=/tmp/x", "repo_url=u", "data_dir=gs://bucket/imagenet{res}"])
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import pytest
 from core import storage
 from core.errors import UserError, run_main
 from tables import layout, markdown, measured, paper, render, runs
+from tests.fault_helpers import assert_one_error_line, read_only, run_cli, snapshot
 
 PAPER = paper.load_paper()
 EXTRACTOR = "clean-fid inception_v3 (torchscript)"
@@ -305,6 +306,23 @@ def test_latex_compiles_standalone(tmp_path):
     assert (out / name.replace(".tex", ".pdf")).stat().st_size > 1000
 
 
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no LaTeX engine (pdflatex)")
+def test_latex_keeps_the_papers_table_numbers(tmp_path):
+  """LaTeX itself (the labels it writes to the .aux file) numbers each float as the paper does,
+  for all tables in one document and for one table alone (not 1, 2, 3 by its running count)."""
+  out = tmp_path / "out"
+  render.main([f"out={out}", "format=latex", "standalone=true"])
+  want = {"2": "2", "3": "3", "4": "4", "5": "5", "6": "6", "7": "7", "8": "8", "9": "9",
+          "1024": "C"}
+  for name, expected in [("tables", want), ("table_5", {"5": "5"}), ("table_1024", {"1024": "C"})]:
+    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", name + ".tex"],
+                          cwd=out, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    aux = (out / f"{name}.aux").read_text()
+    got = dict(re.findall(r"\\newlabel\{tab:simple-diffusion-(\w+)\}\{\{([^}]*)\}", aux))
+    assert got == expected, (name, got)
+
+
 def test_markdown_is_a_pipe_table_with_one_cell_per_column(tmp_path):
   workdir = table2_workdir(str(tmp_path))
   outs = render.render(list(paper.TABLES), workdir, "markdown")
@@ -352,6 +370,57 @@ def test_unfinished_last_line_is_skipped_and_broken_lines_are_errors(tmp_path):
     f.write('\n{"step": 30}\n')
   with pytest.raises(UserError, match="results.jsonl line 2"):
     runs.load(str(tmp_path))
+
+
+def test_a_non_utf8_last_line_is_unfinished_and_elsewhere_an_error(tmp_path):
+  d = write_run(str(tmp_path), "r", [SHIFT32], [result(10, "fid_train", 4.0)])
+  start = '{"step": 20, "metric": "fid_train", "note": "'
+  with open(os.path.join(d, "eval", "results.jsonl"), "ab") as f:
+    f.write((start + "é").encode()[:-1])  # a writer cut off in the middle of a character
+  assert data_rows(build(str(tmp_path), "2"))[SHIFT32]["fid_train:ours"].text == "4.00"
+  with open(os.path.join(d, "eval", "results.jsonl"), "ab") as f:
+    f.write(b'\n{"step": 30}\n')
+  with pytest.raises(UserError, match=rf"line 2 is not UTF-8 text \(byte {len(start)}"):
+    runs.load(str(tmp_path))
+
+
+def _bad_results(workdir):
+  with open(os.path.join(workdir, "unet128_shift32", "eval", "results.jsonl"), "r+b") as f:
+    lines = f.read().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"fid_eval", b"fid_\xff\xfeval")
+    f.seek(0)
+    f.write(b"".join(lines))
+
+
+def _bad_job(workdir):
+  with open(os.path.join(workdir, "unet128_shift32", "job.json"), "ab") as f:
+    f.write(b" \xc3")
+
+
+@pytest.mark.parametrize("case,damage,needles", [
+    ("results.jsonl not UTF-8", _bad_results,
+     ["unet128_shift32/eval/results.jsonl line 2 is not UTF-8", "fix or remove that line"]),
+    ("job.json not UTF-8", _bad_job, ["job.json is not UTF-8", "remove the run"]),
+    ("read-only out", None, ["cannot write the tables to out=", "out=-"]),
+])
+def test_render_faults_are_one_line_and_keep_earlier_tables(tmp_path, case, damage, needles):
+  """As a user runs it: the command fails with one error line and exit status 2, and the tables
+  an earlier render wrote stay as they were."""
+  workdir = table2_workdir(str(tmp_path / "runs"))
+  out = tmp_path / "out"
+  assert render.main([f"workdir={workdir}", f"out={out}", "table=2"]) == 0
+  before = snapshot(out)
+  assert sorted(before) == ["table_2.md", "table_2.tex"]
+  if damage is not None:
+    damage(workdir)
+  args = ["tables.render", f"workdir={workdir}", f"out={out}", "table=2"]
+  if case == "read-only out":
+    with read_only(out) as wrap:
+      proc = run_cli(*args, wrap=wrap)
+  else:
+    proc = run_cli(*args)
+  assert_one_error_line(proc, *needles)
+  assert snapshot(out) == before
 
 
 def test_gcs_workdir_renders_like_local(tmp_path, gcs_bucket):

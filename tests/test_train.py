@@ -71,6 +71,8 @@ def test_sigkill_at_random_step_resumes_bit_exactly(tmp_path):
     time.sleep(0.02)
   p.wait()
   assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  # The killed run's lock file still names it, but the kernel released the lock: no stale lock.
+  assert json.loads((killed / "train.lock").read_text())["pid"] == p.pid
   run_train(killed, *steps)
   got = losses(killed)
   assert sorted(got) == sorted(want)
@@ -83,20 +85,33 @@ def test_sigkill_at_random_step_resumes_bit_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_writes_a_final_checkpoint(tmp_path):
+  """SIGTERM stops the run with exit status 75 (EX_TEMPFAIL) after a checkpoint at the step it
+  stopped, every row logged once. While it runs, a second trainer on the same run directory is
+  refused with one line naming the first's pid (issue 12, harmful 1 and 2)."""
   from core import checkpoint as ckpt_lib
+  from tests.test_faults_train import one_error_line
   workdir = tmp_path / "run"
   p = subprocess.Popen(train_cmd(workdir, "Train.num_steps=100000", "Train.checkpoint_every=100000"), cwd=ROOT,
                        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (metrics.exists() and sum(1 for _ in open(metrics)) >= 3):
-    time.sleep(0.05)
-  p.send_signal(signal.SIGTERM)
-  _, err = p.communicate(timeout=300)
-  assert p.returncode == 0, err[-2000:]
-  assert "SIGTERM" in err
-  step = ckpt_lib.Checkpointer(str(workdir), with_data=False).latest_step()
-  assert step is not None and step >= 3
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and sum(1 for _ in open(metrics)) >= 3):
+      time.sleep(0.05)
+    line = one_error_line(run_train(workdir, "Train.num_steps=100000", check=False))
+    assert f"in use by process {p.pid} on " in line, line
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+  finally:
+    if p.poll() is None:
+      p.kill()
+  assert p.returncode == 75, err[-2000:]
+  last = [l for l in err.splitlines() if l.strip()][-1]
+  assert last.startswith("preempted: SIGTERM at step") and "rerun" in last, err[-2000:]
+  step = int(last.split("at step ")[1].split(":")[0])
+  assert step >= 3
+  assert ckpt_lib.Checkpointer(str(workdir), with_data=False).all_steps() == [step]
+  assert [json.loads(l)["step"] for l in open(metrics)] == list(range(1, step + 1))
 
 
 def _free_port():

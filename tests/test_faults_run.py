@@ -1,0 +1,134 @@
+"""Faults and bad input at the front door, ``python -m experiments.run`` (issue 12).
+
+Refusals are checked through :func:`core.errors.run_main` (the entry point's exit status and its
+one ``error:`` line); the SIGTERM case runs the real command in a subprocess.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from core import config as config_lib
+from core import train as train_cli
+from core.errors import run_main
+from experiments import run
+from tests.test_faults_train import _mount_tmpfs, _umount, checkpoint_steps, rows
+from tests.test_train import ROOT, _env
+
+ROW = "cosine (shifted to 64)"  # a Table 2 row label: two jobs, at 128 and at 256
+
+
+def exit_and_stderr(main, argv, capsys) -> tuple[int, str]:
+  with pytest.raises(SystemExit) as e:
+    run_main(main, argv)
+  return e.value.code, capsys.readouterr().err
+
+
+def one_error(code, err) -> str:
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, err)
+  return lines[0]
+
+
+TPU = ["launcher=tpu", "workdir=gs://b/sd", "repo_url=https://x/y.git"]
+
+
+@pytest.mark.parametrize("args, names", [
+    (["scale=paper"], ["scale=paper", "data_dir="]),
+    (["scale=paper", "dry_run=true"], ["scale=paper", "data_dir="]),
+    (["scale=paper", *TPU, "dry_run=true"], ["scale=paper", "data_dir="]),
+    (["scale=demo", *TPU], ["launcher=tpu", "data_dir="]),
+    # Table 2 trains at 128 and 256: one data set cannot serve both.
+    (["scale=paper", *TPU, "data_dir=gs://b/imagenet128"], ["128, 256", "{res}"]),
+])
+def test_paper_scale_or_tpu_without_data_dir_is_refused(args, names, tmp_path, capsys, monkeypatch):
+  """Without data_dir= these would have trained on the built-in emoji set, upscaled. (The local
+  paper-scale cases pretend to have a GPU: on a CPU they are refused earlier, with their cost.)"""
+  import jax
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  workdir = [] if any(a.startswith("workdir=") for a in args) else [f"workdir={tmp_path / 'runs'}"]
+  line = one_error(*exit_and_stderr(run.main, ["table=2", *args, *workdir], capsys))
+  for n in names:
+    assert n in line, line
+  assert not (tmp_path / "runs").exists()
+
+
+def test_paper_scale_tpu_with_data_dir_puts_each_resolution_in_its_commands(capsys):
+  """data_dir=...{res} gives every job the data set at its own resolution."""
+  assert run.main(["table=2", f"row={ROW}", "scale=paper", *TPU, "dry_run=true",
+                   "data_dir=gs://b/imagenet{res}"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("Train.data_dir=") == 2 and "imagenet128" in out and "imagenet256" in out
+
+
+def test_dry_run_does_not_claim_jobs_were_done(tmp_path, capsys):
+  code, err = exit_and_stderr(run.main, ["table=2", "scale=smoke", "dry_run=true",
+                                         f"workdir={tmp_path / 'runs'}"], capsys)
+  assert code == 0 and "nothing was run" in err and "done:" not in err, err
+  assert not (tmp_path / "runs").exists()
+
+
+def test_core_train_hint_names_gin_files_that_exist(capsys):
+  line = one_error(*exit_and_stderr(train_cli.main, ["workdir=/tmp/x"], capsys))
+  files = re.findall(r"gin_file=([\w/.-]+\.gin)", line)
+  assert len(files) >= 2, line
+  for f in files:
+    assert os.path.isfile(config_lib.resolve_gin_file(f)), f
+
+
+def test_read_only_output_directory_is_one_line(tmp_path, capsys):
+  mnt = tmp_path / "ro"
+  mounted = _mount_tmpfs(mnt, "1m", "ro")
+  if not mounted:
+    if os.geteuid() == 0:
+      pytest.skip("root without mount: permissions do not stop root")
+    os.chmod(mnt, 0o555)
+  try:
+    line = one_error(*exit_and_stderr(run.main, ["table=2", f"row={ROW}", "scale=smoke",
+                                                 f"workdir={mnt / 'runs'}"], capsys))
+    assert "cannot write to" in line and str(mnt) in line, line
+  finally:
+    if mounted:
+      _umount(mnt)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
+  """A job trained to step 2 of 4 (a staged run), then the table command, SIGTERMed once its
+  trainer has resumed: the trainer checkpoints step 3 and the command exits 75; that partial
+  checkpoint is not evaluated (no results.jsonl, no row result) and the next job never starts."""
+  workdir = tmp_path / "runs"
+  job, _ = run.registry.jobs(run.registry.select("2", [ROW]))
+  run_dir = workdir / job.name
+  staged = subprocess.run([sys.executable, "-m", "core.train",
+                           *run.job_args(job, "smoke", str(run_dir), None), "stop_at_step=2"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert staged.returncode == 0, staged.stderr[-3000:]
+  assert checkpoint_steps(run_dir) == [2]
+
+  p = subprocess.Popen([sys.executable, "-m", "experiments.run", "table=2", f"row={ROW}",
+                        "scale=smoke", f"workdir={workdir}"], cwd=ROOT, env=_env(),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    out = ""
+    while p.poll() is None and "resumed from step 2" not in out:
+      out += p.stdout.readline()
+    p.send_signal(signal.SIGTERM)
+    rest, err = p.communicate(timeout=600)
+  finally:
+    if p.poll() is None:
+      p.kill()
+  out += rest
+  assert p.returncode == 75, (out[-2000:], err[-3000:])
+  last = [l for l in err.splitlines() if l.strip()][-1]
+  assert last.startswith("preempted: SIGTERM"), err[-2000:]
+  assert "evaluating" not in out and out.count("training") == 1, out
+  assert not (run_dir / "eval").exists()
+  assert checkpoint_steps(run_dir) == [2, 3]  # stopped after one more step, not finished (4)
+  assert [r["step"] for r in rows(run_dir)] == [2]  # Train.log_every=2 at smoke scale: logged once
+  assert sorted(os.listdir(workdir)) == [job.name]  # the next job never started
