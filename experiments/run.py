@@ -1,14 +1,15 @@
 """The front door: train, evaluate and record every row of a paper table.
 
-    python -m experiments.run table=5 [row=...] [scale=paper|demo|smoke] [launcher=local|tpu]
+    python -m experiments.run table=5 [row=...] [scale=paper|demo|smoke] [launcher=local|tpu|slurm]
                               [workdir=...] [mode=run|plan|throughput]
 
 For each job of the table (rows with identical configurations are one job), ``mode=run`` trains or
 resumes it, evaluates its last checkpoint (FID train, FID eval, IS; the Table 9 guidance sweep), and
 records ``job.json`` and ``eval/results.jsonl`` in ``<workdir>/<run name>``, where
 ``python -m tables.render`` finds them. Jobs already complete are skipped; partial ones resume.
-``mode=plan`` lists the jobs with their cost; ``mode=throughput`` measures steps/s for the rows of
-Tables 4 and 5 on synthetic data on this machine.
+``mode=plan`` lists the jobs with their bytes per device and cost on the accelerator they would
+use; ``launcher=tpu|slurm`` refuses, before launching anything, a job that cannot fit.
+``mode=throughput`` measures steps/s for the rows of Tables 4 and 5 on synthetic data here.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from typing import Any, Sequence
 from core import cli
 from core import storage
 from core.errors import UserError, run_main
-from experiments import launchers, registry, scales
+import jax
+
+from experiments import launchers, registry, scales, throughput
+from experiments import plan as plan_lib
 
 # Evaluation size per scale (the paper: 50K samples, 256 sampler steps is our default).
 # Demo and smoke compare samples with a prefix of each split: Inception on a CPU costs ~0.2 s/image.
@@ -38,8 +42,8 @@ OPTIONS = [
                "emoji data, CPU minutes) or smoke (tiny, for tests)", choices=scales.SCALES),
     cli.Option("mode", "run", "run: train+evaluate+record; plan: list jobs and costs; throughput: measure "
                "steps/s of Tables 4 and 5 rows", choices=("run", "plan", "throughput")),
-    cli.Option("launcher", "local", "local: this machine, one job after another; tpu: Cloud TPU VM slices",
-               choices=launchers.LAUNCHERS),
+    cli.Option("launcher", "local", "local: this machine, one job after another; tpu: Cloud TPU VM slices; "
+               "slurm: one sbatch script per job (GPU clusters)", choices=launchers.LAUNCHERS),
     cli.Option("workdir", None, "where run directories go (local or gs://); default runs/<scale>"),
     cli.Option("data_dir", None, "prepared data set (paper scale: ImageNet at the row's resolution)"),
     cli.Option("format", "text", "output of mode=plan", choices=("text", "json")),
@@ -51,6 +55,20 @@ OPTIONS = [
     cli.Option("tpu_type", None, "tpu launcher: accelerator type (default: the paper's, e.g. v4-256)"),
     cli.Option("tpu_project", None, "tpu launcher: GCP project"),
     cli.Option("repo_url", None, "tpu launcher: git URL of this repository to check out on the workers"),
+    cli.Option("accelerator", "H100", "plan (local/slurm): GPU kind planned for, e.g. H100, H200, A100"),
+    cli.Option("devices", 1, "plan (launcher=local): devices planned for", parse=int),
+    cli.Option("aot", False, "plan: also compile each job's sharded training step on faked CPU devices "
+               "and report XLA's per-device memory", parse=cli.parse_bool),
+    cli.Option("aot_devices", 8, "plan aot=true: CPU devices to fake (FSDP over all)", parse=int),
+    cli.Option("nodes", 1, "slurm launcher: nodes per job", parse=int),
+    cli.Option("gpus_per_node", 8, "slurm launcher: GPUs (= tasks) per node", parse=int),
+    cli.Option("partition", None, "slurm launcher: partition"),
+    cli.Option("account", None, "slurm launcher: account"),
+    cli.Option("slurm_time", "2-00:00:00", "slurm launcher: time limit per submission (resubmit to resume)"),
+    cli.Option("repo_dir", None, "slurm launcher: this repository on the cluster (default: the submit dir)"),
+    cli.Option("python", None, "slurm launcher: python on the nodes (default <repo_dir>/.venv/bin/python)"),
+    cli.Option("throughput_batch", None, "mode=throughput: global batch (default: the scale's)", parse=int),
+    cli.Option("throughput_steps", 10, "mode=throughput: timed steps per row", parse=int),
 ]
 
 
@@ -158,12 +176,28 @@ def _quote(a: str) -> str:
 
 def check_device(scale: str, launcher: str, planned: list[dict[str, Any]]) -> None:
   """Refuses paper scale on a machine without accelerators, saying what it would cost."""
-  import jax  # pylint: disable=import-outside-toplevel
   if scale == "paper" and launcher == "local" and jax.default_backend() == "cpu":
     total = sum(p["estimated_hours"] or 0 for p in planned)
     raise UserError(
         f"scale=paper needs accelerators: these {len(planned)} job(s) cost about {total:,.0f} accelerator-hours "
         f"at paper settings; this machine has only a CPU. Run scale=demo here, or launcher=tpu (see mode=plan)")
+
+
+def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
+  """experiments.plan.describe of each job on the accelerator its launcher would use."""
+  out = []
+  for job in job_list:
+    run_dir = storage.join(workdir, job.name)
+    args = job_args(job, scale, run_dir, opts["data_dir"])
+    if opts["launcher"] in ("tpu", "slurm"):
+      args = [*args, launchers.SHARD_ALL]
+    n = int(dict(a.split("=", 1) for a in eval_args(job, scale, run_dir, opts))["num_samples"])
+    tgt = plan_lib.target(opts, job.arch, launchers.DEFAULT_TPU)
+    p = plan_lib.describe(job, scale, workdir, args, tgt, sampler_steps=EVAL[scale]["sampler_steps"], num_samples=n)
+    if opts["aot"]:
+      p["aot"] = plan_lib.aot(args)
+    out.append(p)
+  return out
 
 
 def main(argv: Sequence[str]) -> int:
@@ -180,24 +214,30 @@ def main(argv: Sequence[str]) -> int:
   job_list = registry.jobs(entries)
   scale = opts["scale"]
   workdir = opts["workdir"] or os.path.join("runs", scale)
-  from experiments import plan as plan_lib  # pylint: disable=import-outside-toplevel
   if opts["mode"] == "plan":
-    planned = [plan_lib.describe(j, scale, workdir) for j in job_list]
+    if opts["aot"]:  # before JAX starts its CPU backend
+      jax.config.update("jax_num_cpu_devices", opts["aot_devices"])
+    planned = plan_jobs(job_list, scale, workdir, opts)
     print(json.dumps(planned, indent=1) if opts["format"] == "json" else plan_lib.format_text(planned))
     return 0
   if opts["mode"] == "throughput":
-    from experiments import throughput  # pylint: disable=import-outside-toplevel
-    throughput.measure(entries, scale, workdir)
+    throughput.measure(entries, scale, workdir, [job_args(j, scale, "unused", None) for j in job_list],
+                       batch_size=opts["throughput_batch"], steps=opts["throughput_steps"])
     return 0
-  if opts["launcher"] == "tpu":
+  if opts["launcher"] in ("tpu", "slurm"):
+    plan_lib.check_fits(plan_jobs(job_list, scale, workdir, opts))  # refuse before launching any
+    scripts = {}
     for job in job_list:
       run_dir = storage.join(workdir, job.name)
-      cmds = launchers.tpu_commands(job, job_args(job, scale, run_dir, opts["data_dir"]),
-                                    eval_args(job, scale, run_dir, opts), opts)
-      launchers.execute(cmds, dry_run=opts["dry_run"])
+      t_args, e_args = job_args(job, scale, run_dir, opts["data_dir"]), eval_args(job, scale, run_dir, opts)
+      if opts["launcher"] == "tpu":
+        launchers.execute(launchers.tpu_commands(job, t_args, e_args, opts), dry_run=opts["dry_run"])
+      else:
+        scripts[job.name] = launchers.slurm_script(job, t_args, e_args, opts)
+    if scripts:
+      launchers.submit_slurm(scripts, dry_run=opts["dry_run"], script_dir=os.path.join("runs", "slurm"))
     return 0
-  check_device(scale, opts["launcher"], [plan_lib.describe(j, scale, workdir) for j in job_list]
-               if scale == "paper" else [])
+  check_device(scale, opts["launcher"], plan_jobs(job_list, scale, workdir, opts) if scale == "paper" else [])
   for job in job_list:
     run_local(job, scale, workdir, opts)
   print(f"done: {len(job_list)} job(s) in {workdir}; render with: python -m tables.render table={table} "
