@@ -113,6 +113,9 @@ def submit_slurm(scripts: dict[str, str], *, dry_run: bool, script_dir: str) -> 
       print(text, end="", flush=True)
       continue
     os.makedirs(script_dir, exist_ok=True)
+    for line in text.splitlines():  # sbatch does not create the log folder
+      if line.startswith("#SBATCH --output="):
+        os.makedirs(os.path.dirname(line.split("=", 1)[1]) or ".", exist_ok=True)
     path = os.path.join(script_dir, f"{name}.sbatch")
     with open(path, "w") as f:
       f.write(text)
