@@ -1,6 +1,7 @@
 """The prepared one-GPU check of issue 15: throughput and memory in one JSON file, in <= 8 minutes.
 
     python scripts/gpu_check.py [out=benchmarks/results] [budget_s=480] [smoke=true] [tables=true]
+                                [only=train_uvit_benchmark256,sample_uvit_benchmark256]
     GPU_CHECK_SMOKE=1 python scripts/gpu_check.py out=/tmp/x      # tiny shapes, runs on a CPU
 
 Stages, in order of importance, each ``python -m core.benchmark`` in its own process (so a stage
@@ -160,9 +161,9 @@ def summarize(name: str, rec: dict) -> dict:
 
 def main(argv: list[str]) -> int:
   opts = dict(a.split("=", 1) for a in argv if "=" in a)
-  unknown = set(opts) - {"out", "budget_s", "smoke", "tables"}
+  unknown = set(opts) - {"out", "budget_s", "smoke", "tables", "only"}
   if unknown or any("=" not in a for a in argv):
-    print(f"error: unknown option(s) {sorted(unknown) or argv}; use out=, budget_s=, smoke=, tables= "
+    print(f"error: unknown option(s) {sorted(unknown) or argv}; use out=, budget_s=, smoke=, tables=, only= "
           f"(see the docstring of scripts/gpu_check.py)", file=sys.stderr)
     return 2
   smoke = opts.get("smoke", os.environ.get("GPU_CHECK_SMOKE", "0")).lower() in ("1", "true", "yes")
@@ -170,7 +171,15 @@ def main(argv: list[str]) -> int:
   out_dir = opts.get("out", os.path.join(ROOT, "benchmarks", "results"))
   start = time.time()
   records = {}
+  only = set(opts["only"].split(",")) if opts.get("only") else None
+  known = [st["name"] for st in stages(smoke)]
+  if only and not only <= set(known):
+    print(f"error: only={opts['only']}: stages are {','.join(known)}", file=sys.stderr)
+    return 2
   for st in stages(smoke):
+    if only and st["name"] not in only:
+      records[st["name"]] = {"status": "skipped", "seconds": 0.0, "attempts": []}
+      continue
     left = budget - (time.time() - start)
     records[st["name"]] = run_stage(st, min(left, st.get("cap_s", left))) if left > 10 else {"status": "skipped", "seconds": 0.0, "attempts": []}
     s = summarize(st["name"], records[st["name"]])
@@ -198,7 +207,7 @@ def main(argv: list[str]) -> int:
   if os.environ.get("OUT") and os.path.isdir(os.environ["OUT"]):
     shutil.copy(path, os.environ["OUT"])
   print(f"[gpu-check] wrote {path} ({doc['seconds']:.0f} s)", flush=True)
-  return 0 if all(r["status"] == "ok" for r in records.values()) else 1
+  return 0 if all(r["status"] == "ok" for n, r in records.items() if not only or n in only) else 1
 
 
 if __name__ == "__main__":
