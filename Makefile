@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean gpu-check gpu-wheels
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
 
@@ -22,3 +22,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs out .pytest_cache
+
+# The prepared one-GPU check (issue 15): on the GPU machine, with wheels/ carried along (no network
+# there). Writes benchmarks/results/<device>-<date>.json. GPU_CHECK_SMOKE=1 runs it tiny on a CPU.
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# Here, where pip reaches PyPI: wheels of the project's dependencies that the GPU image lacks.
+gpu-wheels: $(STAMP)
+	$(PY) scripts/gpu_check_wheels.py out=wheels

@@ -4,18 +4,30 @@
 - ``tpu``: a Cloud TPU VM slice per job with the standard tooling: a queued resource is created
   with ``gcloud compute tpus queued-resources``, the same command runs on every worker
   (``tpu-vm ssh --worker=all``), each process calls ``jax.distributed.initialize()`` which reads
-  the slice's topology from the TPU environment, and the run directory is on GCS. With
-  ``dry_run=true`` the exact commands are printed instead of executed.
+  the slice's topology from the TPU environment, and the run directory is on GCS.
+- ``slurm``: one ``sbatch`` script per job for GPU clusters: ``nodes`` x ``gpus_per_node`` tasks,
+  one process per GPU, each started by ``srun`` with the same command; ``jax.distributed.initialize()``
+  reads SLURM's variables (process id, count, coordinator node, the task's local GPU). The run
+  directory is on shared storage or GCS. SIGTERM reaches the trainer 120 s before the time limit
+  (``--signal``) and ``--requeue`` resubmits a preempted job.
+
+Both remote launchers resume the same way: a job's run directory is fixed by its configuration, so
+launching (or resubmitting) it again resumes from its latest checkpoint; a finished run only
+evaluates. Multi-device jobs shard the state over all devices (``mesh.fsdp=-1``). With
+``dry_run=true`` the exact commands (or scripts) are printed instead of executed.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 from typing import Any, Sequence
 
 from core.errors import UserError
 
-LAUNCHERS = ("local", "tpu")
+LAUNCHERS = ("local", "tpu", "slurm")
+# Shard parameters, Adam and EMA over every device of a multi-device job (core/sharding.py).
+SHARD_ALL = "mesh.fsdp=-1"
 # The paper's hardware (appendix B): U-Nets on 64 TPUv2 devices, U-ViTs on 128 TPUv4 chips.
 DEFAULT_TPU = {"unet": "v2-64", "uvit": "v4-256"}
 RUNTIME = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
@@ -42,7 +54,8 @@ def tpu_commands(job, train_args: Sequence[str], eval_args: Sequence[str], opts:
   setup = (f"(test -d simple-diffusion || git clone {shlex.quote(opts['repo_url'])} simple-diffusion) && "
            f"cd simple-diffusion && git pull --ff-only && bash scripts/setup.sh .venv && "
            f".venv/bin/pip install -q 'jax[tpu]'")
-  train = ".venv/bin/python -m core.train " + " ".join(shlex.quote(a) for a in train_args) + " distributed=true"
+  train = (".venv/bin/python -m core.train " + " ".join(shlex.quote(a) for a in train_args) +
+           f" {SHARD_ALL} distributed=true")
   evaluate = ".venv/bin/python -m eval.worker " + " ".join(shlex.quote(a) for a in eval_args) + " distributed=true"
   ssh = f"gcloud compute tpus tpu-vm ssh {node} {where} --worker=all --command "
   return [
@@ -54,6 +67,59 @@ def tpu_commands(job, train_args: Sequence[str], eval_args: Sequence[str], opts:
       ssh + shlex.quote(f"cd simple-diffusion && {evaluate}"),
       f"gcloud compute tpus queued-resources delete {node} {where} --force --quiet",
   ]
+
+
+def slurm_script(job, train_args: Sequence[str], eval_args: Sequence[str], opts: dict[str, Any]) -> str:
+  """The sbatch script of one job: the same srun command on every task, one task per GPU."""
+  workdir = next(a.split("=", 1)[1] for a in train_args if a.startswith("workdir="))
+  if not (workdir.startswith("gs://") or workdir.startswith("/")):
+    raise UserError(f"launcher=slurm needs workdir on shared storage (an absolute path every node mounts) or "
+                    f"gs://, got {workdir!r}")
+  nodes, gpus = int(opts.get("nodes") or 1), int(opts.get("gpus_per_node") or 8)
+  if nodes < 1 or gpus < 1:
+    raise UserError(f"nodes={nodes} and gpus_per_node={gpus} must be >= 1")
+  repo = opts.get("repo_dir") or "$SLURM_SUBMIT_DIR"
+  python = opts.get("python") or f"{repo}/.venv/bin/python"
+  logs = opts.get("slurm_logs") or (f"{workdir}/slurm" if workdir.startswith("/") else "slurm-logs")
+  name = f"sd-{job.name}"[:60].rstrip("-")
+  head = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={gpus}", f"--gpus-per-node={gpus}",
+          f"--time={opts.get('slurm_time') or '2-00:00:00'}", f"--output={logs}/%x-%j.out",
+          "--open-mode=append", "--requeue", "--signal=TERM@120"]
+  for key, flag in (("partition", "partition"), ("account", "account")):
+    if opts.get(key):
+      head.append(f"--{flag}={opts[key]}")
+  train = " ".join(shlex.quote(a) for a in [*train_args, SHARD_ALL, "distributed=true"])
+  evaluate = " ".join(shlex.quote(a) for a in [*eval_args, "distributed=true"])
+  lines = ["#!/bin/bash", f"# {job.name}: " + "; ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)]
+  lines += [f"#SBATCH {h}" for h in head]
+  lines += [
+      "set -euo pipefail",
+      f"cd {repo}",
+      "export PYTHONUNBUFFERED=1",
+      "# jax.distributed.initialize() reads SLURM_PROCID, SLURM_NTASKS, SLURM_STEP_NODELIST and",
+      "# SLURM_LOCALID (the task's GPU): one process per GPU, the same command on every task.",
+      "# Resubmitting this script (or --requeue after preemption) resumes from the latest checkpoint.",
+      f"srun --kill-on-bad-exit=1 {python} -m core.train {train}",
+      f"srun --kill-on-bad-exit=1 {python} -m eval.worker {evaluate}",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def submit_slurm(scripts: dict[str, str], *, dry_run: bool, script_dir: str) -> None:
+  """Prints (dry run) or writes each script to ``script_dir`` and submits it with sbatch."""
+  for name, text in scripts.items():
+    if dry_run:
+      print(f"# ---- {name}.sbatch", flush=True)
+      print(text, end="", flush=True)
+      continue
+    os.makedirs(script_dir, exist_ok=True)
+    for line in text.splitlines():  # sbatch does not create the log folder
+      if line.startswith("#SBATCH --output="):
+        os.makedirs(os.path.dirname(line.split("=", 1)[1]) or ".", exist_ok=True)
+    path = os.path.join(script_dir, f"{name}.sbatch")
+    with open(path, "w") as f:
+      f.write(text)
+    execute([f"sbatch {shlex.quote(path)}"], dry_run=False)
 
 
 def execute(commands: Sequence[str], *, dry_run: bool) -> None:

@@ -1,35 +1,99 @@
-"""``mode=plan``: what each job is and what it costs, before anything runs."""
+"""``mode=plan``: what each job is, what it costs and whether it fits, before anything runs.
+
+For the accelerator a launch would use (``launcher=tpu``: the TPU slice, ``tpu_type=`` or the
+paper's v2-64 / v4-256; otherwise ``accelerator=`` x ``devices=``, e.g. 8 H100s) each job gets:
+
+- bytes per device: the train state (parameters, Adam moments, EMA; core.sharding's FSDP rule
+  over ``mesh.fsdp`` devices) plus activations for the job's images per device. Activations are
+  the outputs of every conv and dense layer of one forward pass (counted abstractly), which a
+  backward pass without remat keeps: a lower bound, so a job refused here cannot fit;
+- cost: training at the measured img/s (``mode=throughput``) or at an assumed MFU of the peak, plus
+  evaluation: ``num_samples`` sampled at the scale's sampler steps (256 at paper scale) per guidance
+  scale, the unconditional pass doubling the forward passes when guided; in TPU chip-hours for a
+  TPU slice, GPU-hours otherwise.
+
+``aot=true`` also compiles each job's real sharded training step from abstract inputs on faked CPU
+devices (core.benchmark.aot_memory) and reports XLA's per-device memory analysis.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-from typing import Any
+import math
+from typing import Any, Sequence
 
+import flax.linen as nn
+import gin
 import jax
+import jax.numpy as jnp
 
+from core import benchmark
 from core import config as config_lib
+from core import hardware
+from core import sharding as shd
 from core import storage
+from core import trainer as train_lib
+from core.errors import UserError
+from core.models import make_model
 
-# Without a measurement, cost is estimated at this utilisation of one H100's dense bf16 peak.
+# Without a measurement, cost is estimated at this utilisation of the accelerator's dense bf16 peak.
 ASSUMED_MFU = 0.4
-ASSUMED_PEAK = 989e12
+# Memory the runtime and XLA keep for themselves (and fragmentation): plan against 90% of HBM.
+USABLE_MEMORY = 0.9
 
 
-def _build(job, scale: str):
-  """Parses the job's gin at ``scale`` and returns (model, TrainConfig)."""
-  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
-  from core.models import make_model  # pylint: disable=import-outside-toplevel
-  from experiments import run  # pylint: disable=import-outside-toplevel
-  args = run.job_args(job, scale, "unused", None)
-  files = [a.split("=", 1)[1] for a in args if a.startswith("gin_file=")]
-  binds = [a for a in args if not a.startswith(("gin_file=", "workdir="))]
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where a job would run: accelerator kind, chips and JAX devices."""
+  accelerator: hardware.Accelerator
+  label: str        # 'TPU v4-256' or '8x H100'
+  chips: int
+  devices: int
+  is_tpu: bool
+
+  @property
+  def unit(self) -> str:
+    return "TPU chip-hours" if self.is_tpu else f"{self.accelerator.name}-hours"
+
+
+def target(opts: dict[str, Any], arch: str, default_tpu: dict[str, str]) -> Target:
+  """The accelerator a launch with these options uses (see the module docstring)."""
+  if opts.get("launcher") == "tpu":
+    tpu_type = opts.get("tpu_type") or default_tpu[arch]
+    try:
+      acc, chips = hardware.parse_tpu_type(tpu_type)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+    return Target(acc, f"TPU {tpu_type}", chips, hardware.devices_in_slice(acc, chips), True)
+  name = opts.get("accelerator") or "H100"
+  acc = hardware.GPUS.get(name) or hardware.GPUS.get(name.upper())
+  if acc is None:
+    raise UserError(f"accelerator={name!r} is unknown; use one of {', '.join(hardware.GPUS)} "
+                    f"(or launcher=tpu tpu_type=...)")
+  if opts.get("launcher") == "slurm":
+    devices = int(opts.get("nodes") or 1) * int(opts.get("gpus_per_node") or 8)
+  else:
+    devices = int(opts.get("devices") or 1)
+  return Target(acc, f"{devices}x {acc.name}", devices, devices, False)
+
+
+def build(train_args: Sequence[str]):
+  """Parses a job's ``python -m core.train`` arguments; returns (model, TrainConfig, logsnr_fn)."""
+  files = [a.split("=", 1)[1] for a in train_args if a.startswith("gin_file=")]
+  binds = [a for a in train_args if not a.startswith(("gin_file=", "workdir="))]
   config_lib.parse(files, binds)
-  return make_model(), train_lib.TrainConfig()
+  model = make_model()
+  logsnr_fn = gin.query_parameter("train.logsnr_fn").scoped_configurable_fn()
+  return model, train_lib.TrainConfig(), logsnr_fn
 
 
 def _measured_img_per_sec(job, workdir: str) -> float | None:
   path = storage.join(workdir, "throughput.jsonl")
-  if not storage.exists(path):
+  try:
+    if not storage.exists(path):
+      return None
+  except UserError:  # e.g. gs:// without credentials here: plan without the measurement
     return None
   keys = {(e.table, e.group, e.row) for e in job.entries}
   best = None
@@ -43,42 +107,128 @@ def _measured_img_per_sec(job, workdir: str) -> float | None:
   return best
 
 
-def describe(job, scale: str, workdir: str) -> dict[str, Any]:
-  """Row labels, run name, resolution, parameters, FLOPs per image, batch, steps, time estimate."""
-  model, cfg = _build(job, scale)
-  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
+MATMUL_LAYERS = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
+
+
+def activation_bytes_per_image(model, cfg) -> int:
+  """Bytes of every conv/dense output of one training forward pass of one image, abstractly.
+
+  A backward pass keeps (at least) these, in the compute dtype, unless it rematerialises them: a
+  lower bound of activation memory, so a job refused on it cannot fit. Scanned blocks are unrolled
+  for the count (the scan body is traced once).
+  """
+  if getattr(model, "scan", False):
+    model = model.clone(scan=False)
+  text = getattr(model, "text_channels", 0) > 0
+  total = [0]
+
+  def count(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, MATMUL_LAYERS):
+      total[0] += sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(out))
+    return out
+
+  def forward(rng):
+    z = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    label = jnp.zeros((1,), jnp.int32) if getattr(model, "num_classes", 0) else None
+    text_emb = jnp.zeros((1, cfg.text_len, cfg.text_dim)) if text else None
+    with nn.intercept_methods(count):
+      return model.init({"params": rng, "dropout": rng}, z, jnp.zeros((1,)), label=label, text_emb=text_emb,
+                        train=True)
+
+  jax.eval_shape(forward, jax.random.key(0))
+  return int(total[0])
+
+
+def memory(model, cfg, devices: int) -> dict[str, Any]:
+  """Per-device bytes of the state (FSDP over mesh.fsdp of ``devices``) and of activations."""
+  fsdp = config_lib.query("mesh.fsdp", 1)
+  fsdp = devices if fsdp == -1 else min(int(fsdp), devices)
   nc = int(getattr(model, "num_classes", 0) or 0)
-  state = jax.eval_shape(functools.partial(train_lib.init_state, model, train_lib.make_optimizer(cfg), cfg,
-                                           num_classes=nc), jax.random.key(0))
-  params = sum(int(a.size) for a in jax.tree.leaves(state["params"]))
+  abstract = jax.eval_shape(functools.partial(train_lib.init_state, model, train_lib.make_optimizer(cfg), cfg,
+                                              num_classes=nc), jax.random.key(0))
+  total, per_device = benchmark.state_bytes(abstract, fsdp)
+  per_image = activation_bytes_per_image(model, cfg)
+  images = math.ceil(cfg.batch_size / devices)
+  return {"params": int(sum(a.size for a in jax.tree.leaves(abstract["params"]))), "fsdp": fsdp,
+          "state_bytes_total": total, "state_bytes_per_device": per_device,
+          "activation_bytes_per_image": per_image, "images_per_device": images,
+          "bytes_per_device": per_device + images * per_image}
+
+
+def describe(job, scale: str, workdir: str, train_args: Sequence[str], tgt: Target, *,
+             sampler_steps: int, num_samples: int) -> dict[str, Any]:
+  """Rows, run name, resolution, parameters, FLOPs, bytes per device, fit, training and eval cost."""
+  model, cfg, _ = build(train_args)
   fwd = train_lib.forward_flops(model, cfg)
-  images = cfg.num_steps * cfg.batch_size
+  mem = memory(model, cfg, tgt.devices)
+  limit = int(tgt.accelerator.memory_per_device * USABLE_MEMORY)
+  rate = ASSUMED_MFU * tgt.accelerator.peak_per_device * tgt.devices  # model FLOP/s of the target
   measured = _measured_img_per_sec(job, workdir)
-  img_per_sec = measured or ASSUMED_MFU * ASSUMED_PEAK / (3 * fwd)
+  train_s = (cfg.num_steps * cfg.batch_size / (measured * tgt.devices) if measured else
+             cfg.num_steps * cfg.batch_size * 3 * fwd / rate)
+  conditional = bool(getattr(model, "num_classes", 0) or getattr(model, "text_channels", 0))
+  passes = sum((sampler_steps + 1) * (2 if conditional and w != 1 else 1) for w in job.guidances)
+  eval_s = num_samples * passes * fwd / rate
+  hours = lambda s: s / 3600.0 * tgt.chips
   return {
       "rows": [f"T{e.table} {e.group} / {e.row}" for e in job.entries],
-      "run_name": job.name,
-      "scale": scale,
-      "resolution": cfg.image_size,
-      "params": params,
-      "gflops_per_image": fwd / 1e9,
-      "batch_size": cfg.batch_size,
-      "steps": cfg.num_steps,
-      "estimated_hours": images / img_per_sec / 3600.0,
-      "estimate_basis": (f"measured {measured:.1f} img/s" if measured else
-                         f"assumed {ASSUMED_MFU:.0%} MFU of one H100"),
+      "run_name": job.name, "scale": scale, "resolution": cfg.image_size, "params": mem["params"],
+      "gflops_per_image": fwd / 1e9, "batch_size": cfg.batch_size, "steps": cfg.num_steps,
+      "target": tgt.label, "devices": tgt.devices, "chips": tgt.chips, "cost_unit": tgt.unit,
+      "memory": mem, "bytes_per_device": mem["bytes_per_device"], "device_memory_bytes": limit,
+      "fits": mem["bytes_per_device"] <= limit,
+      "train_hours": train_s / 3600.0, "train_cost": hours(train_s),
+      "eval_samples": num_samples, "eval_sampler_steps": sampler_steps, "eval_guidances": job.guidances,
+      "eval_hours": eval_s / 3600.0, "eval_cost": hours(eval_s),
+      "estimated_hours": (train_s + eval_s) / 3600.0, "total_cost": hours(train_s + eval_s),
+      "estimate_basis": (f"measured {measured:.1f} img/s per device" if measured else
+                         f"assumed {ASSUMED_MFU:.0%} MFU of {tgt.accelerator.name} bf16 peak"),
   }
+
+
+def aot(train_args: Sequence[str], batch_per_device: int = 1) -> dict[str, Any]:
+  """Compiles the job's sharded training step over all (faked) devices at ``batch_per_device``."""
+  model, cfg, logsnr_fn = build(train_args)
+  mesh = shd.make_mesh(fsdp=-1)
+  cfg = dataclasses.replace(cfg, batch_size=batch_per_device * mesh.devices.size)
+  return benchmark.aot_memory(model, logsnr_fn, cfg, mesh)
+
+
+def check_fits(planned: list[dict[str, Any]]) -> None:
+  """Refuses, before anything launches, a job whose bytes per device exceed the device's memory."""
+  for p in planned:
+    if not p["fits"]:
+      m = p["memory"]
+      raise UserError(
+          f"{p['run_name']} does not fit on {p['target']}: about {p['bytes_per_device'] / 2 ** 30:,.1f} GiB per "
+          f"device (state {m['state_bytes_per_device'] / 2 ** 30:,.1f} GiB over fsdp={m['fsdp']}, activations of "
+          f"{m['images_per_device']} images) > {p['device_memory_bytes'] / 2 ** 30:,.1f} GiB usable; use more "
+          f"chips (tpu_type=, nodes=) so that fewer images land on each device")
 
 
 def format_text(planned: list[dict[str, Any]]) -> str:
   lines = []
+  gib = lambda b: f"{b / 2 ** 30:,.2f} GiB"
   for p in planned:
-    lines.append(f"{p['run_name']}  ({p['scale']}, {p['resolution']}x{p['resolution']})")
+    m = p["memory"]
+    lines.append(f"{p['run_name']}  ({p['scale']}, {p['resolution']}x{p['resolution']}, on {p['target']})")
     for r in p["rows"]:
       lines.append(f"    {r}")
     lines.append(f"    params {p['params'] / 1e6:,.1f}M  forward {p['gflops_per_image']:,.3g} GFLOP/image  "
-                 f"batch {p['batch_size']}  steps {p['steps']:,}  ~{p['estimated_hours']:,.3g} accelerator-hours "
-                 f"({p['estimate_basis']})")
-  total = sum(p["estimated_hours"] for p in planned)
-  lines.append(f"{len(planned)} job(s), about {total:,.1f} accelerator-hours in total")
+                 f"batch {p['batch_size']}  steps {p['steps']:,}")
+    lines.append(f"    per device: {gib(p['bytes_per_device'])} = state {gib(m['state_bytes_per_device'])} "
+                 f"(of {gib(m['state_bytes_total'])}, fsdp={m['fsdp']}) + activations "
+                 f"{m['images_per_device']} x {gib(m['activation_bytes_per_image'])}; usable "
+                 f"{gib(p['device_memory_bytes'])}: {'fits' if p['fits'] else 'DOES NOT FIT'}")
+    if "aot" in p:
+      c = p["aot"]["compiled"] or {}
+      lines.append(f"    compiled step ({p['aot']['devices']} faked devices, {p['aot']['batch_size']} images): "
+                   f"{gib(c.get('total_bytes', 0))} per device, arguments {gib(c.get('argument_bytes', 0))}")
+    lines.append(f"    ~{p['train_cost']:,.4g} {p['cost_unit']} training + ~{p['eval_cost']:,.3g} evaluation "
+                 f"({p['eval_samples']:,} samples x {p['eval_sampler_steps']} steps x guidance "
+                 f"{', '.join(f'{w:g}' for w in p['eval_guidances'])}); {p['estimate_basis']}")
+  total = sum(p["total_cost"] for p in planned)
+  units = sorted({p["cost_unit"] for p in planned})
+  lines.append(f"{len(planned)} job(s), about {total:,.1f} {' / '.join(units)} in total")
   return "\n".join(lines)

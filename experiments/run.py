@@ -1,14 +1,15 @@
 """The front door: train, evaluate and record every row of a paper table.
 
-    python -m experiments.run table=5 [row=...] [scale=paper|demo|smoke] [launcher=local|tpu]
+    python -m experiments.run table=5 [row=...] [scale=paper|demo|smoke] [launcher=local|tpu|slurm]
                               [workdir=...] [mode=run|plan|throughput]
 
 For each job of the table (rows with identical configurations are one job), ``mode=run`` trains or
 resumes it, evaluates its last checkpoint (FID train, FID eval, IS; the Table 9 guidance sweep), and
 records ``job.json`` and ``eval/results.jsonl`` in ``<workdir>/<run name>``, where
 ``python -m tables.render`` finds them. Jobs already complete are skipped; partial ones resume.
-``mode=plan`` lists the jobs with their cost; ``mode=throughput`` measures steps/s for the rows of
-Tables 4 and 5 on synthetic data on this machine.
+``mode=plan`` lists the jobs with their bytes per device and cost on the accelerator they would
+use; ``launcher=tpu|slurm`` refuses, before launching anything, a job that cannot fit.
+``mode=throughput`` measures steps/s for the rows of Tables 4 and 5 on synthetic data here.
 
 Only a finished run is evaluated: a row's result is always its run's final step. SIGTERM (a
 scheduler's preemption notice) stops the whole command, after the trainer's checkpoint, with exit
@@ -22,10 +23,14 @@ import signal
 import sys
 from typing import Any, Sequence
 
+import jax
+
 from core import cli
 from core import storage
 from core.errors import Preempted, UserError, run_main
-from experiments import launchers, registry, scales
+
+from experiments import launchers, registry, scales, throughput
+from experiments import plan as plan_lib
 
 # Evaluation size per scale (the paper: 50K samples, 256 sampler steps is our default).
 # Demo and smoke compare samples with a prefix of each split: Inception on a CPU costs ~0.2 s/image.
@@ -43,8 +48,8 @@ OPTIONS = [
                "emoji data, CPU minutes) or smoke (tiny, for tests)", choices=scales.SCALES),
     cli.Option("mode", "run", "run: train+evaluate+record; plan: list jobs and costs; throughput: measure "
                "steps/s of Tables 4 and 5 rows", choices=("run", "plan", "throughput")),
-    cli.Option("launcher", "local", "local: this machine, one job after another; tpu: Cloud TPU VM slices",
-               choices=launchers.LAUNCHERS),
+    cli.Option("launcher", "local", "local: this machine, one job after another; tpu: Cloud TPU VM slices; "
+               "slurm: one sbatch script per job (GPU clusters)", choices=launchers.LAUNCHERS),
     cli.Option("workdir", None, "where run directories go (local or gs://); default runs/<scale>"),
     cli.Option("data_dir", None, "prepared data set (paper scale, launcher=tpu: ImageNet at the "
                "rows' resolution; {res} in it becomes each job's, e.g. gs://bucket/imagenet{res})"),
@@ -57,6 +62,20 @@ OPTIONS = [
     cli.Option("tpu_type", None, "tpu launcher: accelerator type (default: the paper's, e.g. v4-256)"),
     cli.Option("tpu_project", None, "tpu launcher: GCP project"),
     cli.Option("repo_url", None, "tpu launcher: git URL of this repository to check out on the workers"),
+    cli.Option("accelerator", "H100", "plan (local/slurm): GPU kind planned for, e.g. H100, H200, A100"),
+    cli.Option("devices", 1, "plan (launcher=local): devices planned for", parse=int),
+    cli.Option("aot", False, "plan: also compile each job's sharded training step on faked CPU devices "
+               "and report XLA's per-device memory", parse=cli.parse_bool),
+    cli.Option("aot_devices", 8, "plan aot=true: CPU devices to fake (FSDP over all)", parse=int),
+    cli.Option("nodes", 1, "slurm launcher: nodes per job", parse=int),
+    cli.Option("gpus_per_node", 8, "slurm launcher: GPUs (= tasks) per node", parse=int),
+    cli.Option("partition", None, "slurm launcher: partition"),
+    cli.Option("account", None, "slurm launcher: account"),
+    cli.Option("slurm_time", "2-00:00:00", "slurm launcher: time limit per submission (resubmit to resume)"),
+    cli.Option("repo_dir", None, "slurm launcher: this repository on the cluster (default: the submit dir)"),
+    cli.Option("python", None, "slurm launcher: python on the nodes (default <repo_dir>/.venv/bin/python)"),
+    cli.Option("throughput_batch", None, "mode=throughput: global batch (default: the scale's)", parse=int),
+    cli.Option("throughput_steps", 10, "mode=throughput: timed steps per row", parse=int),
 ]
 
 
@@ -169,24 +188,23 @@ def _quote(a: str) -> str:
   return f'"{a}"' if any(c in a for c in " '[]()") else a
 
 
-def check_device(scale: str, launcher: str, job_list: list[registry.Job], workdir: str) -> None:
+def check_device(scale: str, launcher: str, job_list: list[registry.Job], workdir: str,
+                 opts: dict[str, Any]) -> None:
   """Refuses paper scale on a machine without accelerators, saying what it would cost."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from experiments import plan as plan_lib  # pylint: disable=import-outside-toplevel
   if scale == "paper" and launcher == "local" and jax.default_backend() == "cpu":
-    planned = [plan_lib.describe(j, scale, workdir) for j in job_list]
+    planned = plan_jobs(job_list, scale, workdir, opts)
     total = sum(p["estimated_hours"] or 0 for p in planned)
     raise UserError(
         f"scale=paper needs accelerators: these {len(planned)} job(s) cost about {total:,.0f} accelerator-hours "
-        f"at paper settings; this machine has only a CPU. Run scale=demo here, or launcher=tpu (see mode=plan)")
+        f"at paper settings; this machine has only a CPU. Run scale=demo here, or launcher=tpu|slurm (see mode=plan)")
 
 
 def check_data(scale: str, launcher: str, data_dir: str | None,
                job_list: list[registry.Job]) -> None:
   """Paper scale and TPU pods train on ImageNet: the built-in emoji set is for demo and smoke."""
-  if scale != "paper" and launcher != "tpu":
+  if scale != "paper" and launcher not in ("tpu", "slurm"):
     return
-  why = "scale=paper" if scale == "paper" else "launcher=tpu"
+  why = "scale=paper" if scale == "paper" else f"launcher={launcher}"
   if not data_dir:
     raise UserError(f"{why} needs data_dir=<prepared ImageNet at the rows' resolution> "
                     f"(python -m core.data prepare src=<imagenet dir> res=... out=gs://...); "
@@ -200,6 +218,23 @@ def check_data(scale: str, launcher: str, data_dir: str | None,
 
 def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument
   raise Preempted("SIGTERM: stopped; rerun the same command to resume")
+
+
+def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
+  """experiments.plan.describe of each job on the accelerator its launcher would use."""
+  out = []
+  for job in job_list:
+    run_dir = storage.join(workdir, job.name)
+    args = job_args(job, scale, run_dir, opts["data_dir"])
+    if opts["launcher"] in ("tpu", "slurm"):
+      args = [*args, launchers.SHARD_ALL]
+    n = int(dict(a.split("=", 1) for a in eval_args(job, scale, run_dir, opts))["num_samples"])
+    tgt = plan_lib.target(opts, job.arch, launchers.DEFAULT_TPU)
+    p = plan_lib.describe(job, scale, workdir, args, tgt, sampler_steps=EVAL[scale]["sampler_steps"], num_samples=n)
+    if opts["aot"]:
+      p["aot"] = plan_lib.aot(args)
+    out.append(p)
+  return out
 
 
 def main(argv: Sequence[str]) -> int:
@@ -216,16 +251,17 @@ def main(argv: Sequence[str]) -> int:
   job_list = registry.jobs(entries)
   scale = opts["scale"]
   workdir = opts["workdir"] or os.path.join("runs", scale)
-  from experiments import plan as plan_lib  # pylint: disable=import-outside-toplevel
   if opts["mode"] == "plan":
-    planned = [plan_lib.describe(j, scale, workdir) for j in job_list]
+    if opts["aot"]:  # before JAX starts its CPU backend
+      jax.config.update("jax_num_cpu_devices", opts["aot_devices"])
+    planned = plan_jobs(job_list, scale, workdir, opts)
     print(json.dumps(planned, indent=1) if opts["format"] == "json" else plan_lib.format_text(planned))
     return 0
   if opts["mode"] == "throughput":
-    from experiments import throughput  # pylint: disable=import-outside-toplevel
-    throughput.measure(entries, scale, workdir)
+    throughput.measure(entries, scale, workdir, [job_args(j, scale, "unused", None) for j in job_list],
+                       batch_size=opts["throughput_batch"], steps=opts["throughput_steps"])
     return 0
-  check_device(scale, opts["launcher"], job_list, workdir)  # first: it says what the jobs cost
+  check_device(scale, opts["launcher"], job_list, workdir, opts)  # first: it says what jobs cost
   check_data(scale, opts["launcher"], opts["data_dir"], job_list)
   # SIGTERM outside the trainer's loop (which checkpoints first) stops the command too.
   previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -237,12 +273,18 @@ def main(argv: Sequence[str]) -> int:
 
 def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str,
               opts: dict[str, Any]) -> int:
-  if opts["launcher"] == "tpu":
+  if opts["launcher"] in ("tpu", "slurm"):
+    plan_lib.check_fits(plan_jobs(job_list, scale, workdir, opts))  # refuse before launching any
+    scripts = {}
     for job in job_list:
       run_dir = storage.join(workdir, job.name)
-      cmds = launchers.tpu_commands(job, job_args(job, scale, run_dir, opts["data_dir"]),
-                                    eval_args(job, scale, run_dir, opts), opts)
-      launchers.execute(cmds, dry_run=opts["dry_run"])
+      t_args, e_args = job_args(job, scale, run_dir, opts["data_dir"]), eval_args(job, scale, run_dir, opts)
+      if opts["launcher"] == "tpu":
+        launchers.execute(launchers.tpu_commands(job, t_args, e_args, opts), dry_run=opts["dry_run"])
+      else:
+        scripts[job.name] = launchers.slurm_script(job, t_args, e_args, opts)
+    if scripts:
+      launchers.submit_slurm(scripts, dry_run=opts["dry_run"], script_dir=os.path.join("runs", "slurm"))
     return 0
   for job in job_list:
     run_local(job, scale, workdir, opts)

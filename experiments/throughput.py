@@ -1,39 +1,51 @@
 """``mode=throughput``: steps/s of each row of Tables 4 and 5, on synthetic data, on this device.
 
-The paper reports relative training speed (Table 4: blocks at 16x16; Table 5: downsampling). We
-time the real training step of each row's configuration at the chosen scale on random images, so
-the relative columns can be regenerated on any machine; results go to ``<workdir>/throughput.jsonl``
-where ``tables.render`` reads them.
+The paper reports relative training speed (Table 4: blocks at the 16x16 level, 1.14 / 1.00 / 0.76 /
+0.62; Table 5: input downsampling at 512, 1.00 / 1.39 / 1.46 / 1.37 / 1.46). We time the real
+training step (core.benchmark.train_benchmark) of each row's configuration at the chosen scale on
+random images, so the relative columns can be regenerated on any machine; ``batch_size`` overrides
+the scale's batch (the paper's 512 does not fit one GPU; relative speed is what is compared).
+Results are appended to ``<workdir>/throughput.jsonl``, where ``tables.render`` reads them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from typing import Sequence
 
 import jax
 
+from core import benchmark
 from core import storage
+from core.errors import UserError
+from experiments import plan, registry
 
 
-def measure(entries, scale: str, workdir: str, *, steps: int = 10, warmup: int = 2) -> list[dict]:
-  """Times ``steps`` training steps (after ``warmup``) for each throughput row; appends results."""
-  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
-  from experiments import plan  # pylint: disable=import-outside-toplevel
-  from experiments import registry  # pylint: disable=import-outside-toplevel
-  rows = []
-  entries = [e for e in entries if e.throughput]
-  if not entries:
-    from core.errors import UserError  # pylint: disable=import-outside-toplevel
+def measure(entries, scale: str, workdir: str, job_train_args: Sequence[Sequence[str]], *,
+            batch_size: int | None = None, steps: int = 10, warmup: int = 2) -> list[dict]:
+  """Times ``steps`` training steps (after ``warmup``) for each job; appends one row per table row.
+
+  ``job_train_args[i]`` are the ``core.train`` arguments of the i-th job of ``registry.jobs(entries)``.
+  """
+  if not any(e.throughput for e in entries):
     raise UserError("mode=throughput measures the rows of Tables 4 and 5; choose table=4 or table=5")
-  for job in registry.jobs(entries):
-    model, cfg = plan._build(job, scale)  # pylint: disable=protected-access
-    import gin  # pylint: disable=import-outside-toplevel
-    logsnr_fn = gin.query_parameter("train.logsnr_fn").scoped_configurable_fn()
-    sps = train_lib.time_train_steps(model, logsnr_fn, cfg, steps=steps, warmup=warmup)["steps_per_sec"]
+  rows = []
+  for job, args in zip(registry.jobs(entries), job_train_args):
+    if not any(e.throughput for e in job.entries):
+      continue
+    model, cfg, logsnr_fn = plan.build(args)
+    if batch_size:
+      cfg = dataclasses.replace(cfg, batch_size=batch_size)
+    res = benchmark.train_benchmark(model, logsnr_fn, cfg, steps=steps, warmup=warmup)
+    sps = res["steps_per_sec"]
     for e in job.entries:
+      if not e.throughput:
+        continue
       row = {"table": e.table, "group": e.group, "row": e.row, "steps_per_sec": sps,
              "img_per_sec": sps * cfg.batch_size, "batch_size": cfg.batch_size, "scale": scale,
-             "device": jax.devices()[0].device_kind, "device_count": jax.device_count(), "time": time.time()}
+             "mfu": res["mfu"], "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+             "time": time.time()}
       rows.append(row)
       print(f"T{e.table} {e.row}: {sps:.3f} steps/s ({row['img_per_sec']:.1f} img/s, batch {cfg.batch_size}, "
             f"{row['device']})", flush=True)
