@@ -202,9 +202,9 @@ def check_device(scale: str, launcher: str, job_list: list[registry.Job], workdi
 def check_data(scale: str, launcher: str, data_dir: str | None,
                job_list: list[registry.Job]) -> None:
   """Paper scale and TPU pods train on ImageNet: the built-in emoji set is for demo and smoke."""
-  if scale != "paper" and launcher not in ("tpu", "slurm"):
+  if scale != "paper" and launcher != "tpu":
     return
-  why = "scale=paper" if scale == "paper" else f"launcher={launcher}"
+  why = "scale=paper" if scale == "paper" else "launcher=tpu"
   if not data_dir:
     raise UserError(f"{why} needs data_dir=<prepared ImageNet at the rows' resolution> "
                     f"(python -m core.data prepare src=<imagenet dir> res=... out=gs://...); "

@@ -71,10 +71,10 @@ def test_plan_bytes_per_device_and_refusal(capsys, tmp_path):
   assert not small["fits"] and small["bytes_per_device"] > 28 * 2 ** 30
   with pytest.raises(UserError, match=r"does not fit on TPU v4-8: about .* GiB per device .* use more chips"):
     run.main(["table=7", "scale=paper", UVIT2B_256, "launcher=tpu", "tpu_type=v4-8", "dry_run=true",
-              f"workdir={tmp_path}", "repo_url=x"])
+              f"workdir={tmp_path}", "repo_url=x", "data_dir=gs://b/imagenet{res}"])
   with pytest.raises(UserError, match="does not fit on 2x H100"):
     run.main(["table=7", "scale=paper", UVIT2B_256, "launcher=slurm", "nodes=1", "gpus_per_node=2",
-              "dry_run=true", "workdir=/shared/sd"])
+              "dry_run=true", "workdir=/shared/sd", "data_dir=/shared/imagenet{res}"])
 
 
 def test_plan_evaluation_cost_counts_guided_passes(capsys):
