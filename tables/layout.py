@@ -71,8 +71,8 @@ def _metrics_for(table: str, rows: pd.DataFrame) -> list[tuple[str, str]]:
   """(key, header) of the metric columns: those the paper reports here or that we measured."""
   info = paper_lib.TABLES[table]
   candidates = [("fid_train", info.fid_train_header, "fid_train"),
-                ("fid_eval", "FID eval", "fid_eval"), ("kid_train", "KID train (×10³)", "kid_train"),
-                ("kid_eval", "KID eval (×10³)", "kid_eval"), ("is", "IS", "is_mean"),
+                ("fid_eval", "FID eval", "fid_eval"), ("kid_train", "KID train (×1000)", "kid_train"),
+                ("kid_eval", "KID eval (×1000)", "kid_eval"), ("is", "IS", "is_mean"),
                 ("steps", "steps/s", "steps_per_sec_rel")]
   out = []
   for key, header, col in candidates:
@@ -169,7 +169,7 @@ def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> 
       rows_df[[c for c in ("our_fid_train_std", "our_fid_eval_std", "our_kid_train_std",
                            "our_kid_eval_std") if c in rows_df]].map(_present).any().any()):
     notes.append((None, "Ours ± std: FID over bootstrap resamples of the samples; KID (unbiased, "
-                        "×10³) over random subsets. Every FID's sample count is in the samples "
+                        "×1000) over random subsets. Every FID's sample count is in the samples "
                         "column; the extractor column names the resize to 299."))
   if any_literature:
     notes.append((None, "Rows from the literature show the paper's values only."))
