@@ -24,6 +24,9 @@ FACTOR = {"paper": 1, "demo": 8, "smoke": 8}
 # Per-level residual-block divisor (ceil), so deep levels stay deeper than shallow ones.
 BLOCK_DIVISOR = {"paper": 1, "demo": 2, "smoke": 16}  # smoke: one block a level
 TRANSFORMER_BLOCKS = {"demo": 4, "smoke": 1}
+# Demo widths: U-Net channel multipliers capped (every level and block is kept), so the 1x1-4x4
+# levels do not hold most of the parameters, whose Adam and EMA updates dominated a CPU step.
+CHANNEL_MULTIPLIER_CAP = {"demo": 2}
 
 
 def _q(name: str, default=None):
@@ -68,6 +71,10 @@ def scale_bindings(gin_files, bindings, arch: str, resolution: int, scale: str) 
   if blocks is not None:
     out.append(f"{cls}.num_res_blocks = {_fmt([max(1, math.ceil(b / BLOCK_DIVISOR[scale])) for b in blocks])}")
   if arch == "unet":
+    mult = _q("UNet.channel_multiplier")
+    if mult is not None and scale in CHANNEL_MULTIPLIER_CAP:
+      capped = [min(m, CHANNEL_MULTIPLIER_CAP[scale]) for m in mult]
+      out.append(f"UNet.channel_multiplier = {_fmt(capped)}")
     attn = _q("UNet.attn_resolutions")
     if attn is not None:
       out.append(f"UNet.attn_resolutions = {_fmt(sorted({max(1, a // f) for a in attn}))}")
