@@ -84,6 +84,25 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   return max(d2, 0.0)  # >= 0 exactly; only rounding can push it below
 
 
+def _check_features(x: np.ndarray, mu_ref: np.ndarray) -> None:
+  if x.ndim != 2 or x.shape[0] < 2:
+    raise UserError(f"FID needs features of shape [N >= 2, D]; got {list(x.shape)} (evaluate at least "
+                    "2 samples)")
+  if x.shape[1] != mu_ref.shape[0]:
+    raise UserError(f"feature dimensions differ ({x.shape[1]} vs {mu_ref.shape[0]}): the reference "
+                    "statistics come from another network; recompute them with the same extractor")
+
+
+def _fid_of(x: np.ndarray, y: np.ndarray, mu_ref: np.ndarray, trace_ref: float) -> float:
+  """FID of features ``x`` [n, D] given ``y = x @ S_ref^(1/2)`` (so resamples reuse the product)."""
+  n = x.shape[0]
+  mu = x.mean(axis=0)
+  xc = x - mu
+  diff = mu - mu_ref
+  cross = float(np.sum(np.linalg.svd(y - y.mean(axis=0), compute_uv=False))) / np.sqrt(n - 1)
+  return max(float(diff @ diff) + float(np.sum(xc * xc)) / (n - 1) + trace_ref - 2.0 * cross, 0.0)
+
+
 def fid_from_features(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
   """FID of the Gaussian fitted to ``features`` [n, D] (as :func:`feature_stats`) against a reference.
 
@@ -93,20 +112,8 @@ def fid_from_features(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.nd
   """
   x = np.asarray(features, np.float64)
   mu_ref, sigma_ref = _check_stats(mu_ref, sigma_ref, "reference")
-  if x.ndim != 2 or x.shape[0] < 2:
-    raise UserError(f"FID needs features of shape [N >= 2, D]; got {list(x.shape)} (evaluate at least "
-                    "2 samples)")
-  if x.shape[1] != mu_ref.shape[0]:
-    raise UserError(f"feature dimensions differ ({x.shape[1]} vs {mu_ref.shape[0]}): the reference "
-                    "statistics come from another network; recompute them with the same extractor")
-  mu = x.mean(axis=0)
-  xc = x - mu
-  n = x.shape[0]
-  diff = mu - mu_ref
-  trace_s = float(np.sum(xc * xc)) / (n - 1)
-  m = (xc @ psd_sqrt(sigma_ref)) / np.sqrt(n - 1)
-  cross = float(np.sum(np.linalg.svd(m, compute_uv=False)))
-  return max(float(diff @ diff) + trace_s + float(np.trace(sigma_ref)) - 2.0 * cross, 0.0)
+  _check_features(x, mu_ref)
+  return _fid_of(x, x @ psd_sqrt(sigma_ref), mu_ref, float(np.trace(sigma_ref)))
 
 
 def bootstrap_fid(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, *,
@@ -117,9 +124,16 @@ def bootstrap_fid(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarra
   particular n samples (it does not remove FID's bias at small n; KID does).
   """
   x = np.asarray(features, np.float64)
+  mu_ref, sigma_ref = _check_stats(mu_ref, sigma_ref, "reference")
+  _check_features(x, mu_ref)
+  y = x @ psd_sqrt(sigma_ref)
+  trace_ref = float(np.trace(sigma_ref))
   rng = np.random.default_rng(seed)
-  return np.array([fid_from_features(x[rng.integers(0, len(x), len(x))], mu_ref, sigma_ref)
-                   for _ in range(num_resamples)])
+  out = []
+  for _ in range(num_resamples):
+    idx = rng.integers(0, len(x), len(x))
+    out.append(_fid_of(x[idx], y[idx], mu_ref, trace_ref))
+  return np.array(out)
 
 
 # Two translations of the TF InceptionV3 graph of 2015-12-05 (eval.inception), and that graph itself

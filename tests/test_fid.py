@@ -225,3 +225,15 @@ def test_statistics_of_different_conventions_are_refused_naming_both(a, b, ok):
     check_convention(sa, sb, what="ref.npz")
   msg = str(e.value)
   assert "\n" not in msg and all(s in msg for s in a + b) and "ref.npz" in msg
+
+
+def test_each_bootstrap_fid_is_the_fid_of_its_resample():
+  from eval.fid import bootstrap_fid
+  rng = np.random.default_rng(13)
+  d = 24
+  x = np.abs(rng.normal(size=(40, d)))
+  mu_r, s_r = feature_stats(np.abs(rng.normal(0.2, 1, size=(300, d))))
+  got = bootstrap_fid(x, mu_r, s_r, num_resamples=4, seed=5)
+  draws = np.random.default_rng(5)
+  want = [frechet_distance(*feature_stats(x[draws.integers(0, 40, 40)]), mu_r, s_r) for _ in range(4)]
+  np.testing.assert_allclose(got, want, rtol=1e-8)
