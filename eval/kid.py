@@ -6,7 +6,8 @@ few hundred samples cannot be set beside the paper's 50K-sample numbers. KID (Bi
 polynomial kernel k(x, y) = (x . y / d + 1)^3, estimated without bias; as in clean-fid's
 ``kernel_distance`` it is averaged over random subsets of m = min(n_a, n_b, 1000) features of
 each side, and the std over subsets is reported with it. The Gram matrices are computed once in
-float64 and every subset indexes into them (the same numbers as per-subset products, cheaper).
+float64 (dot products in the features' precision) and every subset indexes into them (the same
+numbers as per-subset products, cheaper).
 """
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ MAX_SUBSET_SIZE = 1000
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-  """k(x, y) = (x . y / d + 1)^3 for rows of x [n, d] and y [m, d] (float64 [n, m])."""
-  x = np.asarray(x, np.float64)
-  y = np.asarray(y, np.float64)
-  return (x @ y.T / x.shape[1] + 1.0) ** 3
+  """k(x, y) = (x . y / d + 1)^3 for rows of x [n, d] and y [m, d], as float64 [n, m].
+
+  The dot products are taken in the inputs' precision (float32 Inception features: float32, 3x
+  faster on a reference of thousands of images; float64 inputs: float64), the rest in float64.
+  """
+  dtype = np.result_type(x.dtype, y.dtype, np.float32)
+  dots = np.asarray(x, dtype) @ np.asarray(y, dtype).T
+  return (dots.astype(np.float64) / x.shape[1] + 1.0) ** 3
 
 
 def _check(feats_a: np.ndarray, feats_b: np.ndarray) -> None:

