@@ -4,8 +4,9 @@ The paper measures FID train against training-set statistics and FID eval agains
 split (ImageNet: the 50K validation images; our prepared splits are 'train' and 'eval', see
 core.data). The statistics of a split of ``data_dir`` are computed once with the given extractor,
 streaming the split in batches (core.input_pipeline.iter_split; ImageNet train does not fit in
-memory), with the features of up to 10K of its images (a uniform random subset) for KID, and cached at ``<data_dir>/fid_stats/<split>_<extractor>_<resize_mode>.npz`` (local or
-gs://, written atomically): the file name carries the network and the resize, so statistics of
+memory), with the features of up to 10K of its images (a uniform random subset) for KID and the
+square root of sigma, and cached at ``<data_dir>/fid_stats/<split>_<extractor>_<resize_mode>.npz``
+(local or gs://, written atomically): the file name carries the network and the resize, so statistics of
 different pipelines never mix, and it records extractor, resize mode, number of images and split.
 A reference can instead be an existing .npz with ``mu`` and ``sigma``, e.g. ADM's
 VIRTUAL_imagenet256_labeled.npz, computed with the TF graph's own bilinear resize: such a file

