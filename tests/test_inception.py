@@ -242,3 +242,9 @@ def test_onnxruntime_backend_gives_the_torch_features(images, tmp_path, monkeypa
   assert np.abs(a - b).max() < 1e-4 and np.abs(b).max() > 0.5
   with pytest.raises(UserError, match="backend='fast' is not valid"):
     FeatureExtractor("fid-helper", device="cpu", backend="fast")
+
+
+def test_progress_is_plain_lines_when_not_on_a_terminal(extractor, images, capsys):
+  extractor.features(images, progress=True)
+  err = capsys.readouterr().err
+  assert "inception images 4/4" in err and "\r" not in err  # captured stderr is not a terminal
