@@ -215,7 +215,8 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
   for r in [r for r in _csv_rows() if r["table"] == "2"]:
     cells = lines[(r["group"], r["row"])]
     assert cells[2] == r["fid_train"] and cells[4] == r["fid_eval"]  # the paper's numbers
-    assert float(cells[3]) > 0 and float(cells[5]) > 0 and "smoke" in cells  # ours, filled in
+    ours = [cells[3].split(" ± "), cells[5].split(" ± ")]  # ours, filled in, with bootstrap spread
+    assert all(len(v) == 2 and float(v[0]) > 0 and float(v[1]) > 0 for v in ours) and "smoke" in cells
   # A third run does nothing at all.
   run.main(["table=2", "scale=smoke", f"workdir={workdir}"])
   assert capsys.readouterr().out.count("trained already") == 7
