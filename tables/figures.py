@@ -207,11 +207,14 @@ def samples(recorded: runs.Runs, table: str, path: str) -> str | None:
       panels.append((f"{label}\nstep {got[0]}" + (f"\n{caption}" if caption else ""), got[1]))
   if not panels:
     return None
-  verdict = ordering.sentences(recorded, table)
   cols = min(4, len(panels))
   nrows = math.ceil(len(panels) / cols)
-  foot = 0.25 * sum(len(textwrap.wrap(v, 40 * cols)) for v in verdict)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 5.3 * nrows + foot), squeeze=False)
+  # Below the panels: the table, then whether the paper's ordering held (tables.ordering).
+  foot_lines = [f"Samples, {paper.source(table)}"] + [
+      textwrap.fill(v, 40 * cols) for v in ordering.sentences(recorded, table)]
+  foot = 0.25 * sum(len(line.splitlines()) for line in foot_lines) + 0.1
+  height = 5.3 * nrows + foot
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, height), squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
   for ax, (title, grid) in zip(axes.flat, panels):
@@ -219,11 +222,8 @@ def samples(recorded: runs.Runs, table: str, path: str) -> str | None:
     ax.imshow(grid[..., 0] if gray else grid, cmap="gray" if gray else None,
               interpolation="nearest")
     ax.set_title(title, fontsize="small")
-  fig.suptitle(f"Samples, {paper.source(table)}")
-  if verdict:
-    fig.text(0.5, 0.01, "\n".join(textwrap.fill(v, 40 * cols) for v in verdict), ha="center",
-             va="bottom", fontsize="small", wrap=True)
-  fig.tight_layout(rect=(0, foot / (5.3 * nrows + foot), 1, 1))
+  fig.text(0.5, 0.01, "\n".join(foot_lines), ha="center", va="bottom", fontsize="small")
+  fig.tight_layout(rect=(0, foot / height, 1, 0.93))
   return _save(fig, path)
 
 

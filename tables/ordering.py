@@ -91,8 +91,8 @@ def sentences(recorded: runs.Runs, table: str) -> list[str]:
         f"{row}: {format_number(m)}" for row, m in fid)
     text = (f"{paper.source(table)}, {group}: the paper's FID train ordering ({order}) "
             f"{'held' if held else 'did NOT hold'} at this scale (ours, n={n}: {ours}); ")
-    text += ("every step is larger than twice its bootstrap spread" if resolved
-             else "not every difference is larger than twice its bootstrap spread")
+    text += ("each neighbouring difference is larger than twice its bootstrap spread" if resolved
+             else "not every neighbouring difference is larger than twice its bootstrap spread")
     kids = [(row, dict(nums["kid_train"], kid=True)) for row, nums in measured if "kid_train" in nums]
     if len(kids) == len(measured):
       k_held, _ = _verdict(kids)

@@ -89,8 +89,8 @@ def test_ordering_sentence_says_held_or_not_and_whether_the_spread_resolves_it(t
   assert len(held) == 1
   assert "(cosine (shifted to 32) < cosine (shifted to 64) < cosine (original at 128)) held" in held[0]
   assert "n=500: 40.0 ± 1.0 < 50.0 ± 1.0 < 60.0 ± 1.0" in held[0]
-  assert "every step is larger than twice" in held[0] and "by KID train it held" in held[0]
+  assert "each neighbouring difference is larger than twice" in held[0] and "by KID train it held" in held[0]
   flipped = ordering.sentences(_fake_workdir(tmp_path / "b", [40.0, 50.0, 60.0], [1.0, 1.0, 1.0]), "2")
   assert "did NOT hold" in flipped[0] and "cosine (original at 128): 40.0 ± 1.0" in flipped[0]
   noisy = ordering.sentences(_fake_workdir(tmp_path / "c", [60.0, 50.0, 40.0], [9.0, 9.0, 9.0]), "2")
-  assert " held" in noisy[0] and "not every difference is larger" in noisy[0]
+  assert " held" in noisy[0] and "not every neighbouring difference is larger" in noisy[0]

@@ -63,8 +63,9 @@ def test_sample_grids_from_npz_and_png(tmp_path):
   step, grid = figures.latest_samples(b)
   assert step == 7 and grid.shape == (40, 60, 3)
   recorded = runs.load(str(tmp_path))
-  # Two panels side by side (4.5 x 5.3 inches each at 100 dpi); no group has two rows: no verdict.
-  assert png_size(figures.samples(recorded, "2", str(tmp_path / "s.png"))) == (900, 530)
+  # Two panels side by side (4.5 x 5.3 inches each at 100 dpi) over one footer line (no group has
+  # two measured rows, so no ordering sentence).
+  assert png_size(figures.samples(recorded, "2", str(tmp_path / "s.png"))) == (900, 565)
   caption = figures.numbers_caption(ordering.latest_numbers(recorded, "a"))
   assert caption == "FID: train 61.2 ± 1.0\nKID x10^3: eval 12.34 ± 0.50 (n=500)"
   assert figures.samples(recorded, "4", str(tmp_path / "none.png")) is None

@@ -27,7 +27,7 @@ TINY_UNET = [
     "UNet.channel_multiplier=[1,2]", "UNet.num_res_blocks=[1,1]", "UNet.attn_resolutions=[8]",
     "UNet.dropout=0.0", "UNet.base_channels=16", "UNet.emb_channels=64",
 ]
-STEPS = 400
+STEPS = 300
 
 
 def pixel_kid(images: np.ndarray, real: np.ndarray) -> float:
