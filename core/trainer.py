@@ -59,6 +59,7 @@ class TrainConfig:
   num_steps: int = 1000
   learning_rate: float = 1e-4
   warmup_steps: int = 10_000
+  lr_decay: str = "none"              # after warmup: 'none' (appendix B) or 'cosine' to 0 at num_steps
   adam_b1: float = 0.9
   adam_b2: float = 0.99
   adam_eps: float = 1e-12
@@ -94,9 +95,26 @@ class TrainConfig:
       raise UserError(f"Train.learning_rate={self.learning_rate} must be positive")
 
 
+LR_DECAYS = ("none", "cosine")
+
+
+def learning_rate_schedule(cfg: TrainConfig):
+  """Linear warmup (appendix B), then constant ('none', the paper) or cosine decay to 0 at
+  ``num_steps`` ('cosine': short demo runs end at a low learning rate). A float when constant
+  (Adam's state then has no schedule count, as in checkpoints written before lr_decay existed)."""
+  if cfg.lr_decay not in LR_DECAYS:
+    raise UserError(f"Train.lr_decay={cfg.lr_decay!r} is unknown; use one of {', '.join(LR_DECAYS)}")
+  if cfg.lr_decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                              max(cfg.num_steps, cfg.warmup_steps + 1))
+  if cfg.warmup_steps:
+    return optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+  return cfg.learning_rate
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """Adam with linear warmup and global-norm clipping (appendix B)."""
-  lr = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)) if cfg.warmup_steps else cfg.learning_rate
+  lr = learning_rate_schedule(cfg)
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
@@ -111,9 +129,8 @@ def forward_flops(model, cfg: TrainConfig) -> float:
 
 
 def learning_rate_at(cfg: TrainConfig, step: int) -> float:
-  if not cfg.warmup_steps:
-    return cfg.learning_rate
-  return cfg.learning_rate * min(1.0, step / cfg.warmup_steps)
+  lr = learning_rate_schedule(cfg)
+  return float(lr(step) if callable(lr) else lr)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 FID train compares samples with training-set statistics, FID eval with the evaluation split
 (ImageNet: 50K validation images); IS is mean +- std over splits. Features come from one
 eval.inception.FeatureExtractor, whose ``name`` the caller records with each result.
+:func:`sample_metrics` adds what small-n evaluations need: each FID with a bootstrap std over
+samples, and KID (unbiased, std over subsets) against each reference that carries features.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from core.errors import UserError
-from eval.fid import feature_stats, frechet_distance
+from eval.fid import (bootstrap_fid, check_convention, feature_stats, fid_from_features,
+                      frechet_distance)
+from eval.kid import kid
 from eval.inception_score import inception_score, softmax
 
 Stats = tuple[np.ndarray, np.ndarray]
@@ -54,3 +58,35 @@ def compute_metrics(images_uint8: Any, *, extractor, ref_train: Stats | None = N
   if logits is not None:
     result["is"] = inception_score(softmax(logits), splits=is_splits)
   return result
+
+
+def sample_metrics(features: np.ndarray, logits: np.ndarray | None, references: dict[str, Any], *,
+                   provenance: dict[str, Any], is_splits: int = 10, bootstrap: int = 20,
+                   seed: int = 0) -> dict[str, tuple[float, float | None, str | None]]:
+  """Every metric of one set of sample features: {metric: (value, std, std_kind)}.
+
+  Args:
+    features: pool3 features [n, 2048] of the samples; logits: [n, C] or None (no IS).
+    references: {'train': Reference, 'eval': Reference} (eval.reference.Reference); each gives
+      ``fid_<split>`` (std: bootstrap over samples, ``bootstrap`` resamples; 0 = no spread) and,
+      when it carries features, ``kid_<split>`` (std over subsets).
+    provenance: the samples' {'extractor', 'resize_mode'}: a reference of another convention is
+      refused (eval.fid.check_convention).
+  """
+  out: dict[str, tuple[float, float | None, str | None]] = {}
+  for split, ref in references.items():
+    check_convention(provenance, ref.meta, what=ref.description)
+    value = fid_from_features(features, ref.mu, ref.sigma)
+    std = (float(np.std(bootstrap_fid(features, ref.mu, ref.sigma, num_resamples=bootstrap,
+                                      seed=seed))) if bootstrap > 1 else None)
+    out[f"fid_{split}"] = (value, std, "bootstrap" if std is not None else None)
+    if ref.features is not None and len(ref.features) >= 2:
+      k, k_std = kid(features, ref.features, seed=seed)
+      out[f"kid_{split}"] = (k, k_std, "subsets")
+  if logits is not None:
+    if len(logits) < is_splits:
+      raise UserError(f"Inception Score with is_splits={is_splits} needs at least {is_splits} "
+                      f"samples; got {len(logits)} (lower is_splits or evaluate more samples)")
+    m, s = inception_score(softmax(logits), splits=is_splits)
+    out["is"] = (m, s, "splits")
+  return out

@@ -4,23 +4,34 @@ The paper measures FID train against training-set statistics and FID eval agains
 split (ImageNet: the 50K validation images; our prepared splits are 'train' and 'eval', see
 core.data). The statistics of a split of ``data_dir`` are computed once with the given extractor,
 streaming the split in batches (core.input_pipeline.iter_split; ImageNet train does not fit in
-memory), and cached at ``<data_dir>/fid_stats/<split>_<extractor>_<resize_mode>.npz`` (local or
-gs://, written atomically): the file name carries the network and the resize, so statistics of
-different pipelines never mix. A reference can instead be an existing .npz with ``mu`` and
-``sigma``, e.g. ADM's VIRTUAL_imagenet256_labeled.npz (computed with the TF graph's own bilinear
-resize: pair it with resize_mode=legacy_tensorflow).
+memory), with the features of up to 10K of its images (a uniform random subset) for KID and the
+square root of sigma, and cached at ``<data_dir>/fid_stats/<split>_<extractor>_<resize_mode>.npz``
+(local or gs://, written atomically): the file name carries the network and the resize, so statistics of
+different pipelines never mix, and it records extractor, resize mode, number of images and split.
+A reference can instead be an existing .npz with ``mu`` and ``sigma``, e.g. ADM's
+VIRTUAL_imagenet256_labeled.npz, computed with the TF graph's own bilinear resize: such a file
+carries no record, so its convention is declared (ref_convention=legacy_tensorflow) and compared
+with the extractor's; a mismatch is refused. Raw ``arr_0`` images go through the extractor.
 
 Command line (precompute): python -m eval.reference data_dir=DIR split=train [source=auto ...]
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from core import storage
 from core.errors import UserError, run_main
-from eval.fid import RunningStats, load_stats, save_stats
+from eval.fid import (RunningStats, _read_npz, check_convention, feature_stats, load_stats,
+                      load_stats_meta, psd_sqrt, remember_sqrt, save_stats)
+from eval.metrics import validate_images
+
+PROVENANCE = ("extractor", "resize_mode", "num_images", "split")
+ADM_EXTRACTOR = "tf:inception-2015-12-05"  # ADM's evaluator: the TF graph itself
+MAX_KID_FEATURES = 10000
 
 # (data_dir, split, limit) -> batches of uint8 images [b, H, W, 3].
 ReadBatches = Callable[[str, str, "int | None"], Iterable[np.ndarray]]
@@ -33,7 +44,6 @@ def _safe(s: str) -> str:
 def stats_cache_path(data_dir: str, split: str, extractor_name: str, resize_mode: str,
                      max_images: int | None = None) -> str:
   """``<data_dir>/fid_stats/<split>_<extractor>_<resize_mode>[_first<max_images>].npz``."""
-  from core import storage  # pylint: disable=import-outside-toplevel
   suffix = f"_first{max_images}" if max_images else ""
   name = f"{_safe(split)}_{_safe(extractor_name)}_{_safe(resize_mode)}{suffix}.npz"
   return storage.join(data_dir, "fid_stats", name)
@@ -47,10 +57,39 @@ def read_split_batches(data_dir: str, split: str, limit: int | None = None,
     yield batch["image"]
 
 
+@dataclasses.dataclass
+class Reference:
+  """A FID/KID reference: Gaussian statistics, features for KID (or None) and their provenance.
+
+  ``meta`` holds 'extractor', 'resize_mode', 'num_images' and 'split' (what every results row and
+  cache file records); ``description`` is the file it came from (recorded as the row's reference).
+  """
+  mu: np.ndarray
+  sigma: np.ndarray
+  features: np.ndarray | None
+  meta: dict[str, Any]
+  description: str
+
+
+def _sample_keep(count: int, batch_len: int, kept: int, limit: int, rng) -> np.ndarray:
+  """Reservoir sampling (Algorithm R), batched: which rows of this batch enter which reservoir slot
+  (-1: not kept). Deterministic given the rng, so a recomputed cache keeps the same features."""
+  slots = np.full(batch_len, -1)
+  for i in range(batch_len):
+    seen = count + i
+    if kept + i < limit and seen < limit:
+      slots[i] = seen
+    else:
+      j = int(rng.integers(0, seen + 1))
+      if j < limit:
+        slots[i] = j
+  return slots
+
+
 def reference_stats(data_dir: str, split: str, extractor, *, max_images: int | None = None,
-                    recompute: bool = False, read_batches: ReadBatches | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) of ``split`` of ``data_dir`` under ``extractor``, from the cache or computed and cached.
+                    recompute: bool = False, read_batches: ReadBatches | None = None,
+                    max_kid_features: int = MAX_KID_FEATURES) -> Reference:
+  """``split`` of ``data_dir`` under ``extractor``, from the cache or computed once and cached.
 
   Args:
     data_dir: a prepared data set (python -m core.data prepare), local or gs://.
@@ -61,16 +100,29 @@ def reference_stats(data_dir: str, split: str, extractor, *, max_images: int | N
     recompute: ignore and overwrite an existing cache file (e.g. after preparing the data again).
     read_batches: (data_dir, split, limit) -> iterable of uint8 image batches; default
       :func:`read_split_batches`.
+    max_kid_features: the cache keeps the features of at most this many images (a uniform random
+      subset of the split, for KID); mu and sigma always cover every image.
   """
-  from core import storage  # pylint: disable=import-outside-toplevel
-  from eval.metrics import validate_images  # pylint: disable=import-outside-toplevel
   path = stats_cache_path(data_dir, split, extractor.name, extractor.resize_mode, max_images)
   if not recompute and storage.exists(path):
-    return load_stats(path)
+    cached = _load_cached(path)
+    if cached is not None:
+      return cached
   running = RunningStats()
+  kept = np.zeros((0, 0), np.float32)
+  rng = np.random.default_rng(0)
   try:
     for images in (read_batches or read_split_batches)(data_dir, split, max_images):
-      running.update(extractor.features(validate_images(images, min_count=1))[0])
+      feats = extractor.features(validate_images(images, min_count=1))[0]
+      if kept.shape[1] == 0:
+        kept = np.zeros((0, feats.shape[1]), np.float32)
+      slots = _sample_keep(running.count, len(feats), len(kept), max_kid_features, rng)
+      grow = slots[slots >= len(kept)]
+      if len(grow):
+        kept = np.concatenate([kept, np.zeros((grow.max() + 1 - len(kept), feats.shape[1]),
+                                              np.float32)])
+      kept[slots[slots >= 0]] = feats[slots >= 0]
+      running.update(feats)
   except FileNotFoundError as e:  # storage.NotFoundError and input_pipeline errors are UserErrors
     raise UserError(f"no data for split '{split}' of {data_dir} ({e}); prepare the data set with "
                     "python -m core.data prepare, or pass a reference .npz with mu and sigma") from None
@@ -78,17 +130,82 @@ def reference_stats(data_dir: str, split: str, extractor, *, max_images: int | N
     raise UserError(f"split '{split}' of {data_dir} has {running.count} images; FID reference "
                     "statistics need at least 2 (prepare more data or pass a reference .npz)")
   mu, sigma = running.stats()
-  save_stats(path, mu, sigma, extractor=extractor.name, resize_mode=extractor.resize_mode,
-             split=split, num_images=running.count)
-  return mu, sigma
+  meta = {"extractor": extractor.name, "resize_mode": extractor.resize_mode, "split": split,
+          "num_images": running.count}
+  save_stats(path, mu, sigma, features=kept, sigma_sqrt=psd_sqrt(sigma), **meta)
+  return Reference(mu, sigma, kept, meta, path)
+
+
+def _load_cached(path: str) -> Reference | None:
+  """A cache file written by :func:`reference_stats`; None for one of an older layout (recompute)."""
+  mu, sigma = load_stats(path)
+  meta = load_stats_meta(path)
+  z = _read_npz(path)
+  if "features" not in z.files or not all(k in meta for k in PROVENANCE):
+    return None
+  if "sigma_sqrt" in z.files:
+    remember_sqrt(sigma, z["sigma_sqrt"])
+  return Reference(mu, sigma, np.asarray(z["features"]), {k: meta[k] for k in PROVENANCE}, path)
+
+
+def load_reference(path: str, extractor, *, split: str, convention: str | None = None) -> Reference:
+  """A reference given as an .npz: ours (provenance inside), or ADM-style (``mu``/``sigma``, or
+  raw ``arr_0`` images).
+
+  ``convention`` declares the resize mode an ADM-style ``mu``/``sigma`` file was computed with
+  (its network: the TF-2015 Inception graph; ADM's reference batches: 'legacy_tensorflow').
+  Statistics whose convention is unknown or differs from ``extractor``'s are refused in one line.
+  Raw ``arr_0`` images are passed through ``extractor`` itself, so they always match.
+  """
+  z = _read_npz(path)
+  ours = {"extractor": extractor.name, "resize_mode": extractor.resize_mode}
+  if "mu" not in z.files and "arr_0" in z.files:
+    images = validate_images(z["arr_0"])
+    feats = extractor.features(images)[0]
+    mu, sigma = feature_stats(feats)
+    meta = dict(ours, split=split, num_images=len(images))
+    return Reference(mu, sigma, _subset(feats), meta, path)
+  mu, sigma = load_stats(path)
+  meta = load_stats_meta(path)
+  if "extractor" in meta and "resize_mode" in meta:
+    if convention and convention != meta["resize_mode"]:
+      raise UserError(f"{path} records resize {meta['resize_mode']} but ref_convention={convention} "
+                      "was declared; drop ref_convention= (the file's own record is used)")
+  elif convention:
+    meta.update(extractor=ADM_EXTRACTOR, resize_mode=convention)
+  else:
+    raise UserError(f"{path} has mu/sigma without a record of how they were computed; declare it "
+                    f"with ref_convention=legacy_tensorflow (ADM's reference batches) or "
+                    f"ref_convention=clean (clean-fid)")
+  check_convention(ours, meta, what=path)
+  feats = np.asarray(z["features"]) if "features" in z.files else None
+  meta.setdefault("split", split)
+  meta.setdefault("num_images", None)
+  return Reference(mu, sigma, feats, {k: meta.get(k) for k in PROVENANCE}, path)
+
+
+def _subset(feats: np.ndarray, limit: int = MAX_KID_FEATURES) -> np.ndarray:
+  if len(feats) <= limit:
+    return np.asarray(feats, np.float32)
+  idx = np.sort(np.random.default_rng(0).choice(len(feats), limit, replace=False))
+  return np.asarray(feats[idx], np.float32)
+
+
+def has_kid_features(reference: str | None) -> bool:
+  """Whether a reference gives KID: split statistics do (they keep features); a given .npz does
+  when it holds ``features`` or raw ``arr_0`` images (ADM's mu/sigma alone do not)."""
+  if not reference or reference == "auto":
+    return True
+  files = _read_npz(reference).files
+  return "features" in files or ("arr_0" in files and "mu" not in files)
 
 
 def get_reference(reference: str | None, *, data_dir: str | None, split: str, extractor,
-                  max_images: int | None = None, read_batches: ReadBatches | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  max_images: int | None = None, read_batches: ReadBatches | None = None,
+                  convention: str | None = None) -> Reference:
   """A reference given as a .npz path, or (None, '' or 'auto') the cached statistics of ``split``."""
   if reference and reference != "auto":
-    return load_stats(reference)  # a missing file is a UserError naming it
+    return load_reference(reference, extractor, split=split, convention=convention)
   if not data_dir:
     raise UserError(f"no FID reference for split '{split}': set data_dir to a prepared data set or "
                     "pass a reference .npz with mu and sigma")
@@ -112,7 +229,9 @@ def main(argv: Sequence[str]) -> int:
       Option("data_dir", None, "prepared data set (python -m core.data prepare), local or gs://"),
       Option("split", "train", "split to summarise: train (FID train) or eval (FID eval)"),
       Option("source", "auto", "Inception weights: auto, clean-fid, fid-helper or a .pt path"),
-      Option("resize_mode", "clean", "how images are resized to 299x299.", choices=RESIZE_MODES),
+      Option("resize", "legacy_tensorflow", "how images are resized to 299x299: legacy_tensorflow "
+             "(the TF graph's bilinear, the paper's and ADM's convention) or clean (clean-fid)",
+             choices=RESIZE_MODES),
       Option("max_images", 0, "use only the first this many images; 0 = all", parse=int),
       Option("batch_size", 50, "images per Inception forward pass", parse=int),
       Option("recompute", False, "overwrite an existing cache file", parse=parse_bool),
@@ -120,7 +239,7 @@ def main(argv: Sequence[str]) -> int:
   opts, _ = parse(argv, options, prog="eval.reference", description=main.__doc__ or "")
   if not opts["data_dir"]:
     raise UserError("data_dir is required: data_dir=<prepared data set>")
-  extractor = FeatureExtractor(opts["source"], resize_mode=opts["resize_mode"],
+  extractor = FeatureExtractor(opts["source"], resize_mode=opts["resize"],
                                batch_size=opts["batch_size"])
   max_images = opts["max_images"] or None
   reference_stats(opts["data_dir"], opts["split"], extractor, max_images=max_images,

@@ -5,8 +5,11 @@
 For every complete checkpoint (newest first when it falls behind), and every guidance scale, it
 samples with the EMA parameters, then computes FID against the training split, FID against the
 eval split and the Inception Score (when the extractor has logits), the way the paper reports
-them (section 5, Tables 2-9). Results are appended to ``<run>/eval/results.jsonl``, one JSON line
-per (step, guidance, metric), and to TensorBoard.
+them (section 5, Tables 2-9), and beside them KID (unbiased at small n) and a bootstrap spread of
+each FID. Results are appended to ``<run>/eval/results.jsonl``, one JSON line per (step,
+guidance, metric), and to TensorBoard. Every setting that changes a number (sampler steps, noise
+parameter, sample count, seed, extractor, resize, reference) is part of a result's key, so a
+rerun with other settings evaluates again instead of reusing old numbers.
 
 Exactly once, under SIGKILL at any moment: a result row is written in a single append; rows that
 already exist are never recomputed; sample batches are cached under ``<run>/eval/cache`` while an
@@ -25,18 +28,38 @@ from typing import Any, Sequence
 from core import cli
 from core import storage
 from core.errors import UserError, run_main
+from eval.inception import RESIZE_MODES
 
 def results_path(run_dir: str) -> str:
   return storage.join(run_dir, "eval", "results.jsonl")
 
 
-def read_results(run_dir: str) -> list[dict[str, Any]]:
-  """Every complete result row (a torn final line is ignored)."""
+def _lines(run_dir: str) -> tuple[list[str], bool]:
+  """The complete lines of results.jsonl (decoded) and whether a torn last line follows them.
+
+  A line that is not UTF-8 is a one-line error naming it (the file is left as it is): only the
+  last line, without its newline, can be torn by a kill mid-append, and that one is ignored.
+  """
   path = results_path(run_dir)
   if not storage.exists(path):
-    return []
+    return [], False
+  data = storage.read_bytes(path)
+  pieces = data.split(b"\n")
+  torn = pieces.pop() != b""  # text after the last newline: an unfinished append
+  lines = []
+  for i, raw in enumerate(pieces, 1):
+    try:
+      lines.append(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise UserError(f"{path} line {i} is not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                      f"{e.start + 1}); repair or delete that line, the other rows are kept") from None
+  return lines, torn
+
+
+def read_results(run_dir: str) -> list[dict[str, Any]]:
+  """Every complete result row (a torn final line is ignored)."""
   rows = []
-  for line in storage.read_text(path).splitlines():
+  for line in _lines(run_dir)[0]:
     try:
       rows.append(json.loads(line))
     except json.JSONDecodeError:
@@ -46,13 +69,9 @@ def read_results(run_dir: str) -> list[dict[str, Any]]:
 
 def _repair(run_dir: str) -> None:
   """Drops a torn last line left by a kill during an append."""
-  path = results_path(run_dir)
-  if not storage.exists(path):
-    return
-  text = storage.read_text(path)
-  if text and not text.endswith("\n"):
-    good = [l for l in text.splitlines() if _parses(l)]
-    storage.write_text(path, "".join(l + "\n" for l in good))
+  lines, torn = _lines(run_dir)
+  if torn:
+    storage.write_text(results_path(run_dir), "".join(l + "\n" for l in lines if _parses(l)))
 
 
 def _parses(line: str) -> bool:
@@ -63,11 +82,30 @@ def _parses(line: str) -> bool:
     return False
 
 
-def _key(row: dict[str, Any]) -> tuple:
-  return (int(row["step"]), row["metric"], float(row["guidance"]), int(row["num_samples"]), int(row["seed"]))
+# Every field of a row that changes its number; a row is reused only if all of them are equal.
+KEY_FIELDS = ("step", "metric", "guidance", "num_samples", "seed", "sampler_steps", "noise_param",
+              "extractor", "resize_mode", "reference")
+
+
+def _norm(v: Any) -> Any:
+  if isinstance(v, bool) or v is None or isinstance(v, str):
+    return v
+  if isinstance(v, (int, float)):
+    return float(v)
+  return str(v)
+
+
+def result_key(row: dict[str, Any]) -> tuple:
+  """The identity of a result: its KEY_FIELDS (missing ones, in rows of older versions, are None)."""
+  return tuple(_norm(row.get(k)) for k in KEY_FIELDS)
 
 
 SAVE_CHOICES = ("none", "grid", "npz", "png")
+
+
+def _log(msg: str) -> None:
+  """A progress line on stderr (plain, so it also shows in logs and CI, not only on a terminal)."""
+  print(f"eval: {msg}", file=sys.stderr, flush=True)
 
 
 class Evaluator:
@@ -75,50 +113,95 @@ class Evaluator:
 
   def __init__(self, run_dir: str, *, guidances: Sequence[float], num_samples: int, batch_size: int,
                sampler_steps: int, noise_param: float, seed: int, extractor_source: str,
-               ref_train: str | None = None, ref_eval: str | None = None,
-               max_reference_images: int | None = None, save_samples: str = "grid"):
+               resize_mode: str = "legacy_tensorflow", ref_train: str | None = None,
+               ref_eval: str | None = None, ref_convention: str | None = None,
+               max_reference_images: int | None = None, save_samples: str = "grid",
+               bootstrap: int = 20, inception_batch_size: int = 50):
     from eval import inception  # pylint: disable=import-outside-toplevel
+    for name, value, least in (("batch_size", batch_size, 1), ("num_samples", num_samples, 2),
+                               ("sampler_steps", sampler_steps, 1), ("bootstrap", bootstrap, 0)):
+      if value < least:
+        raise UserError(f"eval.worker {name}={value} must be at least {least}")
     self.run_dir = run_dir
     self.guidances = [float(w) for w in guidances]
     self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
     self.sampler_steps, self.noise_param = sampler_steps, noise_param
-    self.extractor = inception.FeatureExtractor(source=extractor_source)
-    self.metrics = ["fid_train", "fid_eval"] + (["is"] if self.extractor.has_logits else [])
-    if not self.extractor.has_logits:
-      print(f"IS unavailable: extractor {self.extractor.name} has no logits head (FID only)",
-            file=sys.stderr, flush=True)
-    self._refs_given = {"fid_train": ref_train, "fid_eval": ref_eval}
+    self.bootstrap = bootstrap
+    self.extractor = inception.FeatureExtractor(source=extractor_source, resize_mode=resize_mode,
+                                                batch_size=inception_batch_size)
+    self._refs_given = {"train": ref_train, "eval": ref_eval}
+    self._convention = ref_convention
     self._max_ref = max_reference_images
     self.save_samples = save_samples
     self._refs = None
     self._run = None
+    self._data_dir = None
+    self._described = None
+
+  def _load_run(self):
+    if self._run is None:
+      from core import trainer  # pylint: disable=import-outside-toplevel
+      from eval import sample  # pylint: disable=import-outside-toplevel
+      self._run = sample.load_run(self.run_dir)
+      if not all(self._refs_given.values()):
+        self._data_dir, _ = trainer.resolve_data_dir(self._run.cfg)
+    return self._run
+
+  def _descriptions(self) -> dict[str, tuple[str, bool]]:
+    """Per split: (the reference recorded in rows, whether it gives KID), without computing it."""
+    if self._described is None:
+      from eval import reference  # pylint: disable=import-outside-toplevel
+      self._load_run()
+      self._described = {}
+      for split, given in self._refs_given.items():
+        desc = reference.describe(self._data_dir, split, self.extractor, reference=given,
+                                  max_images=self._max_ref)
+        self._described[split] = (desc, reference.has_kid_features(given))
+    return self._described
 
   def _references(self):
-    """(stats, description) per FID metric; computed (and cached next to the data) on first use."""
+    """{split: eval.reference.Reference}; computed (and cached next to the data) on first use."""
     if self._refs is None:
-      from core import trainer  # pylint: disable=import-outside-toplevel
-      from eval import reference, sample  # pylint: disable=import-outside-toplevel
-      self._run = sample.load_run(self.run_dir)
-      data_dir = None
-      if not all(self._refs_given.values()):
-        data_dir, _ = trainer.resolve_data_dir(self._run.cfg)
+      from eval import reference  # pylint: disable=import-outside-toplevel
+      self._load_run()
       self._refs = {}
-      for metric, split in (("fid_train", "train"), ("fid_eval", "eval")):
-        given = self._refs_given[metric]
-        stats = reference.get_reference(given, data_dir=data_dir, split=split, extractor=self.extractor,
-                                        max_images=self._max_ref)
-        desc = reference.describe(data_dir, split, self.extractor, reference=given, max_images=self._max_ref)
-        self._refs[metric] = (stats, desc)
+      for split, given in self._refs_given.items():
+        if not given:
+          _log(f"reference statistics of the {split} split of {self._data_dir} "
+               f"({self.extractor.name}, resize {self.extractor.resize_mode})")
+        self._refs[split] = reference.get_reference(
+            given, data_dir=self._data_dir, split=split, extractor=self.extractor,
+            max_images=self._max_ref, convention=self._convention)
     return self._refs
 
-  def _save(self, step: int, w: float, images) -> None:
-    """A sample grid for figures (eval/samples_<step>[_w<w>].png), and optionally every sample."""
+  def metric_names(self) -> list[str]:
+    described = self._descriptions()
+    names = [f"fid_{split}" for split in described]
+    names += [f"kid_{split}" for split, (_, has_kid) in described.items() if has_kid]
+    return names + (["is"] if self.extractor.has_logits else [])
+
+  def row_settings(self, metric: str) -> dict[str, Any]:
+    """Every setting of ``metric``'s row that changes its number (KEY_FIELDS but step/guidance)."""
+    split = metric.split("_", 1)[1] if "_" in metric else "train"
+    return {"num_samples": self.num_samples, "seed": self.seed, "sampler_steps": self.sampler_steps,
+            "noise_param": self.noise_param, "extractor": self.extractor.name,
+            "resize_mode": self.extractor.resize_mode,
+            "reference": self._descriptions()[split][0] if metric != "is" else None}
+
+  def tag(self, step: int, w: float) -> str:
+    """Names the samples of one evaluation (sample cache, saved npz): every sampling setting."""
+    return (f"step{step}_w{w:g}_n{self.num_samples}_t{self.sampler_steps}_seed{self.seed}"
+            f"_noise{self.noise_param:g}")
+
+  def _save(self, step: int, w: float, images) -> str | None:
+    """A sample grid for figures (eval/samples_<step>[_w<w>].png), and optionally every sample;
+    returns the saved npz's path relative to the run directory (None when not saved)."""
     import io  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
     from PIL import Image  # pylint: disable=import-outside-toplevel
     from core.metrics import image_grid  # pylint: disable=import-outside-toplevel
     if self.save_samples == "none":
-      return
+      return None
 
     def png(a) -> bytes:
       buf = io.BytesIO()
@@ -130,18 +213,21 @@ class Evaluator:
     storage.write_bytes(storage.join(eval_dir, f"samples_{step}{suffix}.png"), png(image_grid(images[:64])))
     if self.save_samples == "npz":
       buf = io.BytesIO()
-      np.savez_compressed(buf, images=images)
-      storage.write_bytes(storage.join(eval_dir, "samples", f"step{step}_w{w:g}.npz"), buf.getvalue())
-    elif self.save_samples == "png":
-      folder = storage.join(eval_dir, "samples", f"step{step}_w{w:g}")
+      np.savez_compressed(buf, images=np.asarray(images, np.uint8))
+      rel = f"eval/samples/{self.tag(step, w)}.npz"
+      storage.write_bytes(storage.join(self.run_dir, rel), buf.getvalue())
+      return rel
+    if self.save_samples == "png":
+      folder = storage.join(eval_dir, "samples", self.tag(step, w))
       for i, img in enumerate(images):
         storage.write_bytes(storage.join(folder, f"{i:06d}.png"), png(img))
+    return None
 
   def missing(self, step: int) -> list[tuple[float, str]]:
-    """(guidance, metric) pairs of ``step`` without a result row yet."""
-    done = {_key(r) for r in read_results(self.run_dir)}
-    return [(w, m) for w in self.guidances for m in self.metrics
-            if (step, m, w, self.num_samples, self.seed) not in done]
+    """(guidance, metric) pairs of ``step`` without a result row for these settings yet."""
+    done = {result_key(r) for r in read_results(self.run_dir)}
+    return [(w, m) for w in self.guidances for m in self.metric_names()
+            if result_key(dict(self.row_settings(m), step=step, metric=m, guidance=w)) not in done]
 
   def evaluate(self, step: int, writer=None) -> list[dict[str, Any]]:
     """Evaluates checkpoint ``step`` at each guidance scale; appends and returns the new rows."""
@@ -150,34 +236,51 @@ class Evaluator:
     _repair(self.run_dir)
     todo = self.missing(step)
     if not todo:
+      _log(f"nothing to evaluate: step {step} has every result for these settings in "
+           f"{results_path(self.run_dir)}")
       return []
     refs = self._references()
+    if not self.extractor.has_logits:
+      _log(f"IS unavailable: extractor {self.extractor.name} has no logits head (FID and KID only)")
     params = sample.restore_ema_params(self._run, step)
     written = []
     for w in self.guidances:
       wanted = [m for (ww, m) in todo if ww == w]
       if not wanted:
         continue
-      cache = os.path.join(_local_cache_root(self.run_dir), f"step{step}_w{w:g}_n{self.num_samples}_s{self.seed}")
+      cache = os.path.join(_local_cache_root(self.run_dir), self.tag(step, w))
       os.makedirs(cache, exist_ok=True)
+      _log(f"step {step} w={w:g}: sampling {self.num_samples} images ({self.sampler_steps} steps)")
       images = sample.sample_images(self._run, params, num_samples=self.num_samples, batch_size=self.batch_size,
                                     num_steps=self.sampler_steps, noise_param=self.noise_param, guidance=w,
                                     seed=self.seed, cache_dir=cache)
       if jax.process_index() != 0:
         continue
-      self._save(step, w, images)
-      result = metrics.compute_metrics(images, extractor=self.extractor, ref_train=refs["fid_train"][0],
-                                       ref_eval=refs["fid_eval"][0], is_splits=min(10, len(images)))
+      saved = self._save(step, w, images)
+      _log(f"step {step} w={w:g}: Inception features of {len(images)} samples "
+           f"({self.extractor.name}, resize {self.extractor.resize_mode})")
+      feats, logits = self.extractor.features(metrics.validate_images(images))
+      result = metrics.sample_metrics(
+          feats, logits, refs, is_splits=min(10, len(images)), bootstrap=self.bootstrap, seed=self.seed,
+          provenance={"extractor": self.extractor.name, "resize_mode": self.extractor.resize_mode})
       rows = []
       for m in wanted:
-        value, std = result["is"] if m == "is" else (result[m], None)
-        rows.append({"step": step, "metric": m, "value": float(value), "std": None if std is None else float(std),
-                     "num_samples": self.num_samples, "extractor": self.extractor.name,
-                     "reference": refs["fid_eval" if m == "fid_eval" else "fid_train"][1],
-                     "guidance": w, "seed": self.seed, "sampler_steps": self.sampler_steps,
-                     "noise_param": self.noise_param, "time": time.time()})
+        if m not in result:
+          continue
+        value, std, std_kind = result[m]
+        ref = refs.get(m.split("_", 1)[1]) if m != "is" else None
+        rows.append({"step": step, "metric": m, "value": float(value),
+                     "std": None if std is None else float(std), "std_kind": std_kind,
+                     **self.row_settings(m), "guidance": w,
+                     "reference_split": None if ref is None else ref.meta.get("split"),
+                     "reference_num_images": None if ref is None else ref.meta.get("num_images"),
+                     "bootstrap": self.bootstrap if m.startswith("fid") else None,
+                     "samples": saved, "time": time.time()})
       # One append per guidance scale: a kill leaves either all of these rows or a torn line.
       storage.append_lines(results_path(self.run_dir), [json.dumps(r) for r in rows])
+      for r in rows:
+        spread = "" if r["std"] is None else f" ± {r['std']:.4g}"
+        _log(f"step {step} w={w:g}: {r['metric']} = {r['value']:.4g}{spread} (n={r['num_samples']})")
       if writer is not None:
         writer.write_scalars(step, {f"eval/{r['metric']}_w{w:g}": r["value"] for r in rows})
         writer.flush()
@@ -201,10 +304,17 @@ OPTIONS = [
     cli.Option("noise_param", 0.2, "interpolation between posterior and upper variance (appendix A)", parse=float),
     cli.Option("seed", 0, "sampling seed (noise and class labels)", parse=int),
     cli.Option("extractor", "auto", "Inception source: auto, clean-fid, fid-helper or a path to TorchScript weights"),
+    cli.Option("resize", "legacy_tensorflow", "how samples and references are resized to 299x299: "
+               "legacy_tensorflow (the TF graph's bilinear, as the paper and ADM's evaluator) or clean "
+               "(clean-fid's PIL bicubic)", choices=RESIZE_MODES),
     cli.Option("ref_train", None, "FID train reference .npz with mu and sigma (default: the run's train split)"),
     cli.Option("ref_eval", None, "FID eval reference .npz with mu and sigma (default: the run's eval split)"),
-    cli.Option("max_reference_images", None, "use only this many images of each split for reference statistics",
-               parse=int),
+    cli.Option("ref_convention", None, "the resize a ref_train/ref_eval .npz without a provenance record "
+               "was computed with (ADM's reference batches: legacy_tensorflow)", choices=RESIZE_MODES),
+    cli.Option("max_reference_images", None, "use only this many images of each split for reference "
+               "statistics (default: the whole split)", parse=int),
+    cli.Option("bootstrap", 20, "resamples of the samples for each FID's spread (std); 0 = none", parse=int),
+    cli.Option("inception_batch_size", 50, "images per Inception forward pass", parse=int),
     cli.Option("save_samples", "grid", "keep samples: a PNG grid for figures (grid), also every sample as "
                "one .npz (npz) or a PNG folder (png), or nothing (none)", choices=SAVE_CHOICES),
     cli.Option("once", False, "evaluate one checkpoint (the newest, or step=) and exit", parse=cli.parse_bool),
@@ -232,8 +342,10 @@ def main(argv: Sequence[str]) -> int:
   evaluator = Evaluator(run_dir, guidances=opts["guidance"], num_samples=opts["num_samples"],
                         batch_size=opts["batch_size"], sampler_steps=opts["sampler_steps"],
                         noise_param=opts["noise_param"], seed=opts["seed"], extractor_source=opts["extractor"],
-                        ref_train=opts["ref_train"], ref_eval=opts["ref_eval"],
-                        max_reference_images=opts["max_reference_images"], save_samples=opts["save_samples"])
+                        resize_mode=opts["resize"], ref_train=opts["ref_train"], ref_eval=opts["ref_eval"],
+                        ref_convention=opts["ref_convention"],
+                        max_reference_images=opts["max_reference_images"], save_samples=opts["save_samples"],
+                        bootstrap=opts["bootstrap"], inception_batch_size=opts["inception_batch_size"])
   checkpointer = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
   writer = MetricWriter(storage.join(run_dir, "eval"), jsonl=False)
   try:
@@ -247,16 +359,23 @@ def main(argv: Sequence[str]) -> int:
       for r in evaluator.evaluate(step, writer):
         print(json.dumps(r), flush=True)
       return 0
+    waiting = False
     while True:
       # Newest first: a worker that fell behind reports the current state of the run first.
-      todo = [s for s in reversed(checkpointer.all_steps()) if evaluator.missing(s)]
+      steps = checkpointer.all_steps()
+      todo = [s for s in reversed(steps) if evaluator.missing(s)]
       if todo:
+        waiting = False
         for r in evaluator.evaluate(todo[0], writer):
           print(json.dumps(r), flush=True)
       last = opts["stop_after_step"]
       if last is not None and last in checkpointer.all_steps() and not evaluator.missing(last):
         return 0
       if not todo:
+        if not waiting:
+          _log(f"nothing to evaluate: {len(steps)} checkpoint(s) {'all evaluated' if steps else 'yet'}; "
+               f"looking for new ones every {opts['poll_seconds']:g}s")
+          waiting = True
         time.sleep(opts["poll_seconds"])
   finally:
     writer.close()

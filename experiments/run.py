@@ -28,16 +28,22 @@ import jax
 from core import cli
 from core import storage
 from core.errors import Preempted, UserError, run_main
+from eval.inception import RESIZE_MODES
 
 from experiments import launchers, registry, scales, throughput
 from experiments import plan as plan_lib
 
-# Evaluation size per scale (the paper: 50K samples, 256 sampler steps is our default).
-# Demo and smoke compare samples with a prefix of each split: Inception on a CPU costs ~0.2 s/image.
+# Evaluation size per scale (the paper: 50K samples, 256 sampler steps is our default). Demo rows
+# keep their 500 samples as an npz and compare them with whole splits (FID with a bootstrap spread,
+# and KID); smoke compares 16 samples with a prefix of each split. All scales resize the paper's
+# way (legacy_tensorflow) unless resize= says otherwise.
 EVAL = {
-    "paper": {"num_samples": None, "sampler_steps": 256, "batch_size": 256, "max_reference_images": None},
-    "demo": {"num_samples": 64, "sampler_steps": 64, "batch_size": 64, "max_reference_images": 128},
-    "smoke": {"num_samples": 16, "sampler_steps": 4, "batch_size": 8, "max_reference_images": 32},
+    "paper": {"num_samples": None, "sampler_steps": None, "batch_size": 256, "max_reference_images": None,
+              "save_samples": "grid"},
+    "demo": {"num_samples": 500, "sampler_steps": 64, "batch_size": 100, "max_reference_images": None,
+             "save_samples": "npz"},
+    "smoke": {"num_samples": 16, "sampler_steps": 4, "batch_size": 8, "max_reference_images": 32,
+              "save_samples": "npz"},
 }
 
 OPTIONS = [
@@ -58,6 +64,8 @@ OPTIONS = [
     cli.Option("eval", True, "evaluate after training", parse=cli.parse_bool),
     cli.Option("num_samples", None, "override the number of evaluation samples", parse=int),
     cli.Option("extractor", "auto", "Inception source for FID/IS: auto, clean-fid, fid-helper or a .pt path"),
+    cli.Option("resize", "legacy_tensorflow", "FID/KID resize to 299: legacy_tensorflow (the paper's, ADM's "
+               "evaluator) or clean (clean-fid)", choices=RESIZE_MODES),
     cli.Option("tpu_zone", "us-central2-b", "tpu launcher: zone"),
     cli.Option("tpu_type", None, "tpu launcher: accelerator type (default: the paper's, e.g. v4-256)"),
     cli.Option("tpu_project", None, "tpu launcher: GCP project"),
@@ -90,12 +98,19 @@ def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) 
   return args
 
 
+def sampler_steps(job: registry.Job, scale: str) -> int:
+  """The row's sampler steps at paper scale (a registry choice), the scale's own below it."""
+  return EVAL[scale]["sampler_steps"] or job.sampler_steps
+
+
 def eval_args(job: registry.Job, scale: str, run_dir: str, opts: dict[str, Any]) -> list[str]:
   ev = EVAL[scale]
   n = opts["num_samples"] or ev["num_samples"] or job.num_samples
   return [f"workdir={run_dir}", f"num_samples={n}", "guidance=" + ",".join(f"{w:g}" for w in job.guidances),
-          f"batch_size={ev['batch_size']}", f"sampler_steps={ev['sampler_steps']}",
-          f"noise_param={job.noise_param}", f"extractor={opts['extractor']}", "once=true"] + (
+          f"batch_size={ev['batch_size']}", f"sampler_steps={sampler_steps(job, scale)}",
+          f"noise_param={job.noise_param}", f"extractor={opts['extractor']}",
+          f"resize={opts.get('resize') or 'legacy_tensorflow'}", f"save_samples={ev['save_samples']}",
+          "once=true"] + (
               [f"max_reference_images={ev['max_reference_images']}"] if ev["max_reference_images"] else [])
 
 
@@ -143,13 +158,6 @@ def _configured_steps(run_dir: str, train_lib) -> int:
   return steps
 
 
-def is_evaluated(job: registry.Job, run_dir: str, num_samples: int) -> bool:
-  from eval import worker  # pylint: disable=import-outside-toplevel
-  step = _latest_step(run_dir)
-  have = {(int(r["step"]), r["metric"], float(r["guidance"]), int(r["num_samples"])) for r in worker.read_results(run_dir)}
-  return all((step, m, float(w), num_samples) in have for w in job.guidances for m in ("fid_train", "fid_eval"))
-
-
 def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any]) -> None:
   from core import train as train_cli  # pylint: disable=import-outside-toplevel
   from eval import worker  # pylint: disable=import-outside-toplevel
@@ -175,13 +183,12 @@ def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any])
     if not is_trained(run_dir):  # only a finished run's final step is a row's result
       raise UserError(f"[{job.name}] stopped at step {_latest_step(run_dir)} before its last step; "
                       f"rerun the same command to resume it")
-  if opts["eval"]:
-    n = int(dict(a.split("=", 1) for a in e_args)["num_samples"])
-    if is_evaluated(job, run_dir, n):
-      print(f"[{job.name}] evaluated already", flush=True)
-    else:
-      print(f"[{job.name}] evaluating", flush=True)
-      worker.main(e_args)
+  if opts["eval"]:  # the worker evaluates only what these settings have not evaluated yet
+    print(f"[{job.name}] evaluating", flush=True)
+    before = len(worker.read_results(run_dir))
+    worker.main(e_args)
+    if len(worker.read_results(run_dir)) == before:
+      print(f"[{job.name}] evaluated already (every result for these settings exists)", flush=True)
 
 
 def _quote(a: str) -> str:
@@ -230,7 +237,7 @@ def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str, opts: dict
       args = [*args, launchers.SHARD_ALL]
     n = int(dict(a.split("=", 1) for a in eval_args(job, scale, run_dir, opts))["num_samples"])
     tgt = plan_lib.target(opts, job.arch, launchers.DEFAULT_TPU)
-    p = plan_lib.describe(job, scale, workdir, args, tgt, sampler_steps=EVAL[scale]["sampler_steps"], num_samples=n)
+    p = plan_lib.describe(job, scale, workdir, args, tgt, sampler_steps=sampler_steps(job, scale), num_samples=n)
     if opts["aot"]:
       p["aot"] = plan_lib.aot(args)
     out.append(p)

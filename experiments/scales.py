@@ -31,6 +31,9 @@ FACTOR = {"paper": 1, "demo": 8, "smoke": 8}
 # the largest that keeps Table 4's four rows distinct at the 16x16 level (1, 2, 3, 4).
 BLOCK_DIVISOR = {"paper": 1, "demo": 2, "smoke": 3}
 TRANSFORMER_BLOCKS = {"demo": 4, "smoke": 1}
+# Demo widths: U-Net channel multipliers capped (every level and block is kept), so the 1x1-4x4
+# levels do not hold most of the parameters, whose Adam and EMA updates dominated a CPU step.
+CHANNEL_MULTIPLIER_CAP = {"demo": 2}
 
 
 def _q(name: str, default=None):
@@ -97,6 +100,9 @@ def scale_bindings(gin_files, bindings, arch: str, resolution: int, scale: str) 
   blocks = _q(f"{cls}.num_res_blocks")
   if blocks is not None:
     out.append(f"{cls}.num_res_blocks = {_fmt(scaled_blocks(blocks, BLOCK_DIVISOR[scale]))}")
+  mult = _q("UNet.channel_multiplier") if arch == "unet" else None
+  if mult is not None and scale in CHANNEL_MULTIPLIER_CAP:
+    out.append(f"UNet.channel_multiplier = {_fmt([min(m, CHANNEL_MULTIPLIER_CAP[scale]) for m in mult])}")
   attn = _q(f"{cls}.attn_resolutions")
   if attn:
     out.append(f"{cls}.attn_resolutions = {_fmt(sorted({max(1, a // f) for a in attn}))}")

@@ -11,7 +11,8 @@
   rows of table N.
 - ``samples_table_<N>.png``: the latest sample grid of each run serving table N
   (``eval/samples_<step>.png``, or ``eval/samples_<step>.npz`` with uint8 ``images`` [N,H,W,C],
-  tiled here).
+  tiled here) side by side, each under its FID and KID (train and eval splits, with spread and
+  sample count), and below them whether the paper's ordering held (:mod:`tables.ordering`).
 Figures without data (no runs, no samples) are not written.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import math
 import re
 import sys
+import textwrap
 from typing import Sequence
 
 import matplotlib
@@ -31,7 +33,7 @@ import pandas as pd  # pylint: disable=wrong-import-position
 
 from core import cli  # pylint: disable=wrong-import-position
 from core.errors import UserError, run_main  # pylint: disable=wrong-import-position
-from tables import files, measured, paper, runs  # pylint: disable=wrong-import-position
+from tables import files, measured, ordering, paper, runs  # pylint: disable=wrong-import-position
 
 FIGURES = ("schedules", "guidance", "curves", "samples")
 DPI = 100
@@ -180,26 +182,48 @@ def latest_samples(run_path: str) -> tuple[int, np.ndarray] | None:
   return None
 
 
+def numbers_caption(nums: dict[str, dict]) -> str:
+  """'FID train 123.4 ± 2.1  eval ...' and 'KID x10^3 train ...' lines with the sample count."""
+  lines = []
+  for kind, scale_note in (("fid", ""), ("kid", " x10^3")):
+    parts = [f"{split} {ordering.format_number(dict(nums[f'{kind}_{split}'], kid=kind == 'kid'))}"
+             for split in ("train", "eval") if f"{kind}_{split}" in nums]
+    if parts:
+      lines.append(f"{kind.upper()}{scale_note}: " + ", ".join(parts))
+  if lines:
+    n = max(m["num_samples"] for m in nums.values())
+    lines[-1] += f" (n={n})"
+  return "\n".join(lines)
+
+
 def samples(recorded: runs.Runs, table: str, path: str) -> str | None:
-  """The latest sample grid of each run serving ``table``; None if no run has samples."""
+  """The latest sample grid of each run serving ``table`` beside its numbers; None if no run has
+  samples."""
   panels = []
   for run, run_path, label in _table_runs(recorded, table):
     got = latest_samples(run_path)
     if got is not None:
-      panels.append((f"{label}\n{run}, step {got[0]}", got[1]))
+      caption = numbers_caption(ordering.latest_numbers(recorded, run))
+      panels.append((f"{label}\nstep {got[0]}" + (f"\n{caption}" if caption else ""), got[1]))
   if not panels:
     return None
-  cols = min(3, len(panels))
+  cols = min(4, len(panels))
   nrows = math.ceil(len(panels) / cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 4.8 * nrows), squeeze=False)
+  # Below the panels: the table, then whether the paper's ordering held (tables.ordering).
+  foot_lines = [f"Samples, {paper.source(table)}"] + [
+      textwrap.fill(v, 40 * cols) for v in ordering.sentences(recorded, table)]
+  foot = 0.25 * sum(len(line.splitlines()) for line in foot_lines) + 0.1
+  height = 5.3 * nrows + foot
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, height), squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
   for ax, (title, grid) in zip(axes.flat, panels):
     gray = grid.shape[-1] == 1
-    ax.imshow(grid[..., 0] if gray else grid, cmap="gray" if gray else None)
+    ax.imshow(grid[..., 0] if gray else grid, cmap="gray" if gray else None,
+              interpolation="nearest")
     ax.set_title(title, fontsize="small")
-  fig.suptitle(f"Samples, {paper.source(table)}")
-  fig.tight_layout()
+  fig.text(0.5, 0.01, "\n".join(foot_lines), ha="center", va="bottom", fontsize="small")
+  fig.tight_layout(rect=(0, foot / height, 1, 0.93))
   return _save(fig, path)
 
 

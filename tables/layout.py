@@ -1,10 +1,11 @@
 """A format-free layout of one paper table: our numbers beside the paper's, row by row.
 
 Columns: the row label; for each metric the paper reports in that table (or we measured) a
-'paper' and an 'ours' column (FID train, FID eval, IS as mean +- std, steps/s relative to the
-table's reference row = 100%); then where our numbers come from: training step, number of
-samples, Inception extractor, experiment scale. A missing number is a dash (``Cell(None)``), never
-a zero. Rows evaluated with another sample count than the paper (50K ImageNet, 30K COCO) carry a
+'paper' and an 'ours' column (FID train, FID eval with our bootstrap std, IS as mean +- std,
+steps/s relative to the table's reference row = 100%); KID train / eval (x1000, +- std over
+subsets) where measured (the paper reports none); then where our numbers come from: training
+step, number of samples (every FID's n), Inception extractor and resize, experiment scale. A
+missing number is a dash (``Cell(None)``), never a zero. Rows evaluated with another sample count than the paper (50K ImageNet, 30K COCO) carry a
 dagger and a footnote; relative throughput measured on another device than the reference row
 carries a double dagger. :mod:`tables.markdown` and :mod:`tables.latex` turn a layout into text.
 """
@@ -70,11 +71,13 @@ def _metrics_for(table: str, rows: pd.DataFrame) -> list[tuple[str, str]]:
   """(key, header) of the metric columns: those the paper reports here or that we measured."""
   info = paper_lib.TABLES[table]
   candidates = [("fid_train", info.fid_train_header, "fid_train"),
-                ("fid_eval", "FID eval", "fid_eval"), ("is", "IS", "is_mean"),
+                ("fid_eval", "FID eval", "fid_eval"), ("kid_train", "KID train (×1000)", "kid_train"),
+                ("kid_eval", "KID eval (×1000)", "kid_eval"), ("is", "IS", "is_mean"),
                 ("steps", "steps/s", "steps_per_sec_rel")]
   out = []
   for key, header, col in candidates:
-    if (rows[col] != "").any() or rows["our_" + col].map(_present).any():
+    paper_has = col in rows and (rows[col] != "").any()
+    if paper_has or rows["our_" + col].map(_present).any():
       out.append((key, header))
   return out
 
@@ -84,6 +87,8 @@ def _paper_cell(key: str, r) -> Cell:
     return Cell(r.fid_train or None)
   if key == "fid_eval":
     return Cell(r.fid_eval or None)
+  if key.startswith("kid"):
+    return Cell(None)  # the paper reports no KID
   if key == "is":
     return Cell(r.is_mean or None, std=r.is_std or None)
   if r.steps_per_sec_rel:
@@ -92,9 +97,12 @@ def _paper_cell(key: str, r) -> Cell:
 
 
 def _our_cell(key: str, r) -> Cell:
-  if key in ("fid_train", "fid_eval"):
-    v = getattr(r, "our_" + key)
-    return Cell(f"{v:.2f}") if _present(v) else Cell(None)
+  if key in ("fid_train", "fid_eval", "kid_train", "kid_eval"):
+    v, std = getattr(r, "our_" + key), getattr(r, f"our_{key}_std")
+    scale = 1000.0 if key.startswith("kid") else 1.0
+    if not _present(v):
+      return Cell(None)
+    return Cell(f"{v * scale:.2f}", std=f"{std * scale:.2f}" if _present(std) else None)
   if key == "is":
     if not _present(r.our_is_mean):
       return Cell(None)
@@ -104,6 +112,14 @@ def _our_cell(key: str, r) -> Cell:
     return Cell(None)
   return Cell(f"{r.our_steps_per_sec_rel * 100:.0f}", percent=True,
               mark=DDAGGER if r.device_mismatch else None)
+
+
+def _extractor_text(r) -> str | None:
+  """The extractor and, when recorded, its resize mode ('<extractor>, legacy_tensorflow')."""
+  if not _present(r.extractor):
+    return None
+  resize = getattr(r, "resize_mode", None)
+  return f"{r.extractor}, {resize}" if _present(resize) else str(r.extractor)
 
 
 def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> Layout:
@@ -136,7 +152,7 @@ def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> 
     samples = "/".join(format_count(n) for n in r.num_samples) if _present(r.num_samples) else None
     cells += [Cell(str(int(r.step)) if _present(r.step) else None),
               Cell(samples),
-              Cell(r.extractor if _present(r.extractor) else None),
+              Cell(_extractor_text(r)),
               Cell(r.scale if _present(r.scale) else None)]
     rows.append(Row("data", cells, key=(r.table, r.group, r.row)))
 
@@ -149,6 +165,12 @@ def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> 
     if len(ref):
       notes.append((None, f"steps/s is relative to the reference row '{ref['row'].iloc[0]}' "
                           "(100%)."))
+  if any(k.startswith(("fid", "kid")) for k, _ in metrics) and (
+      rows_df[[c for c in ("our_fid_train_std", "our_fid_eval_std", "our_kid_train_std",
+                           "our_kid_eval_std") if c in rows_df]].map(_present).any().any()):
+    notes.append((None, "Ours ± std: FID over bootstrap resamples of the samples; KID (unbiased, "
+                        "×1000) over random subsets. Every FID's sample count is in the samples "
+                        "column; the extractor column names the resize to 299."))
   if any_literature:
     notes.append((None, "Rows from the literature show the paper's values only."))
   if any_samples_mismatch:

@@ -8,6 +8,8 @@ Rules (pinned by tests/test_tables.py):
 - Step: one step per row, the latest step with any of the row's metrics; if several runs serve the
   row, the run reaching the latest step wins (then the latest result time, then the later run
   directory). Within that step the last line for each metric wins (re-evaluations append).
+- Each FID and KID comes with its std when the row has one (FID: bootstrap over samples; KID:
+  over subsets), and the row's sample counts and resize mode are shown with it.
 - Table 8 has one FID@30K column: the COCO validation set is its reference (appendix C), so it
   shows ``fid_eval`` and falls back to ``fid_train``.
 - Throughput: the latest ``throughput.jsonl`` entry of a row (by ``time``, then file order),
@@ -23,9 +25,11 @@ import pandas as pd
 from tables import paper as paper_lib
 from tables.runs import Runs
 
-METRICS = ("fid_train", "fid_eval", "is")
-MEASURED_COLUMNS = ("run", "scale", "step", "our_fid_train", "our_fid_eval", "our_is_mean",
-                    "our_is_std", "num_samples", "samples_mismatch", "extractor",
+METRICS = ("fid_train", "fid_eval", "kid_train", "kid_eval", "is")
+MEASURED_COLUMNS = ("run", "scale", "step", "our_fid_train", "our_fid_train_std", "our_fid_eval",
+                    "our_fid_eval_std", "our_kid_train", "our_kid_train_std", "our_kid_eval",
+                    "our_kid_eval_std", "our_is_mean", "our_is_std", "num_samples",
+                    "samples_mismatch", "extractor", "resize_mode",
                     "our_steps_per_sec", "our_steps_per_sec_rel", "device", "device_mismatch")
 
 
@@ -76,7 +80,7 @@ def _measure_row(runs: Runs, table: str, group: str, row: str) -> dict:
   out = dict.fromkeys(MEASURED_COLUMNS)
   res = _row_results(runs, table, group, row)
   if table == "8":  # single FID@30K column
-    res = res[res["metric"] != "is"]
+    res = res[~res["metric"].isin(("is", "kid_train", "kid_eval"))]
   if res.empty:
     return out
   chosen = _pick(res)
@@ -85,12 +89,15 @@ def _measure_row(runs: Runs, table: str, group: str, row: str) -> dict:
   for metric in info.fid_train_metrics:
     if metric in chosen.index:
       out["our_fid_train"] = float(chosen.loc[metric, "value"])
+      out["our_fid_train_std"] = _std(chosen, metric)
       used.append(metric)
       break
   if table != "8":
-    if "fid_eval" in chosen.index:
-      out["our_fid_eval"] = float(chosen.loc["fid_eval", "value"])
-      used.append("fid_eval")
+    for metric in ("fid_eval", "kid_train", "kid_eval"):
+      if metric in chosen.index:
+        out[f"our_{metric}"] = float(chosen.loc[metric, "value"])
+        out[f"our_{metric}_std"] = _std(chosen, metric)
+        used.append(metric)
     if "is" in chosen.index:
       out["our_is_mean"] = float(chosen.loc["is", "value"])
       std = pd.to_numeric(pd.Series([chosen.loc["is", "std"]]), errors="coerce").iloc[0]
@@ -104,12 +111,22 @@ def _measure_row(runs: Runs, table: str, group: str, row: str) -> dict:
   out["samples_mismatch"] = bool(counts.isna().any() or (counts != info.paper_samples).any())
   extractors = [str(e) for e in used_rows["extractor"].dropna().unique()]
   out["extractor"] = "; ".join(sorted(extractors)) or None
+  if "resize_mode" in used_rows:
+    modes = [str(m) for m in used_rows["resize_mode"].dropna().unique()]
+    out["resize_mode"] = "; ".join(sorted(modes)) or None
   run = str(used_rows["run"].iloc[0])
   out["run"] = run
   scale = runs.runs.loc[runs.runs["run"] == run, "scale"]
   out["scale"] = None if scale.empty or pd.isna(scale.iloc[0]) else str(scale.iloc[0])
   out["step"] = int(chosen["step"].iloc[0])
   return out
+
+
+def _std(chosen: pd.DataFrame, metric: str) -> float | None:
+  if "std" not in chosen:
+    return None
+  std = pd.to_numeric(pd.Series([chosen.loc[metric, "std"]]), errors="coerce").iloc[0]
+  return None if pd.isna(std) else float(std)
 
 
 def _latest_throughput(runs: Runs) -> dict[tuple[str, str, str], pd.Series]:

@@ -17,8 +17,8 @@ import pandas as pd
 from core.errors import UserError
 from tables import files
 
-RESULT_COLUMNS = ("step", "metric", "value", "std", "num_samples", "extractor", "reference",
-                  "guidance", "seed", "sampler_steps", "time")
+RESULT_COLUMNS = ("step", "metric", "value", "std", "num_samples", "extractor", "resize_mode",
+                  "reference", "guidance", "seed", "sampler_steps", "time")
 THROUGHPUT_COLUMNS = ("table", "group", "row", "steps_per_sec", "img_per_sec", "device",
                       "batch_size", "time")
 

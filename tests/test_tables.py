@@ -445,3 +445,28 @@ def test_table8_fid30k_prefers_the_coco_validation_fid(tmp_path):
   assert rows[uvit]["fid_train:ours"].text == "12.50" and rows[uvit]["label"].mark is None
   assert rows[uvit]["samples"].text == "30K"
   assert rows[uvit512]["fid_train:ours"].text == "14.00"  # only fid_train recorded: fallback
+
+
+def test_kid_and_spreads_render_beside_each_number_with_n_and_resize(tmp_path):
+  """Demo-scale rows: FID with its bootstrap std, KID (x10^3) with its std over subsets, the
+  sample count and the resize mode; the paper has no KID, so its KID cells are dashes."""
+  workdir = str(tmp_path)
+  rows = [result(150, "fid_train", 101.234, num_samples=500, std=2.345),
+          result(150, "fid_eval", 120.5, num_samples=500, std=3.0),
+          result(150, "kid_train", 0.0812, num_samples=500, std=0.0031),
+          result(150, "kid_eval", 0.0907, num_samples=500, std=0.0045)]
+  for r in rows:
+    r["resize_mode"] = "legacy_tensorflow"
+  write_run(workdir, "demo_shift32", [SHIFT32], rows)
+  cells = data_rows(build(workdir, "2"))[SHIFT32]
+  assert (cells["fid_train:ours"].text, cells["fid_train:ours"].std) == ("101.23", "2.35")
+  assert (cells["kid_train:ours"].text, cells["kid_train:ours"].std) == ("81.20", "3.10")
+  assert (cells["kid_eval:ours"].text, cells["kid_eval:ours"].std) == ("90.70", "4.50")
+  assert cells["kid_train:paper"].text is None and cells["samples"].text == "500"
+  assert cells["extractor"].text == f"{EXTRACTOR}, legacy_tensorflow"
+  md = render.render(["2"], workdir, "markdown")["table_2.md"]
+  assert "KID train (×1000) (ours)" in md and "101.23 ± 2.35" in md and "81.20 ± 3.10" in md
+  assert "FID over bootstrap resamples" in md
+  tex = render.render(["2"], workdir, "latex")["table_2.tex"]
+  assert r"101.23 $\pm$ 2.35" in tex and r"81.20 $\pm$ 3.10" in tex
+  parse_tabulars(tex)  # every row still fills the columns
