@@ -35,7 +35,6 @@ import importlib.util
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import urllib.request
 import warnings
