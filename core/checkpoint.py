@@ -51,6 +51,24 @@ for _name in ("absl", "asyncio"):
   logging.getLogger(_name).addFilter(_DropDiskErrors())
 
 
+def quiet_closed_loop_errors() -> None:
+  """Wraps ``sys.unraisablehook`` so that it drops one error: tensorstore's future callbacks that
+  find orbax's asyncio loop already closed, as after a failed save on a full disk (each would print
+  a bare traceback in front of the one ``error:`` line). Every other unraisable error goes on to
+  the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_closed_loops", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)):
+      previous(unraisable)
+
+  hook.quiets_closed_loops = True
+  sys.unraisablehook = hook
+
+
 def _why(e: BaseException) -> str:
   """The innermost error of a chain, on one short line."""
   while (e.__cause__ or e.__context__) is not None and (e.__cause__ or e.__context__) is not e:
@@ -63,6 +81,7 @@ class Checkpointer:
 
   def __init__(self, run_dir: str, *, max_to_keep: int | None = 3, async_save: bool = True,
                with_data: bool = True, use_ocdbt: bool = True):
+    quiet_closed_loop_errors()
     if not storage.is_remote(run_dir):
       run_dir = os.path.abspath(run_dir)  # orbax wants absolute paths
     self.directory = storage.join(run_dir, "checkpoints")
