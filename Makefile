@@ -34,7 +34,7 @@ demo: $(STAMP) $(DEMO_DATA)/meta.json
 
 test: $(STAMP)
 	bash scripts/setup_latex.sh
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 clean:
 	rm -rf runs out .pytest_cache
