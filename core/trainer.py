@@ -490,37 +490,3 @@ def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
 
   return sample
 
-
-def time_train_steps(model, logsnr_fn, cfg: TrainConfig, *, steps: int = 10, warmup: int = 2) -> dict[str, float]:
-  """Times the real training step on random data (Tables 4 and 5, core.benchmark).
-
-  Returns steps_per_sec, compile_s (first call) and the last loss.
-  """
-  mesh = shd.make_mesh()
-  shd.check_batch_size(mesh, cfg.batch_size)
-  num_classes = int(getattr(model, "num_classes", 0) or 0)
-  tx = make_optimizer(cfg)
-  _, state_sharding = abstract_state(model, tx, cfg, num_classes, mesh)
-  state = jax.jit(functools.partial(init_state, model, tx, cfg, num_classes=num_classes),
-                  out_shardings=state_sharding)(jax.random.key(0))
-  step_fn = jit_train_step(model, tx, logsnr_fn, cfg, num_classes, mesh, state_sharding)
-  rng = np.random.default_rng(0)
-  d, local = cfg.image_size, cfg.batch_size // jax.process_count()
-  batch = {"image": rng.integers(0, 256, (local, d, d, 3), dtype=np.uint8),
-           "label": rng.integers(0, max(num_classes, 1), (local,), dtype=np.int32)}
-  if getattr(model, "text_channels", 0):
-    batch["text_emb"] = rng.standard_normal((local, cfg.text_len, cfg.text_dim), dtype=np.float32)
-  batch = shd.global_batch(mesh, batch)
-  start = time.perf_counter()
-  state, m = step_fn(state, batch)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    state, m = step_fn(state, batch)
-  jax.block_until_ready(m)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, m = step_fn(state, batch)
-  jax.block_until_ready((state, m))
-  return {"steps_per_sec": steps / (time.perf_counter() - start), "compile_s": compile_s,
-          "loss": float(m["loss"])}
