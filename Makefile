@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 # Table 2's 128x128 group (three noise schedules), trained at 16x16 (gin/scales/demo.gin).
 DEMO_ROWS ?= 128x128/cosine (original at 128),128x128/cosine (shifted to 64),128x128/cosine (shifted to 32)
-# The 16x16 emoji set the demo trains on (core.datasets.default_data_dir(16)).
+# The 16x16 emoji set the demo trains on (core.data.prepare.default_data_dir(16)).
 DEMO_DATA ?= $(if $(SIMPLE_DIFFUSION_DATA),$(SIMPLE_DIFFUSION_DATA),$(CURDIR)/data)/emoji-16
 
 .PHONY: setup demo test clean gpu-check gpu-wheels

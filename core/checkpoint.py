@@ -28,7 +28,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from core import storage
+from core.io import storage
 from core.errors import UserError, first_line
 
 STATE, DATA = "state", "data"

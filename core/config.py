@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import collections.abc
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -20,11 +21,12 @@ import re
 import tokenize
 import types
 import typing
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import gin
 
-from core.errors import UserError
+from core import schedules
+from core.errors import UserError, first_line
 
 # Modules whose configurables gin files may name. Imported before parsing so every name resolves.
 CONFIGURABLE_MODULES = (
@@ -43,9 +45,30 @@ def register_configurables() -> None:
   for name in CONFIGURABLE_MODULES:
     importlib.import_module(name)
   if not _REGISTERED:
-    from core import schedules  # pylint: disable=import-outside-toplevel
     gin.external_configurable(schedules.schedule_range, "schedule_range", denylist=["schedule", "num"])
     _REGISTERED.append(True)
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[None]:
+  """A scope for parsing and querying a configuration that leaves no gin state behind (gin's
+  configuration is global): cleared on entry and on exit."""
+  register_configurables()
+  gin.clear_config()
+  try:
+    yield
+  finally:
+    gin.clear_config()
+
+
+def parse_text(text: str, what: str) -> None:
+  """Replaces gin's configuration with ``text`` (a run's config.gin); one-line error if broken."""
+  register_configurables()
+  gin.clear_config()
+  try:
+    gin.parse_config(text)
+  except (ValueError, SyntaxError) as e:
+    raise UserError(f"cannot parse {what}: {first_line(e)}") from None
 
 
 def resolve_gin_file(path: str) -> str:

@@ -16,6 +16,7 @@ import jax
 from core import cli
 from core import config as config_lib
 from core.errors import UserError, run_main
+from core import trainer
 
 # A run the hint can name: the paper's ImageNet 128 U-Net at demo scale (files under gin/).
 EXAMPLE_GIN_FILES = ("gin_file=models/unet_imagenet128.gin gin_file=train/unet_imagenet.gin "
@@ -44,7 +45,6 @@ def initialize_distributed(opts: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str]) -> int:
   opts, bindings = cli.parse(argv, OPTIONS, prog="core.train", description=__doc__.split("\n\n")[0])
-  from core import trainer  # pylint: disable=import-outside-toplevel
   if not opts["gin_file"]:
     raise UserError(f"give at least one gin_file=..., e.g. {EXAMPLE_GIN_FILES} (files under gin/; "
                     f"python -m experiments.run table=2 dry_run=true prints complete commands)")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import sys
@@ -42,12 +41,19 @@ import optax
 from jax.experimental import multihost_utils
 
 from core import checkpoint as ckpt_lib
-from core import hardware
 from core import config as config_lib
+from core import diffusion
+from core import hardware
+from core import metric_writer
+from core import progress as progress_lib
 from core import runlock
+from core import sampling
 from core import sharding as shd
-from core import storage
+from core.data import pipeline, prepare, records
 from core.errors import Preempted, UserError
+from core.io import rundir, storage
+from core.models import flops as flops_lib
+from core.models import validate as validate_model
 
 
 @gin.configurable("Train")
@@ -122,7 +128,6 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def forward_flops(model, cfg: TrainConfig) -> float:
   """Analytic forward FLOPs per image of ``model`` at the run's image size (and text length)."""
-  from core.models import flops as flops_lib  # pylint: disable=import-outside-toplevel
   text = getattr(model, "text_channels", 0) > 0
   return float(flops_lib.forward_flops(model, cfg.image_size, text_len=cfg.text_len if text else 0,
                                        text_dim=cfg.text_dim if text else 0))
@@ -155,7 +160,6 @@ def init_state(model, tx, cfg: TrainConfig, rng: jax.Array, num_classes: int) ->
 
 def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_classes: int):
   """One optimisation step; a non-finite loss or gradient leaves the state unchanged but counted."""
-  from core import diffusion  # pylint: disable=import-outside-toplevel
   step_rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
   loss_rng, drop_rng, cond_rng = jax.random.split(step_rng, 3)
   x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
@@ -218,67 +222,9 @@ def jit_train_step(model, tx, logsnr_fn, cfg: TrainConfig, num_classes: int, mes
 # Data
 
 
-class ShardedLoader:
-  """The global batch as ``num_shards`` fixed data shards; this process reads the ones it owns.
-
-  Because the shards (not the processes) define the data order, one process reading all shards
-  sees exactly the global batches that N processes see together. ``get_state``/``set_state`` cover
-  every owned shard, so grain's orbax handler stores them with each checkpoint.
-  """
-
-  def __init__(self, data_dir: str, cfg: TrainConfig, num_shards: int):
-    from core import input_pipeline  # pylint: disable=import-outside-toplevel
-    pc, pi = jax.process_count(), jax.process_index()
-    if num_shards % pc:
-      raise UserError(f"Train.num_data_shards={num_shards} must be a multiple of the number of processes ({pc})")
-    if cfg.batch_size % num_shards:
-      raise UserError(f"Train.batch_size={cfg.batch_size} must be divisible by Train.num_data_shards={num_shards}")
-    per = num_shards // pc
-    self.shard_ids = list(range(pi * per, (pi + 1) * per))
-    self._iters = [iter(input_pipeline.make_train_loader(
-        data_dir, global_batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
-        process_index=s, process_count=num_shards)) for s in self.shard_ids]
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    parts = [next(it) for it in self._iters]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-  def get_state(self) -> bytes:
-    """JSON bytes with every owned shard's grain state (grain's orbax handler stores bytes as text)."""
-    states = {}
-    for s, it in zip(self.shard_ids, self._iters):
-      st = it.get_state()
-      states[str(s)] = st.decode() if isinstance(st, bytes) else st
-    return json.dumps({"shards": states}).encode()
-
-  def set_state(self, state: bytes | str | dict[str, Any]) -> None:
-    if isinstance(state, (bytes, str)):
-      state = json.loads(state)
-    for s, it in zip(self.shard_ids, self._iters):
-      st = state["shards"][str(s)]
-      it.set_state(st.encode() if isinstance(st, str) else st)
-
-  def start_prefetch(self) -> None:
-    """Called by grain's checkpoint handler after a restore."""
-    for it in self._iters:
-      start = getattr(it, "start_prefetch", None)
-      if start:
-        start()
-
-  def close(self) -> None:
-    for it in self._iters:
-      close = getattr(it, "close", None)
-      if close:
-        close()
-
-
 def resolve_data_dir(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
-  from core import datasets, input_pipeline  # pylint: disable=import-outside-toplevel
-  data_dir = cfg.data_dir or datasets.default_data_dir(cfg.image_size)
-  meta = input_pipeline.read_meta(data_dir)
+  data_dir = cfg.data_dir or prepare.default_data_dir(cfg.image_size)
+  meta = records.read_meta(data_dir)
   if int(meta["resolution"]) != cfg.image_size:
     raise UserError(f"data in {data_dir} is {meta['resolution']}x{meta['resolution']} but "
                     f"Train.image_size={cfg.image_size}; prepare the data at res={cfg.image_size} "
@@ -373,9 +319,6 @@ def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_s
 
 def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int | None,
            preemption: _Preemption) -> dict[str, Any]:
-  from core import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-  from core import progress as progress_lib  # pylint: disable=import-outside-toplevel
-  from core.models import validate as validate_model  # pylint: disable=import-outside-toplevel
 
   is_chief = jax.process_index() == 0
   validate_model(model, cfg.image_size)
@@ -391,7 +334,9 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
   abstract, state_sharding = abstract_state(model, tx, cfg, num_classes, mesh)
   step_fn = jit_train_step(model, tx, logsnr_fn, cfg, num_classes, mesh, state_sharding)
 
-  loader = ShardedLoader(data_dir, cfg, cfg.num_data_shards or jax.process_count())
+  loader = pipeline.ShardedLoader(data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  num_shards=cfg.num_data_shards or jax.process_count(),
+                                  num_workers=cfg.num_workers)
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
                                        use_ocdbt=cfg.checkpoint_ocdbt)
   start, state = checkpointer.restore_latest(abstract, loader)
@@ -403,9 +348,9 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
     print(f"resumed from step {start} ({checkpointer.directory})", flush=True)
 
   # The operative config is known once the model and schedule have been built and called.
-  writer = metrics_lib.MetricWriter(workdir, start_step=start, is_chief=is_chief)
+  writer = metric_writer.MetricWriter(workdir, start_step=start, is_chief=is_chief)
   if is_chief:
-    storage.write_text(storage.join(workdir, "config.gin"), config_lib.operative_config())
+    storage.write_text(rundir.config_path(workdir), config_lib.operative_config())
     writer.write_text("config", config_lib.operative_config(), step=start, code=True)
 
   flops_per_image = 3.0 * forward_flops(model, cfg)
@@ -472,8 +417,6 @@ def _write_row(step: int, m: dict[str, jax.Array], writer, cfg: TrainConfig, ext
 
 def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
   """Sample grids from the EMA parameters for TensorBoard (fixed seed and labels)."""
-  from core import sampling  # pylint: disable=import-outside-toplevel
-  from core.metrics import image_grid  # pylint: disable=import-outside-toplevel
   n = cfg.num_sample_images
   labels = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
   shape = (n, cfg.image_size, cfg.image_size, 3)
@@ -486,7 +429,7 @@ def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
   def sample(params, step):
     x = run(params, jax.random.key(cfg.seed + 1))
     img = np.asarray(sampling.to_uint8(x))
-    return image_grid(img, ncols=int(np.ceil(np.sqrt(n))))
+    return metric_writer.image_grid(img, ncols=int(np.ceil(np.sqrt(n))))
 
   return sample
 

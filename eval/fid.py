@@ -33,6 +33,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from core.errors import UserError
+from core.io import storage
 
 
 def single_threaded_lapack(fn):
@@ -238,7 +239,6 @@ class RunningStats:
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **meta: str | int | float) -> None:
   """Writes ``mu``, ``sigma`` (and scalar metadata) to an .npz, atomically (local or gs://)."""
-  from core import storage  # pylint: disable=import-outside-toplevel
   buf = io.BytesIO()
   np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
            **{k: np.asarray(v) for k, v in meta.items()})
@@ -246,7 +246,6 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **meta: str | int |
 
 
 def _read_npz(path: str) -> np.lib.npyio.NpzFile:
-  from core import storage  # pylint: disable=import-outside-toplevel
   if not storage.exists(path) or storage.isdir(path):
     raise UserError(f"FID statistics file {path} not found; pass an existing .npz with mu and sigma "
                     "(e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")

@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import UserError
+from core.io import storage
 from core.progress import Progress
 
 CLEAN_FID_FILE = "inception-2015-12-05.pt"
@@ -113,8 +114,7 @@ def download_clean_fid_weights(dest: str | None = None, timeout: float = 60.0) -
 
 @functools.lru_cache(maxsize=8)
 def _sha1(path: str) -> str:
-  from core.storage import file_digest  # pylint: disable=import-outside-toplevel
-  return file_digest(path, "sha1").hex()
+  return storage.file_digest(path, "sha1").hex()
 
 
 def name_for_weights(path: str) -> str:

@@ -3,7 +3,7 @@
 The paper measures FID train against training-set statistics and FID eval against the evaluation
 split (ImageNet: the 50K validation images; our prepared splits are 'train' and 'eval', see
 core.data). The statistics of a split of ``data_dir`` are computed once with the given extractor,
-streaming the split in batches (core.input_pipeline.iter_split; ImageNet train does not fit in
+streaming the split in batches (core.data.pipeline.iter_split; ImageNet train does not fit in
 memory), with the features of up to 10K of its images (a uniform random subset) for KID and the
 square root of sigma, and cached at ``<data_dir>/fid_stats/<split>_<extractor>_<resize_mode>.npz``
 (local or gs://, written atomically): the file name carries the network and the resize, so statistics of
@@ -23,10 +23,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from core import storage
+from core.cli import Option, parse, parse_bool
+from core.data.pipeline import iter_split
 from core.errors import UserError, run_main
+from core.io import storage
 from eval.fid import (RunningStats, _read_npz, check_convention, feature_stats, load_stats,
                       load_stats_meta, psd_sqrt, remember_sqrt, save_stats)
+from eval.inception import RESIZE_MODES, FeatureExtractor
 from eval.metrics import validate_images
 
 PROVENANCE = ("extractor", "resize_mode", "num_images", "split")
@@ -51,8 +54,7 @@ def stats_cache_path(data_dir: str, split: str, extractor_name: str, resize_mode
 
 def read_split_batches(data_dir: str, split: str, limit: int | None = None,
                        batch_size: int = 500) -> Iterable[np.ndarray]:
-  """The split's images in file order, in batches (core.input_pipeline.iter_split)."""
-  from core.input_pipeline import iter_split  # pylint: disable=import-outside-toplevel
+  """The split's images in file order, in batches (core.data.pipeline.iter_split)."""
   for batch in iter_split(data_dir, split, batch_size=batch_size, limit=limit):
     yield batch["image"]
 
@@ -123,7 +125,7 @@ def reference_stats(data_dir: str, split: str, extractor, *, max_images: int | N
                                               np.float32)])
       kept[slots[slots >= 0]] = feats[slots >= 0]
       running.update(feats)
-  except FileNotFoundError as e:  # storage.NotFoundError and input_pipeline errors are UserErrors
+  except FileNotFoundError as e:  # storage.NotFoundError and core.data errors are UserErrors
     raise UserError(f"no data for split '{split}' of {data_dir} ({e}); prepare the data set with "
                     "python -m core.data prepare, or pass a reference .npz with mu and sigma") from None
   if running.count < 2:
@@ -223,8 +225,6 @@ def describe(data_dir: str | None, split: str, extractor, *, reference: str | No
 
 def main(argv: Sequence[str]) -> int:
   """Precomputes and caches the FID reference statistics of one split of a prepared data set."""
-  from core.cli import Option, parse, parse_bool  # pylint: disable=import-outside-toplevel
-  from eval.inception import RESIZE_MODES, FeatureExtractor  # pylint: disable=import-outside-toplevel
   options = [
       Option("data_dir", None, "prepared data set (python -m core.data prepare), local or gs://"),
       Option("split", "train", "split to summarise: train (FID train) or eval (FID eval)"),

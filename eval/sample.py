@@ -18,11 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.experimental import multihost_utils
+
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
+from core import sampling
 from core import sharding as shd
-from core import storage
+from core import trainer as train_lib
 from core.errors import UserError
+from core.io import rundir
+from core.progress import Progress
 
 
 @dataclasses.dataclass
@@ -37,16 +42,8 @@ class LoadedRun:
 
 def load_run(run_dir: str) -> LoadedRun:
   """Rebuilds model and schedule from ``<run_dir>/config.gin``."""
-  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
-  path = storage.join(run_dir, "config.gin")
-  if not storage.exists(path):
-    raise UserError(f"{path} does not exist: is {run_dir} a run directory written by core.train?")
-  config_lib.register_configurables()
-  gin.clear_config()
-  try:
-    gin.parse_config(storage.read_text(path))
-  except (ValueError, SyntaxError) as e:
-    raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+  # The run's configuration stays bound: the sampler's own gin settings come from it too.
+  config_lib.parse_text(rundir.read_config(run_dir), rundir.config_path(run_dir))
   model = gin.query_parameter("train.model").scoped_configurable_fn()
   logsnr_fn = gin.query_parameter("train.logsnr_fn").scoped_configurable_fn()
   cfg = train_lib.TrainConfig()
@@ -55,7 +52,6 @@ def load_run(run_dir: str) -> LoadedRun:
 
 def restore_ema_params(run: LoadedRun, step: int, mesh=None) -> Any:
   """The EMA parameters of checkpoint ``step`` (sharded like in training)."""
-  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
   mesh = mesh or shd.make_mesh()
   abstract, _ = train_lib.abstract_state(run.model, train_lib.make_optimizer(run.cfg), run.cfg, run.num_classes, mesh)
   checkpointer = ckpt_lib.Checkpointer(run.run_dir, with_data=False, async_save=False)
@@ -70,7 +66,6 @@ def restore_ema_params(run: LoadedRun, step: int, mesh=None) -> Any:
 def make_batch_sampler(run: LoadedRun, *, batch_size: int, num_steps: int, noise_param: float,
                        guidance: float, mesh) -> Callable[[Any, int, int], jax.Array]:
   """A jitted ``(params, seed, batch_index) -> uint8 [batch, H, W, 3]`` sampler."""
-  from core import sampling  # pylint: disable=import-outside-toplevel
   d = run.cfg.image_size
   shape = (batch_size, d, d, 3)
   nc = run.num_classes
@@ -98,8 +93,6 @@ def sample_images(run: LoadedRun, params: Any, *, num_samples: int, batch_size: 
                   noise_param: float = 0.2, guidance: float = 1.0, seed: int = 0, mesh=None,
                   cache_dir: str | None = None, progress: bool = True) -> np.ndarray:
   """``num_samples`` uint8 images; with ``cache_dir``, finished batches survive a restart."""
-  from core.progress import Progress  # pylint: disable=import-outside-toplevel
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   mesh = mesh or shd.make_mesh()
   if batch_size % mesh.devices.size:
     raise UserError(f"sampling batch_size={batch_size} must be divisible by the number of devices "

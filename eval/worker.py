@@ -18,6 +18,7 @@ line (killed mid-append) is dropped before the next append.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -25,61 +26,22 @@ import sys
 import time
 from typing import Any, Sequence
 
+import jax
+import numpy as np
+from PIL import Image
+
+from core import checkpoint as ckpt_lib
 from core import cli
-from core import storage
+from core import trainer
 from core.errors import UserError, run_main
+from core.io import jsonl, rundir, storage
+from core.metric_writer import MetricWriter, image_grid
+from eval import inception, metrics, reference, sample
 from eval.inception import RESIZE_MODES
-
-def results_path(run_dir: str) -> str:
-  return storage.join(run_dir, "eval", "results.jsonl")
-
-
-def _lines(run_dir: str) -> tuple[list[str], bool]:
-  """The complete lines of results.jsonl (decoded) and whether a torn last line follows them.
-
-  A line that is not UTF-8 is a one-line error naming it (the file is left as it is): only the
-  last line, without its newline, can be torn by a kill mid-append, and that one is ignored.
-  """
-  path = results_path(run_dir)
-  if not storage.exists(path):
-    return [], False
-  data = storage.read_bytes(path)
-  pieces = data.split(b"\n")
-  torn = pieces.pop() != b""  # text after the last newline: an unfinished append
-  lines = []
-  for i, raw in enumerate(pieces, 1):
-    try:
-      lines.append(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-      raise UserError(f"{path} line {i} is not valid UTF-8 (byte {raw[e.start]:#04x} at column "
-                      f"{e.start + 1}); repair or delete that line, the other rows are kept") from None
-  return lines, torn
-
 
 def read_results(run_dir: str) -> list[dict[str, Any]]:
   """Every complete result row (a torn final line is ignored)."""
-  rows = []
-  for line in _lines(run_dir)[0]:
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      continue
-  return rows
-
-
-def _repair(run_dir: str) -> None:
-  """Drops a torn last line left by a kill during an append."""
-  lines, torn = _lines(run_dir)
-  if torn:
-    storage.write_text(results_path(run_dir), "".join(l + "\n" for l in lines if _parses(l)))
-
-
-def _parses(line: str) -> bool:
-  try:
-    json.loads(line)
-    return True
-  except json.JSONDecodeError:
-    return False
+  return jsonl.read(rundir.results_path(run_dir))
 
 
 # Every field of a row that changes its number; a row is reused only if all of them are equal.
@@ -117,7 +79,6 @@ class Evaluator:
                ref_eval: str | None = None, ref_convention: str | None = None,
                max_reference_images: int | None = None, save_samples: str = "grid",
                bootstrap: int = 20, inception_batch_size: int = 50):
-    from eval import inception  # pylint: disable=import-outside-toplevel
     for name, value, least in (("batch_size", batch_size, 1), ("num_samples", num_samples, 2),
                                ("sampler_steps", sampler_steps, 1), ("bootstrap", bootstrap, 0)):
       if value < least:
@@ -140,8 +101,6 @@ class Evaluator:
 
   def _load_run(self):
     if self._run is None:
-      from core import trainer  # pylint: disable=import-outside-toplevel
-      from eval import sample  # pylint: disable=import-outside-toplevel
       self._run = sample.load_run(self.run_dir)
       if not all(self._refs_given.values()):
         self._data_dir, _ = trainer.resolve_data_dir(self._run.cfg)
@@ -150,7 +109,6 @@ class Evaluator:
   def _descriptions(self) -> dict[str, tuple[str, bool]]:
     """Per split: (the reference recorded in rows, whether it gives KID), without computing it."""
     if self._described is None:
-      from eval import reference  # pylint: disable=import-outside-toplevel
       self._load_run()
       self._described = {}
       for split, given in self._refs_given.items():
@@ -162,7 +120,6 @@ class Evaluator:
   def _references(self):
     """{split: eval.reference.Reference}; computed (and cached next to the data) on first use."""
     if self._refs is None:
-      from eval import reference  # pylint: disable=import-outside-toplevel
       self._load_run()
       self._refs = {}
       for split, given in self._refs_given.items():
@@ -196,10 +153,6 @@ class Evaluator:
   def _save(self, step: int, w: float, images) -> str | None:
     """A sample grid for figures (eval/samples_<step>[_w<w>].png), and optionally every sample;
     returns the saved npz's path relative to the run directory (None when not saved)."""
-    import io  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-    from core.metrics import image_grid  # pylint: disable=import-outside-toplevel
     if self.save_samples == "none":
       return None
 
@@ -231,13 +184,11 @@ class Evaluator:
 
   def evaluate(self, step: int, writer=None) -> list[dict[str, Any]]:
     """Evaluates checkpoint ``step`` at each guidance scale; appends and returns the new rows."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from eval import metrics, sample  # pylint: disable=import-outside-toplevel
-    _repair(self.run_dir)
+    jsonl.repair(rundir.results_path(self.run_dir))
     todo = self.missing(step)
     if not todo:
       _log(f"nothing to evaluate: step {step} has every result for these settings in "
-           f"{results_path(self.run_dir)}")
+           f"{rundir.results_path(self.run_dir)}")
       return []
     refs = self._references()
     if not self.extractor.has_logits:
@@ -277,7 +228,7 @@ class Evaluator:
                      "bootstrap": self.bootstrap if m.startswith("fid") else None,
                      "samples": saved, "time": time.time()})
       # One append per guidance scale: a kill leaves either all of these rows or a torn line.
-      storage.append_lines(results_path(self.run_dir), [json.dumps(r) for r in rows])
+      jsonl.append(rundir.results_path(self.run_dir), rows)
       for r in rows:
         spread = "" if r["std"] is None else f" ± {r['std']:.4g}"
         _log(f"step {step} w={w:g}: {r['metric']} = {r['value']:.4g}{spread} (n={r['num_samples']})")
@@ -332,13 +283,10 @@ def main(argv: Sequence[str]) -> int:
   run_dir = opts["workdir"]
   if not run_dir:
     raise UserError("give workdir=<run directory>")
-  if not storage.exists(storage.join(run_dir, "config.gin")):
+  if not rundir.is_run(run_dir):
     raise UserError(f"{run_dir} is not a run directory (no config.gin); start training with core.train first")
   if opts["distributed"]:
-    import jax  # pylint: disable=import-outside-toplevel
     jax.distributed.initialize()
-  from core import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from core.metrics import MetricWriter  # pylint: disable=import-outside-toplevel
   evaluator = Evaluator(run_dir, guidances=opts["guidance"], num_samples=opts["num_samples"],
                         batch_size=opts["batch_size"], sampler_steps=opts["sampler_steps"],
                         noise_param=opts["noise_param"], seed=opts["seed"], extractor_source=opts["extractor"],

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from typing import Any, Sequence
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 
@@ -32,10 +30,10 @@ from core import benchmark
 from core import config as config_lib
 from core import hardware
 from core import sharding as shd
-from core import storage
 from core import trainer as train_lib
 from core.errors import UserError
-from core.models import make_model
+from core.io import jsonl, rundir, storage
+from experiments import jobs, launchers, registry
 
 # Without a measurement, cost is estimated at this utilisation of the accelerator's dense bf16 peak.
 ASSUMED_MFU = 0.4
@@ -78,30 +76,14 @@ def target(opts: dict[str, Any], arch: str, default_tpu: dict[str, str]) -> Targ
   return Target(acc, f"{devices}x {acc.name}", devices, devices, False)
 
 
-def build(train_args: Sequence[str]):
-  """Parses a job's ``python -m core.train`` arguments; returns (model, TrainConfig, logsnr_fn)."""
-  files = [a.split("=", 1)[1] for a in train_args if a.startswith("gin_file=")]
-  binds = [a for a in train_args if not a.startswith(("gin_file=", "workdir="))]
-  config_lib.parse(files, binds)
-  model = make_model()
-  logsnr_fn = gin.query_parameter("train.logsnr_fn").scoped_configurable_fn()
-  return model, train_lib.TrainConfig(), logsnr_fn
-
-
 def _measured_img_per_sec(job, workdir: str) -> float | None:
-  path = storage.join(workdir, "throughput.jsonl")
   try:
-    if not storage.exists(path):
-      return None
+    rows = jsonl.read(rundir.throughput_path(workdir))
   except UserError:  # e.g. gs:// without credentials here: plan without the measurement
     return None
   keys = {(e.table, e.group, e.row) for e in job.entries}
   best = None
-  for line in storage.read_text(path).splitlines():
-    try:
-      r = json.loads(line)
-    except json.JSONDecodeError:
-      continue
+  for r in rows:
     if (str(r.get("table")), r.get("group"), r.get("row")) in keys:
       best = r.get("img_per_sec")
   return best
@@ -159,7 +141,7 @@ def memory(model, cfg, devices: int) -> dict[str, Any]:
 def describe(job, scale: str, workdir: str, train_args: Sequence[str], tgt: Target, *,
              sampler_steps: int, num_samples: int) -> dict[str, Any]:
   """Rows, run name, resolution, parameters, FLOPs, bytes per device, fit, training and eval cost."""
-  model, cfg, _ = build(train_args)
+  model, cfg, _ = jobs.build(train_args)
   fwd = train_lib.forward_flops(model, cfg)
   mem = memory(model, cfg, tgt.devices)
   limit = int(tgt.accelerator.memory_per_device * USABLE_MEMORY)
@@ -189,10 +171,27 @@ def describe(job, scale: str, workdir: str, train_args: Sequence[str], tgt: Targ
 
 def aot(train_args: Sequence[str], batch_per_device: int = 1) -> dict[str, Any]:
   """Compiles the job's sharded training step over all (faked) devices at ``batch_per_device``."""
-  model, cfg, logsnr_fn = build(train_args)
+  model, cfg, logsnr_fn = jobs.build(train_args)
   mesh = shd.make_mesh(fsdp=-1)
   cfg = dataclasses.replace(cfg, batch_size=batch_per_device * mesh.devices.size)
   return benchmark.aot_memory(model, logsnr_fn, cfg, mesh)
+
+
+def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
+  """:func:`describe` of each job on the accelerator its launcher would use."""
+  out = []
+  for job in job_list:
+    run_dir = storage.join(workdir, job.name)
+    args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
+    if opts["launcher"] in ("tpu", "slurm"):
+      args = [*args, launchers.SHARD_ALL]
+    n = int(dict(a.split("=", 1) for a in jobs.eval_args(job, scale, run_dir, opts))["num_samples"])
+    tgt = target(opts, job.arch, launchers.DEFAULT_TPU)
+    p = describe(job, scale, workdir, args, tgt, sampler_steps=jobs.sampler_steps(job, scale), num_samples=n)
+    if opts["aot"]:
+      p["aot"] = aot(args)
+    out.append(p)
+  return out
 
 
 def check_fits(planned: list[dict[str, Any]]) -> None:

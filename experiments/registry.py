@@ -28,6 +28,11 @@ import os
 import re
 from typing import Iterable, Sequence
 
+import gin
+
+from core import config as config_lib
+from core.errors import UserError
+
 GIN_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 PAPER_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_tables.csv")
 
@@ -221,12 +226,9 @@ TABLES: tuple[str, ...] = tuple(dict.fromkeys(e.table for e in ENTRIES))
 
 def config_key(gin_files: Sequence[str], bindings: Sequence[str]) -> str:
   """The resolved configuration (gin's view of every bound value), to recognise identical runs."""
-  import gin  # pylint: disable=import-outside-toplevel
-  from core import config as config_lib  # pylint: disable=import-outside-toplevel
-  config_lib.parse(list(gin_files), list(bindings))
-  text = gin.config_str()
-  gin.clear_config()
-  return text
+  with config_lib.scratch():
+    config_lib.parse(list(gin_files), list(bindings))
+    return gin.config_str()
 
 
 def _slug(s: str) -> str:
@@ -271,7 +273,6 @@ def paper_rows(table: str) -> list[dict[str, str]]:
 
 def select(table: str, rows: Sequence[str] | None = None) -> list[Entry]:
   """Entries of ``table`` (optionally only the named rows), with helpful errors."""
-  from core.errors import UserError  # pylint: disable=import-outside-toplevel
   if table not in TABLES:
     raise UserError(f"unknown table {table!r}; valid tables: {', '.join(TABLES)}")
   chosen = [e for e in ENTRIES if e.table == table]

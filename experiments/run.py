@@ -26,25 +26,13 @@ from typing import Any, Sequence
 import jax
 
 from core import cli
-from core import storage
+from core import train as train_cli
 from core.errors import Preempted, UserError, run_main
+from core.io import storage
+from eval import worker
 from eval.inception import RESIZE_MODES
-
-from experiments import launchers, registry, scales, throughput
+from experiments import jobs, launchers, registry, scales, throughput
 from experiments import plan as plan_lib
-
-# Evaluation size per scale (the paper: 50K samples, 256 sampler steps is our default). Demo rows
-# keep their 500 samples as an npz and compare them with whole splits (FID with a bootstrap spread,
-# and KID); smoke compares 16 samples with a prefix of each split. All scales resize the paper's
-# way (legacy_tensorflow) unless resize= says otherwise.
-EVAL = {
-    "paper": {"num_samples": None, "sampler_steps": None, "batch_size": 256, "max_reference_images": None,
-              "save_samples": "grid"},
-    "demo": {"num_samples": 500, "sampler_steps": 64, "batch_size": 100, "max_reference_images": None,
-             "save_samples": "npz"},
-    "smoke": {"num_samples": 16, "sampler_steps": 4, "batch_size": 8, "max_reference_images": 32,
-              "save_samples": "npz"},
-}
 
 OPTIONS = [
     cli.Option("table", None, f"which table: {', '.join(registry.TABLES)}"),
@@ -87,101 +75,28 @@ OPTIONS = [
 ]
 
 
-def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) -> list[str]:
-  """The exact ``python -m core.train`` arguments for a job at a scale."""
-  args = [f"gin_file={f}" for f in job.gin_files]
-  binds = list(job.bindings) + scales.scale_bindings(job.gin_files, job.bindings, job.arch, job.resolution, scale)
-  if data_dir:
-    binds.append(f"Train.data_dir = '{data_dir.replace('{res}', str(job.resolution))}'")
-  args += [b.replace(" ", "") for b in binds]
-  args.append(f"workdir={run_dir}")
-  return args
-
-
-def sampler_steps(job: registry.Job, scale: str) -> int:
-  """The row's sampler steps at paper scale (a registry choice), the scale's own below it."""
-  return EVAL[scale]["sampler_steps"] or job.sampler_steps
-
-
-def eval_args(job: registry.Job, scale: str, run_dir: str, opts: dict[str, Any]) -> list[str]:
-  ev = EVAL[scale]
-  n = opts["num_samples"] or ev["num_samples"] or job.num_samples
-  return [f"workdir={run_dir}", f"num_samples={n}", "guidance=" + ",".join(f"{w:g}" for w in job.guidances),
-          f"batch_size={ev['batch_size']}", f"sampler_steps={sampler_steps(job, scale)}",
-          f"noise_param={job.noise_param}", f"extractor={opts['extractor']}",
-          f"resize={opts.get('resize') or 'legacy_tensorflow'}", f"save_samples={ev['save_samples']}",
-          "once=true"] + (
-              [f"max_reference_images={ev['max_reference_images']}"] if ev["max_reference_images"] else [])
-
-
-def write_job_json(job: registry.Job, scale: str, run_dir: str, args: list[str]) -> None:
-  """Records which table rows the run serves (merged with rows recorded by earlier invocations)."""
-  path = storage.join(run_dir, "job.json")
-  rows = job.rows_json()
-  if storage.exists(path):
-    old = json.loads(storage.read_text(path))
-    rows = old.get("rows", []) + [r for r in rows if r not in old.get("rows", [])]
-  storage.makedirs(run_dir)
-  storage.write_text(path, json.dumps({
-      "run_name": job.name, "scale": scale, "arch": job.arch, "resolution": job.resolution,
-      "gin_files": list(job.gin_files), "bindings": list(job.bindings), "train_args": args, "rows": rows,
-  }, indent=1))
-
-
-def is_trained(run_dir: str) -> bool:
-  from core import trainer as train_lib  # pylint: disable=import-outside-toplevel
-  if not storage.exists(storage.join(run_dir, "config.gin")):
-    return False
-  last = _latest_step(run_dir)
-  return last is not None and last >= _configured_steps(run_dir, train_lib)
-
-
-def _latest_step(run_dir: str) -> int | None:
-  from core import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  if not storage.exists(storage.join(run_dir, "checkpoints")):
-    return None
-  c = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
-  try:
-    return c.latest_step()
-  finally:
-    c.close()
-
-
-def _configured_steps(run_dir: str, train_lib) -> int:
-  import gin  # pylint: disable=import-outside-toplevel
-  from core import config as config_lib  # pylint: disable=import-outside-toplevel
-  config_lib.register_configurables()
-  gin.clear_config()
-  gin.parse_config(storage.read_text(storage.join(run_dir, "config.gin")))
-  steps = train_lib.TrainConfig().num_steps
-  gin.clear_config()
-  return steps
-
-
 def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any]) -> None:
-  from core import train as train_cli  # pylint: disable=import-outside-toplevel
-  from eval import worker  # pylint: disable=import-outside-toplevel
   run_dir = storage.join(workdir, job.name)
-  args = job_args(job, scale, run_dir, opts["data_dir"])
-  e_args = eval_args(job, scale, run_dir, opts)
+  args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
+  e_args = jobs.eval_args(job, scale, run_dir, opts)
   if opts["dry_run"]:
     print("python -m core.train " + " ".join(_quote(a) for a in args))
     if opts["eval"]:
       print("python -m eval.worker " + " ".join(e_args))
     return
   try:
-    write_job_json(job, scale, run_dir, args)
+    jobs.write_job_json(job, scale, run_dir, args)
   except OSError as e:
     raise UserError(f"cannot write to {run_dir} ({e.strerror or e}); choose a writable "
                     f"workdir=") from None
   rows = ", ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)
-  if is_trained(run_dir):
+  if jobs.is_trained(run_dir):
     print(f"[{job.name}] trained already ({rows})", flush=True)
   else:
     print(f"[{job.name}] training ({rows})", flush=True)
     train_cli.main(args)  # raises Preempted on SIGTERM: nothing below runs
-    if not is_trained(run_dir):  # only a finished run's final step is a row's result
-      raise UserError(f"[{job.name}] stopped at step {_latest_step(run_dir)} before its last step; "
+    if not jobs.is_trained(run_dir):  # only a finished run's final step is a row's result
+      raise UserError(f"[{job.name}] stopped at step {jobs.latest_step(run_dir)} before its last step; "
                       f"rerun the same command to resume it")
   if opts["eval"]:  # the worker evaluates only what these settings have not evaluated yet
     print(f"[{job.name}] evaluating", flush=True)
@@ -199,7 +114,7 @@ def check_device(scale: str, launcher: str, job_list: list[registry.Job], workdi
                  opts: dict[str, Any]) -> None:
   """Refuses paper scale on a machine without accelerators, saying what it would cost."""
   if scale == "paper" and launcher == "local" and jax.default_backend() == "cpu":
-    planned = plan_jobs(job_list, scale, workdir, opts)
+    planned = plan_lib.plan_jobs(job_list, scale, workdir, opts)
     total = sum(p["estimated_hours"] or 0 for p in planned)
     raise UserError(
         f"scale=paper needs accelerators: these {len(planned)} job(s) cost about {total:,.0f} accelerator-hours "
@@ -227,23 +142,6 @@ def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument
   raise Preempted("SIGTERM: stopped; rerun the same command to resume")
 
 
-def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
-  """experiments.plan.describe of each job on the accelerator its launcher would use."""
-  out = []
-  for job in job_list:
-    run_dir = storage.join(workdir, job.name)
-    args = job_args(job, scale, run_dir, opts["data_dir"])
-    if opts["launcher"] in ("tpu", "slurm"):
-      args = [*args, launchers.SHARD_ALL]
-    n = int(dict(a.split("=", 1) for a in eval_args(job, scale, run_dir, opts))["num_samples"])
-    tgt = plan_lib.target(opts, job.arch, launchers.DEFAULT_TPU)
-    p = plan_lib.describe(job, scale, workdir, args, tgt, sampler_steps=sampler_steps(job, scale), num_samples=n)
-    if opts["aot"]:
-      p["aot"] = plan_lib.aot(args)
-    out.append(p)
-  return out
-
-
 def main(argv: Sequence[str]) -> int:
   opts, bindings = cli.parse(argv, OPTIONS, prog="experiments.run", description=__doc__.split("\n\n")[0])
   if bindings:
@@ -261,11 +159,11 @@ def main(argv: Sequence[str]) -> int:
   if opts["mode"] == "plan":
     if opts["aot"]:  # before JAX starts its CPU backend
       jax.config.update("jax_num_cpu_devices", opts["aot_devices"])
-    planned = plan_jobs(job_list, scale, workdir, opts)
+    planned = plan_lib.plan_jobs(job_list, scale, workdir, opts)
     print(json.dumps(planned, indent=1) if opts["format"] == "json" else plan_lib.format_text(planned))
     return 0
   if opts["mode"] == "throughput":
-    throughput.measure(entries, scale, workdir, [job_args(j, scale, "unused", None) for j in job_list],
+    throughput.measure(entries, scale, workdir, [jobs.job_args(j, scale, "unused", None) for j in job_list],
                        batch_size=opts["throughput_batch"], steps=opts["throughput_steps"])
     return 0
   check_device(scale, opts["launcher"], job_list, workdir, opts)  # first: it says what jobs cost
@@ -281,11 +179,12 @@ def main(argv: Sequence[str]) -> int:
 def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str,
               opts: dict[str, Any]) -> int:
   if opts["launcher"] in ("tpu", "slurm"):
-    plan_lib.check_fits(plan_jobs(job_list, scale, workdir, opts))  # refuse before launching any
+    plan_lib.check_fits(plan_lib.plan_jobs(job_list, scale, workdir, opts))  # refuse before launching any
     scripts = {}
     for job in job_list:
       run_dir = storage.join(workdir, job.name)
-      t_args, e_args = job_args(job, scale, run_dir, opts["data_dir"]), eval_args(job, scale, run_dir, opts)
+      t_args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
+      e_args = jobs.eval_args(job, scale, run_dir, opts)
       if opts["launcher"] == "tpu":
         launchers.execute(launchers.tpu_commands(job, t_args, e_args, opts), dry_run=opts["dry_run"])
       else:

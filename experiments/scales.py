@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 
-import gin
-
 from core import config as config_lib
 from experiments import registry
 
@@ -82,6 +80,11 @@ def scale_bindings(gin_files, bindings, arch: str, resolution: int, scale: str) 
   """
   if scale == "paper":
     return []
+  with config_lib.scratch():
+    return _scaled(gin_files, bindings, arch, resolution, scale)
+
+
+def _scaled(gin_files, bindings, arch: str, resolution: int, scale: str) -> list[str]:
   f = FACTOR[scale]
   layer = layer_bindings(scale)
   config_lib.parse(list(gin_files), list(bindings) + layer)
@@ -115,5 +118,4 @@ def scale_bindings(gin_files, bindings, arch: str, resolution: int, scale: str) 
   if fraction != 1.0:
     steps = int(_q("Train.num_steps"))   # the scale layer's steps (it comes after the row's)
     out.append(f"Train.num_steps = {max(1, round(steps * fraction))}")
-  gin.clear_config()
   return out

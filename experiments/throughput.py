@@ -10,16 +10,15 @@ Results are appended to ``<workdir>/throughput.jsonl``, where ``tables.render`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Sequence
 
 import jax
 
 from core import benchmark
-from core import storage
 from core.errors import UserError
-from experiments import plan, registry
+from core.io import jsonl, rundir, storage
+from experiments import jobs, registry
 
 
 def measure(entries, scale: str, workdir: str, job_train_args: Sequence[Sequence[str]], *,
@@ -34,7 +33,7 @@ def measure(entries, scale: str, workdir: str, job_train_args: Sequence[Sequence
   for job, args in zip(registry.jobs(entries), job_train_args):
     if not any(e.throughput for e in job.entries):
       continue
-    model, cfg, logsnr_fn = plan.build(args)
+    model, cfg, logsnr_fn = jobs.build(args)
     if batch_size:
       cfg = dataclasses.replace(cfg, batch_size=batch_size)
     res = benchmark.train_benchmark(model, logsnr_fn, cfg, steps=steps, warmup=warmup)
@@ -50,5 +49,5 @@ def measure(entries, scale: str, workdir: str, job_train_args: Sequence[Sequence
       print(f"T{e.table} {e.row}: {sps:.3f} steps/s ({row['img_per_sec']:.1f} img/s, batch {cfg.batch_size}, "
             f"{row['device']})", flush=True)
   storage.makedirs(workdir)
-  storage.append_lines(storage.join(workdir, "throughput.jsonl"), [json.dumps(r) for r in rows])
+  jsonl.append(rundir.throughput_path(workdir), rows)
   return rows

@@ -32,8 +32,10 @@ import numpy as np  # pylint: disable=wrong-import-position
 import pandas as pd  # pylint: disable=wrong-import-position
 
 from core import cli  # pylint: disable=wrong-import-position
+from core import schedules as sched  # pylint: disable=wrong-import-position
 from core.errors import UserError, run_main  # pylint: disable=wrong-import-position
-from tables import files, measured, ordering, paper, runs  # pylint: disable=wrong-import-position
+from core.io import storage  # pylint: disable=wrong-import-position
+from tables import measured, ordering, paper, runs  # pylint: disable=wrong-import-position
 
 FIGURES = ("schedules", "guidance", "curves", "samples")
 DPI = 100
@@ -44,7 +46,7 @@ def _save(fig, path: str) -> str:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=DPI)
   plt.close(fig)
-  files.write_bytes(path, buf.getvalue())
+  storage.write_bytes(path, buf.getvalue())
   return path
 
 
@@ -52,7 +54,6 @@ def schedules(path: str, image_d: int = 512, noise_ds: Sequence[float] = (64, 32
               interpolate: tuple[float, float] = (32, 256)) -> str:
   """Figure 5: cosine, shifted and interpolated log SNR(t) for ``image_d`` x ``image_d`` images."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from core import schedules as sched  # pylint: disable=g-import-not-at-top
   t = jnp.linspace(0.0, 1.0, 501)
   fig, ax = plt.subplots(figsize=(8, 5))
   ax.plot(t, np.asarray(sched.logsnr_cosine(t)), label="cosine", color="k")
@@ -161,21 +162,21 @@ def tile(images: np.ndarray, max_images: int = 64) -> np.ndarray:
 def latest_samples(run_path: str) -> tuple[int, np.ndarray] | None:
   """(step, grid image) of a run's latest eval/samples_<step>.{png,npz}; a PNG wins a tie."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  eval_dir = files.join(run_path, "eval")
+  eval_dir = storage.join(run_path, "eval")
   found = [(int(m.group(1)), m.group(2) == "png", name)
-           for name in files.listdir(eval_dir) if (m := _SAMPLES_RE.match(name))]
+           for name in storage.listdir(eval_dir, missing_ok=True) if (m := _SAMPLES_RE.match(name))]
   for step, is_png, name in sorted(found, reverse=True):
-    data = files.read_bytes(files.join(eval_dir, name))
+    data = storage.read_bytes(storage.join(eval_dir, name))
     if is_png:
       return step, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     with np.load(io.BytesIO(data)) as z:
       if "images" not in z:
-        print(f"warning: {files.join(eval_dir, name)} has no 'images' array; skipped",
+        print(f"warning: {storage.join(eval_dir, name)} has no 'images' array; skipped",
               file=sys.stderr)
         continue
       images = z["images"]
     if images.dtype != np.uint8:
-      print(f"warning: {files.join(eval_dir, name)} images are {images.dtype}, not uint8; skipped",
+      print(f"warning: {storage.join(eval_dir, name)} images are {images.dtype}, not uint8; skipped",
             file=sys.stderr)
       continue
     return step, tile(images)
@@ -230,19 +231,19 @@ def samples(recorded: runs.Runs, table: str, path: str) -> str | None:
 def draw_all(workdir: str | None, out: str, tables: Sequence[str],
              which: Sequence[str] = FIGURES) -> list[str]:
   """Draws the chosen figures into ``out``; returns the paths written."""
-  files.makedirs(out)
+  storage.makedirs(out)
   written = []
   if "schedules" in which:
-    written.append(schedules(files.join(out, "schedules.png")))
+    written.append(schedules(storage.join(out, "schedules.png")))
   recorded = runs.load(workdir)
   if "guidance" in which and "9" in tables:
     frame = measured.measure(recorded, paper.load_paper())
-    written.append(guidance(frame, files.join(out, "guidance.png")))
+    written.append(guidance(frame, storage.join(out, "guidance.png")))
   for t in tables:
     if "curves" in which:
-      written.append(curves(recorded, t, files.join(out, f"curves_table_{t}.png")))
+      written.append(curves(recorded, t, storage.join(out, f"curves_table_{t}.png")))
     if "samples" in which:
-      written.append(samples(recorded, t, files.join(out, f"samples_table_{t}.png")))
+      written.append(samples(recorded, t, storage.join(out, f"samples_table_{t}.png")))
   return [p for p in written if p]
 
 
@@ -260,7 +261,7 @@ def main(argv: Sequence[str]) -> int:
   if bindings:
     raise UserError(f"tables.figures takes no gin bindings; got {' '.join(bindings)}")
   workdir = opts["workdir"]
-  if workdir and not files.isdir(workdir):
+  if workdir and not storage.isdir(workdir):
     raise UserError(f"workdir={workdir} is not a directory; pass the directory holding the run "
                     "directories, or leave workdir unset")
   tables = list(paper.TABLES) if opts["table"] == "all" else [opts["table"]]

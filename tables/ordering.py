@@ -19,7 +19,8 @@ import pandas as pd
 
 from core import cli
 from core.errors import UserError, run_main
-from tables import files, paper, runs
+from core.io import storage
+from tables import paper, runs
 
 METRICS = ("fid_train", "fid_eval", "kid_train", "kid_eval")
 
@@ -112,7 +113,7 @@ def main(argv: Sequence[str]) -> int:
   if bindings:
     raise UserError(f"tables.ordering takes no gin bindings; got {' '.join(bindings)}")
   workdir = opts["workdir"]
-  if not workdir or not files.isdir(workdir):
+  if not workdir or not storage.isdir(workdir):
     raise UserError(f"workdir={workdir} is not a directory; pass the directory holding the run "
                     "directories (e.g. workdir=runs/demo)")
   found = sentences(runs.load(workdir), opts["table"])

@@ -20,7 +20,8 @@ from typing import Sequence
 
 from core import cli
 from core.errors import UserError, run_main
-from tables import files, latex, layout, markdown, measured, paper, runs
+from core.io import storage
+from tables import figures, latex, layout, markdown, measured, paper, runs
 
 OPTIONS = [
     cli.Option("table", "all",
@@ -94,7 +95,7 @@ def main(argv: Sequence[str]) -> int:
     raise UserError(f"tables.render takes no gin bindings; got {' '.join(bindings)}")
   tables = select_tables(opts["table"])
   workdir = opts["workdir"]
-  if workdir and not files.isdir(workdir):
+  if workdir and not storage.isdir(workdir):
     raise UserError(f"workdir={workdir} is not a directory; pass the directory holding the run "
                     "directories, or leave workdir unset for the paper's values only")
   outs = render(tables, workdir, opts["format"], opts["standalone"])
@@ -104,14 +105,13 @@ def main(argv: Sequence[str]) -> int:
       print(text)
     return 0
   try:
-    files.makedirs(opts["out"])
+    storage.makedirs(opts["out"])
     for name, text in outs.items():  # each file atomically: old or new, never half-written
-      path = files.join(opts["out"], name)
-      files.write_text(path, text)
+      path = storage.join(opts["out"], name)
+      storage.write_text(path, text)
       print(path)
     if opts["figures"]:
-      from tables import figures  # pylint: disable=g-import-not-at-top
-      for path in figures.draw_all(workdir, files.join(opts["out"], "figures"), tables):
+      for path in figures.draw_all(workdir, storage.join(opts["out"], "figures"), tables):
         print(path)
   except OSError as e:  # read-only or full disk, a file where the directory should be
     where = f": {e.filename}" if isinstance(e.filename, str) else ""

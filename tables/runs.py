@@ -3,19 +3,18 @@
 Layout (see the team conventions): ``<workdir>/<run>/job.json`` names the (table, group, row)
 entries a run serves, ``<workdir>/<run>/eval/results.jsonl`` holds one evaluation result per line,
 ``<workdir>/<run>/metrics.jsonl`` the training log and ``<workdir>/throughput.jsonl`` the
-throughput measurements. A directory without job.json is not a run and is skipped. All file
-access goes through :mod:`tables.files`.
+throughput measurements. A directory without job.json is not a run and is skipped.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import pandas as pd
 
 from core.errors import UserError
-from tables import files
+from core.io import jsonl, rundir, storage
+
 
 RESULT_COLUMNS = ("step", "metric", "value", "std", "num_samples", "extractor", "resize_mode",
                   "reference", "guidance", "seed", "sampler_steps", "time")
@@ -34,31 +33,9 @@ class Runs:
 
 
 def read_jsonl(path: str) -> pd.DataFrame:
-  """One row per JSON line, with a ``line`` column (file order). An unfinished last line (a
-  writer still appending) is skipped; a broken line elsewhere is a UserError."""
-  if not files.exists(path):
-    return pd.DataFrame({"line": pd.Series([], dtype=int)})
-  lines = files.read_bytes(path).splitlines()
-  records = []
-  for i, raw in enumerate(lines):
-    if not raw.strip():
-      continue
-    try:
-      rec = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      if i == len(lines) - 1:
-        print(f"warning: skipping unfinished last line of {path}", file=sys.stderr)
-        continue
-      what = (f"not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})"
-              if isinstance(e, UnicodeDecodeError) else f"not JSON ({e.msg})")
-      raise UserError(f"{path} line {i + 1} is {what}; fix or remove that line") from None
-    if not isinstance(rec, dict):
-      raise UserError(f"{path} line {i + 1} is not a JSON object; fix or remove that line")
-    rec["line"] = i
-    records.append(rec)
-  if not records:
-    return pd.DataFrame({"line": pd.Series([], dtype=int)})
-  return pd.DataFrame.from_records(records)
+  """One row per complete JSON line, with a ``line`` column (file order); see core.io.jsonl."""
+  rows = [dict(r, line=i) for i, r in enumerate(jsonl.read(path))]
+  return pd.DataFrame.from_records(rows) if rows else pd.DataFrame({"line": pd.Series([], dtype=int)})
 
 
 def _with_columns(df: pd.DataFrame, columns) -> pd.DataFrame:
@@ -70,7 +47,7 @@ def _with_columns(df: pd.DataFrame, columns) -> pd.DataFrame:
 
 def _read_job(path: str) -> dict:
   try:
-    job = json.loads(files.read_bytes(path).decode("utf-8"))
+    job = json.loads(storage.read_bytes(path).decode("utf-8"))
   except UnicodeDecodeError as e:
     raise UserError(f"{path} is not UTF-8 text (byte {e.start}); rewrite it or remove the run"
                     ) from None
@@ -87,8 +64,8 @@ def _read_job(path: str) -> dict:
 def run_dirs(workdir: str) -> list[str]:
   """Paths of the run directories: the workdir's subdirectories holding job.json (and the
   workdir itself if it is a run)."""
-  candidates = [workdir] + [files.join(workdir, n) for n in files.listdir(workdir)]
-  return [p for p in candidates if files.exists(files.join(p, "job.json"))]
+  candidates = [workdir] + [storage.join(workdir, n) for n in storage.listdir(workdir, missing_ok=True)]
+  return [p for p in candidates if storage.exists(rundir.job_path(p))]
 
 
 def load(workdir: str | None) -> Runs:
@@ -96,20 +73,20 @@ def load(workdir: str | None) -> Runs:
   runs, serves, results = [], [], []
   if workdir is not None:
     for path in run_dirs(workdir):
-      job = _read_job(files.join(path, "job.json"))
+      job = _read_job(rundir.job_path(path))
       name = str(job.get("run_name") or path.rstrip("/").rsplit("/", 1)[-1])
       runs.append({"run": name, "path": path, "scale": job.get("scale")})
       for r in job.get("rows", []):
         serves.append({"run": name, "table": str(r["table"]), "group": str(r["group"]),
                        "row": str(r["row"])})
-      res = read_jsonl(files.join(path, "eval", "results.jsonl"))
+      res = read_jsonl(rundir.results_path(path))
       if len(res):
         res.insert(0, "run", name)
         results.append(res)
   results_df = (pd.concat(results, ignore_index=True) if results
                 else pd.DataFrame({"run": [], "line": []}))
   results_df = _with_columns(results_df, RESULT_COLUMNS)
-  throughput = (read_jsonl(files.join(workdir, "throughput.jsonl")) if workdir
+  throughput = (read_jsonl(rundir.throughput_path(workdir)) if workdir
                 else pd.DataFrame({"line": []}))
   throughput = _with_columns(throughput, THROUGHPUT_COLUMNS)
   throughput["table"] = throughput["table"].map(lambda t: None if t is None else str(t))
@@ -124,4 +101,4 @@ def load(workdir: str | None) -> Runs:
 
 def load_metrics(run_path: str) -> pd.DataFrame:
   """The training log ``metrics.jsonl`` of one run (step, loss, ...), in file order."""
-  return _with_columns(read_jsonl(files.join(run_path, "metrics.jsonl")), ("step", "loss"))
+  return _with_columns(read_jsonl(rundir.metrics_path(run_path)), ("step", "loss"))

@@ -14,7 +14,7 @@ Fixtures (import them into a test module, or into ``tests/conftest.py`` for ever
 * ``gcs_bucket`` (function): a fresh ``gs://`` prefix inside the emulator's bucket, with the
   environment pointing every client at the emulator for the duration of the test:
 
-  - ``STORAGE_EMULATOR_HOST``: google-cloud-storage (core.storage) and gcsfs (orbax/etils paths);
+  - ``STORAGE_EMULATOR_HOST``: google-cloud-storage (core.io.storage) and gcsfs (orbax/etils paths);
   - ``TENSORSTORE_GCS_HTTP_URL`` and ``GOOGLE_AUTH_TOKEN_FOR_TESTING``: tensorstore's gcs driver
     (orbax array data) talks to the emulator with a dummy bearer token;
   - ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: gcsfs does not probe the bucket layout API;

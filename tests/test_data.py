@@ -1,4 +1,4 @@
-"""Tests of core.data (prepare: ADM resize, sources, skip counting, record format) and core.datasets."""
+"""Tests of core.data (prepare: ADM resize, sources, skip counting, record format; the emoji set)."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import data, datasets, input_pipeline
+from core.data import __main__ as data_cli
+from core.data import emoji, pipeline, prepare, preprocess, records, sources
 from core.errors import UserError, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,16 +40,16 @@ def solid(color, size=(20, 14)) -> Image.Image:
 
 def test_record_roundtrip():
   img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-  r = data.decode_record(data.encode_record(img, 7, key="a/b.png"))
+  r = records.decode_record(records.encode_record(img, 7, key="a/b.png"))
   np.testing.assert_array_equal(r["image"], img)
   assert r["label"] == 7 and r["label"].dtype == np.int32 and r["key"] == "a/b.png"
   assert "text_emb" not in r
   emb = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float16)
-  r = data.decode_record(data.encode_record(img, 0, text_emb=emb))
+  r = records.decode_record(records.encode_record(img, 0, text_emb=emb))
   np.testing.assert_array_equal(r["text_emb"], emb)
   assert r["text_emb"].dtype == np.float16
   with pytest.raises(ValueError):
-    data.decode_record(b"PK\x03\x04" + b"\0" * 20)
+    records.decode_record(b"PK\x03\x04" + b"\0" * 20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def direct_adm(img: Image.Image, res: int, sizes: list[tuple[int, int]], bicubic
 ])
 def test_adm_resize_matches_direct_pil(w, h, res, halvings, bicubic, crop):
   img = smooth_image(w, h)
-  got = data.center_crop_resize(img, res)
+  got = preprocess.center_crop_resize(img, res)
   assert got.shape == (res, res, 3) and got.dtype == np.uint8
   np.testing.assert_array_equal(got, direct_adm(img, res, halvings, bicubic, crop))
 
@@ -85,10 +86,10 @@ def test_transparency_composited_on_white():
   rgba = np.zeros((8, 8, 4), np.uint8)
   rgba[:4, :, :] = (255, 0, 0, 255)   # opaque red top half
   rgba[4:, :, :] = (0, 0, 255, 0)     # fully transparent bottom half
-  rgb = np.asarray(data.to_rgb(Image.fromarray(rgba, "RGBA")))
+  rgb = np.asarray(preprocess.to_rgb(Image.fromarray(rgba, "RGBA")))
   assert (rgb[:4] == (255, 0, 0)).all() and (rgb[4:] == 255).all()
   half = Image.fromarray(np.full((2, 2, 4), (0, 0, 0, 128), np.uint8), "RGBA")
-  v = np.asarray(data.to_rgb(half))
+  v = np.asarray(preprocess.to_rgb(half))
   assert np.all(np.abs(v.astype(int) - 127) <= 1)  # black at alpha 1/2 over white
 
 
@@ -117,7 +118,7 @@ def test_prepare_class_folders(tmp_path):
   src = tmp_path / "src"
   n_good, n_bad = make_class_folders(src)
   out = tmp_path / "out"
-  meta = data.prepare(str(src), 8, str(out), eval_fraction=0.3, progress=False)
+  meta = prepare.prepare(str(src), 8, str(out), eval_fraction=0.3, progress=False)
   assert meta["num_classes"] == 3 and meta["class_names"] == ["ant", "cat", "dog"]
   assert meta["resolution"] == 8
   assert sum(meta["counts"].values()) == n_good
@@ -127,20 +128,20 @@ def test_prepare_class_folders(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left
   for split in ("train", "eval"):
     assert meta["counts"][split] > 0
-    images, labels = input_pipeline.load_split(str(out), split)
+    images, labels = pipeline.load_split(str(out), split)
     assert images.shape == (meta["counts"][split], 8, 8, 3)
     for img, lab in zip(images, labels):  # each label's images have its folder's colour
       col = COLORS[meta["class_names"][lab]]
       assert np.abs(img.astype(int) - col).max() <= 6
   # The split is the hash rule applied to the relative path.
-  keys = {s: [] for s in data.SPLITS}
-  for split in data.SPLITS:
-    paths, _ = input_pipeline.split_paths(str(out), split)
+  keys = {s: [] for s in records.SPLITS}
+  for split in records.SPLITS:
+    paths, _ = pipeline.split_paths(str(out), split)
     from array_record.python.array_record_data_source import ArrayRecordDataSource
     src_ds = ArrayRecordDataSource(paths)
-    keys[split] = [data.decode_record(src_ds[i])["key"] for i in range(len(src_ds))]
+    keys[split] = [records.decode_record(src_ds[i])["key"] for i in range(len(src_ds))]
   for split, ks in keys.items():
-    assert all(data.split_of(k, 0.3) == split for k in ks)
+    assert all(sources.split_of(k, 0.3) == split for k in ks)
   assert "cat/sub/cat0.jpg" in keys["train"] + keys["eval"]
 
 
@@ -149,11 +150,11 @@ def test_prepare_cli_summary_and_errors(tmp_path, capsys):
   make_class_folders(src, n_per_class=2)
   out = tmp_path / "out"
   with pytest.raises(SystemExit) as e:
-    run_main(data.main, ["prepare", f"src={src}", "res=8", f"out={out}", "eval_fraction=0.5",
+    run_main(data_cli.main, ["prepare", f"src={src}", "res=8", f"out={out}", "eval_fraction=0.5",
                          "shards=2", "workers=1"])
   assert e.value.code == 0
   line = capsys.readouterr().out.strip().splitlines()[-1]
-  meta = input_pipeline.read_meta(str(out))
+  meta = records.read_meta(str(out))
   assert f"train: {meta['counts']['train']} written, {meta['skipped']['train']} skipped" in line
   assert f"eval: {meta['counts']['eval']} written, {meta['skipped']['eval']} skipped" in line
   # A second prepare into the same out= refuses; overwrite=true replaces.
@@ -163,15 +164,15 @@ def test_prepare_cli_summary_and_errors(tmp_path, capsys):
                      (["prepare", f"src={src}", "res=8", f"out={out}", "bogus=1"], 2),
                      (["prepare", f"src={src}", "res=8", f"out={out}", "overwrite=true"], 0)]:
     with pytest.raises(SystemExit) as e:
-      run_main(data.main, argv)
+      run_main(data_cli.main, argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == code, err
     if code:
       assert err.startswith("error: ") and "\n" not in err
   with pytest.raises(SystemExit):
-    data.main(["prepare", "--help"])
+    data_cli.main(["prepare", "--help"])
   text = capsys.readouterr().out
-  for o in data.PREPARE_OPTIONS:
+  for o in data_cli.PREPARE_OPTIONS:
     assert f"{o.name}=" in text
 
 
@@ -180,9 +181,9 @@ def test_prepare_flat_folder_is_unconditional(tmp_path):
   src.mkdir()
   for i in range(10):
     smooth_image(30, 20, seed=i).save(src / f"{i}.png")
-  meta = data.prepare(str(src), 16, str(tmp_path / "out"), eval_fraction=0.0, progress=False)
+  meta = prepare.prepare(str(src), 16, str(tmp_path / "out"), eval_fraction=0.0, progress=False)
   assert meta["num_classes"] == 0 and meta["counts"] == {"train": 10, "eval": 0}
-  _, labels = input_pipeline.load_split(str(tmp_path / "out"), "train")
+  _, labels = pipeline.load_split(str(tmp_path / "out"), "train")
   assert (labels == 0).all()
 
 
@@ -191,15 +192,15 @@ def test_prepare_shards_and_workers(tmp_path):
   src.mkdir()
   for i in range(70):  # >= 64 items, so workers=2 really uses a process pool
     smooth_image(20, 20, seed=i).save(src / f"{i:03d}.png")
-  m1 = data.prepare(str(src), 8, str(tmp_path / "a"), eval_fraction=0.0, shards=3, workers=1,
+  m1 = prepare.prepare(str(src), 8, str(tmp_path / "a"), eval_fraction=0.0, shards=3, workers=1,
                     progress=False)
-  m2 = data.prepare(str(src), 8, str(tmp_path / "b"), eval_fraction=0.0, shards=3, workers=2,
+  m2 = prepare.prepare(str(src), 8, str(tmp_path / "b"), eval_fraction=0.0, shards=3, workers=2,
                     progress=False)
   assert m1["shards"]["train"] == [f"train-0000{i}-of-00003.array_record" for i in range(3)]
   assert m1["shard_counts"]["train"] == [24, 23, 23]
   assert m2["shards"] == m1["shards"] and m2["shard_counts"] == m1["shard_counts"]
-  a, _ = input_pipeline.load_split(str(tmp_path / "a"), "train")
-  b, _ = input_pipeline.load_split(str(tmp_path / "b"), "train")
+  a, _ = pipeline.load_split(str(tmp_path / "a"), "train")
+  b, _ = pipeline.load_split(str(tmp_path / "b"), "train")
   np.testing.assert_array_equal(a, b)
   assert a.shape[0] == 70
 
@@ -220,14 +221,14 @@ def test_prepare_imagenet_layout(tmp_path):
   solid((0, 0, 0)).save(src / "val" / "ILSVRC2012_val_00000099.JPEG")  # no label: skipped
   (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
   with pytest.raises(UserError, match="val_labels"):
-    data.prepare(str(src), 8, str(tmp_path / "o0"), progress=False)
+    prepare.prepare(str(src), 8, str(tmp_path / "o0"), progress=False)
   with pytest.raises(UserError, match="eval_fraction"):
-    data.prepare(str(src), 8, str(tmp_path / "o0"), eval_fraction=0.1, progress=False)
-  meta = data.prepare(str(src), 8, str(tmp_path / "o1"), val_labels=str(tmp_path / "val.csv"),
+    prepare.prepare(str(src), 8, str(tmp_path / "o0"), eval_fraction=0.1, progress=False)
+  meta = prepare.prepare(str(src), 8, str(tmp_path / "o1"), val_labels=str(tmp_path / "val.csv"),
                       progress=False)
   assert meta["class_names"] == wnids
   assert meta["counts"] == {"train": 6, "eval": 4} and meta["skipped"] == {"train": 0, "eval": 1}
-  images, labels = input_pipeline.load_split(str(tmp_path / "o1"), "eval")
+  images, labels = pipeline.load_split(str(tmp_path / "o1"), "eval")
   np.testing.assert_array_equal(labels, [0, 1, 0, 1])
   assert np.abs(images[labels == 1][..., 0].astype(int) - 100).max() <= 3
   # val/ as class folders works without a labels file; train-only preparation.
@@ -236,9 +237,9 @@ def test_prepare_imagenet_layout(tmp_path):
   for w in wnids:
     (src / "val" / w).mkdir()
     solid((1, 2, 3)).save(src / "val" / w / "x.JPEG")
-  meta = data.prepare(str(src), 8, str(tmp_path / "o2"), progress=False)
+  meta = prepare.prepare(str(src), 8, str(tmp_path / "o2"), progress=False)
   assert meta["counts"] == {"train": 6, "eval": 2}
-  meta = data.prepare(str(src), 8, str(tmp_path / "o3"), splits=["train"], progress=False)
+  meta = prepare.prepare(str(src), 8, str(tmp_path / "o3"), splits=["train"], progress=False)
   assert list(meta["counts"]) == ["train"]
 
 
@@ -251,10 +252,10 @@ def test_prepare_text_embeddings(tmp_path):
     if i < 3:
       embs[f"im{i}"] = np.full((2, 5), i, np.float32)
   np.savez(tmp_path / "emb.npz", **embs)
-  meta = data.prepare(str(src), 8, str(tmp_path / "out"), eval_fraction=0.0,
+  meta = prepare.prepare(str(src), 8, str(tmp_path / "out"), eval_fraction=0.0,
                       text_emb=str(tmp_path / "emb.npz"), progress=False)
   assert meta["has_text_emb"] and meta["counts"]["train"] == 3 and meta["skipped"]["train"] == 1
-  batch = next(input_pipeline.iter_split(str(tmp_path / "out"), "train"))
+  batch = next(pipeline.iter_split(str(tmp_path / "out"), "train"))
   assert batch["text_emb"].shape == (3, 2, 5)
   np.testing.assert_array_equal(batch["text_emb"][:, 0, 0], [0, 1, 2])
 
@@ -263,21 +264,21 @@ def test_gs_output_through_storage(tmp_path, gcs_bucket, monkeypatch):  # pylint
   src = tmp_path / "src"
   make_class_folders(src, n_per_class=2)
   out = gcs_bucket + "/ds"
-  meta = data.prepare(str(src), 8, out, eval_fraction=0.5, progress=False)
+  meta = prepare.prepare(str(src), 8, out, eval_fraction=0.5, progress=False)
   monkeypatch.setenv("SIMPLE_DIFFUSION_DATA", str(tmp_path / "root"))  # where gs:// data is cached
-  assert input_pipeline.read_meta(out) == meta
-  images, _ = input_pipeline.load_split(out, "train")
+  assert records.read_meta(out) == meta
+  images, _ = pipeline.load_split(out, "train")
   assert len(images) == meta["counts"]["train"]
   with pytest.raises(UserError, match="already holds"):
-    data.prepare(str(src), 8, out, progress=False)
+    prepare.prepare(str(src), 8, out, progress=False)
   # A damaged local copy names itself and the fix (delete it), which then works.
   (copy,) = [str(p) for p in (tmp_path / "root" / "gcs").iterdir() if not p.name.startswith(".")]
   with open(os.path.join(copy, meta["shards"]["train"][0]), "r+b") as f:
     f.truncate(0)
   with pytest.raises(UserError, match=f"local copy {copy} of {out} is damaged .*; delete {copy}"):
-    input_pipeline.load_split(out, "train")
+    pipeline.load_split(out, "train")
   shutil.rmtree(copy)
-  np.testing.assert_array_equal(input_pipeline.load_split(out, "train")[0], images)
+  np.testing.assert_array_equal(pipeline.load_split(out, "train")[0], images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,21 +288,21 @@ def test_gs_output_through_storage(tmp_path, gcs_bucket, monkeypatch):  # pylint
 def test_missing_npm_is_a_user_error(tmp_path, monkeypatch):
   monkeypatch.setenv("PATH", str(tmp_path))  # no npm on PATH
   with pytest.raises(UserError, match="npm"):
-    datasets.emoji_tarball(str(tmp_path / "root"))
+    emoji.emoji_tarball(str(tmp_path / "root"))
 
 
 @pytest.mark.slow
 def test_emoji_default_set_prepares(tmp_path):
-  tarball = datasets.emoji_tarball()  # real `npm pack` on first use, then cached in <data root>/cache
+  tarball = emoji.emoji_tarball()  # real `npm pack` on first use, then cached in <data root>/cache
   t0 = time.time()
-  meta = data.prepare(tarball, 32, str(tmp_path / "emoji32"), progress=False)
+  meta = prepare.prepare(tarball, 32, str(tmp_path / "emoji32"), progress=False)
   print(f"emoji prepare at res 32: {time.time() - t0:.1f} s")
-  assert sum(meta["counts"].values()) == datasets.NUM_IMAGES == 3786
+  assert sum(meta["counts"].values()) == emoji.NUM_IMAGES == 3786
   assert sum(meta["skipped"].values()) == 0
   assert meta["num_classes"] == 10 and "Smileys & Emotion" in meta["class_names"]
   assert 0.08 < meta["counts"]["eval"] / 3786 < 0.12
-  for split in data.SPLITS:
-    images, labels = input_pipeline.load_split(str(tmp_path / "emoji32"), split)
+  for split in records.SPLITS:
+    images, labels = pipeline.load_split(str(tmp_path / "emoji32"), split)
     assert labels.min() >= 0 and labels.max() < 10
     assert len(np.unique(labels)) >= 8
     per_image_std = images.reshape(len(images), -1).std(axis=1)
@@ -311,12 +312,12 @@ def test_emoji_default_set_prepares(tmp_path):
 
 @pytest.mark.slow
 def test_default_data_dir_concurrent(tmp_path, monkeypatch):
-  tarball = datasets.emoji_tarball()
+  tarball = emoji.emoji_tarball()
   root = tmp_path / "root"
   (root / "cache").mkdir(parents=True)
   shutil.copy(tarball, root / "cache" / os.path.basename(tarball))
-  code = ("import sys; from core import datasets; "
-          "print(datasets.default_data_dir(16, progress=False))")
+  code = ("import sys; from core.data import prepare; "
+          "print(prepare.default_data_dir(16, progress=False))")
   env = dict(os.environ, SIMPLE_DIFFUSION_DATA=str(root), PYTHONPATH=ROOT)
   procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -326,7 +327,7 @@ def test_default_data_dir_concurrent(tmp_path, monkeypatch):
   paths = {o.strip().splitlines()[-1] for o, _ in outs}
   assert paths == {str(root / "emoji-16")}
   assert sorted(os.listdir(root)) == [".emoji-16.lock", "cache", "emoji-16"]  # no temp dirs
-  meta = input_pipeline.read_meta(str(root / "emoji-16"))
+  meta = records.read_meta(str(root / "emoji-16"))
   assert meta["resolution"] == 16 and sum(meta["counts"].values()) == 3786
   monkeypatch.setenv("SIMPLE_DIFFUSION_DATA", str(root))
-  assert datasets.default_data_dir(16) == str(root / "emoji-16")  # prepared: returns at once
+  assert prepare.default_data_dir(16) == str(root / "emoji-16")  # prepared: returns at once

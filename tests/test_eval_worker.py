@@ -135,7 +135,7 @@ def test_bad_batch_size_and_invalid_utf8_results_are_one_line_errors_that_lose_n
   data = good + b"\n" + b'{"step": 4, "metric": "\xff\xfe"}\n' + good + b"\n"
   results.write_bytes(data)
   p = subprocess.run(_worker(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  _one_line(p, "line 2 is not valid UTF-8")
+  _one_line(p, "line 2 is not UTF-8 text")
   assert results.read_bytes() == data  # nothing lost, nothing added
   # A torn last line (a kill mid-append, even inside a multi-byte character) is not an error.
   from eval import worker

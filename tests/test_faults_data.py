@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import data, input_pipeline
+from core.data import __main__ as data_cli
+from core.data import pipeline, prepare, preprocess, records
 from core.errors import UserError
 from tests.fault_helpers import (ROOT, assert_one_error_line, read_only, run_cli, run_in_process,
                                  snapshot)
@@ -59,7 +60,7 @@ def over_white(rgb8: np.ndarray, alpha8: np.ndarray) -> np.ndarray:
 def info(capsys, data_dir, *extra: str, subprocess_: bool = False) -> subprocess.CompletedProcess:
   if subprocess_:
     return run_cli("core.data", "info", f"data_dir={data_dir}", *extra)
-  return run_in_process(capsys, data.main, "info", f"data_dir={data_dir}", *extra)
+  return run_in_process(capsys, data_cli.main, "info", f"data_dir={data_dir}", *extra)
 
 
 @pytest.fixture(name="prepared", scope="module")
@@ -71,7 +72,7 @@ def fixture_prepared(tmp_path_factory):
   rng = np.random.default_rng(0)
   for i in range(12):
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(src / f"{i}.png")
-  data.prepare(str(src), 8, str(root / "set"), progress=False, workers=1)
+  prepare.prepare(str(src), 8, str(root / "set"), progress=False, workers=1)
   return root / "set"
 
 
@@ -109,7 +110,7 @@ def expected_gray16(x):
 def test_16bit_png_keeps_the_high_byte(tmp_path, name, png, expected):
   path = tmp_path / f"{name}.png"
   path.write_bytes(png)
-  got = data.load_image(str(path), 7)  # res = the smaller side: only the center crop acts
+  got = preprocess.load_image(str(path), 7)  # res = the smaller side: only the center crop acts
   top = (9 - 7) // 2
   want = expected[top:top + 7]
   assert got.dtype == np.uint8 and got.shape == (7, 7, 3)
@@ -126,15 +127,15 @@ def test_pil_written_16bit_gray_files(tmp_path, fmt, dtype):
   with Image.open(path) as img:
     img.load()
     assert img.mode in ("I;16", "I")
-    got = np.asarray(data.to_rgb(img)).astype(np.int64)
+    got = np.asarray(preprocess.to_rgb(img)).astype(np.int64)
   np.testing.assert_array_equal(got, expected_gray16(GRAY16))
 
 
 def test_images_without_an_8bit_scale_are_skipped_with_the_reason(tmp_path):
   with pytest.raises(ValueError, match="mode F"):
-    data.to_rgb(Image.fromarray(np.ones((4, 4), np.float32)))
+    preprocess.to_rgb(Image.fromarray(np.ones((4, 4), np.float32)))
   with pytest.raises(ValueError, match="outside the 16-bit range"):
-    data.to_rgb(Image.fromarray(np.array([[0, 70000]], np.int32)))
+    preprocess.to_rgb(Image.fromarray(np.array([[0, 70000]], np.int32)))
 
 
 P_PALETTE = [255, 0, 0, 0, 0, 255] + [0] * (254 * 3)
@@ -155,7 +156,7 @@ P_PALETTE = [255, 0, 0, 0, 0, 255] + [0] * (254 * 3)
      np.array([[[0, 0, 0], [255, 255, 255], [255, 255, 255]]])),
 ])
 def test_other_modes_convert_to_rgb(name, make, expected):
-  got = np.asarray(data.to_rgb(make())).astype(np.int64)
+  got = np.asarray(preprocess.to_rgb(make())).astype(np.int64)
   assert got.shape == expected.shape
   assert np.abs(got - expected).max() <= (1 if name == "LA" else 0), (name, got)
 
@@ -184,9 +185,9 @@ def test_prepare_cli_on_16bit_pngs_matches_numpy(tmp_path):
                  "eval_fraction=0", "splits=train", "progress=false", "workers=1")
   assert proc.returncode == 0, proc.stderr
   assert "0 skipped" in proc.stdout
-  paths, meta = input_pipeline.split_paths(str(tmp_path / "out"), "train")
-  source = input_pipeline.RecordSource(paths, meta, "train")
-  records = [data.decode_record(source[i]) for i in range(len(source))]
+  paths, meta = pipeline.split_paths(str(tmp_path / "out"), "train")
+  source = pipeline.RecordSource(paths, meta, "train")
+  records = [records.decode_record(source[i]) for i in range(len(source))]
   assert sorted(r["key"] for r in records) == [f"{k}.png" for k in sorted(images)]
   for r in records:
     want = expected_gray16(images[r["key"][:-4]])
@@ -215,7 +216,7 @@ def _flip(offset):
 def _foreign_records(p):
   """The same number of records, with valid checksums, that are not ours (another tool's file)."""
   n = ArrayRecordReader(p).num_records()
-  w = ArrayRecordWriter(p, data.WRITER_OPTIONS)
+  w = ArrayRecordWriter(p, records.WRITER_OPTIONS)
   for i in range(n):
     w.write(b"a record of another format %d" % i)
   w.close()
@@ -241,11 +242,11 @@ def test_damaged_shard_is_one_line_in_info_and_the_loader(copy_of, capsys, case,
   assert_one_error_line(proc, SHARD, *needles, "overwrite=true")
   assert snapshot(copy_of) == before
   # The eval split is intact; the train split fails with one message wherever it is read.
-  assert input_pipeline.load_split(str(copy_of), "eval")[0].shape[1:] == (8, 8, 3)
+  assert pipeline.load_split(str(copy_of), "eval")[0].shape[1:] == (8, 8, 3)
   with pytest.raises(UserError, match=loader_error):
-    input_pipeline.load_split(str(copy_of), "train")
+    pipeline.load_split(str(copy_of), "train")
   with pytest.raises(UserError, match=loader_error):
-    with input_pipeline.make_train_loader(str(copy_of), global_batch_size=3, seed=0,
+    with pipeline.make_train_loader(str(copy_of), global_batch_size=3, seed=0,
                                           process_index=0, process_count=1) as it:
       for _ in range(4):
         next(it)
@@ -278,7 +279,7 @@ def test_damaged_meta_json_is_one_line(copy_of, capsys, case, content, needle):
                         "overwrite=true")
   assert snapshot(copy_of) == before
   with pytest.raises(UserError, match=needle):
-    input_pipeline.make_train_loader(str(copy_of), global_batch_size=2, seed=0, process_index=0,
+    pipeline.make_train_loader(str(copy_of), global_batch_size=2, seed=0, process_index=0,
                                      process_count=1)
   del case
 
@@ -290,9 +291,9 @@ def test_overwrite_replaces_a_set_whose_meta_json_is_damaged(copy_of, tmp_path):
   src.mkdir()
   for i in range(3):
     Image.new("RGB", (8, 8), (i, 2 * i, 3 * i)).save(src / f"{i}.png")
-  data.prepare(str(src), 8, str(copy_of), progress=False, overwrite=True, eval_fraction=0.0,
+  prepare.prepare(str(src), 8, str(copy_of), progress=False, overwrite=True, eval_fraction=0.0,
                splits=["train"])
-  assert input_pipeline.read_meta(str(copy_of))["counts"] == {"train": 3}
+  assert records.read_meta(str(copy_of))["counts"] == {"train": 3}
   assert sorted(os.listdir(copy_of)) == ["label_map.json", "meta.json", "notes.txt", SHARD]
 
 
@@ -389,7 +390,7 @@ def test_bad_side_files_of_prepare_are_one_line(tmp_path, capsys, option, conten
           f"{option}={side}"]
   if option == "text_emb":
     args.append("splits=train")
-  assert_one_error_line(run_in_process(capsys, data.main, *args), option, needle)
+  assert_one_error_line(run_in_process(capsys, data_cli.main, *args), option, needle)
   assert not (tmp_path / "out").exists()
 
 
@@ -425,4 +426,4 @@ def test_a_killed_prepare_leaves_no_data_set_and_the_next_one_cleans_up(tmp_path
   assert done.returncode == 0, done.stderr
   assert f"removed {tmp_path / stale}, left by an interrupted prepare" in done.stderr
   assert sorted(_leftovers(tmp_path)) == sorted(keep)
-  assert input_pipeline.read_meta(str(out))["counts"] == {"train": 6, "eval": 0}
+  assert records.read_meta(str(out))["counts"] == {"train": 6, "eval": 0}

@@ -16,7 +16,7 @@ import pytest
 from core import config as config_lib
 from core import train as train_cli
 from core.errors import run_main
-from experiments import run
+from experiments import jobs, run
 from tests.test_faults_train import _mount_tmpfs, _umount, checkpoint_steps, rows
 from tests.test_train import ROOT, _env
 
@@ -106,7 +106,7 @@ def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
   job, _ = run.registry.jobs(run.registry.select("2", [ROW]))
   run_dir = workdir / job.name
   staged = subprocess.run([sys.executable, "-m", "core.train",
-                           *run.job_args(job, "smoke", str(run_dir), None), "stop_at_step=2"],
+                           *jobs.job_args(job, "smoke", str(run_dir), None), "stop_at_step=2"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert staged.returncode == 0, staged.stderr[-3000:]
   assert checkpoint_steps(run_dir) == [2]

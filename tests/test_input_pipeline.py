@@ -1,4 +1,4 @@
-"""Tests of core.input_pipeline: batches, determinism, epochs, flips, resume, per-host sharding."""
+"""Tests of core.data.pipeline: batches, determinism, epochs, flips, resume, per-host sharding."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import data, input_pipeline
+from core.data import pipeline, prepare, records, sources
 from core.errors import UserError
 
 N = 24      # records in the train split
@@ -32,13 +32,13 @@ def png(arr: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """A train split of N records (label = i % 3, two shards) and an eval split of 5, through prepare."""
-  items = {"train": [data.Item(key=f"{i}.png", label=i % 3, data=png(record_image(i)))
+  items = {"train": [sources.Item(key=f"{i}.png", label=i % 3, data=png(record_image(i)))
                      for i in range(N)],
-           "eval": [data.Item(key=f"e{i}.png", label=1, data=png(record_image(100 + i)))
+           "eval": [sources.Item(key=f"e{i}.png", label=1, data=png(record_image(100 + i)))
                     for i in range(5)]}
-  source = data.Source(items=items, class_names=["a", "b", "c"], description="test")
+  source = sources.Source(items=items, class_names=["a", "b", "c"], description="test")
   out = str(tmp_path_factory.mktemp("ds"))
-  data.write_dataset(source, RES, out, shards=2, progress=False)
+  prepare.write_dataset(source, RES, out, shards=2, progress=False)
   return out
 
 
@@ -56,11 +56,11 @@ def take(it, n):
 
 def loader(data_dir, **kw):  # pylint: disable=redefined-outer-name
   kw = {"global_batch_size": 4, "seed": 0, "process_index": 0, "process_count": 1, **kw}
-  return input_pipeline.make_train_loader(data_dir, **kw)
+  return pipeline.make_train_loader(data_dir, **kw)
 
 
 def test_batches_and_meta(data_dir):  # pylint: disable=redefined-outer-name
-  meta = input_pipeline.read_meta(data_dir)
+  meta = records.read_meta(data_dir)
   assert meta["resolution"] == RES and meta["counts"] == {"train": N, "eval": 5}
   with loader(data_dir) as it:
     b = next(it)
@@ -68,7 +68,7 @@ def test_batches_and_meta(data_dir):  # pylint: disable=redefined-outer-name
   assert b["label"].shape == (4,) and b["label"].dtype == np.int32
   for i, lab in zip(ids(b), b["label"]):
     assert lab == i % 3
-  images, labels = input_pipeline.load_split(data_dir, "train")
+  images, labels = pipeline.load_split(data_dir, "train")
   assert sorted(images[:, 0, 0, 0].tolist()) == list(range(N))  # whole split, each record once
   np.testing.assert_array_equal(labels, images[:, 0, 0, 0] % 3)
   np.testing.assert_array_equal(images[0], record_image(int(images[0, 0, 0, 0])))
@@ -95,7 +95,7 @@ def test_deterministic_epochs_and_flips(data_dir):  # pylint: disable=redefined-
   with loader(data_dir, random_flip=False, shuffle=False) as it:
     plain = take(it, 6)
   assert not any(sum((is_flipped(x) for x in plain), []))
-  images, _ = input_pipeline.load_split(data_dir, "train")
+  images, _ = pipeline.load_split(data_dir, "train")
   assert sum((ids(x) for x in plain), []) == images[:, 0, 0, 0].tolist()  # file order
 
 
@@ -133,16 +133,16 @@ def test_per_host_sharding(data_dir):  # pylint: disable=redefined-outer-name
 
 def test_user_errors(data_dir, tmp_path):  # pylint: disable=redefined-outer-name
   with pytest.raises(UserError, match="python -m core.data prepare"):
-    input_pipeline.read_meta(str(tmp_path / "missing"))
+    records.read_meta(str(tmp_path / "missing"))
   with pytest.raises(UserError, match="python -m core.data prepare"):
     loader(str(tmp_path / "missing"))
   with pytest.raises(UserError, match="resolution 8 but the model expects 16"):
     loader(data_dir, resolution=16)
   with pytest.raises(UserError, match="multiple of the number of hosts"):
     loader(data_dir, global_batch_size=5, process_count=2)
-  source = data.Source(items={"train": [data.Item("x.png", 0, data=png(record_image(1)))]},
+  source = sources.Source(items={"train": [sources.Item("x.png", 0, data=png(record_image(1)))]},
                        class_names=[], description="test")
   only_train = str(tmp_path / "only_train")
-  data.write_dataset(source, RES, only_train, progress=False)
+  prepare.write_dataset(source, RES, only_train, progress=False)
   with pytest.raises(UserError, match="no records in split 'eval'.*python -m core.data prepare"):
-    input_pipeline.load_split(only_train, "eval")
+    pipeline.load_split(only_train, "eval")

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from core import input_pipeline
+from core.data import pipeline
 from core import sharding
 from core import train as train_cli
 from core import trainer
@@ -48,7 +48,7 @@ def test_trained_model_samples_are_much_closer_to_the_data_than_an_untrained_one
   untrained = trainer.init_state(run.model, trainer.make_optimizer(run.cfg), run.cfg,
                                  jax.random.key(0), num_classes=run.num_classes)["ema_params"]
   data_dir, _ = trainer.resolve_data_dir(run.cfg)
-  real, _ = input_pipeline.load_split(data_dir, "eval")
+  real, _ = pipeline.load_split(data_dir, "eval")
 
   sampler = sample.make_batch_sampler(run, batch_size=128, num_steps=32, noise_param=0.2,
                                      guidance=1.0, mesh=sharding.make_mesh())  # compiled once

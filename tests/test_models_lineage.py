@@ -18,7 +18,7 @@ from core.models import UNet, UViT, make_model
 from core.models.conditioning import LOGSNR_INPUT_TYPES, logsnr_features, logsnr_to_unit
 from core.models.flops import forward_flops, jaxpr_flops
 from core.models.summary import count_params, example_inputs, param_shapes
-from experiments import registry, run
+from experiments import jobs, registry
 from tests.test_models import TINY_UNET, TINY_UVIT, random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,7 @@ def test_paper_unet_jobs_span_the_shifted_range(table, group, row, image_d, nois
   """Every U-Net run binds 'linear' over its own (shifted) schedule's range: appendix A."""
   job = next(j for j in registry.jobs(registry.select(table))
              if any(e.group == group and e.row == row for e in j.entries))
-  args = run.job_args(job, "paper", "unused", None)
+  args = jobs.job_args(job, "paper", "unused", None)
   config_lib.parse([a.split("=", 1)[1] for a in args if a.startswith("gin_file=")],
                    [a for a in args if not a.startswith(("gin_file=", "workdir="))])
   model = make_model()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import data
+from core.data import prepare
 from core.errors import UserError
-from core.input_pipeline import load_split
+from core.data.pipeline import load_split
 from eval.fid import feature_stats, load_stats_meta, save_stats
 from eval.inception import FeatureExtractor
 from eval.reference import (describe, get_reference, has_kid_features, reference_stats,
@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory) -> str:
   for i, im in enumerate(images):
     Image.fromarray(im).save(src / f"img{i}.png")
   out = root / "data"
-  data.prepare(str(src), 16, str(out), eval_fraction=0.0, splits=["train"], progress=False)
+  prepare.prepare(str(src), 16, str(out), eval_fraction=0.0, splits=["train"], progress=False)
   return str(out)
 
 

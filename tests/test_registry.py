@@ -11,7 +11,7 @@ import pytest
 
 from core import config as config_lib
 from core.errors import UserError
-from experiments import registry, run, scales
+from experiments import jobs, registry, run, scales
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +76,7 @@ def _operative(job, scale="paper"):
   """Builds model, schedule and trainer settings from the job's gin, then reads gin's operative config."""
   from core import schedules, trainer
   from core.models import make_model
-  args = run.job_args(job, scale, "unused", None)
+  args = jobs.job_args(job, scale, "unused", None)
   files = [a.split("=", 1)[1] for a in args if a.startswith("gin_file=")]
   binds = [a for a in args if not a.startswith(("gin_file=", "workdir="))]
   config_lib.parse(files, binds)
@@ -230,8 +230,8 @@ def test_eval_sampler_steps_are_the_rows_at_paper_scale_and_the_scales_below():
   job = _job("2", "128x128", "cosine (shifted to 64)")
   opts = {"num_samples": None, "extractor": "auto", "resize": None}
   def steps(j, scale):
-    return dict(a.split("=", 1) for a in run.eval_args(j, scale, "r", opts))["sampler_steps"]
+    return dict(a.split("=", 1) for a in jobs.eval_args(j, scale, "r", opts))["sampler_steps"]
   assert steps(job, "paper") == str(registry.SAMPLER_STEPS) == "256"
   fewer = dataclasses.replace(job, entries=[dataclasses.replace(e, sampler_steps=100) for e in job.entries])
   assert steps(fewer, "paper") == "100"
-  assert steps(fewer, "demo") == str(run.EVAL["demo"]["sampler_steps"])
+  assert steps(fewer, "demo") == str(jobs.EVAL["demo"]["sampler_steps"])

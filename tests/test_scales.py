@@ -14,7 +14,7 @@ import pytest
 from core import config as config_lib
 from core.models import make_model
 from core.models.summary import param_shapes
-from experiments import registry, run, scales
+from experiments import jobs, registry, run, scales
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def _job(table, group, row):
 
 def _bound(job, scale, name):
   """The value of ``name`` in the job's configuration at ``scale`` (gin's own reading)."""
-  args = run.job_args(job, scale, "unused", None)
+  args = jobs.job_args(job, scale, "unused", None)
   config_lib.parse([a.split("=", 1)[1] for a in args if a.startswith("gin_file=")],
                    [a for a in args if not a.startswith(("gin_file=", "workdir="))])
   value = config_lib.query(name)
@@ -52,7 +52,7 @@ def test_every_job_builds_its_model(scale):
   """
   built = set()
   for job in _unique_jobs():
-    args = run.job_args(job, scale, "unused", None)
+    args = jobs.job_args(job, scale, "unused", None)
     config_lib.parse([a.split("=", 1)[1] for a in args if a.startswith("gin_file=")],
                      [a for a in args if not a.startswith(("gin_file=", "workdir="))])
     size = config_lib.query("Train.image_size")

@@ -1,4 +1,4 @@
-"""core.storage on local paths and on a real GCS emulator (gcp-storage-emulator, no mocks)."""
+"""core.io.storage on local paths and on a real GCS emulator (gcp-storage-emulator, no mocks)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from core import storage
+from core.io import storage
 from core.errors import UserError
 
 FAST_RETRY = dict(attempts=2, initial_delay=0.01, max_delay=0.02, timeout=5.0)

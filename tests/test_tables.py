@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from core import storage
+from core.io import storage
 from core.errors import UserError, run_main
 from tables import layout, markdown, measured, paper, render, runs
 from tests.fault_helpers import assert_one_error_line, read_only, run_cli, snapshot

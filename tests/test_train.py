@@ -195,7 +195,7 @@ def test_run_directory_on_gcs_emulator(tmp_path, gcs_bucket):
   gcp-storage-emulator (see the closing notes); restores are tested on local run directories.
   """
   from core import checkpoint as ckpt_lib
-  from core import storage
+  from core.io import storage
   run = gcs_bucket + "/run"
   # The emulator answers OCDBT's conditional manifest writes with generations tensorstore rejects
   # ("Malformed StorageGeneration"), so checkpoints here use one zarr array per leaf.
@@ -215,7 +215,7 @@ def test_loss_goes_down_and_ema_samples_move_toward_the_data(tmp_path):
   data's (1-D Wasserstein distance per channel, samples vs real images)."""
   import jax
   from scipy.stats import wasserstein_distance
-  from core import input_pipeline
+  from core.data import pipeline
   from core import trainer
   from eval import sample
   workdir = tmp_path / "learn"
@@ -230,7 +230,7 @@ def test_loss_goes_down_and_ema_samples_move_toward_the_data(tmp_path):
   fresh = trainer.init_state(run.model, trainer.make_optimizer(run.cfg), run.cfg, jax.random.key(0),
                              num_classes=run.num_classes)["ema_params"]
   data_dir, _ = trainer.resolve_data_dir(run.cfg)
-  real, _ = input_pipeline.load_split(data_dir, "eval", limit=256)
+  real, _ = pipeline.load_split(data_dir, "eval", limit=256)
 
   def distance(params):
     imgs = sample.sample_images(run, params, num_samples=64, batch_size=32, num_steps=32, progress=False)

@@ -1,4 +1,4 @@
-"""core.metrics: metrics.jsonl rows and TensorBoard events, read back with TensorBoard's reader."""
+"""core.metric_writer: metrics.jsonl rows and TensorBoard events, read back with TensorBoard's reader."""
 from __future__ import annotations
 
 import io
@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 
-from core import metrics
-from core import storage
+from core import metric_writer
+from core.io import storage
 from core.errors import UserError
 
 
@@ -31,19 +31,19 @@ def decode_png(s: bytes) -> np.ndarray:
 
 def test_image_grid_layout():
   imgs = np.arange(5 * 2 * 3 * 1, dtype=np.uint8).reshape(5, 2, 3, 1)
-  g = metrics.image_grid(imgs, ncols=2)
+  g = metric_writer.image_grid(imgs, ncols=2)
   assert g.shape == (3 * 2, 2 * 3, 1) and g.dtype == np.uint8
   for i in range(5):
     r, c = divmod(i, 2)
     np.testing.assert_array_equal(g[2 * r:2 * r + 2, 3 * c:3 * c + 3], imgs[i])
   assert (g[4:6, 3:6] == 0).all()  # empty last cell
-  g = metrics.image_grid(imgs, ncols=3, padding=1, pad_value=255)
+  g = metric_writer.image_grid(imgs, ncols=3, padding=1, pad_value=255)
   assert g.shape == (2 * 2 + 1, 3 * 3 + 2, 1)
   assert (g[2, :] == 255).all() and (g[:, 3] == 255).all()
   np.testing.assert_array_equal(g[3:5, 4:7], imgs[4])
-  assert metrics.image_grid(imgs).shape == (2 * 2, 3 * 3, 1)  # ncols = ceil(sqrt(5)) = 3
+  assert metric_writer.image_grid(imgs).shape == (2 * 2, 3 * 3, 1)  # ncols = ceil(sqrt(5)) = 3
   with pytest.raises(UserError):
-    metrics.image_grid(imgs[0])
+    metric_writer.image_grid(imgs[0])
 
 
 def test_scalars_images_text_roundtrip(tmp_path):
@@ -52,7 +52,7 @@ def test_scalars_images_text_roundtrip(tmp_path):
   batch = rng.integers(0, 256, (4, 8, 6, 3), dtype=np.uint8)
   single = rng.integers(0, 256, (10, 12, 1), dtype=np.uint8)
   config = "UViT.num_transformer_blocks = 2\ntrain.batch_size = 8"
-  with metrics.MetricWriter(wd) as w:
+  with metric_writer.MetricWriter(wd) as w:
     for step in (1, 2, 3):
       w.write_scalars(step, {"loss": 1.0 / step, "lr": np.float32(1e-4 * step),
                              "num_images": np.int64(8 * step), "note": "x"})
@@ -72,7 +72,7 @@ def test_scalars_images_text_roundtrip(tmp_path):
   (img,) = acc.Images("samples")
   assert img.step == 3 and (img.height, img.width) == (2 * 8, 2 * 6)
   np.testing.assert_array_equal(decode_png(img.encoded_image_string),
-                                metrics.image_grid(batch, 2))
+                                metric_writer.image_grid(batch, 2))
   (gray,) = acc.Images("gray")
   assert (gray.height, gray.width) == (10, 12)
   np.testing.assert_array_equal(decode_png(gray.encoded_image_string)[..., 0], single[..., 0])
@@ -84,14 +84,14 @@ def test_scalars_images_text_roundtrip(tmp_path):
 
 def test_resume_drops_rows_after_checkpoint(tmp_path):
   wd = str(tmp_path / "run")
-  w = metrics.MetricWriter(wd)
+  w = metric_writer.MetricWriter(wd)
   for step in range(1, 11):
     w.write_scalars(step, {"loss": float(step)})
   w.close()
   with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
     f.write('{"step": 11, "lo')  # torn line from a crash mid-write
   # The run died after checkpointing step 5; the resumed run logs 6 and 7 again.
-  with metrics.MetricWriter(wd, start_step=5) as w:
+  with metric_writer.MetricWriter(wd, start_step=5) as w:
     assert [r["step"] for r in read_rows(os.path.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
     for step in (6, 7):
       w.write_scalars(step, {"loss": 100.0 + step})
@@ -110,9 +110,9 @@ def rows_as_pairs(rows):
 def test_tensorboard_only_writer_purges_nothing(tmp_path):
   """The eval worker's use: TensorBoard only, steps of whichever checkpoints were evaluated."""
   wd = str(tmp_path / "run" / "eval")
-  with metrics.MetricWriter(wd, jsonl=False) as w:
+  with metric_writer.MetricWriter(wd, jsonl=False) as w:
     w.write_scalars(1000, {"eval/fid_train_w1": 30.0})
-  with metrics.MetricWriter(wd, jsonl=False) as w:  # the worker restarted
+  with metric_writer.MetricWriter(wd, jsonl=False) as w:  # the worker restarted
     w.write_scalars(2000, {"eval/fid_train_w1": 20.0})
   assert os.listdir(wd) == ["tb"]
   acc = load_tb(os.path.join(wd, "tb"))
@@ -122,7 +122,7 @@ def test_tensorboard_only_writer_purges_nothing(tmp_path):
 
 def test_non_chief_writes_nothing(tmp_path):
   wd = str(tmp_path / "run")
-  with metrics.MetricWriter(wd, is_chief=False) as w:
+  with metric_writer.MetricWriter(wd, is_chief=False) as w:
     w.write_scalars(1, {"loss": 1.0})
     w.write_images(1, {"x": np.zeros((2, 2, 3), np.uint8)})
     w.write_text("config", "a")
@@ -131,7 +131,7 @@ def test_non_chief_writes_nothing(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-  with metrics.MetricWriter(str(tmp_path)) as w:
+  with metric_writer.MetricWriter(str(tmp_path)) as w:
     with pytest.raises(UserError, match="single number"):
       w.write_scalars(1, {"loss": np.ones(3)})
     with pytest.raises(UserError, match="uint8"):
@@ -140,7 +140,7 @@ def test_bad_inputs(tmp_path):
 
 def test_gcs_workdir_stages_and_syncs(gcs_bucket):
   wd = storage.join(gcs_bucket, "run")
-  with metrics.MetricWriter(wd) as w:
+  with metric_writer.MetricWriter(wd) as w:
     for step in (1, 2, 3):
       w.write_scalars(step, {"loss": float(step)})
     w.flush()
@@ -148,7 +148,7 @@ def test_gcs_workdir_stages_and_syncs(gcs_bucket):
     w.write_scalars(4, {"loss": 4.0})
   assert [r["step"] for r in read_rows(storage.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4]
   assert len(storage.listdir(storage.join(wd, "tb"))) == 1
-  with metrics.MetricWriter(wd, start_step=2, tensorboard=False) as w:
+  with metric_writer.MetricWriter(wd, start_step=2, tensorboard=False) as w:
     w.write_scalars(3, {"loss": 30.0})
   assert [(r["step"], r["loss"]) for r in read_rows(storage.join(wd, "metrics.jsonl"))] == [
       (1, 1.0), (2, 2.0), (3, 30.0)]
@@ -161,7 +161,7 @@ def test_config_text_renders_as_a_code_block(tmp_path):
   config = ("# Parameters for Train:\n# =====\nTrain.batch_size = 8\n\n# Parameters for UNet:\n"
             "UNet.channel_multiplier = [1, 2]\n")
   wd = str(tmp_path / "run")
-  with metrics.MetricWriter(wd) as w:
+  with metric_writer.MetricWriter(wd) as w:
     w.write_text("config", config, step=0, code=True)
   (t,) = load_tb(os.path.join(wd, "tb")).Tensors("config/text_summary")
   html = plugin_util.markdown_to_safe_html(t.tensor_proto.string_val[0].decode())

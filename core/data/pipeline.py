@@ -1,205 +1,39 @@
 """Reading prepared data sets: a resumable, per-host-sharded grain loader and a whole-split reader.
 
-:func:`make_train_loader` builds a grain ``DataLoader`` over the ArrayRecord shards written by
-``python -m core.data prepare`` and returns its iterator. Every host (JAX process) reads a
-disjoint share of each epoch's global shuffled order (grain ``ShardOptions``, the semantics of
-``ShardByJaxProcess``) and yields ``{'image': uint8 [B, H, W, 3], 'label': int32 [B]}`` with
-``B = global_batch_size / process_count``. Epochs repeat forever (or ``num_epochs`` times), each
-with a new permutation. Horizontal flips (p = 1/2, as ADM's ``random_flip``; the paper does not say)
-come from the per-record random generator grain derives from ``(seed, position in the stream)``,
-so the whole stream is a function of the seed. ``iterator.get_state()`` returns bytes and
-``iterator.set_state(bytes)`` restores them: a resumed run sees exactly the batches an
-uninterrupted run would (pinned by ``tests/test_input_pipeline.py``).
-
-:func:`load_split` / :func:`iter_split` read a whole split in file order (e.g. the reference images
-of FID train / FID eval, Section 5), and :func:`read_meta` returns ``meta.json``; compare its
-``resolution`` with the model's.
+Every host reads a disjoint share of each epoch's global shuffled order (grain ``ShardOptions``)
+and yields ``{'image': uint8 [B, H, W, 3], 'label': int32 [B]}``, B = global batch / hosts. Flips
+(p = 1/2, as ADM's ``random_flip``; the paper does not say) come from grain's per-record generator,
+so the stream is a function of the seed, and ``get_state``/``set_state`` resume it exactly.
 """
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Iterator
 
-from array_record.python.array_record_module import ArrayRecordReader
+from absl import flags
 import grain
+import jax
 import numpy as np
 
-from core import data
-from core.errors import UserError
-
-
-def _prepare_hint(data_dir: str) -> str:
-  return (f"prepare it with: python -m core.data prepare src=<image folder or emoji> res=<res> "
-          f"out={data_dir}")
-
-
-def _reprepare_hint(data_dir: str) -> str:
-  return (f"prepare it again with: python -m core.data prepare src=<image folder or emoji> "
-          f"res=<res> out={data_dir} overwrite=true")
-
-
-def _localize(data_dir: str) -> str:
-  """A local directory holding ``data_dir``: gs:// data sets are copied once (through core.storage)
-  to ``<data root>/gcs/<hash of URL and meta.json>``, since ArrayRecord readers need local files."""
-  if not data_dir.startswith("gs://"):
-    return data_dir
-  from core import datasets, storage  # pylint: disable=g-import-not-at-top
-  base = data_dir.rstrip("/")
-  if not storage.exists(f"{base}/meta.json"):
-    raise UserError(f"data set {data_dir!r} has no meta.json; {_prepare_hint(data_dir)}")
-  meta_bytes = storage.read_bytes(f"{base}/meta.json")
-  meta = parse_meta(meta_bytes, f"{base}/meta.json", data_dir)
-  # Keyed by URL and content: a data set prepared again at the same URL gets a fresh copy.
-  key = hashlib.sha1(base.encode() + b"\0" + meta_bytes).hexdigest()[:16]
-  local = os.path.join(datasets.data_root(), "gcs", key)
-  if os.path.exists(os.path.join(local, "meta.json")):
-    return local
-  os.makedirs(os.path.dirname(local), exist_ok=True)
-  tmp = data.make_temp_dir(os.path.dirname(local), ".gcs-")
-  try:
-    for n in [n for v in meta.get("shards", {}).values() for n in v] + ["label_map.json"]:
-      storage.copy_to_local(f"{base}/{n}", os.path.join(tmp, n))
-    with open(os.path.join(tmp, "meta.json"), "wb") as f:  # last: marks the copy complete
-      f.write(meta_bytes)
-    try:
-      os.rename(tmp, local)
-    except OSError:  # another process finished the same copy first
-      pass
-  finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
-  return local
-
-
-def read_meta(data_dir: str) -> dict[str, Any]:
-  """The data set's meta.json (resolution, num_classes, class_names, counts, skipped, shards, ...)."""
-  if not data_dir:
-    raise UserError("no data set given; pass data_dir=<prepared directory>")
-  if data_dir.startswith("gs://"):
-    data_dir = _localize(data_dir)
-  path = os.path.join(data_dir, "meta.json")
-  if not os.path.isfile(path):
-    what = "does not exist" if not os.path.exists(data_dir) else "has no meta.json"
-    raise UserError(f"data set {data_dir!r} {what}; {_prepare_hint(data_dir)}")
-  with open(path, "rb") as f:
-    return parse_meta(f.read(), path, data_dir)
-
-
-def parse_meta(raw: bytes, path: str, data_dir: str) -> dict[str, Any]:
-  """meta.json's bytes -> dict; a UserError naming the fix when it is empty, not JSON, or lacks
-  the fields a loader needs (a data set whose prepare was interrupted or whose file was edited)."""
-  hint = _reprepare_hint(data_dir)
-  if not raw.strip():
-    raise UserError(f"{path} is empty; {hint}")
-  try:
-    meta = json.loads(raw.decode("utf-8"))
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path} is not UTF-8 text (byte {e.start}); {hint}") from None
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
-                    f"{hint}") from None
-  if not isinstance(meta, dict):
-    raise UserError(f"{path} is not a JSON object; {hint}")
-  if meta.get("format") != data.FORMAT:
-    raise UserError(f"{path} has format {meta.get('format')!r}, expected {data.FORMAT!r}; {hint}")
-  problem = _meta_problem(meta)
-  if problem:
-    raise UserError(f"{path} {problem}; {hint}")
-  return meta
-
-
-def _meta_problem(meta: dict[str, Any]) -> str | None:
-  """What is wrong with a meta.json of the right format, or None."""
-  if not isinstance(meta.get("resolution"), int) or meta["resolution"] <= 0:
-    return f"has no positive integer 'resolution' (got {meta.get('resolution')!r})"
-  if not isinstance(meta.get("num_classes"), int):
-    return "has no integer 'num_classes'"
-  for key in ("shards", "shard_counts", "counts"):
-    if not isinstance(meta.get(key), dict):
-      return f"has no '{key}' object"
-  for split, names in meta["shards"].items():
-    counts = meta["shard_counts"].get(split)
-    if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
-        or not isinstance(counts, list) or len(counts) != len(names)
-        or not all(isinstance(c, int) and c >= 0 for c in counts)):
-      return f"lists split {split!r} without matching 'shards' and 'shard_counts'"
-  return None
-
-
-def damaged_shard(data_dir: str, name: str, reason: str) -> UserError:
-  """The one-line error for a shard that cannot be read back as written."""
-  reason = (reason.strip().splitlines() or [""])[0][:200] or "unreadable"
-  return UserError(f"shard {name} of data set {data_dir!r} is damaged ({reason}); "
-                   f"{_reprepare_hint(data_dir)}")
-
-
-def _reason(e: BaseException) -> str:
-  return (str(e).strip().splitlines() or [""])[0] or type(e).__name__
-
-
-def check_shards(data_dir: str, meta: dict[str, Any], splits=None, *, full: bool = False) -> int:
-  """Opens every shard of ``splits`` (default all) and compares its record count with meta.json;
-  with ``full`` also reads every record, which verifies ArrayRecord's (Riegeli's) per-chunk
-  checksums and each record's header. Returns the number of records checked; a UserError naming
-  the first damaged shard (zero bytes, truncated, a flipped byte, a missing file) and the fix."""
-  total = 0
-  for split in (meta["shards"] if splits is None else splits):
-    for name, count in zip(meta["shards"].get(split, []), meta["shard_counts"].get(split, [])):
-      path = os.path.join(data_dir, name)
-      if not os.path.isfile(path):
-        raise UserError(f"shard {path!r} listed in meta.json is missing; "
-                        f"{_reprepare_hint(data_dir)}")
-      try:
-        reader = ArrayRecordReader(path)
-      except (RuntimeError, OSError, ValueError) as e:
-        raise damaged_shard(data_dir, name, _reason(e)) from None
-      if not reader.ok():  # the reader keeps its error until close() raises it
-        try:
-          reader.close()
-          reason = ""
-        except RuntimeError as e:
-          reason = str(e).strip()
-        raise damaged_shard(data_dir, name, f"{reason or 'not a complete ArrayRecord file'}, "
-                            f"{os.path.getsize(path)} bytes")
-      try:
-        n = reader.num_records()
-        if n != count:
-          raise damaged_shard(data_dir, name, f"{n} records, meta.json says {count}")
-        for start in range(0, n if full else 0, 64):
-          try:
-            records = reader.read(start, min(n, start + 64))
-          except (RuntimeError, OSError) as e:
-            raise damaged_shard(data_dir, name, _reason(e)) from None
-          for i, rec in enumerate(records):
-            try:
-              header, _ = data.decode_header(rec)
-              if header["shape"] != [meta["resolution"], meta["resolution"], 3]:
-                raise ValueError(f"image shape {header['shape']}")
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-              raise damaged_shard(data_dir, name, f"record {start + i}: {_reason(e)}") from None
-        total += n
-      finally:
-        with contextlib.suppress(RuntimeError):  # a reader that failed raises its error again
-          reader.close()
-  return total
+from core.data import records
+from core.data.records import damaged_shard, localize, prepare_hint, read_meta
+from core.errors import UserError, first_line
 
 
 def split_paths(data_dir: str, split: str) -> tuple[list[str], dict[str, Any]]:
   """(shard paths, meta) of one split; UserError naming the prepare command if it is missing."""
-  local = _localize(data_dir)
+  local = localize(data_dir)
   meta = read_meta(local)
   names = meta["shards"].get(split)
   if not names:
     have = [s for s, v in meta["shards"].items() if v]
     raise UserError(f"data set {data_dir!r} has no records in split {split!r} (it has: "
-                    f"{', '.join(have) or 'none'}); {_prepare_hint(data_dir)} splits={split}")
+                    f"{', '.join(have) or 'none'}); {prepare_hint(data_dir)} splits={split}")
   try:
-    check_shards(local, meta, [split])  # opens each shard: catches empty and truncated files
+    records.check_shards(local, meta, [split])  # opens each shard: catches empty and truncated files
   except UserError as e:
     if local == data_dir:
       raise
@@ -232,20 +66,20 @@ class RecordSource(grain.sources.RandomAccessDataSource):
       return self._source[record_key]
     except RuntimeError as e:  # Riegeli: "chunk data hash mismatch", a truncated chunk, ...
       shard = self._names[min(bisect.bisect_right(self._ends, record_key), len(self._names) - 1)]
-      raise damaged_shard(self._data_dir, shard, _reason(e)) from None
+      raise damaged_shard(self._data_dir, shard, first_line(e)) from None
 
   def __repr__(self) -> str:
     return self._repr
 
 
 class DecodeRecord(grain.transforms.Map):
-  """bytes -> {'image': uint8 [H,W,3], 'label': int32[, 'text_emb']} (see core.data.decode_record)."""
+  """bytes -> {'image': uint8 [H,W,3], 'label': int32[, 'text_emb']} (see core.data.records.decode_record)."""
 
   def map(self, element: bytes) -> dict[str, np.ndarray]:
     try:
-      r = data.decode_record(element)
+      r = records.decode_record(element)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-      raise UserError(f"a record is not a {data.FORMAT} record ({_reason(e)}); prepare the data "
+      raise UserError(f"a record is not a {records.FORMAT} record ({first_line(e)}); prepare the data "
                       f"set again with: python -m core.data prepare ... overwrite=true") from None
     out = {"image": r["image"], "label": r["label"]}
     if "text_emb" in r:
@@ -305,7 +139,6 @@ class TrainIterator(grain.DataLoaderIterator):
 
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside an absl app they are not parsed yet."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -333,7 +166,6 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
     read_threads, prefetch_buffer_size: grain ReadOptions for reading records.
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % process_count:
@@ -366,6 +198,63 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
       read_options=grain.ReadOptions(num_threads=read_threads,
                                      prefetch_buffer_size=prefetch_buffer_size))
   return TrainIterator(loader, state=None)
+
+
+class ShardedLoader:
+  """The global batch as ``num_shards`` fixed data shards; this process reads the ones it owns.
+
+  Because the shards (not the processes) define the data order, one process reading all shards
+  sees exactly the global batches that N processes see together. ``get_state``/``set_state`` cover
+  every owned shard, so grain's orbax handler stores them with each checkpoint.
+  """
+
+  def __init__(self, data_dir: str, *, batch_size: int, seed: int, num_shards: int,
+               num_workers: int = 0):
+    pc, pi = jax.process_count(), jax.process_index()
+    if num_shards % pc:
+      raise UserError(f"Train.num_data_shards={num_shards} must be a multiple of the number of processes ({pc})")
+    if batch_size % num_shards:
+      raise UserError(f"Train.batch_size={batch_size} must be divisible by Train.num_data_shards={num_shards}")
+    per = num_shards // pc
+    self.shard_ids = list(range(pi * per, (pi + 1) * per))
+    self._iters = [iter(make_train_loader(
+        data_dir, global_batch_size=batch_size, seed=seed, num_workers=num_workers,
+        process_index=s, process_count=num_shards)) for s in self.shard_ids]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._iters]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> bytes:
+    """JSON bytes with every owned shard's grain state (grain's orbax handler stores bytes as text)."""
+    states = {}
+    for s, it in zip(self.shard_ids, self._iters):
+      st = it.get_state()
+      states[str(s)] = st.decode() if isinstance(st, bytes) else st
+    return json.dumps({"shards": states}).encode()
+
+  def set_state(self, state: bytes | str | dict[str, Any]) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    for s, it in zip(self.shard_ids, self._iters):
+      st = state["shards"][str(s)]
+      it.set_state(st.encode() if isinstance(st, str) else st)
+
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after a restore."""
+    for it in self._iters:
+      start = getattr(it, "start_prefetch", None)
+      if start:
+        start()
+
+  def close(self) -> None:
+    for it in self._iters:
+      close = getattr(it, "close", None)
+      if close:
+        close()
 
 
 def iter_split(data_dir: str, split: str, *, batch_size: int = 256, limit: int | None = None

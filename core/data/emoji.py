@@ -1,33 +1,23 @@
-"""The built-in default data set: Google's emoji images from the npm package emoji-datasource-google.
+"""The built-in default data set: Google's emoji from the npm package emoji-datasource-google.
 
-A real-image, class-labelled set small enough for CPU demos and tests, with no account or manual
-download: ``npm pack emoji-datasource-google@16.0.0`` gives a tarball whose
-``package/img/google/64/*.png`` are 3,786 colour 64x64 RGBA emoji (composited on white) and whose
-``package/emoji.json`` gives each emoji's ``category``; skin-tone variants (``skin_variations``)
-take their parent's category. Labels are indices of the sorted category names (10 classes).
-About 10% of the images, chosen by a hash of the file name, form the 'eval' split.
-
-:func:`default_data_dir` returns ``<data root>/emoji-<res>``, preparing it on first use with the
-same code as ``python -m core.data prepare src=emoji res=<res> out=...`` (ADM resize 64 -> res).
-The data root is ``$SIMPLE_DIFFUSION_DATA`` or ``<repo root>/data``; the tarball is cached in
-``<data root>/cache``. Preparation holds a file lock and writes to a temporary directory that is
-renamed into place, so concurrent callers never see (or make) a half-written data set.
+Real class-labelled images small enough for CPU demos and tests, with no account or manual
+download: 3,786 colour 64x64 RGBA emoji (composited on white) labelled by their 10 categories
+(skin-tone variants take their parent's); about 10% (by a hash of the file name) form 'eval'.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from core import data
+from core.data import sources
+from core.data.records import SPLITS, data_root, locked
 from core.errors import UserError
+from core.io import storage
 
 PACKAGE = "emoji-datasource-google"
 VERSION = "16.0.0"
@@ -36,29 +26,6 @@ TARBALL_SHA1 = "a80ac3e8106cbd4d8648ce758aa099e8827b6157"
 IMAGE_DIR = "package/img/google/64/"
 NUM_IMAGES = 3786
 EVAL_FRACTION = 0.1
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def data_root() -> str:
-  """``$SIMPLE_DIFFUSION_DATA`` if set, else ``<repo root>/data``."""
-  return os.path.abspath(os.environ.get("SIMPLE_DIFFUSION_DATA") or os.path.join(REPO_ROOT, "data"))
-
-
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-  """An exclusive inter-process lock held on the file ``path`` (created if missing)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _sha1(path: str) -> str:
-  from core.storage import file_digest  # pylint: disable=import-outside-toplevel
-  return file_digest(path, "sha1").hex()
 
 
 def emoji_tarball(root: str | None = None) -> str:
@@ -67,7 +34,7 @@ def emoji_tarball(root: str | None = None) -> str:
   path = os.path.join(cache, f"{PACKAGE}-{VERSION}.tgz")
   if os.path.exists(path):
     return path
-  with _locked(os.path.join(cache, f".{PACKAGE}.lock")):
+  with locked(os.path.join(cache, f".{PACKAGE}.lock")):
     if os.path.exists(path):
       return path
     npm = shutil.which("npm")
@@ -84,7 +51,7 @@ def emoji_tarball(root: str | None = None) -> str:
         tail = " ".join((r.stderr or r.stdout).strip().splitlines()[-2:])[:300]
         raise UserError(f"npm pack {PACKAGE}@{VERSION} failed ({tail}); check network access to the "
                         f"npm registry, or put the tarball at {path}, or pass src=<image folder>")
-      sha = _sha1(got)
+      sha = storage.file_digest(got, "sha1").hex()
       if sha != TARBALL_SHA1:
         raise UserError(f"npm gave {PACKAGE}@{VERSION} with SHA-1 {sha}, expected {TARBALL_SHA1}; "
                         f"check your npm registry setting")
@@ -95,8 +62,8 @@ def emoji_tarball(root: str | None = None) -> str:
 
 
 def emoji_source(tarball: str | None = None, *, eval_fraction: float | None = None,
-                 splits: Sequence[str] = data.SPLITS) -> data.Source:
-  """Reads the tarball into a :class:`core.data.Source` (labels = sorted categories)."""
+                 splits: Sequence[str] = SPLITS) -> sources.Source:
+  """Reads the tarball into a :class:`core.data.sources.Source` (labels = sorted categories)."""
   tarball = tarball or emoji_tarball()
   if not os.path.isfile(tarball):
     raise UserError(f"src={tarball!r} does not exist; pass src=emoji to fetch it with npm")
@@ -123,42 +90,22 @@ def emoji_source(tarball: str | None = None, *, eval_fraction: float | None = No
       category[v["image"]] = e["category"]
   class_names = sorted({category[n] for n in pngs if n in category})
   index = {c: i for i, c in enumerate(class_names)}
-  items: dict[str, list[data.Item]] = {s: [] for s in splits}
+  items: dict[str, list[sources.Item]] = {s: [] for s in splits}
   skipped = {s: 0 for s in splits}
   examples: dict[str, list[str]] = {s: [] for s in splits}
   for name in sorted(pngs):
-    s = data.split_of(name, frac)
+    s = sources.split_of(name, frac)
     if s not in items:
       continue
     if name not in category:
       skipped[s] += 1
       examples[s].append(f"{name}: not in emoji.json")
       continue
-    items[s].append(data.Item(key=name, label=index[category[name]], data=pngs[name]))
-  return data.Source(items=items, class_names=class_names,
+    items[s].append(sources.Item(key=name, label=index[category[name]], data=pngs[name]))
+  return sources.Source(items=items, class_names=class_names,
                      description=f"npm:{PACKAGE}@{VERSION} (eval_fraction={frac})",
                      skipped=skipped, skipped_examples=examples)
 
 
-def default_data_dir(res: int, root: str | None = None, *, progress: bool = False) -> str:
-  """``<data root>/emoji-<res>``, prepared from the emoji tarball on first use (concurrency-safe)."""
-  root = root or data_root()
-  out = os.path.join(root, f"emoji-{res}")
-  if os.path.exists(os.path.join(out, "meta.json")):
-    return out
-  tarball = emoji_tarball(root)
-  with _locked(os.path.join(root, f".emoji-{res}.lock")):
-    if os.path.exists(os.path.join(out, "meta.json")):  # another process finished meanwhile
-      return out
-    if os.path.exists(out):  # left over by a crash before meta.json existed: never a valid set
-      shutil.rmtree(out)
-    tmp = data.make_temp_dir(root, f".emoji-{res}.tmp-")
-    try:
-      meta = data.write_dataset(emoji_source(tarball), res, tmp, workers=1, progress=progress,
-                                source_name=f"npm:{PACKAGE}@{VERSION}")
-      os.rename(tmp, out)  # atomic on one file system
-    finally:
-      if os.path.isdir(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-  print(data.summary_line(meta) + f" -> {out} in {meta['prepare_seconds']:.1f} s", file=sys.stderr)
-  return out
+def is_emoji_source(src: str) -> bool:
+  return src == "emoji" or (src.endswith(".tgz") and "emoji-datasource" in os.path.basename(src))

@@ -426,8 +426,14 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def listdir(path: str) -> list[str]:
-  """Sorted names of the immediate children of a directory (gs: objects and prefixes below it)."""
+def listdir(path: str, *, missing_ok: bool = False) -> list[str]:
+  """Sorted names of the immediate children of a directory (gs: objects and prefixes below it);
+  ``missing_ok``: [] for a directory that does not exist."""
+  if missing_ok:
+    try:
+      return listdir(path)
+    except FileNotFoundError:
+      return []
   path = os.fspath(path)
   if not is_remote(path):
     try:
@@ -605,12 +611,9 @@ COMMIT_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
 
 
 def file_digest(path: str, algorithm: str = "sha1") -> bytes:
-  """The digest of a local file, read in 1 MiB chunks."""
-  h = hashlib.new(algorithm)
+  """The digest of a local file."""
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.digest()
+    return hashlib.file_digest(f, algorithm).digest()
 
 
 def _md5_b64(path: str) -> str:

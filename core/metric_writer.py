@@ -13,7 +13,7 @@ orphaned events of the dead run. The resumed run then rewrites steps S + 1, ... 
 
 ``gs://`` work directories: everything is written to a local staging directory (the existing
 ``metrics.jsonl`` is downloaded first, so truncation works there too) and mirrored with
-:class:`core.storage.Syncer` on :meth:`MetricWriter.flush` (and at most every ``sync_every_s``
+:class:`core.io.storage.Syncer` on :meth:`MetricWriter.flush` (and at most every ``sync_every_s``
 seconds while writing), so an upload that fails is retried at the next flush.
 
 Only the chief process writes (``is_chief=False`` makes every method a no-op), as in multi-host
@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from core import storage
+from core.io import jsonl, storage
 from core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -89,28 +89,13 @@ def _scalar(name: str, v: Any) -> float | int | str | bool | None:
 
 
 def truncate_jsonl(path: str, max_step: int) -> int:
-  """Keeps the rows of a local ``metrics.jsonl`` with ``step <= max_step``; drops unparsable
-  (torn) lines. Rewrites atomically; returns the number of rows dropped."""
-  if not os.path.exists(path):
-    return 0
-  kept, dropped, rewrite = [], 0, False
-  with open(path, "r", encoding="utf-8") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-        step = int(row["step"])
-      except (ValueError, KeyError, TypeError):
-        dropped += 1
-        continue
-      if step <= max_step:
-        if not line.endswith("\n"):
-          line, rewrite = line + "\n", True
-        kept.append(line)
-      else:
-        dropped += 1
-  if dropped or rewrite:
-    storage.write_text(path, "".join(kept))
-  return dropped
+  """Keeps the rows of ``metrics.jsonl`` with ``step <= max_step`` and drops a torn tail;
+  returns the number of rows dropped."""
+  rows, torn = jsonl.read_with_tail(path)
+  kept = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= max_step]
+  if torn or len(kept) < len(rows):
+    jsonl.write(path, kept)
+  return len(rows) - len(kept) + torn
 
 
 class MetricWriter:

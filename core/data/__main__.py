@@ -1,0 +1,121 @@
+"""``python -m core.data prepare ...`` / ``python -m core.data info data_dir=...``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+from core import cli
+from core.data import records
+from core.data.prepare import prepare, summary_line
+from core.errors import UserError, run_main
+
+
+PREPARE_OPTIONS = [
+    cli.Option("src", None, "image source: a folder of class folders (label = index of the sorted "
+               "folder name), a flat image folder (unconditional), an ImageNet root with train/<wnid>/ "
+               "and val/ (val/ as class folders, or flat plus val_labels=), or 'emoji' for the "
+               "built-in emoji-datasource-google set (needs npm). Required."),
+    cli.Option("res", None, "output resolution: images are ADM center-cropped and resized to "
+               "res x res. Required.", int),
+    cli.Option("out", None, "output directory (local path or gs://bucket/prefix); gets "
+               "<split>-NNNNN-of-NNNNN.array_record shards, meta.json and label_map.json. Required."),
+    cli.Option("eval_fraction", None, "for a folder source without train/ and val/: fraction of "
+               "images (chosen by a hash of their relative path) put in the 'eval' split. Default 0.1.",
+               float),
+    cli.Option("shards", 0, "number of train shards (eval gets a proportional number); 0 = about "
+               "one per 512 MiB of pixels.", int),
+    cli.Option("splits", "train,eval", "comma-separated splits to write (train, eval).",
+               lambda s: [x.strip() for x in s.split(",") if x.strip()]),
+    cli.Option("val_labels", None, "labels for a flat ImageNet val/ folder: lines '<image file> "
+               "<wnid>' (whitespace or comma separated, e.g. Kaggle's LOC_val_solution.csv)."),
+    cli.Option("text_emb", None, "optional .npz of text embeddings keyed by image file stem, "
+               "stored in each record as 'text_emb' (images without one are skipped)."),
+    cli.Option("workers", max(1, min(16, os.cpu_count() or 1)), "processes decoding images.", int),
+    cli.Option("max_images", 0, "keep at most this many images per split (0 = all); for smoke tests.",
+               int),
+    cli.Option("overwrite", False, "replace a data set already prepared at out=.", cli.parse_bool),
+    cli.Option("progress", True, "show progress (a bar on a terminal, else periodic log lines).",
+               cli.parse_bool),
+]
+
+# info's verify=auto reads every record (checking ArrayRecord's chunk checksums) up to this size.
+VERIFY_AUTO_BYTES = 2 * 2**30
+INFO_OPTIONS = [
+    cli.Option("data_dir", None, "a prepared data set directory (or gs://...)."),
+    cli.Option("verify", "auto", "shard check: quick opens every shard and compares its record "
+               "count with meta.json; full also reads every record (ArrayRecord's checksums catch "
+               "flipped bytes); auto = full up to 2 GiB of shards, else quick.",
+               choices=["auto", "quick", "full"]),
+]
+
+DESCRIPTION = """\
+Prepares an image data set for training: every image is converted to RGB (transparency composited
+on white), center-cropped and resized as ADM does for ImageNet (halve with a BOX filter while the
+smaller side is >= 2*res, BICUBIC so the smaller side is res, central res x res crop) and written
+as uint8 records with an int label to ArrayRecord shards (splits 'train' and 'eval'), plus
+meta.json. Corrupt or unreadable files are skipped and counted.
+
+commands:
+  prepare src=... res=... out=...   prepare a data set (options below)
+  info data_dir=... [verify=...]    print a prepared data set's summary, check its shards
+
+example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16"""
+
+
+def main(argv: Sequence[str]) -> int:
+  """``python -m core.data prepare ...`` / ``python -m core.data info data_dir=...``."""
+  argv = list(argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(cli.format_help("core.data prepare", DESCRIPTION, PREPARE_OPTIONS))
+    return 0
+  cmd, rest = argv[0], argv[1:]
+  if cmd == "info":
+    values, _ = cli.parse(rest, INFO_OPTIONS, prog="core.data info",
+                          description="Prints a prepared data set's summary and checks its shards.")
+    if not values["data_dir"]:
+      raise UserError("info needs data_dir=<prepared data set directory>")
+    data_dir = values["data_dir"]
+    meta = records.read_meta(data_dir)
+    local = records.localize(data_dir)
+    names = [n for v in meta["shards"].values() for n in v]
+    nbytes = sum(os.path.getsize(os.path.join(local, n)) for n in names
+                 if os.path.isfile(os.path.join(local, n)))
+    verify = values["verify"]
+    full = verify == "full" or (verify == "auto" and nbytes <= VERIFY_AUTO_BYTES)
+    n = records.check_shards(local, meta, full=full)
+    print(summary_line(meta))
+    print(json.dumps({k: meta[k] for k in ("resolution", "num_classes", "counts", "skipped",
+                                            "source")}, indent=1))
+    print(f"shards ok: {len(names)} files, {nbytes / 2**20:.1f} MiB, {n} records " +
+          ("read back with their checksums" if full else
+           "opened and counted (verify=full reads every record's checksum)"))
+    return 0
+  if cmd != "prepare":
+    raise UserError(f"unknown command {cmd!r}; use: python -m core.data prepare src=... res=... out=...")
+  values, bindings = cli.parse(rest, PREPARE_OPTIONS, prog="core.data prepare",
+                               description=DESCRIPTION)
+  if bindings:
+    raise UserError(f"prepare takes no gin bindings (got {bindings[0]!r}); see --help")
+  for name in ("src", "res", "out"):
+    if values[name] is None:
+      raise UserError(f"{name}= is required, e.g. python -m core.data prepare src=emoji res=64 "
+                      f"out=data/emoji-64")
+  splits = values["splits"]
+  if isinstance(splits, str):  # the default
+    splits = [x.strip() for x in splits.split(",") if x.strip()]
+  meta = prepare(values["src"], values["res"], values["out"], eval_fraction=values["eval_fraction"],
+                 shards=values["shards"], splits=splits, val_labels=values["val_labels"],
+                 text_emb=values["text_emb"], workers=values["workers"],
+                 max_images=values["max_images"], overwrite=values["overwrite"],
+                 progress=values["progress"])
+  for split, ex in meta["skipped_examples"].items():
+    for e in ex[:3]:
+      print(f"skipped ({split}) e.g. {e}", file=sys.stderr)
+  print(summary_line(meta) + f" -> {values['out']} in {meta['prepare_seconds']:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  run_main(main)

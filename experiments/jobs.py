@@ -1,0 +1,104 @@
+"""A registry job at a scale -> the exact ``core.train`` and ``eval.worker`` arguments, its
+``job.json`` record, whether it is trained, and its model built from those arguments.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import gin
+
+from core import checkpoint as ckpt_lib
+from core import config as config_lib
+from core import trainer as train_lib
+from core.io import rundir, storage
+from core.models import make_model
+from experiments import registry, scales
+
+# Evaluation size per scale (the paper: 50K samples, 256 sampler steps is our default). Demo rows
+# keep their 500 samples as an npz and compare them with whole splits (FID with a bootstrap spread,
+# and KID); smoke compares 16 samples with a prefix of each split. All scales resize the paper's
+# way (legacy_tensorflow) unless resize= says otherwise.
+EVAL = {
+    "paper": {"num_samples": None, "sampler_steps": None, "batch_size": 256, "max_reference_images": None,
+              "save_samples": "grid"},
+    "demo": {"num_samples": 500, "sampler_steps": 64, "batch_size": 100, "max_reference_images": None,
+             "save_samples": "npz"},
+    "smoke": {"num_samples": 16, "sampler_steps": 4, "batch_size": 8, "max_reference_images": 32,
+              "save_samples": "npz"},
+}
+
+
+def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) -> list[str]:
+  """The exact ``python -m core.train`` arguments for a job at a scale."""
+  args = [f"gin_file={f}" for f in job.gin_files]
+  binds = list(job.bindings) + scales.scale_bindings(job.gin_files, job.bindings, job.arch, job.resolution, scale)
+  if data_dir:
+    binds.append(f"Train.data_dir = '{data_dir.replace('{res}', str(job.resolution))}'")
+  args += [b.replace(" ", "") for b in binds]
+  args.append(f"workdir={run_dir}")
+  return args
+
+
+def sampler_steps(job: registry.Job, scale: str) -> int:
+  """The row's sampler steps at paper scale (a registry choice), the scale's own below it."""
+  return EVAL[scale]["sampler_steps"] or job.sampler_steps
+
+
+def eval_args(job: registry.Job, scale: str, run_dir: str, opts: dict[str, Any]) -> list[str]:
+  ev = EVAL[scale]
+  n = opts["num_samples"] or ev["num_samples"] or job.num_samples
+  return [f"workdir={run_dir}", f"num_samples={n}", "guidance=" + ",".join(f"{w:g}" for w in job.guidances),
+          f"batch_size={ev['batch_size']}", f"sampler_steps={sampler_steps(job, scale)}",
+          f"noise_param={job.noise_param}", f"extractor={opts['extractor']}",
+          f"resize={opts.get('resize') or 'legacy_tensorflow'}", f"save_samples={ev['save_samples']}",
+          "once=true"] + (
+              [f"max_reference_images={ev['max_reference_images']}"] if ev["max_reference_images"] else [])
+
+
+def write_job_json(job: registry.Job, scale: str, run_dir: str, args: list[str]) -> None:
+  """Records which table rows the run serves (merged with rows recorded by earlier invocations)."""
+  path = rundir.job_path(run_dir)
+  rows = job.rows_json()
+  if storage.exists(path):
+    old = json.loads(storage.read_text(path))
+    rows = old.get("rows", []) + [r for r in rows if r not in old.get("rows", [])]
+  storage.makedirs(run_dir)
+  storage.write_text(path, json.dumps({
+      "run_name": job.name, "scale": scale, "arch": job.arch, "resolution": job.resolution,
+      "gin_files": list(job.gin_files), "bindings": list(job.bindings), "train_args": args, "rows": rows,
+  }, indent=1))
+
+
+def is_trained(run_dir: str) -> bool:
+  """Whether the run has checkpointed its configured last step."""
+  if not rundir.is_run(run_dir):
+    return False
+  last = latest_step(run_dir)
+  return last is not None and last >= _configured_steps(run_dir)
+
+
+def latest_step(run_dir: str) -> int | None:
+  if not storage.exists(rundir.checkpoints_dir(run_dir)):
+    return None
+  c = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
+  try:
+    return c.latest_step()
+  finally:
+    c.close()
+
+
+def _configured_steps(run_dir: str) -> int:
+  with config_lib.scratch():
+    config_lib.parse_text(rundir.read_config(run_dir), rundir.config_path(run_dir))
+    return train_lib.TrainConfig().num_steps
+
+
+def build(train_args: Sequence[str]):
+  """Parses a job's ``python -m core.train`` arguments; returns (model, TrainConfig, logsnr_fn)."""
+  files = [a.split("=", 1)[1] for a in train_args if a.startswith("gin_file=")]
+  binds = [a for a in train_args if not a.startswith(("gin_file=", "workdir="))]
+  config_lib.parse(files, binds)
+  model = make_model()
+  logsnr_fn = gin.query_parameter("train.logsnr_fn").scoped_configurable_fn()
+  return model, train_lib.TrainConfig(), logsnr_fn
