@@ -51,7 +51,8 @@ from core.models.summary import parse_image_size, split_gin_args
 OPTIONS = [
     cli.Option("gin_file", None, "gin model config(s); bare *.gin paths work too", repeated=True),
     cli.Option("what", "train", "train: training step; sample: the whole sampler; aot: compile the "
-               "sharded step from abstract inputs and report memory", choices=("train", "sample", "aot")),
+               "sharded step from abstract inputs and report memory",
+               choices=("train", "sample", "aot")),
     cli.Option("batch", 32, "global batch size (split over devices); sample: images per call", int),
     cli.Option("steps", 20, "timed training steps (after warm-up)", int),
     cli.Option("warmup", 3, "untimed steps after compilation", int),
@@ -140,7 +141,8 @@ def device_memory() -> dict[str, int] | None:
     return None
   if not stats:
     return None
-  return {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
+  return {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_in_use",
+                                     "bytes_limit") if k in stats}
 
 
 def compile_train_step(model, logsnr_fn, cfg, mesh) -> tuple[Any, Any, Any, float]:
@@ -207,7 +209,8 @@ def train_benchmark(model, logsnr_fn, cfg, *, steps: int = 20, warmup: int = 3) 
   fwd = _flops(model, cfg)
   img_s = cfg.batch_size * steps_per_sec
   return _rates(model, cfg, {
-      "what": "train", "params": _count(abstract["params"]), "batch_size": cfg.batch_size, "steps": steps, "compile_s": round(compile_s, 2),
+      "what": "train", "params": _count(abstract["params"]), "batch_size": cfg.batch_size,
+      "steps": steps, "compile_s": round(compile_s, 2),
       "steps_per_sec": steps_per_sec, "img_per_sec": img_s, "flops_per_image_fwd": fwd,
       "flops_per_sec": 3.0 * fwd * img_s, "loss": float(m["loss"]),
       "compiled_memory": _memory(compiled), "device_memory": device_memory()})
@@ -227,7 +230,9 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
   tx = trainer.make_optimizer(cfg)
   init = lambda rng: trainer.init_state(model, tx, cfg, rng, num_classes=nc)["ema_params"]
   abstract = {"params": jax.eval_shape(init, jax.random.key(cfg.seed))}
-  params = jax.jit(init, out_shardings=shd.tree_shardings(mesh, abstract["params"]))(jax.random.key(cfg.seed))
+  params = jax.jit(init,
+                   out_shardings=shd.tree_shardings(mesh,
+                                                    abstract["params"]))(jax.random.key(cfg.seed))
   text_len, text_dim = _text(model, cfg)
   guided = bool(nc or text_len) and guidance != 1.0
   shape = (batch, cfg.image_size, cfg.image_size, 3)
@@ -265,8 +270,10 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
   fwd = _flops(model, cfg)
   passes = (num_steps + 1) * (2 if guided else 1)  # fori_loop steps + the final x prediction
   return _rates(model, cfg, {
-      "what": "sample", "params": _count(abstract["params"]), "batch_size": batch, "sampler_steps": num_steps, "guidance": guidance,
-      "guided_batch": 2 * batch if guided else batch, "calls": calls, "compile_s": round(compile_s, 2),
+      "what": "sample", "params": _count(abstract["params"]), "batch_size": batch,
+      "sampler_steps": num_steps, "guidance": guidance,
+      "guided_batch": 2 * batch if guided else batch, "calls": calls,
+      "compile_s": round(compile_s, 2),
       "seconds_per_call": elapsed / calls, "img_per_sec": img_s,
       "ms_per_forward": 1e3 * elapsed / calls / (num_steps + 1),
       "flops_per_image_fwd": fwd, "flops_per_sec": passes * fwd * img_s,
@@ -297,14 +304,16 @@ def _build(opts: dict[str, Any], files: list[str], bindings: list[str]):
   size = parse_image_size(size)
   if isinstance(size, (tuple, list)):
     if size[0] != size[1]:
-      raise UserError(f"image_size={size[0]}x{size[1]}: the trainer trains square images; give one size")
+      raise UserError(f"image_size={size[0]}x{size[1]}: the trainer trains square images; give one "
+                      f"size")
     size = size[0]
   model = make_model(image_size=size)
   try:
     logsnr_fn = gin.query_parameter("train.logsnr_fn").scoped_configurable_fn()
   except ValueError:
     logsnr_fn = default_logsnr_fn(size)
-  cfg = dataclasses.replace(trainer.TrainConfig(), image_size=size, batch_size=opts["batch"], seed=opts["seed"],
+  cfg = dataclasses.replace(trainer.TrainConfig(), image_size=size, batch_size=opts["batch"],
+                            seed=opts["seed"],
                             text_len=opts["text_len"], text_dim=opts["text_dim"])
   return model, logsnr_fn, cfg
 
@@ -315,11 +324,14 @@ def summary_line(res: dict[str, Any]) -> str:
     c = res["compiled"] or {}
     return (f"{res['arch']} {res['image_size']}x{res['image_size']} batch {res['batch_size']} on "
             f"{res['devices']} devices: state {res['state_bytes_total'] / 1e9:.2f} GB, per device "
-            f"{res['state_bytes_per_device'] / 1e9:.3f} GB, compiled step {c.get('total_bytes', 0) / 1e9:.2f} "
+            f"{res['state_bytes_per_device'] / 1e9:.3f} GB, compiled step "
+            f"{c.get('total_bytes', 0) / 1e9:.2f} "
             f"GB/device (compile {res['compile_s']:.0f} s)")
   mfu = "n/a" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
-  return (f"{res['what']}: {res['arch']} {res['image_size']}x{res['image_size']} batch {res['batch_size']} "
-          f"{res['dtype']} on {res['num_devices']}x {res['device']}: {res['img_per_sec']:.2f} img/s, "
+  return (f"{res['what']}: {res['arch']} {res['image_size']}x{res['image_size']} batch "
+          f"{res['batch_size']} "
+          f"{res['dtype']} on {res['num_devices']}x {res['device']}: {res['img_per_sec']:.2f} "
+          f"img/s, "
           f"{res['tflops_per_sec']:.1f} TFLOP/s, MFU {mfu} (compile {res['compile_s']:.0f} s)")
 
 
@@ -338,10 +350,12 @@ def main(argv: Sequence[str]) -> int:
   if opts["what"] == "train":
     res = train_benchmark(model, logsnr_fn, cfg, steps=opts["steps"], warmup=opts["warmup"])
   elif opts["what"] == "sample":
-    res = sample_benchmark(model, logsnr_fn, cfg, batch=opts["batch"], num_steps=opts["sampler_steps"],
+    res = sample_benchmark(model, logsnr_fn, cfg, batch=opts["batch"],
+                           num_steps=opts["sampler_steps"],
                            guidance=opts["guidance"], calls=opts["calls"])
   else:
-    res = {"what": "aot", **aot_memory(model, logsnr_fn, cfg, shd.make_mesh(fsdp=-1)), "time": time.time()}
+    res = {"what": "aot", **aot_memory(model, logsnr_fn, cfg, shd.make_mesh(fsdp=-1)),
+           "time": time.time()}
   print(summary_line(res), file=sys.stderr)
   line = json.dumps(res)
   print(line)

@@ -49,7 +49,8 @@ def is_gin_binding(arg: str) -> bool:
 
 
 def format_help(prog: str, description: str, options: Sequence[Option]) -> str:
-  lines = [f"usage: python -m {prog} [name=value ...] [Gin.binding=value ...]", "", description.strip(), "",
+  lines = [f"usage: python -m {prog} [name=value ...] [Gin.binding=value ...]", "",
+           description.strip(), "",
            "options:"]
   for o in options:
     default = "" if o.default is None else f" (default: {o.default})"
@@ -57,7 +58,8 @@ def format_help(prog: str, description: str, options: Sequence[Option]) -> str:
     lines.append(f"  {o.name}=...{default}")
     lines.append(f"      {o.help}{choices}")
   lines.append("")
-  lines.append("Any argument whose name contains a dot (e.g. UViT.num_transformer_blocks=2) is a gin binding.")
+  lines.append("Any argument whose name contains a dot (e.g. UViT.num_transformer_blocks=2) is a "
+               "gin binding.")
   return "\n".join(lines)
 
 

@@ -45,7 +45,8 @@ def register_configurables() -> None:
   for name in CONFIGURABLE_MODULES:
     importlib.import_module(name)
   if not _REGISTERED:
-    gin.external_configurable(schedules.schedule_range, "schedule_range", denylist=["schedule", "num"])
+    gin.external_configurable(schedules.schedule_range, "schedule_range",
+                              denylist=["schedule", "num"])
     _REGISTERED.append(True)
 
 
@@ -79,7 +80,9 @@ def resolve_gin_file(path: str) -> str:
     if os.path.isfile(c):
       return c
   available = sorted(os.path.relpath(os.path.join(d, f), REPO_ROOT)
-                     for d, _, fs in os.walk(os.path.join(REPO_ROOT, "gin")) for f in fs if f.endswith(".gin"))
+                     for d, _,
+                     fs in os.walk(os.path.join(REPO_ROOT,
+                                                "gin")) for f in fs if f.endswith(".gin"))
   close = difflib.get_close_matches(path, available, n=3, cutoff=0.4)
   hint = f"; did you mean {', '.join(close)}?" if close else f"; gin files live under gin/ ({len(available)} files)"
   raise UserError(f"gin file {path!r} not found{hint}")
@@ -120,7 +123,8 @@ def _signature_params(configurable: str) -> list[str]:
       target = fn.__init__ if isinstance(fn, type) else fn
       if isinstance(fn, type) and hasattr(fn, "__dataclass_fields__"):
         return list(fn.__dataclass_fields__)
-      return [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs")]
+      return [p for p in inspect.signature(target).parameters if p not in ("self", "args",
+                                                                           "kwargs")]
   return []
 
 

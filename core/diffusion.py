@@ -79,12 +79,6 @@ def v_from_eps(z, eps, logsnr):
   return (eps - sigma * z) / alpha
 
 
-def x_from_eps(z, eps, logsnr):
-  """x_hat = (z - sigma eps_hat) / alpha (Section 2)."""
-  alpha, sigma = _alpha_sigma(logsnr, z)
-  return (z - sigma * eps) / alpha
-
-
 def eps_from_x(z, x, logsnr):
   """eps_hat = (z - alpha x_hat) / sigma."""
   alpha, sigma = _alpha_sigma(logsnr, z)
@@ -125,8 +119,8 @@ def multiscale_resolutions(d: int, base: int = 32) -> list[int]:
     res.append(s)
     s *= 2
   if s != d:
-    raise UserError(f"multiscale loss needs the image size {d} to be multiscale_base={base} times a "
-                    f"power of two; change multiscale_base or the resolution")
+    raise UserError(f"multiscale loss needs the image size {d} to be multiscale_base={base} times "
+                    f"a power of two; change multiscale_base or the resolution")
   return res + [d]
 
 

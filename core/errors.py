@@ -36,7 +36,8 @@ def first_line(e: BaseException) -> str:
   return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
+def run_main(main: Callable[[Sequence[str]], int | None],
+             argv: Sequence[str] | None = None) -> None:
   """Runs ``main(argv)``: a UserError becomes one ``error:`` line and exit status 2, a Preempted
   one ``preempted:`` line and exit status 75."""
   argv = list(sys.argv[1:] if argv is None else argv)

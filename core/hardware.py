@@ -51,8 +51,10 @@ TPUS = {a.name: a for a in (
 
 # ``Device.device_kind`` substrings -> table entries (longest match first: 'TPU v5 lite' before 'TPU v5').
 _DEVICE_KINDS = {
-    "H100": GPUS["H100"], "H200": GPUS["H200"], "B200": GPUS["B200"], "A100-SXM4-40GB": GPUS["A100-40GB"],
-    "A100-PCIE-40GB": GPUS["A100-40GB"], "A100": GPUS["A100"], "L40S": GPUS["L40S"], "L4": GPUS["L4"],
+    "H100": GPUS["H100"], "H200": GPUS["H200"], "B200": GPUS["B200"],
+    "A100-SXM4-40GB": GPUS["A100-40GB"],
+    "A100-PCIE-40GB": GPUS["A100-40GB"], "A100": GPUS["A100"], "L40S": GPUS["L40S"],
+    "L4": GPUS["L4"],
     "A10": GPUS["A10"], "TPU v2": TPUS["v2"], "TPU v3": TPUS["v3"], "TPU v4": TPUS["v4"],
     "TPU v5 lite": TPUS["v5litepod"], "TPU v5e": TPUS["v5litepod"], "TPU v5p": TPUS["v5p"],
     "TPU v5": TPUS["v5p"], "TPU v6 lite": TPUS["v6e"], "TPU v6e": TPUS["v6e"],

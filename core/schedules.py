@@ -40,13 +40,15 @@ def _as_float(t):
 def _check_positive(setting: str, value) -> None:
   """Raises UserError unless a (static) resolution setting is a positive number."""
   if value is None:
-    raise UserError(f"{setting} is not set; give it a positive resolution in pixels, e.g. {setting}=64")
+    raise UserError(f"{setting} is not set; give it a positive resolution in pixels, e.g. "
+                    f"{setting}=64")
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     if hasattr(value, "shape"):  # A traced or array value: cannot be checked statically.
       return
     raise UserError(f"{setting}={value!r} is not a number; give a positive resolution in pixels")
   if not value > 0:
-    raise UserError(f"{setting}={value!r} must be a positive resolution in pixels (e.g. 32, 64, 256)")
+    raise UserError(f"{setting}={value!r} must be a positive resolution in pixels (e.g. 32, 64, "
+                    f"256)")
 
 
 def _check_range(logsnr_min, logsnr_max) -> None:

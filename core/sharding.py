@@ -35,7 +35,8 @@ def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
   n = len(devices)
   fsdp = n if fsdp == -1 else fsdp
   if fsdp < 1 or n % fsdp:
-    raise UserError(f"mesh.fsdp={fsdp} must divide the number of devices ({n}); use 1, -1 (all) or a divisor")
+    raise UserError(f"mesh.fsdp={fsdp} must divide the number of devices ({n}); use 1, -1 (all) or "
+                    f"a divisor")
   arr = np.asarray(devices).reshape(n // fsdp, fsdp)
   return Mesh(arr, (DATA, FSDP))
 
@@ -75,14 +76,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """Assembles each host's slice of the batch into global arrays sharded over the mesh."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k,
+          v in local_batch.items()}
 
 
 def check_batch_size(mesh: Mesh, global_batch_size: int) -> None:
   n = mesh.devices.size
   if global_batch_size % n:
-    raise UserError(f"batch_size={global_batch_size} must be divisible by the number of devices ({n}); "
-                    f"set Train.batch_size to a multiple of {n}")
+    raise UserError(f"batch_size={global_batch_size} must be divisible by the number of devices "
+                    f"({n}); set Train.batch_size to a multiple of {n}")
   if global_batch_size % jax.process_count():
     raise UserError(f"batch_size={global_batch_size} must be divisible by the number of processes "
                     f"({jax.process_count()})")

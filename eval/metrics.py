@@ -28,12 +28,15 @@ def validate_images(images: Any, min_count: int = 2) -> np.ndarray:
   shape = list(x.shape)
   if x.dtype != np.uint8:
     raise UserError(f"samples must be uint8 images of shape [N, H, W, 3] with values 0..255; got "
-                    f"{x.dtype} {shape} (convert with np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8))")
+                    f"{x.dtype} {shape} (convert with np.clip(np.round((x + 1) * 127.5), 0, "
+                    f"255).astype(np.uint8))")
   if x.ndim != 4 or x.shape[-1] != 3:
     hint = " (channels first? transpose to NHWC)" if x.ndim == 4 and x.shape[1] == 3 else ""
-    raise UserError(f"samples must be uint8 images of shape [N, H, W, 3] (NHWC, RGB); got {shape}{hint}")
+    raise UserError(f"samples must be uint8 images of shape [N, H, W, 3] (NHWC, RGB); got "
+                    f"{shape}{hint}")
   if x.shape[0] < min_count or x.shape[1] < 1 or x.shape[2] < 1:
-    raise UserError(f"samples must be uint8 images of shape [N, H, W, 3] with N >= {min_count}; got {shape}")
+    raise UserError(f"samples must be uint8 images of shape [N, H, W, 3] with N >= {min_count}; "
+                    f"got {shape}")
   return x
 
 
@@ -47,8 +50,8 @@ def compute_metrics(images_uint8: Any, *, extractor, ref_train: Stats | None = N
   """
   images = validate_images(images_uint8)
   if getattr(extractor, "has_logits", False) and len(images) < is_splits:
-    raise UserError(f"Inception Score with is_splits={is_splits} needs at least {is_splits} samples; "
-                    f"got {len(images)} (lower is_splits or evaluate more samples)")
+    raise UserError(f"Inception Score with is_splits={is_splits} needs at least {is_splits} "
+                    f"samples; got {len(images)} (lower is_splits or evaluate more samples)")
   features, logits = extractor.features(images)
   mu, sigma = feature_stats(features)
   result: dict[str, Any] = {"fid_train": None, "fid_eval": None, "is": None}

@@ -171,7 +171,8 @@ def load_reference(path: str, extractor, *, split: str, convention: str | None =
   meta = load_stats_meta(path)
   if "extractor" in meta and "resize_mode" in meta:
     if convention and convention != meta["resize_mode"]:
-      raise UserError(f"{path} records resize {meta['resize_mode']} but ref_convention={convention} "
+      raise UserError(f"{path} records resize {meta['resize_mode']} but "
+                      f"ref_convention={convention} "
                       "was declared; drop ref_convention= (the file's own record is used)")
   elif convention:
     meta.update(extractor=ADM_EXTRACTOR, resize_mode=convention)
@@ -211,7 +212,8 @@ def get_reference(reference: str | None, *, data_dir: str | None, split: str, ex
   if not data_dir:
     raise UserError(f"no FID reference for split '{split}': set data_dir to a prepared data set or "
                     "pass a reference .npz with mu and sigma")
-  return reference_stats(data_dir, split, extractor, max_images=max_images, read_batches=read_batches)
+  return reference_stats(data_dir, split, extractor, max_images=max_images,
+                         read_batches=read_batches)
 
 
 def describe(data_dir: str | None, split: str, extractor, *, reference: str | None = None,

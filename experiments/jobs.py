@@ -20,9 +20,11 @@ from experiments import registry, scales
 # and KID); smoke compares 16 samples with a prefix of each split. All scales resize the paper's
 # way (legacy_tensorflow) unless resize= says otherwise.
 EVAL = {
-    "paper": {"num_samples": None, "sampler_steps": None, "batch_size": 256, "max_reference_images": None,
+    "paper": {"num_samples": None, "sampler_steps": None, "batch_size": 256,
+              "max_reference_images": None,
               "save_samples": "grid"},
-    "demo": {"num_samples": 500, "sampler_steps": 64, "batch_size": 100, "max_reference_images": None,
+    "demo": {"num_samples": 500, "sampler_steps": 64, "batch_size": 100,
+             "max_reference_images": None,
              "save_samples": "npz"},
     "smoke": {"num_samples": 16, "sampler_steps": 4, "batch_size": 8, "max_reference_images": 32,
               "save_samples": "npz"},
@@ -32,7 +34,8 @@ EVAL = {
 def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) -> list[str]:
   """The exact ``python -m core.train`` arguments for a job at a scale."""
   args = [f"gin_file={f}" for f in job.gin_files]
-  binds = list(job.bindings) + scales.scale_bindings(job.gin_files, job.bindings, job.arch, job.resolution, scale)
+  binds = list(job.bindings) + scales.scale_bindings(job.gin_files, job.bindings, job.arch,
+                                                     job.resolution, scale)
   if data_dir:
     binds.append(f"Train.data_dir = '{data_dir.replace('{res}', str(job.resolution))}'")
   args += [b.replace(" ", "") for b in binds]
@@ -48,10 +51,12 @@ def sampler_steps(job: registry.Job, scale: str) -> int:
 def eval_args(job: registry.Job, scale: str, run_dir: str, opts: dict[str, Any]) -> list[str]:
   ev = EVAL[scale]
   n = opts["num_samples"] or ev["num_samples"] or job.num_samples
-  return [f"workdir={run_dir}", f"num_samples={n}", "guidance=" + ",".join(f"{w:g}" for w in job.guidances),
+  return [f"workdir={run_dir}", f"num_samples={n}",
+          "guidance=" + ",".join(f"{w:g}" for w in job.guidances),
           f"batch_size={ev['batch_size']}", f"sampler_steps={sampler_steps(job, scale)}",
           f"noise_param={job.noise_param}", f"extractor={opts['extractor']}",
-          f"resize={opts.get('resize') or 'legacy_tensorflow'}", f"save_samples={ev['save_samples']}",
+          f"resize={opts.get('resize') or 'legacy_tensorflow'}",
+          f"save_samples={ev['save_samples']}",
           "once=true"] + (
               [f"max_reference_images={ev['max_reference_images']}"] if ev["max_reference_images"] else [])
 
@@ -66,7 +71,8 @@ def write_job_json(job: registry.Job, scale: str, run_dir: str, args: list[str])
   storage.makedirs(run_dir)
   storage.write_text(path, json.dumps({
       "run_name": job.name, "scale": scale, "arch": job.arch, "resolution": job.resolution,
-      "gin_files": list(job.gin_files), "bindings": list(job.bindings), "train_args": args, "rows": rows,
+      "gin_files": list(job.gin_files), "bindings": list(job.bindings), "train_args": args,
+      "rows": rows,
   }, indent=1))
 
 

@@ -38,20 +38,23 @@ def _runtime(accelerator_type: str) -> str:
   return RUNTIME.get(accelerator_type.split("-")[0], "tpu-ubuntu2204-base")
 
 
-def tpu_commands(job, train_args: Sequence[str], eval_args: Sequence[str], opts: dict[str, Any]) -> list[str]:
+def tpu_commands(job, train_args: Sequence[str], eval_args: Sequence[str],
+                 opts: dict[str, Any]) -> list[str]:
   """The shell commands that run one job on a multi-host TPU slice, in order."""
   workdir = next(a.split("=", 1)[1] for a in train_args if a.startswith("workdir="))
   if not workdir.startswith("gs://"):
-    raise UserError(f"launcher=tpu needs workdir on GCS (gs://bucket/prefix), got {workdir!r}: every TPU "
-                    f"worker must see the same run directory")
+    raise UserError(f"launcher=tpu needs workdir on GCS (gs://bucket/prefix), got {workdir!r}: "
+                    f"every TPU worker must see the same run directory")
   if not opts.get("repo_url"):
-    raise UserError("launcher=tpu needs repo_url=<git URL of this repository> to check out on the workers")
+    raise UserError("launcher=tpu needs repo_url=<git URL of this repository> to check out on the "
+                    "workers")
   acc = opts.get("tpu_type") or DEFAULT_TPU[job.arch]
   zone = opts["tpu_zone"]
   node = f"sd-{job.name}"[:60].rstrip("-")
   project = f" --project {opts['tpu_project']}" if opts.get("tpu_project") else ""
   where = f"--zone {zone}{project}"
-  setup = (f"(test -d simple-diffusion || git clone {shlex.quote(opts['repo_url'])} simple-diffusion) && "
+  setup = (f"(test -d simple-diffusion || git clone {shlex.quote(opts['repo_url'])} "
+           f"simple-diffusion) && "
            f"cd simple-diffusion && git pull --ff-only && bash scripts/setup.sh .venv && "
            f".venv/bin/pip install -q 'jax[tpu]'")
   train = (".venv/bin/python -m core.train " + " ".join(shlex.quote(a) for a in train_args) +
@@ -69,12 +72,13 @@ def tpu_commands(job, train_args: Sequence[str], eval_args: Sequence[str], opts:
   ]
 
 
-def slurm_script(job, train_args: Sequence[str], eval_args: Sequence[str], opts: dict[str, Any]) -> str:
+def slurm_script(job, train_args: Sequence[str], eval_args: Sequence[str],
+                 opts: dict[str, Any]) -> str:
   """The sbatch script of one job: the same srun command on every task, one task per GPU."""
   workdir = next(a.split("=", 1)[1] for a in train_args if a.startswith("workdir="))
   if not (workdir.startswith("gs://") or workdir.startswith("/")):
-    raise UserError(f"launcher=slurm needs workdir on shared storage (an absolute path every node mounts) or "
-                    f"gs://, got {workdir!r}")
+    raise UserError(f"launcher=slurm needs workdir on shared storage (an absolute path every node "
+                    f"mounts) or gs://, got {workdir!r}")
   nodes, gpus = int(opts.get("nodes") or 1), int(opts.get("gpus_per_node") or 8)
   if nodes < 1 or gpus < 1:
     raise UserError(f"nodes={nodes} and gpus_per_node={gpus} must be >= 1")
@@ -82,7 +86,8 @@ def slurm_script(job, train_args: Sequence[str], eval_args: Sequence[str], opts:
   python = opts.get("python") or f"{repo}/.venv/bin/python"
   logs = opts.get("slurm_logs") or (f"{workdir}/slurm" if workdir.startswith("/") else "slurm-logs")
   name = f"sd-{job.name}"[:60].rstrip("-")
-  head = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={gpus}", f"--gpus-per-node={gpus}",
+  head = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={gpus}",
+          f"--gpus-per-node={gpus}",
           f"--time={opts.get('slurm_time') or '2-00:00:00'}", f"--output={logs}/%x-%j.out",
           "--open-mode=append", "--requeue", "--signal=TERM@120"]
   for key, flag in (("partition", "partition"), ("account", "account")):
@@ -90,7 +95,8 @@ def slurm_script(job, train_args: Sequence[str], eval_args: Sequence[str], opts:
       head.append(f"--{flag}={opts[key]}")
   train = " ".join(shlex.quote(a) for a in [*train_args, SHARD_ALL, "distributed=true"])
   evaluate = " ".join(shlex.quote(a) for a in [*eval_args, "distributed=true"])
-  lines = ["#!/bin/bash", f"# {job.name}: " + "; ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)]
+  lines = ["#!/bin/bash",
+           f"# {job.name}: " + "; ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)]
   lines += [f"#SBATCH {h}" for h in head]
   lines += [
       "set -euo pipefail",
@@ -98,7 +104,8 @@ def slurm_script(job, train_args: Sequence[str], eval_args: Sequence[str], opts:
       "export PYTHONUNBUFFERED=1",
       "# jax.distributed.initialize() reads SLURM_PROCID, SLURM_NTASKS, SLURM_STEP_NODELIST and",
       "# SLURM_LOCALID (the task's GPU): one process per GPU, the same command on every task.",
-      "# Resubmitting this script (or --requeue after preemption) resumes from the latest checkpoint.",
+      "# Resubmitting this script (or --requeue after preemption) resumes from the latest "
+      "checkpoint.",
       f"srun --kill-on-bad-exit=1 {python} -m core.train {train}",
       f"srun --kill-on-bad-exit=1 {python} -m eval.worker {evaluate}",
   ]

@@ -115,7 +115,8 @@ def activation_bytes_per_image(model, cfg) -> int:
     label = jnp.zeros((1,), jnp.int32) if getattr(model, "num_classes", 0) else None
     text_emb = jnp.zeros((1, cfg.text_len, cfg.text_dim)) if text else None
     with nn.intercept_methods(count):
-      return model.init({"params": rng, "dropout": rng}, z, jnp.zeros((1,)), label=label, text_emb=text_emb,
+      return model.init({"params": rng, "dropout": rng}, z, jnp.zeros((1,)), label=label,
+                        text_emb=text_emb,
                         train=True)
 
   jax.eval_shape(forward, jax.random.key(0))
@@ -127,7 +128,8 @@ def memory(model, cfg, devices: int) -> dict[str, Any]:
   fsdp = config_lib.query("mesh.fsdp", 1)
   fsdp = devices if fsdp == -1 else min(int(fsdp), devices)
   nc = int(getattr(model, "num_classes", 0) or 0)
-  abstract = jax.eval_shape(functools.partial(train_lib.init_state, model, train_lib.make_optimizer(cfg), cfg,
+  abstract = jax.eval_shape(functools.partial(train_lib.init_state, model,
+                                              train_lib.make_optimizer(cfg), cfg,
                                               num_classes=nc), jax.random.key(0))
   total, per_device = benchmark.state_bytes(abstract, fsdp)
   per_image = activation_bytes_per_image(model, cfg)
@@ -161,7 +163,8 @@ def describe(job, scale: str, workdir: str, train_args: Sequence[str], tgt: Targ
       "memory": mem, "bytes_per_device": mem["bytes_per_device"], "device_memory_bytes": limit,
       "fits": mem["bytes_per_device"] <= limit,
       "train_hours": train_s / 3600.0, "train_cost": hours(train_s),
-      "eval_samples": num_samples, "eval_sampler_steps": sampler_steps, "eval_guidances": job.guidances,
+      "eval_samples": num_samples, "eval_sampler_steps": sampler_steps,
+      "eval_guidances": job.guidances,
       "eval_hours": eval_s / 3600.0, "eval_cost": hours(eval_s),
       "estimated_hours": (train_s + eval_s) / 3600.0, "total_cost": hours(train_s + eval_s),
       "estimate_basis": (f"measured {measured:.1f} img/s per device" if measured else
@@ -177,7 +180,8 @@ def aot(train_args: Sequence[str], batch_per_device: int = 1) -> dict[str, Any]:
   return benchmark.aot_memory(model, logsnr_fn, cfg, mesh)
 
 
-def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
+def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str,
+              opts: dict[str, Any]) -> list[dict[str, Any]]:
   """:func:`describe` of each job on the accelerator its launcher would use."""
   out = []
   for job in job_list:
@@ -187,7 +191,8 @@ def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str, opts: dict
       args = [*args, launchers.SHARD_ALL]
     n = int(dict(a.split("=", 1) for a in jobs.eval_args(job, scale, run_dir, opts))["num_samples"])
     tgt = target(opts, job.arch, launchers.DEFAULT_TPU)
-    p = describe(job, scale, workdir, args, tgt, sampler_steps=jobs.sampler_steps(job, scale), num_samples=n)
+    p = describe(job, scale, workdir, args, tgt, sampler_steps=jobs.sampler_steps(job, scale),
+                 num_samples=n)
     if opts["aot"]:
       p["aot"] = aot(args)
     out.append(p)
@@ -200,10 +205,12 @@ def check_fits(planned: list[dict[str, Any]]) -> None:
     if not p["fits"]:
       m = p["memory"]
       raise UserError(
-          f"{p['run_name']} does not fit on {p['target']}: about {p['bytes_per_device'] / 2 ** 30:,.1f} GiB per "
-          f"device (state {m['state_bytes_per_device'] / 2 ** 30:,.1f} GiB over fsdp={m['fsdp']}, activations of "
-          f"{m['images_per_device']} images) > {p['device_memory_bytes'] / 2 ** 30:,.1f} GiB usable; use more "
-          f"chips (tpu_type=, nodes=) so that fewer images land on each device")
+          f"{p['run_name']} does not fit on {p['target']}: about "
+          f"{p['bytes_per_device'] / 2 ** 30:,.1f} GiB per "
+          f"device (state {m['state_bytes_per_device'] / 2 ** 30:,.1f} GiB over fsdp={m['fsdp']}, "
+          f"activations of "
+          f"{m['images_per_device']} images) > {p['device_memory_bytes'] / 2 ** 30:,.1f} GiB "
+          f"usable; use more chips (tpu_type=, nodes=) so that fewer images land on each device")
 
 
 def format_text(planned: list[dict[str, Any]]) -> str:
@@ -211,20 +218,25 @@ def format_text(planned: list[dict[str, Any]]) -> str:
   gib = lambda b: f"{b / 2 ** 30:,.2f} GiB"
   for p in planned:
     m = p["memory"]
-    lines.append(f"{p['run_name']}  ({p['scale']}, {p['resolution']}x{p['resolution']}, on {p['target']})")
+    lines.append(f"{p['run_name']}  ({p['scale']}, {p['resolution']}x{p['resolution']}, on "
+                 f"{p['target']})")
     for r in p["rows"]:
       lines.append(f"    {r}")
-    lines.append(f"    params {p['params'] / 1e6:,.1f}M  forward {p['gflops_per_image']:,.3g} GFLOP/image  "
-                 f"batch {p['batch_size']}  steps {p['steps']:,}")
-    lines.append(f"    per device: {gib(p['bytes_per_device'])} = state {gib(m['state_bytes_per_device'])} "
+    lines.append(f"    params {p['params'] / 1e6:,.1f}M  forward {p['gflops_per_image']:,.3g} "
+                 f"GFLOP/image  batch {p['batch_size']}  steps {p['steps']:,}")
+    lines.append(f"    per device: {gib(p['bytes_per_device'])} = state "
+                 f"{gib(m['state_bytes_per_device'])} "
                  f"(of {gib(m['state_bytes_total'])}, fsdp={m['fsdp']}) + activations "
                  f"{m['images_per_device']} x {gib(m['activation_bytes_per_image'])}; usable "
                  f"{gib(p['device_memory_bytes'])}: {'fits' if p['fits'] else 'DOES NOT FIT'}")
     if "aot" in p:
       c = p["aot"]["compiled"] or {}
-      lines.append(f"    compiled step ({p['aot']['devices']} faked devices, {p['aot']['batch_size']} images): "
-                   f"{gib(c.get('total_bytes', 0))} per device, arguments {gib(c.get('argument_bytes', 0))}")
-    lines.append(f"    ~{p['train_cost']:,.4g} {p['cost_unit']} training + ~{p['eval_cost']:,.3g} evaluation "
+      lines.append(f"    compiled step ({p['aot']['devices']} faked devices, "
+                   f"{p['aot']['batch_size']} images): "
+                   f"{gib(c.get('total_bytes', 0))} per device, arguments "
+                   f"{gib(c.get('argument_bytes', 0))}")
+    lines.append(f"    ~{p['train_cost']:,.4g} {p['cost_unit']} training + ~{p['eval_cost']:,.3g} "
+                 f"evaluation "
                  f"({p['eval_samples']:,} samples x {p['eval_sampler_steps']} steps x guidance "
                  f"{', '.join(f'{w:g}' for w in p['eval_guidances'])}); {p['estimate_basis']}")
   total = sum(p["total_cost"] for p in planned)

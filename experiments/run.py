@@ -36,41 +36,56 @@ from experiments import plan as plan_lib
 
 OPTIONS = [
     cli.Option("table", None, f"which table: {', '.join(registry.TABLES)}"),
-    cli.Option("row", None, "only these rows (comma-separated labels as printed in the paper, or group/label)",
+    cli.Option("row", None,
+               "only these rows (comma-separated labels as printed in the paper, or group/label)",
                parse=lambda s: [r.strip() for r in s.split(",") if r.strip()]),
-    cli.Option("scale", "demo", "paper (appendix B settings, needs accelerators and ImageNet), demo (built-in "
+    cli.Option("scale", "demo",
+               "paper (appendix B settings, needs accelerators and ImageNet), demo (built-in "
                "emoji data, CPU minutes) or smoke (tiny, for tests)", choices=scales.SCALES),
-    cli.Option("mode", "run", "run: train+evaluate+record; plan: list jobs and costs; throughput: measure "
+    cli.Option("mode", "run",
+               "run: train+evaluate+record; plan: list jobs and costs; throughput: measure "
                "steps/s of Tables 4 and 5 rows", choices=("run", "plan", "throughput")),
-    cli.Option("launcher", "local", "local: this machine, one job after another; tpu: Cloud TPU VM slices; "
+    cli.Option("launcher", "local",
+               "local: this machine, one job after another; tpu: Cloud TPU VM slices; "
                "slurm: one sbatch script per job (GPU clusters)", choices=launchers.LAUNCHERS),
     cli.Option("workdir", None, "where run directories go (local or gs://); default runs/<scale>"),
     cli.Option("data_dir", None, "prepared data set (paper scale, launcher=tpu: ImageNet at the "
                "rows' resolution; {res} in it becomes each job's, e.g. gs://bucket/imagenet{res})"),
     cli.Option("format", "text", "output of mode=plan", choices=("text", "json")),
-    cli.Option("dry_run", False, "print the commands instead of running them", parse=cli.parse_bool),
+    cli.Option("dry_run", False, "print the commands instead of running them",
+               parse=cli.parse_bool),
     cli.Option("eval", True, "evaluate after training", parse=cli.parse_bool),
     cli.Option("num_samples", None, "override the number of evaluation samples", parse=int),
-    cli.Option("extractor", "auto", "Inception source for FID/IS: auto, clean-fid, fid-helper or a .pt path"),
-    cli.Option("resize", "legacy_tensorflow", "FID/KID resize to 299: legacy_tensorflow (the paper's, ADM's "
+    cli.Option("extractor", "auto",
+               "Inception source for FID/IS: auto, clean-fid, fid-helper or a .pt path"),
+    cli.Option("resize", "legacy_tensorflow",
+               "FID/KID resize to 299: legacy_tensorflow (the paper's, ADM's "
                "evaluator) or clean (clean-fid)", choices=RESIZE_MODES),
     cli.Option("tpu_zone", "us-central2-b", "tpu launcher: zone"),
-    cli.Option("tpu_type", None, "tpu launcher: accelerator type (default: the paper's, e.g. v4-256)"),
+    cli.Option("tpu_type", None,
+               "tpu launcher: accelerator type (default: the paper's, e.g. v4-256)"),
     cli.Option("tpu_project", None, "tpu launcher: GCP project"),
-    cli.Option("repo_url", None, "tpu launcher: git URL of this repository to check out on the workers"),
-    cli.Option("accelerator", "H100", "plan (local/slurm): GPU kind planned for, e.g. H100, H200, A100"),
+    cli.Option("repo_url", None,
+               "tpu launcher: git URL of this repository to check out on the workers"),
+    cli.Option("accelerator", "H100",
+               "plan (local/slurm): GPU kind planned for, e.g. H100, H200, A100"),
     cli.Option("devices", 1, "plan (launcher=local): devices planned for", parse=int),
-    cli.Option("aot", False, "plan: also compile each job's sharded training step on faked CPU devices "
+    cli.Option("aot", False,
+               "plan: also compile each job's sharded training step on faked CPU devices "
                "and report XLA's per-device memory", parse=cli.parse_bool),
     cli.Option("aot_devices", 8, "plan aot=true: CPU devices to fake (FSDP over all)", parse=int),
     cli.Option("nodes", 1, "slurm launcher: nodes per job", parse=int),
     cli.Option("gpus_per_node", 8, "slurm launcher: GPUs (= tasks) per node", parse=int),
     cli.Option("partition", None, "slurm launcher: partition"),
     cli.Option("account", None, "slurm launcher: account"),
-    cli.Option("slurm_time", "2-00:00:00", "slurm launcher: time limit per submission (resubmit to resume)"),
-    cli.Option("repo_dir", None, "slurm launcher: this repository on the cluster (default: the submit dir)"),
-    cli.Option("python", None, "slurm launcher: python on the nodes (default <repo_dir>/.venv/bin/python)"),
-    cli.Option("throughput_batch", None, "mode=throughput: global batch (default: the scale's)", parse=int),
+    cli.Option("slurm_time", "2-00:00:00",
+               "slurm launcher: time limit per submission (resubmit to resume)"),
+    cli.Option("repo_dir", None,
+               "slurm launcher: this repository on the cluster (default: the submit dir)"),
+    cli.Option("python", None,
+               "slurm launcher: python on the nodes (default <repo_dir>/.venv/bin/python)"),
+    cli.Option("throughput_batch", None, "mode=throughput: global batch (default: the scale's)",
+               parse=int),
     cli.Option("throughput_steps", 10, "mode=throughput: timed steps per row", parse=int),
 ]
 
@@ -96,8 +111,8 @@ def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any])
     print(f"[{job.name}] training ({rows})", flush=True)
     train_cli.main(args)  # raises Preempted on SIGTERM: nothing below runs
     if not jobs.is_trained(run_dir):  # only a finished run's final step is a row's result
-      raise UserError(f"[{job.name}] stopped at step {jobs.latest_step(run_dir)} before its last step; "
-                      f"rerun the same command to resume it")
+      raise UserError(f"[{job.name}] stopped at step {jobs.latest_step(run_dir)} before its last "
+                      f"step; rerun the same command to resume it")
   if opts["eval"]:  # the worker evaluates only what these settings have not evaluated yet
     print(f"[{job.name}] evaluating", flush=True)
     before = len(worker.read_results(run_dir))
@@ -117,8 +132,10 @@ def check_device(scale: str, launcher: str, job_list: list[registry.Job], workdi
     planned = plan_lib.plan_jobs(job_list, scale, workdir, opts)
     total = sum(p["estimated_hours"] or 0 for p in planned)
     raise UserError(
-        f"scale=paper needs accelerators: these {len(planned)} job(s) cost about {total:,.0f} accelerator-hours "
-        f"at paper settings; this machine has only a CPU. Run scale=demo here, or launcher=tpu|slurm (see mode=plan)")
+        f"scale=paper needs accelerators: these {len(planned)} job(s) cost about {total:,.0f} "
+        f"accelerator-hours "
+        f"at paper settings; this machine has only a CPU. Run scale=demo here, or "
+        f"launcher=tpu|slurm (see mode=plan)")
 
 
 def check_data(scale: str, launcher: str, data_dir: str | None,
@@ -143,10 +160,11 @@ def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument
 
 
 def main(argv: Sequence[str]) -> int:
-  opts, bindings = cli.parse(argv, OPTIONS, prog="experiments.run", description=__doc__.split("\n\n")[0])
+  opts, bindings = cli.parse(argv, OPTIONS, prog="experiments.run",
+                             description=__doc__.split("\n\n")[0])
   if bindings:
-    raise UserError(f"experiments.run takes no gin bindings (got {bindings[0]!r}); rows define their "
-                    f"configuration: see experiments/registry.py")
+    raise UserError(f"experiments.run takes no gin bindings (got {bindings[0]!r}); rows define "
+                    f"their configuration: see experiments/registry.py")
   table = opts["table"]
   if opts["mode"] == "throughput" and table is None:
     table = "4"
@@ -160,10 +178,12 @@ def main(argv: Sequence[str]) -> int:
     if opts["aot"]:  # before JAX starts its CPU backend
       jax.config.update("jax_num_cpu_devices", opts["aot_devices"])
     planned = plan_lib.plan_jobs(job_list, scale, workdir, opts)
-    print(json.dumps(planned, indent=1) if opts["format"] == "json" else plan_lib.format_text(planned))
+    print(json.dumps(planned,
+                     indent=1) if opts["format"] == "json" else plan_lib.format_text(planned))
     return 0
   if opts["mode"] == "throughput":
-    throughput.measure(entries, scale, workdir, [jobs.job_args(j, scale, "unused", None) for j in job_list],
+    throughput.measure(entries, scale, workdir,
+                       [jobs.job_args(j, scale, "unused", None) for j in job_list],
                        batch_size=opts["throughput_batch"], steps=opts["throughput_steps"])
     return 0
   check_device(scale, opts["launcher"], job_list, workdir, opts)  # first: it says what jobs cost
@@ -186,11 +206,13 @@ def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str
       t_args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
       e_args = jobs.eval_args(job, scale, run_dir, opts)
       if opts["launcher"] == "tpu":
-        launchers.execute(launchers.tpu_commands(job, t_args, e_args, opts), dry_run=opts["dry_run"])
+        launchers.execute(launchers.tpu_commands(job, t_args, e_args, opts),
+                          dry_run=opts["dry_run"])
       else:
         scripts[job.name] = launchers.slurm_script(job, t_args, e_args, opts)
     if scripts:
-      launchers.submit_slurm(scripts, dry_run=opts["dry_run"], script_dir=os.path.join("runs", "slurm"))
+      launchers.submit_slurm(scripts, dry_run=opts["dry_run"],
+                             script_dir=os.path.join("runs", "slurm"))
     return 0
   for job in job_list:
     run_local(job, scale, workdir, opts)

@@ -43,11 +43,12 @@ def measure(entries, scale: str, workdir: str, job_train_args: Sequence[Sequence
         continue
       row = {"table": e.table, "group": e.group, "row": e.row, "steps_per_sec": sps,
              "img_per_sec": sps * cfg.batch_size, "batch_size": cfg.batch_size, "scale": scale,
-             "mfu": res["mfu"], "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+             "mfu": res["mfu"], "device": jax.devices()[0].device_kind,
+             "device_count": jax.device_count(),
              "time": time.time()}
       rows.append(row)
-      print(f"T{e.table} {e.row}: {sps:.3f} steps/s ({row['img_per_sec']:.1f} img/s, batch {cfg.batch_size}, "
-            f"{row['device']})", flush=True)
+      print(f"T{e.table} {e.row}: {sps:.3f} steps/s ({row['img_per_sec']:.1f} img/s, batch "
+            f"{cfg.batch_size}, {row['device']})", flush=True)
   storage.makedirs(workdir)
   jsonl.append(rundir.throughput_path(workdir), rows)
   return rows

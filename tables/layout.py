@@ -71,7 +71,8 @@ def _metrics_for(table: str, rows: pd.DataFrame) -> list[tuple[str, str]]:
   """(key, header) of the metric columns: those the paper reports here or that we measured."""
   info = paper_lib.TABLES[table]
   candidates = [("fid_train", info.fid_train_header, "fid_train"),
-                ("fid_eval", "FID eval", "fid_eval"), ("kid_train", "KID train (×1000)", "kid_train"),
+                ("fid_eval", "FID eval", "fid_eval"),
+                ("kid_train", "KID train (×1000)", "kid_train"),
                 ("kid_eval", "KID eval (×1000)", "kid_eval"), ("is", "IS", "is_mean"),
                 ("steps", "steps/s", "steps_per_sec_rel")]
   out = []

@@ -35,7 +35,8 @@ class Runs:
 def read_jsonl(path: str) -> pd.DataFrame:
   """One row per complete JSON line, with a ``line`` column (file order); see core.io.jsonl."""
   rows = [dict(r, line=i) for i, r in enumerate(jsonl.read(path))]
-  return pd.DataFrame.from_records(rows) if rows else pd.DataFrame({"line": pd.Series([], dtype=int)})
+  return pd.DataFrame.from_records(rows) if rows else pd.DataFrame({"line": pd.Series([],
+                                                                                      dtype=int)})
 
 
 def _with_columns(df: pd.DataFrame, columns) -> pd.DataFrame:
@@ -64,7 +65,8 @@ def _read_job(path: str) -> dict:
 def run_dirs(workdir: str) -> list[str]:
   """Paths of the run directories: the workdir's subdirectories holding job.json (and the
   workdir itself if it is a run)."""
-  candidates = [workdir] + [storage.join(workdir, n) for n in storage.listdir(workdir, missing_ok=True)]
+  candidates = [workdir] + [storage.join(workdir, n) for n in storage.listdir(workdir,
+                                                                              missing_ok=True)]
   return [p for p in candidates if storage.exists(rundir.job_path(p))]
 
 

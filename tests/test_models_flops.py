@@ -12,7 +12,7 @@ import pytest
 from core import benchmark
 from core import hardware
 from core.models import UNet, UViT, make_model, model_image_size
-from core.models.flops import forward_flops, jaxpr_flops, train_flops
+from core.models.flops import forward_flops, jaxpr_flops
 from core.models.summary import example_inputs, param_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,6 @@ def test_analytic_flops_within_10_percent_of_xla_cost_analysis(model):
     cost = cost[0]
   analytic = forward_flops(model, size)
   assert abs(cost["flops"] / analytic - 1.0) < 0.10, (cost["flops"], analytic)
-  assert train_flops(model, size) == 3 * analytic
 
 
 def test_peak_table():

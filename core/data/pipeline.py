@@ -79,7 +79,8 @@ class DecodeRecord(grain.transforms.Map):
     try:
       r = records.decode_record(element)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-      raise UserError(f"a record is not a {records.FORMAT} record ({first_line(e)}); prepare the data "
+      raise UserError(f"a record is not a {records.FORMAT} record ({first_line(e)}); prepare the "
+                      f"data "
                       f"set again with: python -m core.data prepare ... overwrite=true") from None
     out = {"image": r["image"], "label": r["label"]}
     if "text_emb" in r:
@@ -119,7 +120,8 @@ class TrainIterator(grain.DataLoaderIterator):
     try:
       super().set_state(state)
     except ValueError as e:
-      raise UserError("the saved data iterator state does not fit this loader (same data set, seed, "
+      raise UserError("the saved data iterator state does not fit this loader (same data set, "
+                      "seed, "
                       f"num_workers and shuffle needed to resume): {str(e).splitlines()[0]}") from None
 
   def close(self) -> None:
@@ -175,8 +177,9 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
     raise UserError(f"process_index={process_index} must be in [0, {process_count})")
   paths, meta = split_paths(data_dir, split)
   if resolution is not None and meta["resolution"] != resolution:
-    raise UserError(f"data set {data_dir!r} has resolution {meta['resolution']} but the model expects "
-                    f"{resolution}; prepare one with res={resolution} or change the model resolution")
+    raise UserError(f"data set {data_dir!r} has resolution {meta['resolution']} but the model "
+                    f"expects {resolution}; prepare one with res={resolution} or change the model "
+                    f"resolution")
   source = RecordSource(paths, meta, split)
   local_batch = global_batch_size // process_count
   if len(source) < process_count:
@@ -212,9 +215,11 @@ class ShardedLoader:
                num_workers: int = 0):
     pc, pi = jax.process_count(), jax.process_index()
     if num_shards % pc:
-      raise UserError(f"Train.num_data_shards={num_shards} must be a multiple of the number of processes ({pc})")
+      raise UserError(f"Train.num_data_shards={num_shards} must be a multiple of the number of "
+                      f"processes ({pc})")
     if batch_size % num_shards:
-      raise UserError(f"Train.batch_size={batch_size} must be divisible by Train.num_data_shards={num_shards}")
+      raise UserError(f"Train.batch_size={batch_size} must be divisible by "
+                      f"Train.num_data_shards={num_shards}")
     per = num_shards // pc
     self.shard_ids = list(range(pi * per, (pi + 1) * per))
     self._iters = [iter(make_train_loader(
@@ -276,7 +281,8 @@ def load_split(data_dir: str, split: str, *, limit: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 [N,H,W,3], labels int32 [N]) of a whole split, e.g. for FID reference statistics."""
   paths, meta = split_paths(data_dir, split)
-  n = sum(meta["shard_counts"][split]) if limit is None else min(limit, sum(meta["shard_counts"][split]))
+  n = sum(meta["shard_counts"][split]) if limit is None else min(limit,
+                                                                 sum(meta["shard_counts"][split]))
   res = meta["resolution"]
   images = np.empty((n, res, res, 3), np.uint8)
   labels = np.empty((n,), np.int32)

@@ -123,7 +123,8 @@ def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards
 
 def _load_text_emb(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
-    raise UserError(f"text_emb={path!r} does not exist; pass an .npz of arrays keyed by image file stem")
+    raise UserError(f"text_emb={path!r} does not exist; pass an .npz of arrays keyed by image file "
+                    f"stem")
   try:
     z = np.load(path, allow_pickle=False)
     if not isinstance(z, np.lib.npyio.NpzFile):
@@ -144,8 +145,8 @@ def write_dataset(source: Source, res: int, out_dir: str, *, shards: int = 0, wo
   meta: dict[str, Any] = {
       "format": records.FORMAT, "resolution": res, "num_classes": len(source.class_names),
       "class_names": list(source.class_names), "source": source_name or source.description,
-      "preprocessing": "adm_center_crop (BOX halving while min side >= 2*res, BICUBIC, center crop); "
-                       "alpha composited on white",
+      "preprocessing": "adm_center_crop (BOX halving while min side >= 2*res, BICUBIC, center "
+                       "crop); alpha composited on white",
       "has_text_emb": text_emb is not None,
       "counts": {}, "skipped": {}, "shards": {}, "shard_counts": {}, "skipped_examples": {},
   }
@@ -275,7 +276,8 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
       parent = os.path.dirname(os.path.abspath(out))
       os.makedirs(parent, exist_ok=True)
       _remove_stale_temps(out)
-      tmp = records.make_temp_dir(parent, _temp_prefix(out) + f"{socket.gethostname()}-{os.getpid()}-")
+      tmp = records.make_temp_dir(parent,
+                                  _temp_prefix(out) + f"{socket.gethostname()}-{os.getpid()}-")
     meta = write_dataset(source, res, tmp, shards=shards, workers=workers, text_emb=emb,
                          progress=progress)
     if not sum(meta["counts"].values()):

@@ -74,7 +74,8 @@ def _class_folder_items(root: str, class_names: list[str], key_prefix: str) -> l
   items = []
   for c in _subdirs(root):
     if c not in index:
-      raise UserError(f"class folder {os.path.join(root, c)!r} is not one of the {len(class_names)} "
+      raise UserError(f"class folder {os.path.join(root, c)!r} is not one of the "
+                      f"{len(class_names)} "
                       f"training classes; check src= (val classes must match train classes)")
     for rel in _list_files(os.path.join(root, c)):
       items.append(Item(key=f"{key_prefix}{c}/{rel}", label=index[c],
@@ -85,7 +86,8 @@ def _class_folder_items(root: str, class_names: list[str], key_prefix: str) -> l
 def read_val_labels(path: str, class_names: list[str]) -> dict[str, int]:
   """Parses a val labels file -> {file stem: label}. See the module docstring for the format."""
   if not os.path.isfile(path):
-    raise UserError(f"val_labels={path!r} does not exist; pass a file of '<image file> <wnid>' lines")
+    raise UserError(f"val_labels={path!r} does not exist; pass a file of '<image file> <wnid>' "
+                    f"lines")
   index = {c: i for i, c in enumerate(class_names)}
   labels: dict[str, int] = {}
   try:
@@ -105,7 +107,8 @@ def read_val_labels(path: str, class_names: list[str]) -> dict[str, int]:
     if cls not in index:
       if n == 1:  # a header line such as 'ImageId,PredictionString'
         continue
-      raise UserError(f"val_labels={path!r} line {n}: class {cls!r} is not a train class folder name")
+      raise UserError(f"val_labels={path!r} line {n}: class {cls!r} is not a train class folder "
+                      f"name")
     labels[os.path.splitext(os.path.basename(name))[0]] = index[cls]
   return labels
 
@@ -129,14 +132,14 @@ def scan_folder(src: str, *, eval_fraction: float | None = None, val_labels: str
       items["train"] = _class_folder_items(train_dir, class_names, "train/")
     if "eval" in items:
       if not os.path.isdir(val_dir):
-        raise UserError(f"{src!r} has train/ but no val/ folder for the eval split; add val/ or pass "
-                        f"splits=train")
+        raise UserError(f"{src!r} has train/ but no val/ folder for the eval split; add val/ or "
+                        f"pass splits=train")
       if _subdirs(val_dir):
         items["eval"] = _class_folder_items(val_dir, class_names, "val/")
       else:
         if not val_labels:
-          raise UserError(f"{val_dir!r} is a flat folder; pass val_labels=<file of '<image> <wnid>' "
-                          f"lines> (e.g. LOC_val_solution.csv) or pass splits=train")
+          raise UserError(f"{val_dir!r} is a flat folder; pass val_labels=<file of '<image> "
+                          f"<wnid>' lines> (e.g. LOC_val_solution.csv) or pass splits=train")
         labels = read_val_labels(val_labels, class_names)
         for rel in _list_files(val_dir):
           stem = os.path.splitext(os.path.basename(rel))[0]

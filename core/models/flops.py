@@ -109,11 +109,6 @@ def forward_flops(model: Any, image_size: int | Sequence[int], image_channels: i
   return float(total)
 
 
-def train_flops(model: Any, image_size: int | Sequence[int], **kw) -> float:
-  """FLOPs of one training step per image: 3 x forward (forward + backward)."""
-  return 3.0 * forward_flops(model, image_size, **kw)
-
-
 def jaxpr_flops(fn: Callable[..., Any], *args, **kwargs) -> float:
   """Counts dot_general / conv FLOPs (2 x MACs) in the jaxpr of fn(*args), scans x length."""
   import jax  # local: the analytic counter above needs no JAX
