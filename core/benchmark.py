@@ -1,25 +1,11 @@
-"""Throughput and memory of a gin model configuration: training img/s, sampling img/s, TFLOP/s, MFU.
+"""Throughput and memory of a gin model configuration: training or sampling img/s, TFLOP/s, MFU.
 
     python -m core.benchmark gin_file=gin/models/uvit_benchmark256.gin batch=32 steps=20
-    python -m core.benchmark gin/models/uvit_benchmark256.gin what=sample batch=64 sampler_steps=256
-    python -m core.benchmark gin/models/uvit_imagenet256.gin what=aot batch=8 devices=8
 
-``what=train`` times the trainer's own training step (core.trainer: forward, the gin-configured
-loss, backward, clipping, Adam, EMA, the non-finite guard), jitted with the state donated and
-sharded over the ('data', 'fsdp') mesh, on random images already on the device: the number measures
-network and optimizer, not the input pipeline. MFU = model FLOP/s (3 x forward FLOPs of
-core.models.flops) / (devices x dense bf16 peak, core.hardware); n/a on a CPU.
-
-``what=sample`` times the whole ancestral sampler (appendix A) as one jitted program: the step loop
-is core.sampling's ``lax.fori_loop`` and, with guidance, the conditional and unconditional passes
-are one model call on a batch of 2B (core.sampling.guided_v_fn), as eval/sample.py composes them.
-
-``what=aot`` compiles the sharded training step ahead of time from abstract inputs (nothing is
-allocated) and reads XLA's memory analysis: bytes per device of the state (parameters, Adam, EMA)
-and of temporaries. With ``devices=8`` on a CPU it fakes an 8-device FSDP mesh, which proves that a
-paper configuration shards (about 1/8 of the state per device) without owning the chips.
-
-Prints one JSON line; ``out=FILE`` appends it to FILE.
+``what=train`` times the trainer's own jitted step on device-resident random images (network and
+optimizer, not the input pipeline); ``what=sample`` the whole ancestral sampler (appendix A);
+``what=aot`` compiles the sharded step from abstract inputs and reads XLA's bytes per device.
+MFU = 3 x forward FLOPs (core.models.flops) x img/s / (devices x bf16 peak, core.hardware).
 """
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
 """One error type for mistakes a user can fix, one for preemption, and the one-line reporter.
 
-Every command of the harness (``python -m core.train``, ``python -m experiments.run``, ...) runs its
-main function through :func:`run_main`: a :class:`UserError` (bad gin binding, unknown table,
-missing data, wrong shape, ...) is printed as a single ``error: ...`` line naming the fix, and the
-process exits with status 2 instead of showing a traceback from deep inside JAX.
-
-A :class:`Preempted` command (SIGTERM: a scheduler's preemption notice) has written its checkpoint
-and stops the whole command with exit status :data:`EXIT_PREEMPTED` = 75 (``EX_TEMPFAIL`` of
-sysexits.h: "temporary failure, try again"), so that a scheduler can tell "requeue me, rerunning the
-same command resumes" from a failure (1, 2) and from a process killed before it could checkpoint
-(143 = 128 + SIGTERM, or 137 for SIGKILL).
+:func:`run_main` prints a :class:`UserError` as one ``error: ...`` line naming the fix (exit 2)
+and a :class:`Preempted` command, which has written its checkpoint, exits 75 (sysexits.h
+EX_TEMPFAIL): a scheduler requeues it and the same command resumes.
 """
 from __future__ import annotations
 

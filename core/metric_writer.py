@@ -1,23 +1,8 @@
-"""Training metrics: one JSON line per logged step in ``metrics.jsonl`` plus TensorBoard events.
+"""Training metrics: ``metrics.jsonl`` (one row per logged step) and TensorBoard events (tensorboardX).
 
-The run directory (team conventions) holds ``<workdir>/metrics.jsonl`` (``{"step", "loss", "lr",
-"grad_norm", "steps_per_sec", ...}``; the tables and plots read it) and ``<workdir>/tb/``
-(TensorBoard event files written with tensorboardX, no TensorFlow needed): scalars, sample grids
-and the operative gin config as text.
-
-Exactly once on resume: a run that died after its last checkpoint (step S) may have logged rows
-for steps > S. A :class:`MetricWriter` created with ``start_step=S`` drops those rows from
-``metrics.jsonl`` (and a torn last line), and its TensorBoard writer starts with a
-``SessionLog.START`` at step S + 1 (tensorboardX's ``purge_step``) so that TensorBoard hides the
-orphaned events of the dead run. The resumed run then rewrites steps S + 1, ... once.
-
-``gs://`` work directories: everything is written to a local staging directory (the existing
-``metrics.jsonl`` is downloaded first, so truncation works there too) and mirrored with
-:class:`core.io.storage.Syncer` on :meth:`MetricWriter.flush` (and at most every ``sync_every_s``
-seconds while writing), so an upload that fails is retried at the next flush.
-
-Only the chief process writes (``is_chief=False`` makes every method a no-op), as in multi-host
-JAX training where each host runs the same loop.
+Exactly once on resume: a writer started at the restored step drops the rows logged after it and
+purges TensorBoard's later events. On ``gs://`` the files are written locally and mirrored by
+:class:`core.io.storage.Syncer`. Only the chief process writes.
 """
 from __future__ import annotations
 

@@ -1,22 +1,7 @@
-"""Progress of long loops (training steps, sampling batches, FID feature extraction).
+"""Progress of long loops (training steps, sampling batches, feature extraction).
 
-On an interactive terminal a tqdm bar (rate and ETA built in); otherwise, e.g. in CI logs, under
-nohup or in a batch job, one plain line every ``interval_s`` seconds and one when the loop ends::
-
-    step 102/1000 (10%) 3.4 steps/s eta 4m24s loss=0.123
-    step 1000/1000 (100%) 3.52 steps/s done in 4m44s loss=0.0871
-
-The rate on a periodic line is measured over the interval since the previous line (so the first
-steps' compilation time does not distort the ETA for long); the final line gives the average over
-the whole loop.
-
-Usage::
-
-    with Progress(total=num_steps, initial=start_step, desc='step') as p:
-      for step in range(start_step, num_steps):
-        ...
-        p.update(step + 1, loss=loss)   # the position reached (absolute), with metrics
-    # or p.advance(len(batch)) to count up (relative), p.set_postfix(loss=loss) for metrics only
+A tqdm bar on a terminal; elsewhere (CI logs, batch jobs) one plain line every ``interval_s``
+seconds and one at the end, e.g. ``step 102/1000 (10%) 3.4 steps/s eta 4m24s loss=0.123``.
 """
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
-"""One trainer per run directory: an OS lock on ``<run>/train.lock`` held while a run trains.
+"""One trainer per run directory: an ``fcntl.flock`` on ``<run>/train.lock`` held while a run trains.
 
-Two trainers on one run directory would interleave their ``metrics.jsonl`` rows and overwrite each
-other's checkpoints. The chief process takes an exclusive ``fcntl.flock`` on ``train.lock`` (which
-holds its pid, host and start time, for the message a second trainer prints). The kernel releases
-the lock when the process dies, however it dies (SIGKILL included), so a lock left by a killed run
-never blocks its resume: only a live holder refuses a second trainer.
-
-``gs://`` run directories cannot carry an OS lock and are not locked here: the TPU launcher
-creates one queued resource per job, named after the run (a second launch of the same job fails at
-``gcloud ... queued-resources create``), which is what keeps two slices off one run directory.
+The kernel drops the lock however the process dies, so a killed run never blocks its resume.
+``gs://`` run directories cannot carry one; the TPU launcher's one queued resource per run keeps
+two slices off one run directory.
 """
 from __future__ import annotations
 

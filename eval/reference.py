@@ -1,19 +1,11 @@
 """FID reference statistics (mu, sigma) of a prepared data set's splits, cached beside the data.
 
-The paper measures FID train against training-set statistics and FID eval against the evaluation
-split (ImageNet: the 50K validation images; our prepared splits are 'train' and 'eval', see
-core.data). The statistics of a split of ``data_dir`` are computed once with the given extractor,
-streaming the split in batches (core.data.pipeline.iter_split; ImageNet train does not fit in
-memory), with the features of up to 10K of its images (a uniform random subset) for KID and the
-square root of sigma, and cached at ``<data_dir>/fid_stats/<split>_<extractor>_<resize_mode>.npz``
-(local or gs://, written atomically): the file name carries the network and the resize, so statistics of
-different pipelines never mix, and it records extractor, resize mode, number of images and split.
-A reference can instead be an existing .npz with ``mu`` and ``sigma``, e.g. ADM's
-VIRTUAL_imagenet256_labeled.npz, computed with the TF graph's own bilinear resize: such a file
-carries no record, so its convention is declared (ref_convention=legacy_tensorflow) and compared
-with the extractor's; a mismatch is refused. Raw ``arr_0`` images go through the extractor.
+FID train and FID eval (Section 5) compare samples with the 'train' and 'eval' splits. Each
+split's statistics are computed once per extractor and resize mode (streamed in batches) and
+cached as ``<data_dir>/fid_stats/<split>_<extractor>_<resize>.npz`` with their provenance; an
+external .npz (e.g. ADM's reference batches) declares its convention.
 
-Command line (precompute): python -m eval.reference data_dir=DIR split=train [source=auto ...]
+    python -m eval.reference data_dir=DIR split=train [source=auto ...]
 """
 from __future__ import annotations
 

@@ -1,20 +1,9 @@
 """Launchers: where a job's training and evaluation commands run.
 
-- ``local``: this machine, one job after another (experiments/run.py calls the entry points).
-- ``tpu``: a Cloud TPU VM slice per job with the standard tooling: a queued resource is created
-  with ``gcloud compute tpus queued-resources``, the same command runs on every worker
-  (``tpu-vm ssh --worker=all``), each process calls ``jax.distributed.initialize()`` which reads
-  the slice's topology from the TPU environment, and the run directory is on GCS.
-- ``slurm``: one ``sbatch`` script per job for GPU clusters: ``nodes`` x ``gpus_per_node`` tasks,
-  one process per GPU, each started by ``srun`` with the same command; ``jax.distributed.initialize()``
-  reads SLURM's variables (process id, count, coordinator node, the task's local GPU). The run
-  directory is on shared storage or GCS. SIGTERM reaches the trainer 120 s before the time limit
-  (``--signal``) and ``--requeue`` resubmits a preempted job.
-
-Both remote launchers resume the same way: a job's run directory is fixed by its configuration, so
-launching (or resubmitting) it again resumes from its latest checkpoint; a finished run only
-evaluates. Multi-device jobs shard the state over all devices (``mesh.fsdp=-1``). With
-``dry_run=true`` the exact commands (or scripts) are printed instead of executed.
+``local`` runs them here one job after another; ``tpu`` creates a queued-resource Cloud TPU VM
+slice per job and runs the same command on every worker; ``slurm`` writes one ``sbatch`` script
+per job (one task per GPU, requeued on preemption). ``jax.distributed.initialize()`` reads either
+topology; launching a job again resumes its fixed run directory; ``dry_run`` prints the commands.
 """
 from __future__ import annotations
 

@@ -1,19 +1,9 @@
 """``mode=plan``: what each job is, what it costs and whether it fits, before anything runs.
 
-For the accelerator a launch would use (``launcher=tpu``: the TPU slice, ``tpu_type=`` or the
-paper's v2-64 / v4-256; otherwise ``accelerator=`` x ``devices=``, e.g. 8 H100s) each job gets:
-
-- bytes per device: the train state (parameters, Adam moments, EMA; core.sharding's FSDP rule
-  over ``mesh.fsdp`` devices) plus activations for the job's images per device. Activations are
-  the outputs of every conv and dense layer of one forward pass (counted abstractly), which a
-  backward pass without remat keeps: a lower bound, so a job refused here cannot fit;
-- cost: training at the measured img/s (``mode=throughput``) or at an assumed MFU of the peak, plus
-  evaluation: ``num_samples`` sampled at the scale's sampler steps (256 at paper scale) per guidance
-  scale, the unconditional pass doubling the forward passes when guided; in TPU chip-hours for a
-  TPU slice, GPU-hours otherwise.
-
-``aot=true`` also compiles each job's real sharded training step from abstract inputs on faked CPU
-devices (core.benchmark.aot_memory) and reports XLA's per-device memory analysis.
+On the accelerator a launch would use, per job: bytes per device (FSDP-sharded train state plus
+the activations of one forward pass, a lower bound, so a refused job cannot fit) and the cost of
+training (measured img/s, else an assumed MFU) and evaluation. ``aot=true`` also compiles the
+sharded step on faked CPU devices and reports XLA's per-device memory.
 """
 from __future__ import annotations
 

@@ -3,17 +3,10 @@
     python -m experiments.run table=5 [row=...] [scale=paper|demo|smoke] [launcher=local|tpu|slurm]
                               [workdir=...] [mode=run|plan|throughput]
 
-For each job of the table (rows with identical configurations are one job), ``mode=run`` trains or
-resumes it, evaluates its last checkpoint (FID train, FID eval, IS; the Table 9 guidance sweep), and
-records ``job.json`` and ``eval/results.jsonl`` in ``<workdir>/<run name>``, where
-``python -m tables.render`` finds them. Jobs already complete are skipped; partial ones resume.
-``mode=plan`` lists the jobs with their bytes per device and cost on the accelerator they would
-use; ``launcher=tpu|slurm`` refuses, before launching anything, a job that cannot fit.
-``mode=throughput`` measures steps/s for the rows of Tables 4 and 5 on synthetic data here.
-
-Only a finished run is evaluated: a row's result is always its run's final step. SIGTERM (a
-scheduler's preemption notice) stops the whole command, after the trainer's checkpoint, with exit
-status 75 (EX_TEMPFAIL; 2 is a mistake to fix): rerunning the same command resumes where it stopped.
+Rows with identical configurations are one job (experiments/jobs.py); ``mode=run`` trains or
+resumes each, evaluates its final step and records it for ``python -m tables.render``;
+``mode=plan`` prints cost and memory, ``mode=throughput`` steps/s (Tables 4, 5). SIGTERM stops
+the command with exit status 75 after the trainer's checkpoint: rerunning it resumes.
 """
 from __future__ import annotations
 

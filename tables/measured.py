@@ -1,19 +1,9 @@
 """Chooses, for every row of the paper's tables, the measured numbers it shows.
 
-Rules (pinned by tests/test_tables.py):
-- A row's results come from the runs whose job.json lists that (table, group, row). Literature
-  rows (Tables 7, 8) are never measured.
-- Guidance: Table 9's 'guidance X' rows take results with ``guidance == X``; every other row takes
-  guidance 1.0 (a missing guidance counts as 1.0, i.e. no guidance).
-- Step: one step per row, the latest step with any of the row's metrics; if several runs serve the
-  row, the run reaching the latest step wins (then the latest result time, then the later run
-  directory). Within that step the last line for each metric wins (re-evaluations append).
-- Each FID and KID comes with its std when the row has one (FID: bootstrap over samples; KID:
-  over subsets), and the row's sample counts and resize mode are shown with it.
-- Table 8 has one FID@30K column: the COCO validation set is its reference (appendix C), so it
-  shows ``fid_eval`` and falls back to ``fid_train``.
-- Throughput: the latest ``throughput.jsonl`` entry of a row (by ``time``, then file order),
-  relative to the latest entry of the table's reference row (paper steps_per_sec_rel == 1.00).
+A row's numbers come from the runs whose job.json lists it: at the latest evaluated step (the run
+reaching it first), guidance 1.0 (Table 9: the row's), the last line per metric winning, with
+their std, sample counts and resize mode; Table 8's FID@30K is ``fid_eval`` (appendix C);
+steps/s is relative to the table's reference row. Pinned by tests/test_tables.py.
 """
 from __future__ import annotations
 

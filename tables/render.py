@@ -2,16 +2,9 @@
 
   python -m tables.render table=all format=both workdir=runs/demo out=out/tables
 
-Writes ``<out>/table_<N>.md`` and/or ``<out>/table_<N>.tex`` per table (plus ``tables.md`` /
-``tables.tex`` with all of them when several are rendered; ``figures=true`` adds ``<out>/figures``).
-``out=-`` prints to stdout instead. Results are read from every run directory under ``workdir``
-(see :mod:`tables.runs`); without a workdir the tables show the paper's values and dashes.
-
-Each row shows the paper's value beside ours, plus the training step, sample count, Inception
-extractor and scale our numbers come from. Ours = the latest evaluated step of the run(s) whose
-job.json lists the row (guidance 1.0; Table 9: the row's guidance), the last line winning for
-repeated evaluations; a dash = no value; a dagger = another sample count than the paper's (50K,
-COCO 30K); steps/s = latest throughput.jsonl entry relative to the table's reference row.
+Writes markdown and/or LaTeX per table (``out=-`` prints them). Each row shows the paper's value
+beside ours with the step, sample count, extractor and scale ours come from (tables/measured.py);
+a dash is a missing number, a dagger another sample count than the paper's.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ PACKAGES = ("core", "eval", "experiments", "tables")
 LAYERS = (
     ("core.errors", "core.cli", "core.progress"),
     ("core.io",),
-    ("core.data", "core.captions"),
+    ("core.data",),
     ("core.schedules", "core.diffusion", "core.sampling", "core.models", "core.sharding",
      "core.hardware"),
     # trainer, checkpoints, gin config, benchmark, the model summary command; evaluation
