@@ -17,6 +17,7 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from core.io import jsonl, storage
 from core.errors import UserError
@@ -131,7 +132,6 @@ class MetricWriter:
                  self.metrics_path, dropped, self.start_step)
       self._file = open(self.metrics_path, "a", encoding="utf-8")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       # A nanosecond suffix keeps event files of quick restarts apart and in creation order.
       self._tb = SummaryWriter(logdir=os.path.join(self.local_dir, TB_DIR),
                                purge_step=self.start_step + 1 if self.start_step > 0 else None,

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, TextIO
 
+from tqdm.auto import tqdm
+
 
 def format_duration(seconds: float) -> str:
   """``42s``, ``4m18s``, ``1h02m``, ``2d03h`` (``?`` when unknown)."""
@@ -78,7 +80,6 @@ class Progress:
       use_tqdm = bool(isatty and isatty()) and print_fn is None
     self._bar = None
     if use_tqdm and enabled:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=self.total, initial=self.step, desc=desc, unit=unit,
                        file=self._file, dynamic_ncols=True, smoothing=0.05)
     now = clock()

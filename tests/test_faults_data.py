@@ -187,9 +187,9 @@ def test_prepare_cli_on_16bit_pngs_matches_numpy(tmp_path):
   assert "0 skipped" in proc.stdout
   paths, meta = pipeline.split_paths(str(tmp_path / "out"), "train")
   source = pipeline.RecordSource(paths, meta, "train")
-  records = [records.decode_record(source[i]) for i in range(len(source))]
-  assert sorted(r["key"] for r in records) == [f"{k}.png" for k in sorted(images)]
-  for r in records:
+  decoded = [records.decode_record(source[i]) for i in range(len(source))]
+  assert sorted(r["key"] for r in decoded) == [f"{k}.png" for k in sorted(images)]
+  for r in decoded:
     want = expected_gray16(images[r["key"][:-4]])
     np.testing.assert_array_equal(r["image"].astype(np.int64), want, err_msg=r["key"])
 

@@ -12,7 +12,8 @@ import pytest
 from core import benchmark
 from core import hardware
 from core.models import UNet, UViT, make_model, model_image_size
-from core.models.flops import forward_flops, jaxpr_flops
+from core.models.flops import forward_flops
+from tests.jaxpr_flops import jaxpr_flops
 from core.models.summary import example_inputs, param_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,8 @@ from core import config as config_lib
 from core import schedules
 from core.models import UNet, UViT, make_model
 from core.models.conditioning import LOGSNR_INPUT_TYPES, logsnr_features, logsnr_to_unit
-from core.models.flops import forward_flops, jaxpr_flops
+from core.models.flops import forward_flops
+from tests.jaxpr_flops import jaxpr_flops
 from core.models.summary import count_params, example_inputs, param_shapes
 from experiments import jobs, registry
 from tests.test_models import TINY_UNET, TINY_UVIT, random_params

@@ -4,16 +4,12 @@ Counts 2 x multiply-accumulates of every convolution, dense layer and attention 
 attention x v); normalisation, activations, the DWT and other elementwise work are not counted
 (the usual MFU convention). A training step costs 3x the forward pass (forward + backward).
 
-``forward_flops`` walks the configuration analytically (no JAX); ``jaxpr_flops`` counts the same
-quantity from a traced jaxpr (dot_general / conv_general_dilated, scan bodies times their
-length), and tests/test_models_flops.py checks the two agree exactly and both agree with XLA's
-cost analysis within 10%.
+The count is analytic (no JAX); tests/test_models_flops.py checks it against a count of the traced
+jaxpr (tests/jaxpr_flops.py) and XLA's cost analysis.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
-
-import numpy as np
+from typing import Any, Sequence
 
 from core.models.patching import parse_patching
 from core.models.validate import image_hw, validate
@@ -107,43 +103,3 @@ def forward_flops(model: Any, image_size: int | Sequence[int], image_channels: i
       # one scale/shift projection for the whole stack instead of one per block
       total -= (model.num_transformer_blocks - 1) * _dense(1, e, 8 * widths[-1])
   return float(total)
-
-
-def jaxpr_flops(fn: Callable[..., Any], *args, **kwargs) -> float:
-  """Counts dot_general / conv FLOPs (2 x MACs) in the jaxpr of fn(*args), scans x length."""
-  import jax  # local: the analytic counter above needs no JAX
-
-  closed = jax.make_jaxpr(fn)(*args, **kwargs)
-  return _count(closed.jaxpr)
-
-
-def _count(jaxpr: Any) -> float:
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      (lc, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      k = int(np.prod([lhs[d] for d in lc])) if lc else 1
-      total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * k
-    elif name == "conv_general_dilated":
-      dn = eqn.params["dimension_numbers"]
-      rhs = eqn.invars[1].aval.shape
-      kernel_spatial = float(np.prod([rhs[d] for d in dn.rhs_spec[2:]]))
-      cin = rhs[dn.rhs_spec[1]]
-      out = float(np.prod(eqn.outvars[0].aval.shape))
-      dil = float(np.prod(eqn.params.get("lhs_dilation") or (1,)))
-      # A transposed conv (lhs dilation d, kernel d) touches one non-zero input per d^2 taps.
-      total += 2.0 * out * kernel_spatial * cin / dil
-    sub = 0.0
-    for v in eqn.params.values():
-      for j in (v if isinstance(v, (list, tuple)) else [v]):
-        inner = getattr(j, "jaxpr", None)
-        if inner is not None and hasattr(inner, "eqns"):
-          sub = max(sub, _count(inner)) if name == "cond" else sub + _count(inner)
-        elif hasattr(j, "eqns"):
-          sub += _count(j)
-    if name == "scan":
-      sub *= eqn.params["length"]
-    total += sub
-  return total
