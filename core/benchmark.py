@@ -114,8 +114,9 @@ def _memory(compiled) -> dict[str, int] | None:
   keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
           "temp_size_in_bytes", "generated_code_size_in_bytes")
   out = {k.replace("_size_in_bytes", "_bytes"): int(getattr(ma, k, 0) or 0) for k in keys}
-  # Donated state: outputs alias the arguments, so the step's footprint is args + temps + new outputs.
-  out["total_bytes"] = out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"] - out["alias_bytes"]
+  # Donated state: outputs alias the arguments, so the footprint is args + temps + new outputs.
+  out["total_bytes"] = (out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"]
+                        - out["alias_bytes"])
   return out
 
 

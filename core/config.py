@@ -84,7 +84,8 @@ def resolve_gin_file(path: str) -> str:
                      fs in os.walk(os.path.join(REPO_ROOT,
                                                 "gin")) for f in fs if f.endswith(".gin"))
   close = difflib.get_close_matches(path, available, n=3, cutoff=0.4)
-  hint = f"; did you mean {', '.join(close)}?" if close else f"; gin files live under gin/ ({len(available)} files)"
+  hint = (f"; did you mean {', '.join(close)}?" if close
+          else f"; gin files live under gin/ ({len(available)} files)")
   raise UserError(f"gin file {path!r} not found{hint}")
 
 
@@ -112,7 +113,8 @@ def _explain(err: Exception, bindings: Sequence[str]) -> str:
       params = []
     close = difflib.get_close_matches(param, params, n=2)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return f"gin configurable {cfg!r} has no parameter {param!r}{hint}; valid: {', '.join(params) or '?'}"
+    return (f"gin configurable {cfg!r} has no parameter {param!r}{hint}; valid: "
+            f"{', '.join(params) or '?'}")
   return f"bad gin configuration: {msg}"
 
 

@@ -49,7 +49,7 @@ TPUS = {a.name: a for a in (
     Accelerator("v5litepod", 197e12, 16 * GiB), Accelerator("v6e", 918e12, 32 * GiB),
 )}
 
-# ``Device.device_kind`` substrings -> table entries (longest match first: 'TPU v5 lite' before 'TPU v5').
+# ``Device.device_kind`` substrings -> table entries (longest first: 'TPU v5 lite' before 'TPU v5').
 _DEVICE_KINDS = {
     "H100": GPUS["H100"], "H200": GPUS["H200"], "B200": GPUS["B200"],
     "A100-SXM4-40GB": GPUS["A100-40GB"],

@@ -1,4 +1,4 @@
-"""Training metrics: ``metrics.jsonl`` (one row per logged step) and TensorBoard events (tensorboardX).
+"""Training metrics: ``metrics.jsonl`` (one row per logged step) and TensorBoard events.
 
 Exactly once on resume: a writer started at the restored step drops the rows logged after it and
 purges TensorBoard's later events. On ``gs://`` the files are written locally and mirrored by

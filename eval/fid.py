@@ -41,7 +41,7 @@ def psd_sqrt(a: np.ndarray) -> np.ndarray:
   key = hashlib.sha1(a.tobytes()).hexdigest()
   if key not in _SQRT_CACHE:
     w, v = np.linalg.eigh(a)
-    if len(_SQRT_CACHE) >= 4:  # a reference's root is reused for every checkpoint and guidance scale
+    if len(_SQRT_CACHE) >= 4:  # a reference's root serves every checkpoint and guidance
       _SQRT_CACHE.pop(next(iter(_SQRT_CACHE)))
     _SQRT_CACHE[key] = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
   return _SQRT_CACHE[key]
@@ -62,7 +62,8 @@ def remember_sqrt(sigma: np.ndarray, sigma_sqrt: np.ndarray) -> None:
 
 @single_threaded_lapack
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-  """tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) = sum of singular values of A B, A = S1^(1/2), B = S2^(1/2).
+  """tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) = sum of singular values of A B,
+  A = S1^(1/2), B = S2^(1/2).
 
   The singular values of A B are the square roots of the eigenvalues of A S2 A, obtained without
   taking square roots of rounding-level eigenvalues (which costs ~sqrt(eps) relative accuracy).
@@ -116,13 +117,14 @@ def _fid_of(x: np.ndarray, y: np.ndarray, mu_ref: np.ndarray, trace_ref: float) 
   xc = x - mu
   diff = mu - mu_ref
   yc = y - y.mean(axis=0)
-  gram = yc @ yc.T if n <= yc.shape[1] else yc.T @ yc  # its eigenvalues: the squared singular values
+  # Its eigenvalues are the squared singular values.
+  gram = yc @ yc.T if n <= yc.shape[1] else yc.T @ yc
   cross = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)))) / np.sqrt(n - 1)
   return max(float(diff @ diff) + float(np.sum(xc * xc)) / (n - 1) + trace_ref - 2.0 * cross, 0.0)
 
 
 def fid_from_features(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
-  """FID of the Gaussian fitted to ``features`` [n, D] (as :func:`feature_stats`) against a reference.
+  """FID of the Gaussian fitted to ``features`` [n, D] (:func:`feature_stats`) and a reference.
 
   Equals ``frechet_distance(*feature_stats(features), mu_ref, sigma_ref)``: with Xc the centred
   features and B = S_ref^(1/2), A S_ref A (A = S^(1/2)) has the nonzero eigenvalues of
@@ -242,7 +244,8 @@ def _read_npz(path: str) -> np.lib.npyio.NpzFile:
   try:
     return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
   except (ValueError, OSError, EOFError) as e:
-    raise UserError(f"could not read FID statistics {path} ({e}); delete or replace the file") from None
+    raise UserError(f"could not read FID statistics {path} ({e}); delete or replace the "
+                    f"file") from None
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +258,8 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   try:
     return _check_stats(z["mu"], z["sigma"], path)
   except ValueError as e:
-    raise UserError(f"could not read FID statistics {path} ({e}); delete or replace the file") from None
+    raise UserError(f"could not read FID statistics {path} ({e}); delete or replace the "
+                    f"file") from None
 
 
 def load_stats_meta(path: str) -> dict[str, object]:

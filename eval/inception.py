@@ -47,7 +47,8 @@ def clean_fid_cache_path() -> str:
 
 
 def find_clean_fid_weights() -> str | None:
-  """The local clean-fid Inception file: ``$SD_INCEPTION_WEIGHTS`` (file or folder), else clean-fid's cache."""
+  """The local clean-fid Inception file: ``$SD_INCEPTION_WEIGHTS`` (file or folder), else
+  clean-fid's cache."""
   env = os.environ.get(WEIGHTS_ENV)
   if env:
     path = os.path.join(env, CLEAN_FID_FILE) if os.path.isdir(env) else env
@@ -123,7 +124,7 @@ def resize_clean(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
 
 
 def resize_legacy_tensorflow(x, size: int = INPUT_SIZE):
-  """The TF graph's bilinear resize, as in NVIDIA's translation: float NCHW torch tensor -> [N, C, size, size]."""
+  """The TF graph's bilinear resize (NVIDIA's translation): float NCHW -> [N, C, size, size]."""
   import torch
   import torch.nn.functional as F
   n, c, h, w = x.shape
@@ -203,7 +204,8 @@ class FeatureExtractor:
 
     Args:
       source: 'auto' | 'clean-fid' | 'fid-helper' | path to a TorchScript .pt file.
-      resize_mode: 'clean' (clean-fid's PIL bicubic) or 'legacy_tensorflow' (the TF graph's bilinear).
+      resize_mode: 'clean' (clean-fid's PIL bicubic) or 'legacy_tensorflow' (the graph's
+        bilinear).
       device: 'cpu', 'cuda', ...; None picks CUDA when available.
       batch_size: images per forward pass.
       num_threads: torch CPU threads (process-wide); None keeps torch's setting.
@@ -227,7 +229,8 @@ class FeatureExtractor:
     self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     self.path = self._resolve(source)
     try:
-      with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; these files are TorchScript
+      # torch >= 2.9 marks TorchScript deprecated; these files are TorchScript.
+      with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         module = torch.jit.load(self.path, map_location="cpu").eval()
     except Exception as e:  # a truncated download, not a TorchScript file, ...

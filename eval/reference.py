@@ -119,7 +119,8 @@ def reference_stats(data_dir: str, split: str, extractor, *, max_images: int | N
       running.update(feats)
   except FileNotFoundError as e:  # storage.NotFoundError and core.data errors are UserErrors
     raise UserError(f"no data for split '{split}' of {data_dir} ({e}); prepare the data set with "
-                    "python -m core.data prepare, or pass a reference .npz with mu and sigma") from None
+                    "python -m core.data prepare, or pass a reference .npz with mu and "
+                    "sigma") from None
   if running.count < 2:
     raise UserError(f"split '{split}' of {data_dir} has {running.count} images; FID reference "
                     "statistics need at least 2 (prepare more data or pass a reference .npz)")
@@ -131,7 +132,7 @@ def reference_stats(data_dir: str, split: str, extractor, *, max_images: int | N
 
 
 def _load_cached(path: str) -> Reference | None:
-  """A cache file written by :func:`reference_stats`; None for one of an older layout (recompute)."""
+  """A cache file written by :func:`reference_stats`; None for an older layout (recompute)."""
   mu, sigma = load_stats(path)
   meta = load_stats_meta(path)
   z = _read_npz(path)
@@ -198,7 +199,7 @@ def has_kid_features(reference: str | None) -> bool:
 def get_reference(reference: str | None, *, data_dir: str | None, split: str, extractor,
                   max_images: int | None = None, read_batches: ReadBatches | None = None,
                   convention: str | None = None) -> Reference:
-  """A reference given as a .npz path, or (None, '' or 'auto') the cached statistics of ``split``."""
+  """A reference given as a .npz path, or (None, '', 'auto') the cached statistics of ``split``."""
   if reference and reference != "auto":
     return load_reference(reference, extractor, split=split, convention=convention)
   if not data_dir:

@@ -57,8 +57,8 @@ def eval_args(job: registry.Job, scale: str, run_dir: str, opts: dict[str, Any])
           f"noise_param={job.noise_param}", f"extractor={opts['extractor']}",
           f"resize={opts.get('resize') or 'legacy_tensorflow'}",
           f"save_samples={ev['save_samples']}",
-          "once=true"] + (
-              [f"max_reference_images={ev['max_reference_images']}"] if ev["max_reference_images"] else [])
+          "once=true"] + ([f"max_reference_images={ev['max_reference_images']}"]
+                          if ev["max_reference_images"] else [])
 
 
 def write_job_json(job: registry.Job, scale: str, run_dir: str, args: list[str]) -> None:

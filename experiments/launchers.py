@@ -48,7 +48,8 @@ def tpu_commands(job, train_args: Sequence[str], eval_args: Sequence[str],
            f".venv/bin/pip install -q 'jax[tpu]'")
   train = (".venv/bin/python -m core.train " + " ".join(shlex.quote(a) for a in train_args) +
            f" {SHARD_ALL} distributed=true")
-  evaluate = ".venv/bin/python -m eval.worker " + " ".join(shlex.quote(a) for a in eval_args) + " distributed=true"
+  evaluate = (".venv/bin/python -m eval.worker " + " ".join(shlex.quote(a) for a in eval_args)
+              + " distributed=true")
   ssh = f"gcloud compute tpus tpu-vm ssh {node} {where} --worker=all --command "
   return [
       f"gcloud compute tpus queued-resources create {node} --node-id {node} {where} "

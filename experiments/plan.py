@@ -97,7 +97,8 @@ def activation_bytes_per_image(model, cfg) -> int:
   def count(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if context.method_name == "__call__" and isinstance(context.module, MATMUL_LAYERS):
-      total[0] += sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(out))
+      total[0] += sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                      for x in jax.tree.leaves(out))
     return out
 
   def forward(rng):
@@ -132,7 +133,7 @@ def memory(model, cfg, devices: int) -> dict[str, Any]:
 
 def describe(job, scale: str, workdir: str, train_args: Sequence[str], tgt: Target, *,
              sampler_steps: int, num_samples: int) -> dict[str, Any]:
-  """Rows, run name, resolution, parameters, FLOPs, bytes per device, fit, training and eval cost."""
+  """Rows, run name, resolution, parameters, FLOPs, bytes per device, fit, train and eval cost."""
   model, cfg, _ = jobs.build(train_args)
   fwd = train_lib.forward_flops(model, cfg)
   mem = memory(model, cfg, tgt.devices)

@@ -192,7 +192,8 @@ def main(argv: Sequence[str]) -> int:
 def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str,
               opts: dict[str, Any]) -> int:
   if opts["launcher"] in ("tpu", "slurm"):
-    plan_lib.check_fits(plan_lib.plan_jobs(job_list, scale, workdir, opts))  # refuse before launching any
+    # Refuse before launching any.
+    plan_lib.check_fits(plan_lib.plan_jobs(job_list, scale, workdir, opts))
     scripts = {}
     for job in job_list:
       run_dir = storage.join(workdir, job.name)

@@ -25,10 +25,11 @@ def measure(entries, scale: str, workdir: str, job_train_args: Sequence[Sequence
             batch_size: int | None = None, steps: int = 10, warmup: int = 2) -> list[dict]:
   """Times ``steps`` training steps (after ``warmup``) for each job; appends one row per table row.
 
-  ``job_train_args[i]`` are the ``core.train`` arguments of the i-th job of ``registry.jobs(entries)``.
+  ``job_train_args[i]``: the ``core.train`` arguments of the i-th job of ``registry.jobs(entries)``.
   """
   if not any(e.throughput for e in entries):
-    raise UserError("mode=throughput measures the rows of Tables 4 and 5; choose table=4 or table=5")
+    raise UserError("mode=throughput measures the rows of Tables 4 and 5; choose table=4 or "
+                    "table=5")
   rows = []
   for job, args in zip(registry.jobs(entries), job_train_args):
     if not any(e.throughput for e in job.entries):

@@ -5,8 +5,8 @@ Columns: the row label; for each metric the paper reports in that table (or we m
 steps/s relative to the table's reference row = 100%); KID train / eval (x1000, +- std over
 subsets) where measured (the paper reports none); then where our numbers come from: training
 step, number of samples (every FID's n), Inception extractor and resize, experiment scale. A
-missing number is a dash (``Cell(None)``), never a zero. Rows evaluated with another sample count than the paper (50K ImageNet, 30K COCO) carry a
-dagger and a footnote; relative throughput measured on another device than the reference row
+missing number is a dash (``Cell(None)``), never a zero. Rows evaluated with another sample count
+than the paper (50K ImageNet, 30K COCO) carry a dagger and a footnote; relative throughput measured on another device than the reference row
 carries a double dagger. :mod:`tables.markdown` and :mod:`tables.latex` turn a layout into text.
 """
 from __future__ import annotations

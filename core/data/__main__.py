@@ -21,7 +21,8 @@ PREPARE_OPTIONS = [
     cli.Option("res", None, "output resolution: images are ADM center-cropped and resized to "
                "res x res. Required.", int),
     cli.Option("out", None, "output directory (local path or gs://bucket/prefix); gets "
-               "<split>-NNNNN-of-NNNNN.array_record shards, meta.json and label_map.json. Required."),
+               "<split>-NNNNN-of-NNNNN.array_record shards, meta.json and label_map.json. "
+               "Required."),
     cli.Option("eval_fraction", None, "for a folder source without train/ and val/: fraction of "
                "images (chosen by a hash of their relative path) put in the 'eval' split. Default "
                "0.1.",

@@ -81,7 +81,8 @@ def emoji_source(tarball: str | None = None, *, eval_fraction: float | None = No
         elif m.name == "package/emoji.json":
           meta_json = json.load(tar.extractfile(m))
   except (tarfile.TarError, OSError, EOFError) as e:
-    raise UserError(f"cannot read {tarball!r} ({e}); delete it so that it is fetched again") from None
+    raise UserError(f"cannot read {tarball!r} ({e}); delete it so that it is fetched "
+                    f"again") from None
   if meta_json is None or not pngs:
     raise UserError(f"{tarball!r} is not the {PACKAGE} tarball (no emoji.json or 64x64 images)")
   category: dict[str, str] = {}

@@ -33,7 +33,7 @@ def split_paths(data_dir: str, split: str) -> tuple[list[str], dict[str, Any]]:
     raise UserError(f"data set {data_dir!r} has no records in split {split!r} (it has: "
                     f"{', '.join(have) or 'none'}); {prepare_hint(data_dir)} splits={split}")
   try:
-    records.check_shards(local, meta, [split])  # opens each shard: catches empty and truncated files
+    records.check_shards(local, meta, [split])  # catches empty and truncated shards
   except UserError as e:
     if local == data_dir:
       raise
@@ -73,7 +73,7 @@ class RecordSource(grain.sources.RandomAccessDataSource):
 
 
 class DecodeRecord(grain.transforms.Map):
-  """bytes -> {'image': uint8 [H,W,3], 'label': int32[, 'text_emb']} (see core.data.records.decode_record)."""
+  """bytes -> {'image': uint8 [H,W,3], 'label': int32[, 'text_emb']} (records.decode_record)."""
 
   def map(self, element: bytes) -> dict[str, np.ndarray]:
     try:
@@ -122,7 +122,7 @@ class TrainIterator(grain.DataLoaderIterator):
     except ValueError as e:
       raise UserError("the saved data iterator state does not fit this loader (same data set, "
                       "seed, "
-                      f"num_workers and shuffle needed to resume): {str(e).splitlines()[0]}") from None
+                      f"num_workers and shuffle needed to resume): {first_line(e)}") from None
 
   def close(self) -> None:
     """Stops grain's worker processes and drops the pipeline (idempotent)."""
@@ -151,7 +151,7 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
                       num_epochs: int | None = None, split: str = "train",
                       resolution: int | None = None, read_threads: int = 8,
                       prefetch_buffer_size: int = 64) -> TrainIterator:
-  """Iterator of this host's batches {'image': uint8 [B,H,W,3], 'label': int32 [B]}, B = global/hosts.
+  """This host's batches {'image': uint8 [B,H,W,3], 'label': int32 [B]}, B = global / hosts.
 
   Args:
     data_dir: a directory written by ``python -m core.data prepare`` (or gs://, copied locally).
@@ -234,7 +234,7 @@ class ShardedLoader:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def get_state(self) -> bytes:
-    """JSON bytes with every owned shard's grain state (grain's orbax handler stores bytes as text)."""
+    """JSON bytes with every owned shard's grain state (grain's orbax handler stores text)."""
     states = {}
     for s, it in zip(self.shard_ids, self._iters):
       st = it.get_state()
@@ -279,7 +279,7 @@ def iter_split(data_dir: str, split: str, *, batch_size: int = 256, limit: int |
 
 def load_split(data_dir: str, split: str, *, limit: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-  """(images uint8 [N,H,W,3], labels int32 [N]) of a whole split, e.g. for FID reference statistics."""
+  """(images uint8 [N,H,W,3], labels int32 [N]) of a whole split, e.g. for FID statistics."""
   paths, meta = split_paths(data_dir, split)
   n = sum(meta["shard_counts"][split]) if limit is None else min(limit,
                                                                  sum(meta["shard_counts"][split]))

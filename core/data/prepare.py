@@ -172,9 +172,10 @@ def write_dataset(source: Source, res: int, out_dir: str, *, shards: int = 0, wo
 
 
 def summary_line(meta: dict[str, Any]) -> str:
-  parts = [f"{s}: {meta['counts'][s]} written, {meta['skipped'][s]} skipped" for s in meta["counts"]]
-  return f"prepared {meta['resolution']}x{meta['resolution']} ({meta['num_classes']} classes) -- " + \
-         "; ".join(parts)
+  parts = [f"{s}: {meta['counts'][s]} written, {meta['skipped'][s]} skipped"
+           for s in meta["counts"]]
+  res = meta["resolution"]
+  return f"prepared {res}x{res} ({meta['num_classes']} classes) -- " + "; ".join(parts)
 
 def _install_local(tmp: str, out: str, overwrite: bool) -> None:
   """Moves the finished files of tmp into out (an atomic directory rename when out is new)."""
@@ -336,7 +337,7 @@ def _first_example(source: Source) -> str:
 
 
 def default_data_dir(res: int, root: str | None = None, *, progress: bool = False) -> str:
-  """``<data root>/emoji-<res>``, prepared from the emoji tarball on first use (concurrency-safe)."""
+  """``<data root>/emoji-<res>``, prepared from the emoji tarball on first use (process-safe)."""
   root = root or records.data_root()
   out = os.path.join(root, f"emoji-{res}")
   if os.path.exists(os.path.join(out, "meta.json")):

@@ -88,7 +88,7 @@ def decode_header(record: bytes) -> tuple[dict[str, Any], int]:
 
 
 def decode_record(record: bytes) -> dict[str, Any]:
-  """Inverse of :func:`encode_record`: {'image': uint8 [H,W,C], 'label': int32, 'key': str[, 'text_emb']}.
+  """Inverse of :func:`encode_record`: {'image': uint8 [H,W,C], 'label', 'key'[, 'text_emb']}.
 
   The arrays are read-only views into ``record`` (no copy).
   """
@@ -119,7 +119,7 @@ def reprepare_hint(data_dir: str) -> str:
 
 
 def localize(data_dir: str) -> str:
-  """A local directory holding ``data_dir``: gs:// data sets are copied once (through core.io.storage)
+  """A local directory holding ``data_dir``: gs:// data sets are copied once
   to ``<data root>/gcs/<hash of URL and meta.json>``, since ArrayRecord readers need local files."""
   if not data_dir.startswith("gs://"):
     return data_dir
@@ -151,7 +151,7 @@ def localize(data_dir: str) -> str:
 
 
 def read_meta(data_dir: str) -> dict[str, Any]:
-  """The data set's meta.json (resolution, num_classes, class_names, counts, skipped, shards, ...)."""
+  """The data set's meta.json (resolution, num_classes, class_names, counts, shards, ...)."""
   if not data_dir:
     raise UserError("no data set given; pass data_dir=<prepared directory>")
   if data_dir.startswith("gs://"):
