@@ -1,0 +1,110 @@
+"""Resuming a run whose workdir is ``gs://`` (on gcp-storage-emulator), and the three ways the
+stock emulator differs from GCS that used to make it fail (fixed in tests/gcs_emulator.py).
+
+Each ``test_stock_emulator_*`` test runs the same requests against the stock emulator (where they
+show the fault) and against the patched one every other test uses (where they behave as on GCS):
+the faults are the emulator's, not tensorstore's, orbax's or our configuration's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from core import checkpoint as ckpt_lib
+from core import storage
+from tests.gcs_emulator import GcsEmulator
+from tests.test_train import ROOT, _env, losses, run_train, train_cmd
+
+STOCK_BUCKET = "sd-stock-bucket"  # its own bucket: tensorstore caches open drivers per bucket
+
+
+@pytest.fixture(scope="module")
+def stock_emulator():
+  emu = GcsEmulator(bucket=STOCK_BUCKET, stock=True)
+  emu.start()
+  yield emu
+  emu.close()
+
+
+@pytest.fixture(params=["stock", "patched"])
+def emulator(request, stock_emulator, gcs_emulator, monkeypatch):
+  """(emulator, is_stock) with the environment pointing tensorstore at it."""
+  emu = stock_emulator if request.param == "stock" else gcs_emulator
+  for k, v in emu.env.items():
+    monkeypatch.setenv(k, v)
+  return emu, request.param == "stock"
+
+
+def _kvstore(emu, path, ocdbt=False):
+  """A fresh tensorstore gcs kvstore (new context, no cache: like a new process) on ``path``."""
+  spec = {"driver": "gcs", "bucket": emu.bucket, "path": path}
+  spec = {"driver": "ocdbt", "base": spec} if ocdbt else spec
+  return ts.KvStore.open(spec, context=ts.Context()).result(timeout=30)
+
+
+def test_stock_emulator_download_lacks_the_generation_so_ocdbt_fails(emulator):
+  """GCS sends ``x-goog-generation`` with every media download; tensorstore takes a read's
+  generation from it. The stock emulator omits it, so reads report generation 0 and OCDBT's next
+  manifest commit (conditioned on the generation it read) is refused: a resumed run, or a save of
+  more arrays than one commit takes, fails."""
+  emu, stock = emulator
+  store = _kvstore(emu, f"gen-{os.urandom(4).hex()}/")
+  written = store.write("a", b"hello").result(timeout=30).generation
+  read = store.read("a").result(timeout=30)
+  assert read.value == b"hello"
+  assert (read.stamp.generation == written) != stock
+
+  path = f"ocdbt-{os.urandom(4).hex()}/"
+  _kvstore(emu, path, ocdbt=True).write("a", b"1").result(timeout=30)  # creates the manifest
+  db = _kvstore(emu, path, ocdbt=True)  # reopened: reads the manifest and its generation
+  if stock:
+    with pytest.raises(ValueError, match="Malformed StorageGeneration"):
+      db.write("b", b"2").result(timeout=30)
+  else:
+    db.write("b", b"2").result(timeout=30)
+    assert [db.read(k).result(timeout=30).value for k in ("a", "b")] == [b"1", b"2"]
+
+
+def test_stock_emulator_ignores_generation_preconditions(emulator):
+  """``ifGenerationMatch`` (0: "no live object") must refuse a write when the object changed
+  (412 on GCS); the stock emulator writes anyway, so two writers can both "win"."""
+  emu, stock = emulator
+  store = _kvstore(emu, f"pre-{os.urandom(4).hex()}/")
+  missing = store.read("a").result(timeout=30).stamp.generation  # NoValue: ifGenerationMatch=0
+  first = store.write("a", b"first").result(timeout=30).generation
+  store.write("a", b"second").result(timeout=30)
+  store.write("a", b"only if absent", if_equal=missing).result(timeout=30)
+  store.write("a", b"only if unchanged", if_equal=first).result(timeout=30)
+  value = store.read("a").result(timeout=30).value
+  assert value == (b"only if unchanged" if stock else b"second")
+
+
+def test_stock_emulator_takes_one_connection_at_a_time(emulator):
+  """tensorstore keeps up to 32 requests in flight. The stock emulator handles one connection at
+  a time with a listen backlog of 5: further connections are not accepted (the kernel drops their
+  SYNs and clients resend them after 1, 3, 7... s), which is how restores stalled."""
+  emu, stock = emulator
+  conns = []
+  try:
+    for _ in range(32):
+      try:
+        conns.append(socket.create_connection(("127.0.0.1", emu.port), timeout=0.5))
+      except OSError:  # connect timed out: the SYN was dropped
+        break
+    if stock:
+      assert len(conns) < 32, "the stock emulator accepted 32 idle connections"
+    else:
+      assert len(conns) == 32
+      last = conns[-1]
+      last.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+      last.settimeout(10)
+      assert b"OK" in last.recv(4096)  # answered while 31 other connections sit idle
+  finally:
+    for c in conns:
+      c.close()
