@@ -184,8 +184,13 @@ def patch_emulator() -> None:
     daemon_threads = True
     request_queue_size = 1024
 
+    def handle_error(self, request, client_address):
+      if not isinstance(sys.exc_info()[1], ConnectionError):  # not a client that hung up
+        super().handle_error(request, client_address)
+
   def run(thread):  # APIThread.run with the threading server
-    thread._httpd = ThreadingServer((thread._host, thread._port),  # pylint: disable=protected-access
+    # pylint: disable=protected-access
+    thread._httpd = ThreadingServer((thread._host, thread._port),
                                     functools.partial(emu.RequestHandler, thread._storage))
     thread.is_running.set()
     thread._httpd.serve_forever()
@@ -230,16 +235,21 @@ class GcsEmulator:
     """Starts the server (same port and data as before) and waits until it answers."""
     if self.running:
       return
-    cmd = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), "" if self.stock else ROOT, "--data-dir", self.data_dir,
+    cmd = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), "" if self.stock else ROOT,
+           "--data-dir", self.data_dir,
            "start", "--host", "127.0.0.1", "--port", str(self.port), "--default-bucket",
            self.bucket, "--quiet"]
-    self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # stderr goes to a file, not a pipe nobody reads: the server's tracebacks for clients that
+    # hung up mid-response would fill a pipe's 64 KiB and block it.
+    self._stderr = tempfile.TemporaryFile()
+    self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr,
                                   env={k: v for k, v in os.environ.items()
                                        if k != "STORAGE_EMULATOR_HOST"})
     deadline = time.monotonic() + timeout
     while True:
       if self._proc.poll() is not None:
-        err = self._proc.stderr.read().decode(errors="replace")[-2000:]
+        self._stderr.seek(0)
+        err = self._stderr.read().decode(errors="replace")[-2000:]
         raise RuntimeError(f"gcp-storage-emulator exited with {self._proc.returncode}: {err}")
       try:
         with urllib.request.urlopen(self.url + "/", timeout=1) as r:
@@ -263,8 +273,7 @@ class GcsEmulator:
       except subprocess.TimeoutExpired:
         self._proc.kill()
         self._proc.wait()
-    if self._proc.stderr:
-      self._proc.stderr.close()
+    self._stderr.close()
     self._proc = None
 
   def close(self) -> None:
