@@ -148,17 +148,18 @@ def test_resume_from_gcs_equals_an_uninterrupted_run(tmp_path, gcs_bucket):
   parameters, optimizer and EMA state, as an uninterrupted local run. config.gin, metrics.jsonl
   (each step once), TensorBoard events and the grain iterator state are on the bucket."""
   steps = ["Train.num_steps=4"]  # TINY checkpoints every 2 steps
-  ref = tmp_path / "ref"
-  uninterrupted = subprocess.Popen(train_cmd(ref, *steps), cwd=ROOT, env=_env(),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  ref, ref_log = tmp_path / "ref", tmp_path / "ref.log"
+  with open(ref_log, "w") as log:  # the reference trains while the gs:// run's first leg does
+    uninterrupted = subprocess.Popen(train_cmd(ref, *steps), cwd=ROOT, env=_env(),
+                                     stdout=log, stderr=subprocess.STDOUT)
   run = gcs_bucket + "/run"
   try:
     run_train(run, *steps, "stop_at_step=2")  # _env() carries the emulator's variables
-    _, err = uninterrupted.communicate(timeout=600)
+    uninterrupted.wait(timeout=600)
   finally:
     if uninterrupted.poll() is None:
       uninterrupted.kill()
-  assert uninterrupted.returncode == 0, err[-3000:]
+  assert uninterrupted.returncode == 0, ref_log.read_text()[-3000:]
   assert ckpt_lib.Checkpointer(run, with_data=False, async_save=False).all_steps() == [2]
   assert sorted(_gcs_losses(run)) == [1, 2]
 
