@@ -183,22 +183,33 @@ def emoji_source(tarball: str | None = None, *, eval_fraction: float | None = No
                      skipped=skipped, skipped_examples=examples)
 
 
-def default_data_dir(res: int, root: str | None = None, *, progress: bool = False) -> str:
-  """``<data root>/emoji-<res>``, prepared from the emoji tarball on first use (concurrency-safe)."""
+def default_data_dir(res: int, root: str | None = None, *, progress: bool = False,
+                     captions: bool = False) -> str:
+  """``<data root>/emoji-<res>`` (or, with ``captions``, ``emoji-captions-<res>``: the captioned
+  text-to-image set with the demo's :func:`emoji_text_encoder` embeddings and its evaluation
+  captions), prepared from the emoji tarball on first use (concurrency-safe)."""
   root = root or data_root()
-  out = os.path.join(root, f"emoji-{res}")
+  name = f"emoji-captions-{res}" if captions else f"emoji-{res}"
+  out = os.path.join(root, name)
   if os.path.exists(os.path.join(out, "meta.json")):
     return out
   tarball = emoji_tarball(root)
-  with _locked(os.path.join(root, f".emoji-{res}.lock")):
+  encoder = None
+  if captions:
+    encoder = text_encoder.TextEncoder(emoji_text_encoder(root), EMOJI_MAX_LEN, device="cpu")
+  with _locked(os.path.join(root, f".{name}.lock")):
     if os.path.exists(os.path.join(out, "meta.json")):  # another process finished meanwhile
       return out
     if os.path.exists(out):  # left over by a crash before meta.json existed: never a valid set
       shutil.rmtree(out)
-    tmp = data.make_temp_dir(root, f".emoji-{res}.tmp-")
+    tmp = data.make_temp_dir(root, f".{name}.tmp-")
     try:
-      meta = data.write_dataset(emoji_source(tarball), res, tmp, workers=1, progress=progress,
-                                source_name=f"npm:{PACKAGE}@{VERSION}")
+      source = emoji_source(tarball, captions=captions)
+      eval_count = sum(len(i.captions) for i in source.items.get("eval", []))
+      meta = data.write_dataset(source, res, tmp, workers=1, progress=progress,
+                                source_name=f"npm:{PACKAGE}@{VERSION}" + (" captions" if captions
+                                                                          else ""),
+                                encoder=encoder, eval_captions=eval_count)
       os.rename(tmp, out)  # atomic on one file system
     finally:
       if os.path.isdir(tmp):

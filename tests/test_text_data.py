@@ -280,3 +280,22 @@ def test_emoji_prepared_as_a_captioned_set(tmp_path, t5):
   assert all(r["captions"] == list(want[r["key"]]) for r in recs)
   assert all(r["portrait"] == 0 and r["text_emb"].shape[1] == datasets.EMOJI_MAX_LEN for r in recs)
   assert meta["num_classes"] == 10  # the category labels stay
+
+
+def test_demo_encoder_covers_every_emoji_caption(tmp_path):
+  tarball = os.path.join(datasets.data_root(), "cache", f"{datasets.PACKAGE}-{datasets.VERSION}.tgz")
+  if not os.path.isfile(tarball):
+    pytest.skip("the emoji tarball is not cached (it needs npm)")
+  (tmp_path / "cache").mkdir()
+  os.symlink(tarball, tmp_path / "cache" / os.path.basename(tarball))
+  path = datasets.emoji_text_encoder(str(tmp_path))
+  assert path == datasets.emoji_text_encoder(str(tmp_path))  # built once
+  enc = text_encoder.TextEncoder(path, datasets.EMOJI_MAX_LEN)
+  assert enc.dim == datasets.EMOJI_ENCODER["d_model"]
+  caps = sorted({c for cs in datasets.emoji_captions(datasets._read_tarball(tarball)[1]).values()  # pylint: disable=protected-access
+                 for c in cs})
+  ids = enc.tokenizer(caps)["input_ids"]
+  assert all(2 not in i for i in ids)  # no <unk>: the vocabulary is the captions' words
+  assert max(len(i) for i in ids) <= datasets.EMOJI_MAX_LEN  # no caption is truncated
+  emb, mask = enc.encode(caps[:50])
+  assert len({e.tobytes() for e in emb.astype(np.float16)}) == 50  # distinct captions, distinct text
