@@ -925,8 +925,9 @@ def _first_example(source: Source) -> str:
 PREPARE_OPTIONS = [
     cli.Option("src", None, "image source: a folder of class folders (label = index of the sorted "
                "folder name), a flat image folder (unconditional), an ImageNet root with train/<wnid>/ "
-               "and val/ (val/ as class folders, or flat plus val_labels=), or 'emoji' for the "
-               "built-in emoji-datasource-google set (needs npm). Required."),
+               "and val/ (val/ as class folders, or flat plus val_labels=), a COCO root (train2017/, "
+               "val2017/, annotations/captions_*2017.json: a captioned text-to-image set), or "
+               "'emoji' for the built-in emoji-datasource-google set (needs npm). Required."),
     cli.Option("res", None, "output size: 64 (square) or HxW (e.g. 384x640); images are ADM "
                "center-cropped and resized to it (for HxW, images of the other orientation are "
                "rotated first and flagged 'portrait'). Required.", parse_res),
@@ -986,7 +987,10 @@ commands:
   prepare src=... res=... out=...   prepare a data set (options below)
   info data_dir=... [verify=...]    print a prepared data set's summary, check its shards
 
-example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16"""
+example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16
+text-to-image: python -m core.data prepare src=/data/coco res=256 out=/data/coco256 \
+                 text_encoder=google/t5-v1_1-xxl upscale=true
+               (every caption kept with its T5 embedding; eval_captions/ holds the 30K FID captions)"""
 
 
 def main(argv: Sequence[str]) -> int:

@@ -299,3 +299,17 @@ def test_demo_encoder_covers_every_emoji_caption(tmp_path):
   assert max(len(i) for i in ids) <= datasets.EMOJI_MAX_LEN  # no caption is truncated
   emb, mask = enc.encode(caps[:50])
   assert len({e.tobytes() for e in emb.astype(np.float16)}) == 50  # distinct captions, distinct text
+
+
+def test_reference_statistics_of_the_coco_validation_split(tmp_path, t5):
+  from eval import reference  # pylint: disable=import-outside-toplevel
+  src = F.fake_coco(str(tmp_path / "coco"))
+  out = str(tmp_path / "out")
+  data.prepare(src, 16, out, text_encoder=t5, splits=["eval"], eval_captions=4, progress=False)
+  with pytest.raises(SystemExit) as e:
+    run_main(reference.main, [f"data_dir={out}", "split=eval", "source=fid-helper", "batch_size=8"])
+  assert e.value.code == 0
+  (name,) = os.listdir(os.path.join(out, "fid_stats"))
+  with np.load(os.path.join(out, "fid_stats", name)) as z:
+    assert z["mu"].shape == (2048,)
+  assert input_pipeline.read_meta(out)["counts"] == {"eval": 3}  # the whole split
