@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 from core.errors import UserError
 
 DIRNAME = "eval_captions"
+FILES = ("meta.json", "captions.jsonl", "text_emb.npy", "text_mask.npy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +85,8 @@ def load_eval_captions(data_dir: str) -> EvalCaptions:
   path = os.path.join(data_dir, DIRNAME)
   if not os.path.isfile(os.path.join(path, "meta.json")):
     raise UserError(f"{data_dir} has no {DIRNAME}/ (a text-to-image evaluation needs one); prepare "
-                    "the data with captions: python -m core.data prepare src=<COCO root> captions=true "
-                    "text_encoder=... (or src=emoji captions=true) ...")
+                    "the data with captions: python -m core.data prepare src=<COCO root> "
+                    "captions=true text_encoder=... (or src=emoji captions=true) ...")
   with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
     meta = json.load(f)
   keys, texts = [], []

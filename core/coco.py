@@ -17,7 +17,7 @@ import os
 from typing import Sequence
 
 from core import data
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 SPLIT_DIRS = {"train": "train", "eval": "val"}
 YEARS = (2017, 2014)
@@ -50,7 +50,7 @@ def _read_json(path: str) -> dict:
       raise ValueError("no 'images' and 'annotations' lists")
     return j
   except (OSError, ValueError, UnicodeDecodeError) as e:
-    raise UserError(f"{path} is not a COCO captions file ({data._first_line(e)}); download it "  # pylint: disable=protected-access
+    raise UserError(f"{path} is not a COCO captions file ({first_line(e)}); download it "
                     f"again from cocodataset.org (annotations_trainval<year>.zip)") from None
 
 
@@ -79,9 +79,10 @@ def coco_source(root: str, *, splits: Sequence[str] = data.SPLITS) -> data.Sourc
         continue  # an image without caption is not a text-to-image example
       path = os.path.join(root, folder, name)
       if not os.path.isfile(path):
-        raise UserError(f"image {folder}/{name} (captioned in {os.path.basename(captions_file(root, split, year))}) "
-                        f"is missing; download {folder}.zip from cocodataset.org and unzip it into "
-                        f"{root}, or pass splits= without {split}")
+        ann = os.path.basename(captions_file(root, split, year))
+        raise UserError(f"image {folder}/{name} (captioned in {ann}) is missing; download "
+                        f"{folder}.zip from cocodataset.org and unzip it into {root}, or pass "
+                        f"splits= without {split}")
       out.append(data.Item(key=f"{folder}/{name}", label=0, path=path,
                            captions=tuple(caps[image_id])))
     items[split] = out

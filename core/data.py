@@ -509,7 +509,8 @@ class _Progress:
       self.bar.close()
 
 
-def _decode_chunk(items: list[Item], res, upscale: bool) -> list[tuple[np.ndarray | None, str, bool]]:
+def _decode_chunk(items: list[Item], res, upscale: bool
+                  ) -> list[tuple[np.ndarray | None, str, bool]]:
   return [_decode_item((it, res, upscale)) for it in items]
 
 
@@ -635,9 +636,10 @@ def _load_text_emb(path: str) -> dict[str, np.ndarray]:
                     f"of arrays keyed by image file stem (numpy.savez)") from None
 
 
-def _split_records(out_dir: str, names: Sequence[str]) -> Iterator[dict[str, Any]]:
+def split_records(out_dir: str, names: Sequence[str]) -> Iterator[dict[str, Any]]:
   """Every decoded record of the shards ``names`` in ``out_dir``, in file order."""
-  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
+  from array_record.python.array_record_module import (  # pylint: disable=g-import-not-at-top
+      ArrayRecordReader)
   for n in names:
     reader = ArrayRecordReader(os.path.join(out_dir, n))
     try:
@@ -662,8 +664,8 @@ def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers
       "format": FORMAT, "resolution": h if h == w else [h, w], "image_size": [h, w],
       "num_classes": len(source.class_names),
       "class_names": list(source.class_names), "source": source_name or source.description,
-      "preprocessing": "adm_center_crop (BOX halving while both sides >= 2x target, BICUBIC, center "
-                       "crop); alpha composited on white" + ("" if h == w else
+      "preprocessing": "adm_center_crop (BOX halving while both sides >= 2x target, BICUBIC, "
+                       "center crop); alpha composited on white" + ("" if h == w else
                        "; portrait images rotated 90 degrees counter-clockwise (flag 'portrait')") +
                        ("" if upscale else "; no upscaling"),
       "has_text_emb": text_emb is not None or encoder is not None,
@@ -688,7 +690,7 @@ def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers
     from core import captions  # pylint: disable=g-import-not-at-top
     names = meta["shards"]["eval"]
     ec = captions.write_eval_captions(
-        out_dir, lambda: _split_records(out_dir, names), count=eval_captions, seed=caption_seed,
+        out_dir, lambda: split_records(out_dir, names), count=eval_captions, seed=caption_seed,
         meta=dict(encoder.describe(), split="eval"))
     meta["eval_captions"] = {"count": len(ec.captions), "seed": caption_seed,
                              "repeats": ec.meta["repeats"]}
@@ -925,8 +927,8 @@ def _first_example(source: Source) -> str:
 PREPARE_OPTIONS = [
     cli.Option("src", None, "image source: a folder of class folders (label = index of the sorted "
                "folder name), a flat image folder (unconditional), an ImageNet root with train/<wnid>/ "
-               "and val/ (val/ as class folders, or flat plus val_labels=), a COCO root (train2017/, "
-               "val2017/, annotations/captions_*2017.json: a captioned text-to-image set), or "
+               "and val/ (val/ as class folders, or flat plus val_labels=), a COCO root "
+               "(train2017/, val2017/, annotations/captions_*2017.json: a captioned set), or "
                "'emoji' for the built-in emoji-datasource-google set (needs npm). Required."),
     cli.Option("res", None, "output size: 64 (square) or HxW (e.g. 384x640); images are ADM "
                "center-cropped and resized to it (for HxW, images of the other orientation are "
@@ -956,8 +958,8 @@ PREPARE_OPTIONS = [
     cli.Option("eval_captions", 0, "with captions: captions drawn from the eval split for "
                "FID/CLIP evaluation (0 = 30000 for COCO, every eval caption for emoji).", int),
     cli.Option("caption_seed", 0, "seed of the evaluation caption draw.", int),
-    cli.Option("upscale", None, "enlarge images smaller than res (BICUBIC); default true, false for "
-               "COCO (a smaller image is then an error).", cli.parse_bool),
+    cli.Option("upscale", None, "enlarge images smaller than res (BICUBIC); default true, false "
+               "for COCO (a smaller image is then an error).", cli.parse_bool),
     cli.Option("workers", max(1, min(16, os.cpu_count() or 1)), "processes decoding images.", int),
     cli.Option("max_images", 0, "keep at most this many images per split (0 = all); for smoke tests.",
                int),
@@ -990,7 +992,7 @@ commands:
 example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16
 text-to-image: python -m core.data prepare src=/data/coco res=256 out=/data/coco256 \
                  text_encoder=google/t5-v1_1-xxl upscale=true
-               (every caption kept with its T5 embedding; eval_captions/ holds the 30K FID captions)"""
+               (all captions kept with their T5 embeddings; eval_captions/: 30K FID captions)"""
 
 
 def main(argv: Sequence[str]) -> int:

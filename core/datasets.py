@@ -112,7 +112,7 @@ EMOJI_MAX_LEN = 24  # tokens: the longest emoji caption has 20 (word-level token
 EMOJI_ENCODER = dict(d_model=64, num_layers=2, num_heads=4, d_ff=128, seed=0)
 
 
-def _read_tarball(tarball: str) -> tuple[dict[str, bytes], list]:
+def read_tarball(tarball: str) -> tuple[dict[str, bytes], list]:
   pngs: dict[str, bytes] = {}
   meta_json = None
   try:
@@ -155,7 +155,7 @@ def emoji_source(tarball: str | None = None, *, eval_fraction: float | None = No
   frac = EVAL_FRACTION if eval_fraction is None else eval_fraction
   if not 0.0 <= frac < 1.0:
     raise UserError(f"eval_fraction={frac} must be in [0, 1)")
-  pngs, meta_json = _read_tarball(tarball)
+  pngs, meta_json = read_tarball(tarball)
   caps = emoji_captions(meta_json) if captions else {}
   category: dict[str, str] = {}
   for e in meta_json:
@@ -231,7 +231,7 @@ def emoji_text_encoder(root: str | None = None) -> str:
   with _locked(os.path.join(root, "text_encoders", f".{name}.lock")):
     if os.path.isfile(os.path.join(out, "config.json")):
       return out
-    _, meta_json = _read_tarball(tarball)
+    _, meta_json = read_tarball(tarball)
     vocab = text_encoder.words(c for cs in emoji_captions(meta_json).values() for c in cs)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=os.path.dirname(out))
     try:

@@ -7,10 +7,10 @@ disjoint share of each epoch's global shuffled order (grain ``ShardOptions``, th
 ``B = global_batch_size / process_count``. Epochs repeat forever (or ``num_epochs`` times), each
 with a new permutation. Horizontal flips (p = 1/2, as ADM's ``random_flip``; the paper does not say)
 come from the per-record random generator grain derives from ``(seed, position in the stream)``,
-so the whole stream is a function of the seed. Text-to-image sets add ``'text_emb'`` float [B, T, D],
-``'text_mask'`` bool [B, T] (True on real tokens) and ``'portrait'`` int32 [B] (1 = the image was
-rotated at preparation, Sec. 5; also on non-square class sets): records keep all captions of an
-image and :class:`PickCaption` draws one per example per step from the same per-record generator
+so the whole stream is a function of the seed. Text-to-image sets add ``'text_emb'`` float
+[B, T, D], ``'text_mask'`` bool [B, T] (True on real tokens) and ``'portrait'`` int32 [B] (1 = the
+image was rotated at preparation, Sec. 5; also on non-square class sets): records keep all captions
+of an image and :class:`PickCaption` draws one per example per step from the same per-record generator
 (after the flip), so caption draws resume exactly too. ``iterator.get_state()`` returns bytes and
 ``iterator.set_state(bytes)`` restores them: a resumed run sees exactly the batches an
 uninterrupted run would (pinned by ``tests/test_input_pipeline.py``).
@@ -33,6 +33,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 import grain
 import numpy as np
 
+from core import captions as captions_lib
 from core import data
 from core.errors import UserError
 
@@ -49,7 +50,8 @@ def _reprepare_hint(data_dir: str) -> str:
 
 def _localize(data_dir: str) -> str:
   """A local directory holding ``data_dir``: gs:// data sets are copied once (through core.storage)
-  to ``<data root>/gcs/<hash of URL and meta.json>``, since ArrayRecord readers need local files."""
+  to ``<data root>/gcs/<hash of URL and meta.json>``, since ArrayRecord readers need local files
+  (the evaluation captions of a text set too)."""
   if not data_dir.startswith("gs://"):
     return data_dir
   from core import datasets, storage  # pylint: disable=g-import-not-at-top
@@ -66,7 +68,9 @@ def _localize(data_dir: str) -> str:
   os.makedirs(os.path.dirname(local), exist_ok=True)
   tmp = data.make_temp_dir(os.path.dirname(local), ".gcs-")
   try:
-    for n in [n for v in meta.get("shards", {}).values() for n in v] + ["label_map.json"]:
+    extra = ([f"{captions_lib.DIRNAME}/{n}" for n in captions_lib.FILES]
+             if meta.get("eval_captions") else [])
+    for n in [n for v in meta.get("shards", {}).values() for n in v] + ["label_map.json"] + extra:
       storage.copy_to_local(f"{base}/{n}", os.path.join(tmp, n))
     with open(os.path.join(tmp, "meta.json"), "wb") as f:  # last: marks the copy complete
       f.write(meta_bytes)
@@ -78,6 +82,12 @@ def _localize(data_dir: str) -> str:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return local
+
+
+def local_data_dir(data_dir: str) -> str:
+  """``data_dir`` itself, or for gs:// its local copy (shards, meta, evaluation captions): e.g.
+  ``core.captions.load_eval_captions(local_data_dir(data_dir))``."""
+  return _localize(data_dir)
 
 
 def read_meta(data_dir: str) -> dict[str, Any]:

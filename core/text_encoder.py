@@ -125,11 +125,12 @@ def build_random_t5(path: str, vocabulary: Iterable[str], *, d_model: int = 32,
   ``seed``. Returns ``path``."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import models, normalizers, pre_tokenizers, processors  # noqa: E501
   vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
   for w in sorted({w.lower() for w in vocabulary}):
     vocab.setdefault(w, len(vocab))
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.post_processor = processors.TemplateProcessing(single="$A </s>",

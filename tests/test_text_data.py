@@ -1,6 +1,6 @@
-"""Tests of the text-to-image data path: core.text_encoder, core.coco, captioned records and batches,
-the evaluation captions (core.captions), non-square preparation with the portrait flag, emoji
-captions. A tiny random T5 (tests/t2i_fixtures.py) runs the real transformers loading code."""
+"""Tests of the text-to-image data path: core.text_encoder, core.coco, captioned records and
+batches, the evaluation captions (core.captions), non-square preparation with the portrait flag,
+emoji captions. A tiny random T5 (tests/t2i_fixtures.py) runs the real transformers loading code."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,8 @@ from PIL import Image
 from core import captions, coco, data, datasets, input_pipeline, text_encoder
 from core.errors import UserError, run_main
 from tests import t2i_fixtures as F
+
+TARBALL = f"{datasets.PACKAGE}-{datasets.VERSION}.tgz"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def prepared(tmp_path_factory, t5):
 
 
 def records(out, meta, split):
-  return {r["key"]: r for r in data._split_records(out, meta["shards"][split])}  # pylint: disable=protected-access
+  return {r["key"]: r for r in data.split_records(out, meta["shards"][split])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +77,8 @@ def test_random_t5_is_deterministic_in_its_seed(tmp_path, encoder):
   texts = ["a car", "a green apple"]
   same = text_encoder.TextEncoder(F.tiny_t5(str(tmp_path / "a")), max_len=12).encode(texts)[0]
   np.testing.assert_array_equal(same, encoder.encode(texts)[0])
-  other = text_encoder.TextEncoder(F.tiny_t5(str(tmp_path / "b"), seed=1), max_len=12).encode(texts)[0]
+  other = text_encoder.TextEncoder(F.tiny_t5(str(tmp_path / "b"), seed=1), max_len=12)
+  other = other.encode(texts)[0]
   assert np.abs(other - same).max() > 1e-2
 
 
@@ -268,22 +271,22 @@ def test_emoji_captions_from_names_short_names_and_skin_tones():
 
 
 def test_emoji_prepared_as_a_captioned_set(tmp_path, t5):
-  tarball = os.path.join(datasets.data_root(), "cache", f"{datasets.PACKAGE}-{datasets.VERSION}.tgz")
+  tarball = os.path.join(datasets.data_root(), "cache", TARBALL)
   if not os.path.isfile(tarball):
     pytest.skip("the emoji tarball is not cached (it needs npm)")
   out = str(tmp_path / "emoji")
   meta = data.prepare("emoji", 16, out, captions=True, text_encoder=t5, max_images=12,
                       progress=False)
   assert meta["counts"] == {"train": 12, "eval": 12} and meta["eval_captions"]["count"] >= 12
-  recs = list(data._split_records(out, meta["shards"]["train"]))  # pylint: disable=protected-access
-  want = datasets.emoji_captions(datasets._read_tarball(tarball)[1])  # pylint: disable=protected-access
+  recs = list(data.split_records(out, meta["shards"]["train"]))
+  want = datasets.emoji_captions(datasets.read_tarball(tarball)[1])
   assert all(r["captions"] == list(want[r["key"]]) for r in recs)
   assert all(r["portrait"] == 0 and r["text_emb"].shape[1] == datasets.EMOJI_MAX_LEN for r in recs)
   assert meta["num_classes"] == 10  # the category labels stay
 
 
 def test_demo_encoder_covers_every_emoji_caption(tmp_path):
-  tarball = os.path.join(datasets.data_root(), "cache", f"{datasets.PACKAGE}-{datasets.VERSION}.tgz")
+  tarball = os.path.join(datasets.data_root(), "cache", TARBALL)
   if not os.path.isfile(tarball):
     pytest.skip("the emoji tarball is not cached (it needs npm)")
   (tmp_path / "cache").mkdir()
@@ -292,13 +295,13 @@ def test_demo_encoder_covers_every_emoji_caption(tmp_path):
   assert path == datasets.emoji_text_encoder(str(tmp_path))  # built once
   enc = text_encoder.TextEncoder(path, datasets.EMOJI_MAX_LEN)
   assert enc.dim == datasets.EMOJI_ENCODER["d_model"]
-  caps = sorted({c for cs in datasets.emoji_captions(datasets._read_tarball(tarball)[1]).values()  # pylint: disable=protected-access
-                 for c in cs})
+  caps = datasets.emoji_captions(datasets.read_tarball(tarball)[1])
+  caps = sorted({c for cs in caps.values() for c in cs})
   ids = enc.tokenizer(caps)["input_ids"]
   assert all(2 not in i for i in ids)  # no <unk>: the vocabulary is the captions' words
   assert max(len(i) for i in ids) <= datasets.EMOJI_MAX_LEN  # no caption is truncated
   emb, mask = enc.encode(caps[:50])
-  assert len({e.tobytes() for e in emb.astype(np.float16)}) == 50  # distinct captions, distinct text
+  assert len({e.tobytes() for e in emb.astype(np.float16)}) == 50  # distinct captions and text
 
 
 def test_reference_statistics_of_the_coco_validation_split(tmp_path, t5):
@@ -313,3 +316,19 @@ def test_reference_statistics_of_the_coco_validation_split(tmp_path, t5):
   with np.load(os.path.join(out, "fid_stats", name)) as z:
     assert z["mu"].shape == (2048,)
   assert input_pipeline.read_meta(out)["counts"] == {"eval": 3}  # the whole split
+
+
+def test_captioned_set_on_gcs_keeps_its_eval_captions(tmp_path, t5, gcs_bucket, monkeypatch):
+  monkeypatch.setenv("SIMPLE_DIFFUSION_DATA", str(tmp_path / "root"))
+  src = F.fake_coco(str(tmp_path / "coco"))
+  out = gcs_bucket + "/coco16"
+  data.prepare(src, 16, out, text_encoder=t5, splits=["eval"], eval_captions=4, caption_seed=1,
+               progress=False)
+  local = input_pipeline.local_data_dir(out)
+  assert local.startswith(str(tmp_path / "root"))
+  remote = captions.load_eval_captions(local)
+  data.prepare(src, 16, str(tmp_path / "here"), text_encoder=t5, splits=["eval"], eval_captions=4,
+               caption_seed=1, progress=False)
+  here = captions.load_eval_captions(str(tmp_path / "here"))
+  assert remote.captions == here.captions and len(here.captions) == 4
+  np.testing.assert_array_equal(np.asarray(remote.text_emb), np.asarray(here.text_emb))
