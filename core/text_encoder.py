@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
+import urllib.parse
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -34,8 +36,19 @@ def _offline() -> bool:
   return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+def _hub_resolves(endpoint: str) -> bool:
+  """Whether the Hub's host name resolves (no network: fail at once, not after a minute of
+  retries)."""
+  host = urllib.parse.urlparse(endpoint).hostname or ""
+  try:
+    socket.getaddrinfo(host, 443)
+    return True
+  except (OSError, UnicodeError):
+    return False
+
+
 def _first_line(e: BaseException) -> str:
-  return ((str(e).strip().splitlines() or [""])[0] or type(e).__name__)[:200]
+  return ((str(e).strip().splitlines() or [""])[0] or type(e).__name__)[:200].rstrip(".")
 
 
 class TextEncoder:
@@ -52,6 +65,7 @@ class TextEncoder:
 
   def __init__(self, name_or_path: str, max_len: int = DEFAULT_MAX_LEN, *, batch_size: int = 64,
                device: str | None = None, dtype: str = "float32"):
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
     if max_len <= 0:
@@ -65,15 +79,27 @@ class TextEncoder:
     if not local and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
       raise UserError(f"text encoder {name_or_path!r} is not a directory; pass a folder written "
                       f"by save_pretrained or a Hugging Face name such as {DEFAULT_ENCODER}")
-    kw = {"local_files_only": True} if (local or _offline()) else {}
+    offline = local or _offline()
+    no_network = not offline and not _hub_resolves(huggingface_hub.constants.ENDPOINT)
+    offline = offline or no_network
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # no per-retry warnings when offline
+    kw = {"local_files_only": True}
     try:
-      self.tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **kw)
+      try:  # the local cache first: no network round trip (or retries) when the files are there
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **kw)
+      except OSError:
+        if offline:
+          raise
+        kw = {}
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
       self.model = transformers.T5EncoderModel.from_pretrained(
           name_or_path, dtype=getattr(torch, dtype), **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
-      where = "" if local else (" (offline: not in the local Hugging Face cache)" if kw else "")
+    except (OSError, ValueError) as e:
+      where = "" if local else (" (no network, and not in the local Hugging Face cache)"
+                                if no_network else " (offline: not in the local Hugging Face "
+                                "cache)" if offline else "")
       raise UserError(
           f"cannot load text encoder {name_or_path!r}{where}: {_first_line(e)}; download it while "
           f"online (huggingface-cli download {name_or_path}) or pass text_encoder=<local "

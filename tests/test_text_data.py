@@ -89,6 +89,12 @@ def test_encoder_not_loadable_offline_is_one_line_error(monkeypatch, tmp_path):
                      r"huggingface-cli download.*HF_HUB_OFFLINE") as e:
     text_encoder.TextEncoder("no-such-org/no-such-t5")
   assert "\n" not in str(e.value)
+  # Without network (the Hub's name does not resolve) the same, at once (no minute of retries).
+  monkeypatch.delenv("HF_HUB_OFFLINE")
+  monkeypatch.setattr(text_encoder, "_hub_resolves", lambda endpoint: False)
+  with pytest.raises(UserError, match=r"'no-such-org/no-such-t5' \(no network, and not in the "
+                     r"local Hugging Face cache\).*huggingface-cli download"):
+    text_encoder.TextEncoder("no-such-org/no-such-t5")
   with pytest.raises(UserError, match="not a directory"):
     text_encoder.TextEncoder(str(tmp_path / "missing" / "t5"))
   (tmp_path / "empty").mkdir()
