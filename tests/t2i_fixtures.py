@@ -39,6 +39,34 @@ def tiny_t5(path: str, vocabulary=None, *, seed: int = 0, d_model: int = DIM) ->
                                       d_ff=32, seed=seed)
 
 
+def tiny_t5_sentencepiece(path: str, *, seed: int = 0, vocab_size: int = 40) -> str:
+  """A tiny random T5 encoder in the Hub's t5-v1_1 layout: the weights, a SentencePiece
+  ``spiece.model`` (trained here on the fake COCO's captions; pad 0, </s> 1, unk 2 as T5's) and a
+  ``tokenizer_config.json`` naming T5Tokenizer, with no ``tokenizer.json``: transformers converts
+  the SentencePiece model itself, as for ``google/t5-v1_1-xxl``."""
+  import io  # pylint: disable=import-outside-toplevel
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(all_captions() * 20), model_writer=buf, vocab_size=vocab_size,
+      model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+      eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "spiece.model"), "wb") as f:
+    f.write(buf.getvalue())
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>",
+               "unk_token": "<unk>", "extra_ids": 0, "model_max_length": 512}, f)
+  cfg = transformers.T5Config(vocab_size=vocab_size, d_model=DIM, d_kv=8, d_ff=32, num_layers=1,
+                              num_heads=2, feed_forward_proj="gated-gelu", pad_token_id=0,
+                              eos_token_id=1, decoder_start_token_id=0)
+  torch.manual_seed(seed)
+  transformers.T5EncoderModel(cfg).save_pretrained(path)
+  return str(path)
+
+
 def image(size: tuple[int, int], seed: int) -> Image.Image:
   """A deterministic RGB image whose left and top halves differ (so a rotation is visible)."""
   w, h = size

@@ -73,6 +73,20 @@ def test_encoder_matches_transformers_forward(t5, encoder):
   assert np.abs(emb[0] - emb[1]).max() > 1e-2
 
 
+def test_encoder_loads_the_hubs_sentencepiece_layout(tmp_path):
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  path = F.tiny_t5_sentencepiece(str(tmp_path / "sp"))
+  assert not os.path.exists(os.path.join(path, "tokenizer.json"))
+  enc = text_encoder.TextEncoder(path, max_len=10)
+  texts = ["a red cat on a mat", "the tower"]
+  _, mask = enc.encode(texts)
+  sp = spm.SentencePieceProcessor(model_file=os.path.join(path, "spiece.model"))
+  for t, m in zip(texts, mask):
+    want = sp.encode(t) + [1]  # SentencePiece's own pieces, then </s>
+    assert enc.tokenizer(t)["input_ids"] == want
+    np.testing.assert_array_equal(m, np.arange(10) < len(want))
+
+
 def test_random_t5_is_deterministic_in_its_seed(tmp_path, encoder):
   texts = ["a car", "a green apple"]
   same = text_encoder.TextEncoder(F.tiny_t5(str(tmp_path / "a")), max_len=12).encode(texts)[0]
