@@ -226,6 +226,18 @@ def test_batches_draw_one_caption_per_example_per_step(prepared):
       assert portrait == r["portrait"]
       seen.setdefault(key, set()).add(i)
   assert seen["train2017/000000000002.jpg"] == {0, 1, 2}  # 12 draws of 3 captions
+  # Caption draws resume exactly: the state after 5 batches gives batches 5.. again.
+  kw = dict(global_batch_size=3, seed=0, process_index=0, process_count=1, random_flip=False)
+  with input_pipeline.make_train_loader(out, **kw) as it:
+    for _ in range(5):
+      next(it)
+    state = it.get_state()
+  with input_pipeline.make_train_loader(out, **kw) as it:
+    it.set_state(state)
+    for want in batches[5:8]:
+      got = next(it)
+      for k in ("text_emb", "text_mask", "portrait", "image"):
+        np.testing.assert_array_equal(got[k], want[k])
   # The eval split in file order (reference statistics, evaluation): first caption of each record.
   (ev,) = list(input_pipeline.iter_split(out, "eval"))
   assert ev["image"].shape == (3, 16, 24, 3) and ev["portrait"].tolist() == [0, 0, 1]
