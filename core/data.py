@@ -29,7 +29,7 @@ the raw text-embedding bytes if any, then the bool mask bytes [[C,] T'] if any (
 padding is not stored). :func:`encode_record` and :func:`decode_record` are the only code that
 knows this layout.
 
-Text-to-image sources (``src=coco``, ``src=emoji captions=true``; :mod:`core.coco`) keep every
+Text-to-image sources (a COCO root, :mod:`core.coco`; ``src=emoji captions=true``) keep every
 caption of an image in its record, with its ``text_encoder`` embedding (computed once here, float16)
 and mask; the input pipeline draws one caption per example per step. ``res=HxW`` (e.g. 384x640)
 prepares non-square images: an image whose orientation differs from the target's (width < height
@@ -568,7 +568,8 @@ def write_split(items: list[Item], split: str, res, out_dir: str, *, shards: int
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
   h, w = parse_res(res)
   if shards <= 0:
-    shards = max(1, math.ceil(len(items) * h * w * 3 / TARGET_SHARD_BYTES))
+    text = encoder.dim * 5 * 24 * 2 if encoder is not None else 0  # ~COCO: 5 captions x 24 tokens
+    shards = max(1, math.ceil(len(items) * (h * w * 3 + text) / TARGET_SHARD_BYTES))
   shards = max(1, min(shards, max(1, len(items))))
   names = shard_names(split, shards)
   writers = [ArrayRecordWriter(os.path.join(out_dir, n), WRITER_OPTIONS) for n in names]
