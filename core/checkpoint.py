@@ -27,6 +27,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from core.io import storage
 from core.errors import UserError, first_line
@@ -99,7 +100,12 @@ class Checkpointer:
         item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
-    """Steps of complete checkpoints, oldest first."""
+    """Steps of complete checkpoints, oldest first (also those another process wrote since)."""
+    if storage.is_remote(self.directory):
+      # Orbax lists gs:// through etils.epath -> gcsfs, which caches every directory listing for
+      # the life of the process: without this, a process that listed the checkpoints once (the
+      # eval worker polling a run, the runner after its trainer subprocess) never sees newer ones.
+      epath.backend.fsspec_backend.fs(self.directory).invalidate_cache()
     self._manager.reload()
     return sorted(self._manager.all_steps())
 

@@ -8,18 +8,21 @@ from typing import Sequence
 
 from core import cli
 from core.data import records
+from core.data import text_encoder as text_lib
 from core.data.prepare import prepare, summary_line
+from core.data.preprocess import parse_res
 from core.errors import UserError, run_main
-
 
 PREPARE_OPTIONS = [
     cli.Option("src", None, "image source: a folder of class folders (label = index of the sorted "
                "folder name), a flat image folder (unconditional), an ImageNet root with "
                "train/<wnid>/ "
-               "and val/ (val/ as class folders, or flat plus val_labels=), or 'emoji' for the "
-               "built-in emoji-datasource-google set (needs npm). Required."),
-    cli.Option("res", None, "output resolution: images are ADM center-cropped and resized to "
-               "res x res. Required.", int),
+               "and val/ (val/ as class folders, or flat plus val_labels=), a COCO root "
+               "(train2017/, val2017/, annotations/captions_*2017.json: a captioned set), or "
+               "'emoji' for the built-in emoji-datasource-google set (needs npm). Required."),
+    cli.Option("res", None, "output size: 64 (square) or HxW (e.g. 384x640); images are ADM "
+               "center-cropped and resized to it (for HxW, images of the other orientation are "
+               "rotated first and flagged 'portrait'). Required.", parse_res),
     cli.Option("out", None, "output directory (local path or gs://bucket/prefix); gets "
                "<split>-NNNNN-of-NNNNN.array_record shards, meta.json and label_map.json. "
                "Required."),
@@ -35,6 +38,20 @@ PREPARE_OPTIONS = [
                "<wnid>' (whitespace or comma separated, e.g. Kaggle's LOC_val_solution.csv)."),
     cli.Option("text_emb", None, "optional .npz of text embeddings keyed by image file stem, "
                "stored in each record as 'text_emb' (images without one are skipped)."),
+    cli.Option("captions", None, "text-to-image: keep every caption of each image with its text "
+               "embedding. On by default for a COCO root (train2017/, val2017/, annotations/"
+               "captions_*2017.json; or 2014); src=emoji captions=true captions the emoji with "
+               "their names.", cli.parse_bool),
+    cli.Option("text_encoder", None, "with captions: a Hugging Face T5 name or save_pretrained "
+               f"folder (default {text_lib.DEFAULT_ENCODER}; for src=emoji a small random T5 "
+               "built once under the data root)."),
+    cli.Option("max_len", 0, f"with captions: tokens per caption (0 = {text_lib.DEFAULT_MAX_LEN}, "
+               "emoji 24).", int),
+    cli.Option("eval_captions", 0, "with captions: captions drawn from the eval split for "
+               "FID/CLIP evaluation (0 = 30000 for COCO, every eval caption for emoji).", int),
+    cli.Option("caption_seed", 0, "seed of the evaluation caption draw.", int),
+    cli.Option("upscale", None, "enlarge images smaller than res (BICUBIC); default true, false "
+               "for COCO (a smaller image is then an error).", cli.parse_bool),
     cli.Option("workers", max(1, min(16, os.cpu_count() or 1)), "processes decoding images.", int),
     cli.Option("max_images", 0,
                "keep at most this many images per split (0 = all); for smoke tests.",
@@ -65,7 +82,10 @@ commands:
   prepare src=... res=... out=...   prepare a data set (options below)
   info data_dir=... [verify=...]    print a prepared data set's summary, check its shards
 
-example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16"""
+example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16
+text-to-image: python -m core.data prepare src=/data/coco res=256 out=/data/coco256 \
+                 text_encoder=google/t5-v1_1-xxl upscale=true
+               (all captions kept with their T5 embeddings; eval_captions/: 30K FID captions)"""
 
 
 def main(argv: Sequence[str]) -> int:
@@ -114,7 +134,10 @@ def main(argv: Sequence[str]) -> int:
                  shards=values["shards"], splits=splits, val_labels=values["val_labels"],
                  text_emb=values["text_emb"], workers=values["workers"],
                  max_images=values["max_images"], overwrite=values["overwrite"],
-                 progress=values["progress"])
+                 progress=values["progress"], captions=values["captions"],
+                 text_encoder=values["text_encoder"], max_len=values["max_len"],
+                 upscale=values["upscale"], eval_captions=values["eval_captions"],
+                 caption_seed=values["caption_seed"])
   for split, ex in meta["skipped_examples"].items():
     for e in ex[:3]:
       print(f"skipped ({split}) e.g. {e}", file=sys.stderr)

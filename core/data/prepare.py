@@ -25,8 +25,10 @@ from array_record.python.array_record_module import ArrayRecordWriter
 import numpy as np
 
 from core import progress as progress_lib
-from core.data import emoji, records
-from core.data.preprocess import load_image
+from core.data import captions as captions_lib
+from core.data import coco, emoji, records
+from core.data import text_encoder as text_lib
+from core.data.preprocess import ImageTooSmall, load_image, parse_res
 from core.data.records import SPLITS
 from core.data.sources import IMAGE_EXTENSIONS, Item, Source, scan_folder
 from core.errors import UserError, first_line
@@ -34,62 +36,100 @@ from core.io import storage
 
 TARGET_SHARD_BYTES = 512 * 2**20
 
-# ---------------------------------------------------------------------------------------------
-# Writing.
 
-
-def _decode_item(args: tuple[Item, int]) -> tuple[np.ndarray | None, str]:
-  """Worker: (image or None, reason when None). Never raises on a bad file."""
-  item, res = args
+def _decode_item(args: tuple[Item, Any, bool]) -> tuple[np.ndarray | None, str, bool]:
+  """Worker: (image or None, reason when None, rotated (only for a non-square res)). Never raises
+  on a bad file; an image smaller than the target without ``upscale`` is a UserError."""
+  item, res, upscale = args
   try:
-    return load_image(item.data if item.data is not None else item.path, res), ""
+    image, rotated = load_image(item.data if item.data is not None else item.path, res,
+                                upscale=upscale, rotate=True)
+    return image, "", rotated
+  except ImageTooSmall as e:
+    h, w = parse_res(res)
+    raise UserError(f"image {item.key} is {e}; pass upscale=true to enlarge small images "
+                    f"(BICUBIC) or a res= smaller than {h if h == w else f'{h}x{w}'}") from None
   except Exception as e:  # corrupt, truncated, not an image, unreadable: skip and count
-    return None, f"{type(e).__name__}: {str(e)[:120]}"
+    return None, f"{type(e).__name__}: {str(e)[:120]}", False
 
 
-def _decode_chunk(items: list[Item], res: int) -> list[tuple[np.ndarray | None, str]]:
-  return [_decode_item((it, res)) for it in items]
+def _decode_chunk(items: list[Item], res, upscale: bool
+                  ) -> list[tuple[np.ndarray | None, str, bool]]:
+  return [_decode_item((it, res, upscale)) for it in items]
 
 
-def _map_items(items: list[Item], res: int, workers: int, chunk: int = 64
-               ) -> Iterator[tuple[np.ndarray | None, str]]:
-  """(image or None, reason) for each item, in order; decoded by ``workers`` processes."""
+def _map_items(items: list[Item], res, workers: int, chunk: int = 64, upscale: bool = True
+               ) -> Iterator[tuple[np.ndarray | None, str, bool]]:
+  """(image or None, reason, rotated) for each item, in order; decoded by ``workers`` processes."""
   if workers <= 1 or len(items) < chunk:
-    yield from (_decode_item((it, res)) for it in items)
+    yield from (_decode_item((it, res, upscale)) for it in items)
     return
   # spawn, not fork: callers (a trainer preparing the default set) may have JAX threads running.
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
     pending: collections.deque = collections.deque()
     for start in range(0, len(items), chunk):  # a bounded window of chunks in flight
-      pending.append(ex.submit(_decode_chunk, items[start:start + chunk], res))
+      pending.append(ex.submit(_decode_chunk, items[start:start + chunk], res, upscale))
       if len(pending) >= 4 * workers:
         yield from pending.popleft().result()
     while pending:
       yield from pending.popleft().result()
 
 
-def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards: int = 0,
+def _encoded_chunks(items: list[Item], encoder, dtype: str, chunk: int = 32
+                    ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None]]:
+  """(text_emb [C, T, D], text_mask [C, T]) of each item's captions, encoded ``chunk`` items at a
+  time (bounded memory); (None, None) for an item without captions or without an encoder."""
+  for start in range(0, len(items), chunk):
+    part = items[start:start + chunk]
+    texts = [c for it in part for c in it.captions]
+    if encoder is None or not texts:
+      yield from ((None, None) for _ in part)
+      continue
+    emb, mask = encoder.encode(texts)
+    emb = emb.astype(dtype)
+    i = 0
+    for it in part:
+      n = len(it.captions)
+      yield (emb[i:i + n], mask[i:i + n]) if n else (None, None)
+      i += n
+
+
+def write_split(items: list[Item], split: str, res, out_dir: str, *, shards: int = 0,
                 workers: int = 1, text_emb: dict[str, np.ndarray] | None = None,
-                progress: bool = True) -> dict[str, Any]:
-  """Decodes, preprocesses and writes one split; returns {'count', 'skipped', 'shards', ...}."""
+                progress: bool = True, encoder=None, upscale: bool = True,
+                text_dtype: str = "float16") -> dict[str, Any]:
+  """Decodes, preprocesses and writes one split; returns {'count', 'skipped', 'shards', ...}.
+
+  With ``encoder`` (a :class:`core.data.text_encoder.TextEncoder`), every caption of each item is
+  encoded and stored with its mask; images without a caption are skipped. Records of a text or
+  non-square data set carry the 'portrait' flag.
+  """
+  h, w = parse_res(res)
   if shards <= 0:
-    shards = max(1, math.ceil(len(items) * res * res * 3 / TARGET_SHARD_BYTES))
+    text = encoder.dim * 5 * 24 * 2 if encoder is not None else 0  # ~COCO: 5 captions x 24 tokens
+    shards = max(1, math.ceil(len(items) * (h * w * 3 + text) / TARGET_SHARD_BYTES))
   shards = max(1, min(shards, max(1, len(items))))
   names = records.shard_names(split, shards)
   writers = [ArrayRecordWriter(os.path.join(out_dir, n), records.WRITER_OPTIONS)
              for n in names]
   counts = [0] * shards
   written, skipped, examples = 0, 0, []
-  bar = progress_lib.Progress(len(items), desc=f"prepare {split}", unit="img", enabled=progress)
+  flag = encoder is not None or h != w
+  bar = progress_lib.Progress(len(items), desc=f"prepare {split}", unit="img",
+                             enabled=progress)
   try:
-    for item, (image, reason) in zip(items, _map_items(items, res, workers)):
+    for item, (image, reason, rotated), (cap_emb, cap_mask) in zip(
+        items, _map_items(items, res, workers, upscale=upscale),
+        _encoded_chunks(items, encoder, text_dtype)):
       bar.advance()
-      emb = None
+      emb = cap_emb
       if image is not None and text_emb is not None:
         emb = text_emb.get(os.path.splitext(os.path.basename(item.key))[0])
         if emb is None:
           image, reason = None, "no text embedding for this image"
+      if image is not None and encoder is not None and cap_emb is None:
+        image, reason = None, "no caption for this image"
       if image is None:
         skipped += 1
         if len(examples) < 10:
@@ -97,7 +137,10 @@ def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards
         continue
       shard = written % shards  # round robin keeps the shards balanced whatever gets skipped
       try:
-        writers[shard].write(records.encode_record(image, item.label, key=item.key, text_emb=emb))
+        writers[shard].write(records.encode_record(
+            image, item.label, key=item.key, text_emb=emb, text_mask=cap_mask,
+            captions=item.captions if cap_emb is not None else None,
+            portrait=rotated if flag else None))
       except RuntimeError as e:  # ArrayRecord reports failed writes (disk full, ...) as these
         raise OSError(first_line(e)) from None
       counts[shard] += 1
@@ -105,9 +148,9 @@ def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards
   finally:
     bar.close()
     close_error = None
-    for w in writers:
+    for wr in writers:
       try:
-        w.close()  # flushes: where a full disk usually shows
+        wr.close()  # flushes: where a full disk usually shows
       except RuntimeError as e:
         close_error = close_error or e
   if close_error is not None:
@@ -136,33 +179,50 @@ def _load_text_emb(path: str) -> dict[str, np.ndarray]:
                     f"of arrays keyed by image file stem (numpy.savez)") from None
 
 
-def write_dataset(source: Source, res: int, out_dir: str, *, shards: int = 0, workers: int = 1,
+def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers: int = 1,
                   text_emb: dict[str, np.ndarray] | None = None, progress: bool = True,
-                  source_name: str | None = None) -> dict[str, Any]:
-  """Writes every split of ``source`` plus meta.json and label_map.json into a local directory."""
+                  source_name: str | None = None, encoder=None, upscale: bool | None = None,
+                  eval_captions: int = 0, caption_seed: int = 0) -> dict[str, Any]:
+  """Writes every split of ``source`` plus meta.json and label_map.json into a local directory;
+  with ``encoder`` also the ``eval_captions`` evaluation captions drawn from split 'eval'."""
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
+  h, w = parse_res(res)
+  upscale = source.upscale if upscale is None else upscale
   meta: dict[str, Any] = {
-      "format": records.FORMAT, "resolution": res, "num_classes": len(source.class_names),
+      "format": records.FORMAT, "resolution": h if h == w else [h, w], "image_size": [h, w],
+      "num_classes": len(source.class_names),
       "class_names": list(source.class_names), "source": source_name or source.description,
-      "preprocessing": "adm_center_crop (BOX halving while min side >= 2*res, BICUBIC, center "
-                       "crop); alpha composited on white",
-      "has_text_emb": text_emb is not None,
+      "preprocessing": "adm_center_crop (BOX halving while both sides >= 2x target, BICUBIC, "
+                       "center crop); alpha composited on white" + ("" if h == w else
+                       "; portrait images rotated 90 degrees counter-clockwise (flag 'portrait')") +
+                       ("" if upscale else "; no upscaling"),
+      "has_text_emb": text_emb is not None or encoder is not None,
       "counts": {}, "skipped": {}, "shards": {}, "shard_counts": {}, "skipped_examples": {},
   }
+  if encoder is not None:
+    meta["text"] = dict(encoder.describe(), dtype="float16", captions="all per image")
   n_ref = len(source.items.get("train", [])) or max(len(v) for v in source.items.values())
   for split, items in source.items.items():
     split_shards = 0  # auto
     if shards > 0:
       split_shards = max(1, math.ceil(shards * len(items) / max(1, n_ref)))
-    r = write_split(items, split, res, out_dir, shards=split_shards, workers=workers,
-                    text_emb=text_emb, progress=progress)
+    r = write_split(items, split, (h, w), out_dir, shards=split_shards, workers=workers,
+                    text_emb=text_emb, progress=progress, encoder=encoder, upscale=upscale)
     meta["counts"][split] = r["count"]
     meta["skipped"][split] = r["skipped"] + source.skipped.get(split, 0)
     meta["shards"][split] = r["shards"]
     meta["shard_counts"][split] = r["shard_counts"]
     meta["skipped_examples"][split] = (source.skipped_examples.get(split, []) +
                                        r["skipped_examples"])[:10]
+  if encoder is not None and eval_captions > 0 and meta["counts"].get("eval"):
+    names = meta["shards"]["eval"]
+    ec = captions_lib.write_eval_captions(
+        out_dir, lambda: records.split_records(out_dir, names), count=eval_captions,
+        seed=caption_seed,
+        meta=dict(encoder.describe(), split="eval"))
+    meta["eval_captions"] = {"count": len(ec.captions), "seed": caption_seed,
+                             "repeats": ec.meta["repeats"]}
   meta["prepare_seconds"] = round(time.time() - t0, 2)
   with open(os.path.join(out_dir, "label_map.json"), "w") as f:
     json.dump({c: i for i, c in enumerate(source.class_names)}, f, indent=1)
@@ -174,8 +234,10 @@ def write_dataset(source: Source, res: int, out_dir: str, *, shards: int = 0, wo
 def summary_line(meta: dict[str, Any]) -> str:
   parts = [f"{s}: {meta['counts'][s]} written, {meta['skipped'][s]} skipped"
            for s in meta["counts"]]
-  res = meta["resolution"]
-  return f"prepared {res}x{res} ({meta['num_classes']} classes) -- " + "; ".join(parts)
+  h, w = meta.get("image_size") or [meta["resolution"]] * 2
+  what = "captioned" if meta.get("text") else f"{meta['num_classes']} classes"
+  return f"prepared {h}x{w} ({what}) -- " + "; ".join(parts)
+
 
 def _install_local(tmp: str, out: str, overwrite: bool) -> None:
   """Moves the finished files of tmp into out (an atomic directory rename when out is new)."""
@@ -193,6 +255,7 @@ def _install_local(tmp: str, out: str, overwrite: bool) -> None:
     for n in sorted(os.listdir(out)):  # the old shards, by name (its meta.json may be damaged)
       if records.SHARD_NAME.fullmatch(n):
         os.remove(os.path.join(out, n))
+    shutil.rmtree(os.path.join(out, "eval_captions"), ignore_errors=True)
   names = sorted(os.listdir(tmp), key=lambda n: n == "meta.json")  # meta.json last
   for n in names:
     os.replace(os.path.join(tmp, n), os.path.join(out, n))
@@ -240,24 +303,37 @@ def _check_out(out: str, overwrite: bool) -> None:
                       f"or new directory")
 
 
-def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None, shards: int = 0,
+def prepare(src: str, res, out: str, *, eval_fraction: float | None = None, shards: int = 0,
             splits: Sequence[str] = SPLITS, val_labels: str | None = None,
             text_emb: str | None = None, workers: int = 1, max_images: int = 0,
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-  """Prepares ``src`` at resolution ``res`` into ``out`` (local or gs://); returns the meta dict."""
-  if res <= 0:
-    raise UserError(f"res={res} must be a positive image size, e.g. res=64")
+            overwrite: bool = False, progress: bool = True, captions: bool | None = None,
+            text_encoder: str | None = None, max_len: int = 0, upscale: bool | None = None,
+            eval_captions: int = 0, caption_seed: int = 0) -> dict[str, Any]:
+  """Prepares ``src`` at resolution ``res`` (int or HxW) into ``out`` (local or gs://); returns the
+  meta dict. ``captions`` (default: on for a COCO layout) keeps every caption of each image with
+  its ``text_encoder`` embeddings (``max_len`` tokens) and writes ``eval_captions`` of them."""
+  res = parse_res(res)
   bad = [s for s in splits if s not in SPLITS]
   if bad or not splits:
     raise UserError(f"splits={','.join(splits)} must name some of: {', '.join(SPLITS)}")
   _check_out(out, overwrite)
-  if emoji.is_emoji_source(src):
-    source = emoji.emoji_source(None if src == "emoji" else src,
-                                   eval_fraction=eval_fraction, splits=splits)
+  is_emoji = emoji.is_emoji_source(src)
+  if src == "coco":
+    raise UserError("src=coco needs the COCO root: pass src=<folder with train2017/, val2017/ and "
+                    "annotations/> (captions are then on)")
+  if captions is None:
+    captions = not is_emoji and os.path.isdir(os.path.join(src, "annotations"))
+  if captions and text_emb:
+    raise UserError("pass either captions=true (text_encoder= embeds them) or text_emb=<.npz>")
+  if is_emoji:
+    source = emoji.emoji_source(None if src == "emoji" else src, eval_fraction=eval_fraction,
+                                   splits=splits, captions=bool(captions))
+  elif captions:
+    source = coco.coco_source(src, splits=splits)
   else:
     if not os.path.exists(src):
       raise UserError(f"src={src!r} does not exist; pass an image folder, an ImageNet root "
-                      f"(train/, val/) or src=emoji")
+                      f"(train/, val/), a COCO root (with captions=true) or src=emoji")
     source = scan_folder(src, eval_fraction=eval_fraction, val_labels=val_labels, splits=splits)
   if max_images > 0:
     source.items = {s: v[:max_images] for s, v in source.items.items()}
@@ -268,6 +344,16 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
                      if listed else "") +
                     f" for splits {','.join(splits)}; point src= at a folder of images "
                     f"({', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+  encoder = None
+  if captions:
+    if is_emoji:  # the demo's offline encoder (core.data.emoji.emoji_text_encoder)
+      text_encoder = text_encoder or emoji.emoji_text_encoder()
+      max_len = max_len or emoji.EMOJI_MAX_LEN
+    encoder = text_lib.TextEncoder(text_encoder or text_lib.DEFAULT_ENCODER,
+                                   max_len or text_lib.DEFAULT_MAX_LEN)
+    if eval_captions <= 0:  # COCO FID@30K; the emoji set: one draw of each eval caption
+      eval_captions = 30_000 if not is_emoji else sum(len(i.captions)
+                                                   for i in source.items.get("eval", []))
   emb = _load_text_emb(text_emb) if text_emb else None
   tmp = None
   try:
@@ -280,7 +366,8 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
       tmp = records.make_temp_dir(parent,
                                   _temp_prefix(out) + f"{socket.gethostname()}-{os.getpid()}-")
     meta = write_dataset(source, res, tmp, shards=shards, workers=workers, text_emb=emb,
-                         progress=progress)
+                         progress=progress, encoder=encoder, upscale=upscale,
+                         eval_captions=eval_captions, caption_seed=caption_seed)
     if not sum(meta["counts"].values()):
       n = sum(len(v) for v in source.items.values())
       examples = [e for v in meta["skipped_examples"].values() for e in v]
@@ -290,7 +377,8 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
       base = out.rstrip("/")
       if overwrite and storage.exists(f"{base}/meta.json"):
         storage.remove(f"{base}/meta.json")  # readers never see the old meta with new shards
-      for n in sorted(os.listdir(tmp), key=lambda n: n == "meta.json"):  # meta.json last
+      files = [os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs]
+      for n in sorted(files, key=lambda n: n == "meta.json"):  # meta.json last
         storage.copy_from_local(os.path.join(tmp, n), f"{base}/{n}")
       shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -336,22 +424,33 @@ def _first_example(source: Source) -> str:
   return next((e for v in source.skipped_examples.values() for e in v), "?")
 
 
-def default_data_dir(res: int, root: str | None = None, *, progress: bool = False) -> str:
-  """``<data root>/emoji-<res>``, prepared from the emoji tarball on first use (process-safe)."""
+def default_data_dir(res: int, root: str | None = None, *, progress: bool = False,
+                     captions: bool = False) -> str:
+  """``<data root>/emoji-<res>`` (or, with ``captions``, ``emoji-captions-<res>``: the captioned
+  text-to-image set with the demo's :func:`core.data.emoji.emoji_text_encoder` embeddings and its
+  evaluation captions), prepared from the emoji tarball on first use (concurrency-safe)."""
   root = root or records.data_root()
-  out = os.path.join(root, f"emoji-{res}")
+  name = f"emoji-captions-{res}" if captions else f"emoji-{res}"
+  out = os.path.join(root, name)
   if os.path.exists(os.path.join(out, "meta.json")):
     return out
   tarball = emoji.emoji_tarball(root)
-  with records.locked(os.path.join(root, f".emoji-{res}.lock")):
+  encoder = None
+  if captions:
+    encoder = text_lib.TextEncoder(emoji.emoji_text_encoder(root), emoji.EMOJI_MAX_LEN,
+                                  device="cpu")
+  with records.locked(os.path.join(root, f".{name}.lock")):
     if os.path.exists(os.path.join(out, "meta.json")):  # another process finished meanwhile
       return out
     if os.path.exists(out):  # left over by a crash before meta.json existed: never a valid set
       shutil.rmtree(out)
-    tmp = records.make_temp_dir(root, f".emoji-{res}.tmp-")
+    tmp = records.make_temp_dir(root, f".{name}.tmp-")
     try:
-      meta = write_dataset(emoji.emoji_source(tarball), res, tmp, workers=1, progress=progress,
-                           source_name=f"npm:{emoji.PACKAGE}@{emoji.VERSION}")
+      source = emoji.emoji_source(tarball, captions=captions)
+      eval_count = sum(len(i.captions) for i in source.items.get("eval", []))
+      label = f"npm:{emoji.PACKAGE}@{emoji.VERSION}" + (" captions" if captions else "")
+      meta = write_dataset(source, res, tmp, workers=1, progress=progress, source_name=label,
+                           encoder=encoder, eval_captions=eval_count)
       os.rename(tmp, out)  # atomic on one file system
     finally:
       if os.path.isdir(tmp):

@@ -6,9 +6,12 @@ the standard choice for class-conditional ImageNet FID comparisons, so it is wha
 from __future__ import annotations
 
 import io
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from core.errors import UserError
 
 _WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -52,30 +55,77 @@ def to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
-def center_crop_resize(img: Image.Image, res: int) -> np.ndarray:
-  """ADM's ImageNet preprocessing: uint8 [res, res, 3] from a PIL RGB image.
+def parse_res(res: int | str | Sequence[int]) -> tuple[int, int]:
+  """``64`` / ``"64"`` -> (64, 64); ``"384x640"`` / (384, 640) -> (height, width)."""
+  if isinstance(res, str):
+    parts = res.lower().split("x")
+    try:
+      hw = tuple(int(p) for p in parts)
+    except ValueError:
+      hw = ()
+    if len(hw) not in (1, 2):
+      raise UserError(f"res={res!r} must be a size like 64 or HxW like 384x640")
+  elif isinstance(res, (int, np.integer)):
+    hw = (int(res),)
+  else:
+    hw = tuple(int(r) for r in res)
+  h, w = (hw[0], hw[0]) if len(hw) == 1 else hw
+  if h <= 0 or w <= 0:
+    raise UserError(f"res={res} must be a positive image size, e.g. res=64 or res=384x640")
+  return h, w
 
-  1. While the smaller side is at least 2*res, halve both sides with a BOX filter (integer
+
+class ImageTooSmall(ValueError):
+  """An image smaller than the target size while upscaling is not allowed."""
+
+
+def center_crop_resize(img: Image.Image, res: int | tuple[int, int], *,
+                       upscale: bool = True) -> np.ndarray:
+  """ADM's ImageNet preprocessing: uint8 [H, W, 3] from a PIL RGB image (res = H = W or (H, W)).
+
+  1. While both sides are at least twice the target's, halve them with a BOX filter (integer
      division of the size, as ADM does; this anti-aliases large downscales cheaply).
-  2. Resize with BICUBIC so that the smaller side is exactly res (the other side rounded).
-  3. Take the central res x res crop (offsets floor((size - res) / 2)).
+  2. Resize with BICUBIC by the smallest scale that covers the target (for a square target: the
+     smaller side becomes res; the other side rounded).
+  3. Take the central H x W crop (offsets floor((size - target) / 2)).
+  With ``upscale=False`` an image that would need enlarging raises :class:`ImageTooSmall`.
   """
-  while min(img.size) >= 2 * res:
+  h, w = parse_res(res)
+  if not upscale and (img.size[0] < w or img.size[1] < h):
+    raise ImageTooSmall(f"{img.size[0]} wide and {img.size[1]} high, smaller than the target "
+                        f"(width {w}, height {h})")
+  while img.size[0] >= 2 * w and img.size[1] >= 2 * h:
     img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
-  scale = res / min(img.size)
+  scale = max(w / img.size[0], h / img.size[1])
   img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), resample=Image.BICUBIC)
   arr = np.asarray(img, dtype=np.uint8)
-  top = (arr.shape[0] - res) // 2
-  left = (arr.shape[1] - res) // 2
-  out = arr[top:top + res, left:left + res]
-  if out.shape != (res, res, 3):
-    raise ValueError(f"crop has shape {out.shape}, expected {(res, res, 3)}")
+  top = (arr.shape[0] - h) // 2
+  left = (arr.shape[1] - w) // 2
+  out = arr[top:top + h, left:left + w]
+  if out.shape != (h, w, 3):
+    raise ValueError(f"crop has shape {out.shape}, expected {(h, w, 3)}")
   return np.ascontiguousarray(out)
 
 
-def load_image(path_or_bytes: str | bytes, res: int) -> np.ndarray:
-  """Decodes an image file (path or its bytes) and returns ADM-preprocessed uint8 [res, res, 3]."""
+def orient(img: Image.Image, res: int | tuple[int, int]) -> tuple[Image.Image, bool]:
+  """(image, rotated): a portrait image for a landscape target (or the reverse) is rotated 90
+  degrees counter-clockwise, as the 384x640 model's preprocessing does (Sec. 5); square targets
+  are never rotated."""
+  h, w = parse_res(res)
+  if h == w or (img.size[0] < img.size[1]) == (w < h) or img.size[0] == img.size[1]:
+    return img, False
+  return img.transpose(Image.Transpose.ROTATE_90), True
+
+
+def load_image(path_or_bytes: str | bytes, res: int | tuple[int, int], *, upscale: bool = True,
+               rotate: bool = False) -> np.ndarray | tuple[np.ndarray, bool]:
+  """Decodes an image file (path or its bytes) and returns ADM-preprocessed uint8 [H, W, 3]; with
+  ``rotate`` returns (image, rotated) after :func:`orient`."""
   f = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
   with Image.open(f) as img:
     img.load()
-    return center_crop_resize(to_rgb(img), res)
+    rgb = to_rgb(img)
+  if not rotate:
+    return center_crop_resize(rgb, res, upscale=upscale)
+  rgb, rotated = orient(rgb, res)
+  return center_crop_resize(rgb, res, upscale=upscale), rotated

@@ -16,11 +16,12 @@ import re
 import shutil
 import struct
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from array_record.python.array_record_module import ArrayRecordReader
 import numpy as np
 
+from core.data import captions as captions_lib
 from core.errors import UserError, first_line
 from core.io import storage
 
@@ -62,20 +63,42 @@ def make_temp_dir(parent: str | None, prefix: str) -> str:
 
 
 def encode_record(image: np.ndarray, label: int, *, key: str = "",
-                  text_emb: np.ndarray | None = None) -> bytes:
-  """Serialises one example: MAGIC, uint32 header length, JSON header, image bytes, text bytes."""
+                  text_emb: np.ndarray | None = None, text_mask: np.ndarray | None = None,
+                  captions: Sequence[str] | None = None, portrait: bool | None = None) -> bytes:
+  """Serialises one example: MAGIC, uint32 header length, JSON header, image, text bytes.
+
+  ``text_emb`` is [T, D] (one caption) or [C, T, D] (C captions); with ``text_mask`` (bool,
+  ``text_emb.shape[:-1]``) only the token positions up to the last real token of any caption are
+  stored (the rest must be padding: zero embeddings, mask False) and :func:`decode_record` pads
+  them back to T, so a 15-token caption costs 15, not 128, rows of 4096 values.
+  """
   image = np.ascontiguousarray(image)
   if image.dtype != np.uint8 or image.ndim != 3:
     raise ValueError(f"image must be uint8 [H, W, C], got {image.dtype} {image.shape}")
   header: dict[str, Any] = {"shape": list(image.shape), "label": int(label), "key": key}
   payload = [image.tobytes()]
   if text_emb is not None:
-    text_emb = np.ascontiguousarray(text_emb)
+    text_emb = np.asarray(text_emb)
     if text_emb.dtype.name not in _TEXT_DTYPES:
       text_emb = text_emb.astype(np.float32)
+    if text_mask is not None:
+      text_mask = np.asarray(text_mask, bool)
+      if text_mask.shape != text_emb.shape[:-1]:
+        raise ValueError(f"text_mask {text_mask.shape} does not match text_emb {text_emb.shape}")
+      used = np.flatnonzero(text_mask.reshape(-1, text_mask.shape[-1]).any(0))
+      keep = int(used[-1]) + 1 if used.size else 1
+      header["text_mask"] = {"max_len": int(text_mask.shape[-1])}
+      text_emb, text_mask = text_emb[..., :keep, :], text_mask[..., :keep]
+    text_emb = np.ascontiguousarray(text_emb)
     header["text_emb"] = {"shape": list(text_emb.shape), "dtype": text_emb.dtype.name}
     payload.append(text_emb.tobytes())
-  h = json.dumps(header, separators=(",", ":")).encode()
+    if text_mask is not None:
+      payload.append(np.ascontiguousarray(text_mask).tobytes())
+  if captions is not None:
+    header["captions"] = [str(c) for c in captions]
+  if portrait is not None:
+    header["portrait"] = int(bool(portrait))
+  h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
   return b"".join([MAGIC, struct.pack("<I", len(h)), h, *payload])
 
 
@@ -87,10 +110,12 @@ def decode_header(record: bytes) -> tuple[dict[str, Any], int]:
   return json.loads(record[8:8 + n].decode()), 8 + n
 
 
-def decode_record(record: bytes) -> dict[str, Any]:
-  """Inverse of :func:`encode_record`: {'image': uint8 [H,W,C], 'label', 'key'[, 'text_emb']}.
+def decode_record(record: bytes, *, pad: bool = True) -> dict[str, Any]:
+  """Inverse of :func:`encode_record`: {'image': uint8 [H,W,C], 'label': int32, 'key': str[,
+  'text_emb', 'text_mask' (bool), 'captions' (list of str), 'portrait' (int32)]}.
 
-  The arrays are read-only views into ``record`` (no copy).
+  The arrays are read-only views into ``record`` (no copy), except text stored trimmed, which is
+  zero/False-padded back to its max_len unless ``pad=False`` (then 'text_max_len' gives it).
   """
   header, off = decode_header(record)
   shape = tuple(header["shape"])
@@ -99,13 +124,42 @@ def decode_record(record: bytes) -> dict[str, Any]:
   out = {"image": image, "label": np.int32(header["label"]), "key": header.get("key", "")}
   if "text_emb" in header:
     t = header["text_emb"]
-    out["text_emb"] = np.frombuffer(record, np.dtype(t["dtype"]), count=int(np.prod(t["shape"])),
-                                    offset=off + n_img).reshape(t["shape"])
+    dt = np.dtype(t["dtype"])
+    n_emb = int(np.prod(t["shape"]))
+    emb = np.frombuffer(record, dt, count=n_emb, offset=off + n_img).reshape(t["shape"])
+    if "text_mask" in header:
+      mask = np.frombuffer(record, np.bool_, count=n_emb // t["shape"][-1],
+                           offset=off + n_img + n_emb * dt.itemsize).reshape(t["shape"][:-1])
+      max_len = int(header["text_mask"]["max_len"])
+      if pad and mask.shape[-1] < max_len:
+        extra = max_len - mask.shape[-1]
+        emb = np.concatenate([emb, np.zeros(emb.shape[:-2] + (extra, emb.shape[-1]), dt)], -2)
+        mask = np.concatenate([mask, np.zeros(mask.shape[:-1] + (extra,), bool)], -1)
+      out["text_mask"] = mask
+      if not pad:
+        out["text_max_len"] = max_len
+    out["text_emb"] = emb
+  if "captions" in header:
+    out["captions"] = list(header["captions"])
+  if "portrait" in header:
+    out["portrait"] = np.int32(header["portrait"])
   return out
 
 
 def shard_names(split: str, n: int) -> list[str]:
   return [f"{split}-{i:05d}-of-{n:05d}{SHARD_SUFFIX}" for i in range(n)]
+
+
+def split_records(out_dir: str, names: Sequence[str]) -> Iterator[dict[str, Any]]:
+  """Every decoded record of the shards ``names`` in ``out_dir``, in file order."""
+  for n in names:
+    reader = ArrayRecordReader(os.path.join(out_dir, n))
+    try:
+      for start in range(0, reader.num_records(), 256):
+        for rec in reader.read(start, min(reader.num_records(), start + 256)):
+          yield decode_record(rec)
+    finally:
+      reader.close()
 
 
 def prepare_hint(data_dir: str) -> str:
@@ -120,7 +174,8 @@ def reprepare_hint(data_dir: str) -> str:
 
 def localize(data_dir: str) -> str:
   """A local directory holding ``data_dir``: gs:// data sets are copied once
-  to ``<data root>/gcs/<hash of URL and meta.json>``, since ArrayRecord readers need local files."""
+  to ``<data root>/gcs/<hash of URL and meta.json>``, since ArrayRecord readers need local files
+  (the evaluation captions of a text set too)."""
   if not data_dir.startswith("gs://"):
     return data_dir
   base = data_dir.rstrip("/")
@@ -136,7 +191,9 @@ def localize(data_dir: str) -> str:
   os.makedirs(os.path.dirname(local), exist_ok=True)
   tmp = make_temp_dir(os.path.dirname(local), ".gcs-")
   try:
-    for n in [n for v in meta.get("shards", {}).values() for n in v] + ["label_map.json"]:
+    extra = ([f"{captions_lib.DIRNAME}/{n}" for n in captions_lib.FILES]
+             if meta.get("eval_captions") else [])
+    for n in [n for v in meta.get("shards", {}).values() for n in v] + ["label_map.json"] + extra:
       storage.copy_to_local(f"{base}/{n}", os.path.join(tmp, n))
     with open(os.path.join(tmp, "meta.json"), "wb") as f:  # last: marks the copy complete
       f.write(meta_bytes)
@@ -189,8 +246,10 @@ def parse_meta(raw: bytes, path: str, data_dir: str) -> dict[str, Any]:
 
 def _meta_problem(meta: dict[str, Any]) -> str | None:
   """What is wrong with a meta.json of the right format, or None."""
-  if not isinstance(meta.get("resolution"), int) or meta["resolution"] <= 0:
-    return f"has no positive integer 'resolution' (got {meta.get('resolution')!r})"
+  r = meta.get("resolution")
+  if not ((isinstance(r, int) and r > 0) or (isinstance(r, list) and len(r) == 2 and
+                                            all(isinstance(x, int) and x > 0 for x in r))):
+    return f"has no positive integer (or [H, W]) 'resolution' (got {r!r})"
   if not isinstance(meta.get("num_classes"), int):
     return "has no integer 'num_classes'"
   for key in ("shards", "shard_counts", "counts"):
@@ -203,6 +262,16 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
         or not all(isinstance(c, int) and c >= 0 for c in counts)):
       return f"lists split {split!r} without matching 'shards' and 'shard_counts'"
   return None
+
+
+def image_size(meta: dict[str, Any]) -> tuple[int, int]:
+  """(height, width) of a data set's images (``resolution`` is an int for square sets)."""
+  r = meta["resolution"]
+  return (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
+
+
+def format_size(hw: tuple[int, int]) -> str:
+  return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
 
 
 def damaged_shard(data_dir: str, name: str, reason: str) -> UserError:
@@ -248,7 +317,7 @@ def check_shards(data_dir: str, meta: dict[str, Any], splits=None, *, full: bool
           for i, rec in enumerate(records):
             try:
               header, _ = decode_header(rec)
-              if header["shape"] != [meta["resolution"], meta["resolution"], 3]:
+              if header["shape"] != [*image_size(meta), 3]:
                 raise ValueError(f"image shape {header['shape']}")
             except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
               raise damaged_shard(data_dir, name, f"record {start + i}: {first_line(e)}") from None
@@ -257,4 +326,3 @@ def check_shards(data_dir: str, meta: dict[str, Any], splits=None, *, full: bool
         with contextlib.suppress(RuntimeError):  # a reader that failed raises its error again
           reader.close()
   return total
-

@@ -19,7 +19,8 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-  """One image of a source: a stable key (relative path or file name), its label, and its bytes.
+  """One image of a source: a stable key (relative path or file name), its label, its bytes (and
+  captions).
 
   Exactly one of ``path`` (a file to read) and ``data`` (the file's bytes) is set.
   """
@@ -27,6 +28,7 @@ class Item:
   label: int
   path: str | None = None
   data: bytes | None = None
+  captions: tuple[str, ...] = ()  # text-to-image sources: every caption of the image
 
 
 @dataclasses.dataclass
@@ -37,6 +39,7 @@ class Source:
   description: str
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # found while listing
   skipped_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  upscale: bool = True  # False: an image smaller than the target size is an error (COCO)
 
 
 def hash_fraction(key: str) -> float:

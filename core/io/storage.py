@@ -26,8 +26,9 @@ calls :func:`sync_dir` after each checkpoint and log flush).
 Orbax can also write checkpoints straight to ``gs://``: it goes through ``etils.epath`` (needs the
 ``gcsfs`` package) for directories and small files, and through tensorstore's ``gcs`` driver for
 array data. Against the emulator tensorstore needs ``TENSORSTORE_GCS_HTTP_URL=<emulator url>`` and
-``GOOGLE_AUTH_TOKEN_FOR_TESTING=<anything>`` besides ``STORAGE_EMULATOR_HOST`` (see
-``tests/gcs_emulator.py``); on real GCS, Application Default Credentials suffice.
+``GOOGLE_AUTH_TOKEN_FOR_TESTING=<anything>`` besides ``STORAGE_EMULATOR_HOST``, and an emulator
+that behaves as GCS where tensorstore relies on it (``tests/gcs_emulator.py`` patches
+gcp-storage-emulator's three differences); on real GCS, Application Default Credentials suffice.
 """
 from __future__ import annotations
 
