@@ -1,34 +1,11 @@
-"""One small file API over local paths and ``gs://bucket/prefix`` paths (the run directory).
+"""One small file API over local paths and ``gs://bucket/prefix`` paths (run directories, data).
 
-Every run directory (``config.gin``, ``metrics.jsonl``, ``checkpoints/``, ``tb/``, ``eval/``; see
-the team conventions) may live on local disk or on Google Cloud Storage. The functions here take
-either kind of path and do the obvious thing for each:
-
-* local paths go through ``os``/``shutil``; text and byte writes are atomic (temp file + rename);
-* ``gs://`` paths go through ``google-cloud-storage``. With ``STORAGE_EMULATOR_HOST`` set (tests,
-  ``gcp-storage-emulator``) the client uses anonymous credentials and the project in
-  ``GOOGLE_CLOUD_PROJECT`` (default ``"test-project"``); otherwise Application Default Credentials.
-
-GCS has no directories: a "directory" ``gs://b/p`` exists when some object's name starts with
-``p/``; :func:`makedirs` is a no-op there, :func:`listdir` lists the next path component.
-
-Transient failures (HTTP 408/429/5xx, connection resets, timeouts) are retried by one loop with
-exponential backoff (:func:`set_retry` / :func:`retry_options` configure it); the library's own
-retry is switched off so that the two never multiply. A missing object or bucket raises
-:class:`NotFoundError` (a :class:`core.errors.UserError` and a ``FileNotFoundError``) whose one-line
-message names the path.
-
-:class:`Syncer` mirrors a local directory to a remote one (new or changed files only) and keeps
-uploads that failed in a queue that the next :meth:`Syncer.sync` retries first, so a GCS outage
-during training delays files but loses none (a trainer that writes its run directory locally
-calls :func:`sync_dir` after each checkpoint and log flush).
-
-Orbax can also write checkpoints straight to ``gs://``: it goes through ``etils.epath`` (needs the
-``gcsfs`` package) for directories and small files, and through tensorstore's ``gcs`` driver for
-array data. Against the emulator tensorstore needs ``TENSORSTORE_GCS_HTTP_URL=<emulator url>`` and
-``GOOGLE_AUTH_TOKEN_FOR_TESTING=<anything>`` besides ``STORAGE_EMULATOR_HOST``, and an emulator
-that behaves as GCS where tensorstore relies on it (``tests/gcs_emulator.py`` patches
-gcp-storage-emulator's three differences); on real GCS, Application Default Credentials suffice.
+Local writes are atomic (temp file + rename); ``gs://`` goes through google-cloud-storage
+(anonymous against ``STORAGE_EMULATOR_HOST``, else Application Default Credentials). Transient
+failures are retried with exponential backoff (:func:`retry_options`); a missing path is a
+one-line :class:`NotFoundError`. :class:`Syncer` mirrors a locally written directory to gs://,
+queueing failed uploads for the next sync. Orbax writes checkpoints to gs:// itself (gcsfs and
+tensorstore; against the emulator see tests/gcs_emulator.py).
 """
 from __future__ import annotations
 
