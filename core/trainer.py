@@ -1,26 +1,11 @@
-"""The trainer: one loop, configured by gin only, from a laptop CPU to a TPU pod.
+"""The trainer: state, step and loop, configured by gin only, from a laptop CPU to a TPU pod.
 
-Its command line is ``python -m core.train`` (core/train.py).
-
-What one step does (paper section 2 and appendix A): draw t ~ U(0, 1) per image, diffuse
-``z_t = alpha_t x + sigma_t eps`` under the configured logSNR schedule, predict v, and minimise the
-unweighted loss chosen by ``diffusion_loss.loss_type`` (eps-MSE from v for the U-Net, v-MSE for the U-ViT,
-optionally the multiscale loss of section 3.2). Class labels are replaced by the null class 10% of
-the time so that one model serves classifier-free guidance. Adam (eps 1e-12, the paper's beta2)
-with linear warmup, global-norm clipping at 1.0 and an EMA of the parameters (appendix B).
-
-Safety for week-long runs:
-- every random number is derived from ``(seed, step)``, and the data iterator state is saved in
-  the checkpoint, so a run killed at any moment (SIGKILL included) and restarted reproduces the
-  uninterrupted run's loss at every step to the last bit;
-- SIGTERM (preemption) writes a final checkpoint and stops with :class:`core.errors.Preempted`
-  (exit status 75); on several hosts they agree on the step through orbax's ``reached_preemption``
-  (JAX's preemption sync manager), so that every host saves the same step;
-- one trainer per run directory (core/runlock.py); a corrupt newest checkpoint is set aside and the
-  newest one that restores is used; a checkpoint of another model is refused naming the parameter;
-- a non-finite loss or gradient is not applied; it is counted and logged, and after
-  ``Train.max_nonfinite_in_a_row`` such steps in a row the run stops, naming the step and the last
-  good checkpoint.
+One step (section 2, appendix A): t ~ U(0, 1) per image, ``z_t = alpha_t x + sigma_t eps`` under
+the configured logSNR schedule, the unweighted loss of ``diffusion_loss`` on the predicted v, the
+conditioning dropped 10% of the time for classifier-free guidance; Adam with warmup, clipping and
+an EMA (appendix B). Every random number derives from ``(seed, step)`` and the data iterator is
+checkpointed, so a killed run resumes bit-exactly; SIGTERM checkpoints and exits 75; a non-finite
+step is skipped and counted. The command line is core/train.py.
 """
 from __future__ import annotations
 
