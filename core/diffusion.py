@@ -79,12 +79,6 @@ def v_from_eps(z, eps, logsnr):
   return (eps - sigma * z) / alpha
 
 
-def eps_from_x(z, x, logsnr):
-  """eps_hat = (z - alpha x_hat) / sigma."""
-  alpha, sigma = _alpha_sigma(logsnr, z)
-  return (z - alpha * x) / sigma
-
-
 def convert(pred, z, logsnr, src: str, dst: str):
   """Converts a prediction between the 'x', 'eps' and 'v' parametrizations given z_t and logsnr."""
   for p in (src, dst):

@@ -149,20 +149,21 @@ def test_gcs_copy_tree(gcs_bucket, tmp_path):
     storage.copy_to_local(storage.join(gcs_bucket, "nothing"), str(tmp_path / "n"))
 
 
-def test_sync_dir_mirrors_run_directory(gcs_bucket, tmp_path):
+def test_syncer_mirrors_run_directory(gcs_bucket, tmp_path):
   local = str(tmp_path / "run")
   remote = storage.join(gcs_bucket, "run")
   files = make_run_dir(local)
   os.makedirs(os.path.join(local, "checkpoints", "200.orbax-checkpoint-tmp-1"))
   with open(os.path.join(local, "checkpoints", "200.orbax-checkpoint-tmp-1", "x"), "w") as f:
     f.write("partial")
-  r = storage.sync_dir(local, remote)
+  mirror = storage.Syncer(local, remote)
+  r = mirror.sync()
   assert sorted(r.uploaded) == sorted(files) and r.ok
   assert storage.list_files(remote) == sorted(files)  # the tmp checkpoint is not uploaded
-  r = storage.sync_dir(local, remote)
+  r = mirror.sync()
   assert r.uploaded == [] and r.skipped == len(files)
   storage.append_lines(os.path.join(local, "metrics.jsonl"), ['{"step": 2, "loss": 0.4}'])
-  r = storage.sync_dir(local, remote)
+  r = mirror.sync()
   assert r.uploaded == ["metrics.jsonl"]
   assert storage.read_text(storage.join(remote, "metrics.jsonl")).count("\n") == 2
   # A restarted process (new Syncer) finds matching MD5s remotely and uploads nothing.

@@ -24,10 +24,6 @@ SPLIT_DIRS = {"train": "train", "eval": "val"}
 YEARS = (2017, 2014)
 
 
-def is_coco_source(src: str) -> bool:
-  return src == "coco" or src.startswith("coco:")
-
-
 def find_year(root: str, splits: Sequence[str]) -> int:
   """The COCO release under ``root`` whose caption files exist for ``splits`` (2017 first)."""
   for year in YEARS:

@@ -742,17 +742,3 @@ class Syncer:
     return SyncResult(uploaded=uploaded, failed=list(self._failed), deleted=deleted,
                       skipped=skipped)
 
-
-_syncers: dict[tuple[str, str], Syncer] = {}
-_syncers_lock = threading.Lock()
-
-
-def sync_dir(local_dir: str, remote_dir: str, *, delete: bool = False) -> SyncResult:
-  """Mirrors ``local_dir`` to ``remote_dir`` with a per-(local, remote) :class:`Syncer` kept for
-  the life of the process, so failed uploads are retried by the next call (see :class:`Syncer`)."""
-  key = (os.path.abspath(os.fspath(local_dir)), os.fspath(remote_dir))
-  with _syncers_lock:
-    syncer = _syncers.get(key)
-    if syncer is None or syncer.delete != delete:
-      syncer = _syncers[key] = Syncer(local_dir, remote_dir, delete=delete)
-  return syncer.sync()
