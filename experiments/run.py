@@ -19,10 +19,8 @@ from typing import Any, Sequence
 import jax
 
 from core import cli
-from core import train as train_cli
 from core.errors import Preempted, UserError, run_main
 from core.io import storage
-from eval import worker
 from eval.inception import RESIZE_MODES
 from experiments import jobs, launchers, registry, scales, throughput
 from experiments import plan as plan_lib
@@ -81,41 +79,6 @@ OPTIONS = [
                parse=int),
     cli.Option("throughput_steps", 10, "mode=throughput: timed steps per row", parse=int),
 ]
-
-
-def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any]) -> None:
-  run_dir = storage.join(workdir, job.name)
-  args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
-  e_args = jobs.eval_args(job, scale, run_dir, opts)
-  if opts["dry_run"]:
-    print("python -m core.train " + " ".join(_quote(a) for a in args))
-    if opts["eval"]:
-      print("python -m eval.worker " + " ".join(e_args))
-    return
-  try:
-    jobs.write_job_json(job, scale, run_dir, args)
-  except OSError as e:
-    raise UserError(f"cannot write to {run_dir} ({e.strerror or e}); choose a writable "
-                    f"workdir=") from None
-  rows = ", ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)
-  if jobs.is_trained(run_dir):
-    print(f"[{job.name}] trained already ({rows})", flush=True)
-  else:
-    print(f"[{job.name}] training ({rows})", flush=True)
-    train_cli.main(args)  # raises Preempted on SIGTERM: nothing below runs
-    if not jobs.is_trained(run_dir):  # only a finished run's final step is a row's result
-      raise UserError(f"[{job.name}] stopped at step {jobs.latest_step(run_dir)} before its last "
-                      f"step; rerun the same command to resume it")
-  if opts["eval"]:  # the worker evaluates only what these settings have not evaluated yet
-    print(f"[{job.name}] evaluating", flush=True)
-    before = len(worker.read_results(run_dir))
-    worker.main(e_args)
-    if len(worker.read_results(run_dir)) == before:
-      print(f"[{job.name}] evaluated already (every result for these settings exists)", flush=True)
-
-
-def _quote(a: str) -> str:
-  return f'"{a}"' if any(c in a for c in " '[]()") else a
 
 
 def check_device(scale: str, launcher: str, job_list: list[registry.Job], workdir: str,
@@ -209,7 +172,7 @@ def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str
                              script_dir=os.path.join("runs", "slurm"))
     return 0
   for job in job_list:
-    run_local(job, scale, workdir, opts)
+    launchers.run_local(job, scale, workdir, opts)
   if opts["dry_run"]:
     print(f"dry run: printed the commands of {len(job_list)} job(s); nothing was run",
           file=sys.stderr)
