@@ -30,6 +30,7 @@ TINY_UNET = [
 # 200 steps and 16 sampler steps: pixel KID 0.158 trained vs 1.556 untrained (ratio 0.10, 2.5x
 # below the threshold); 300 steps gave 0.045 and 150 steps 0.20; 32 sampler steps give the same
 # KID as 16 at 200 steps (0.158), so the sampler's steps are not what the check measures.
+# CPU time of this test (user + sys, contended 2 cores): 105 s; with 300 and 32 steps, 159 s.
 STEPS = 200
 SAMPLER_STEPS = 16
 
