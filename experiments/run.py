@@ -40,7 +40,9 @@ from experiments import plan as plan_lib
 EVAL = {
     "paper": {"num_samples": None, "sampler_steps": None, "batch_size": 256, "max_reference_images": None,
               "save_samples": "grid"},
-    "demo": {"num_samples": 500, "sampler_steps": 64, "batch_size": 100, "max_reference_images": None,
+    # Demo: 32 sampler steps (on the 1,000-step row "original at 128": FID train 150.4 +- 1.7 vs
+    # 146.7 +- 1.6 at 64 steps, KID train 0.127 vs 0.128 +- 0.002) at half the sampling time.
+    "demo": {"num_samples": 500, "sampler_steps": 32, "batch_size": 100, "max_reference_images": None,
              "save_samples": "npz"},
     "smoke": {"num_samples": 16, "sampler_steps": 4, "batch_size": 8, "max_reference_images": 32,
               "save_samples": "npz"},
