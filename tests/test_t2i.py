@@ -2,6 +2,10 @@
 sampling, sampling from captions, CLIP score, the Table 8 / Figure 8 outputs."""
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +93,133 @@ def test_trainer_drops_text_to_the_null_text():
   np.testing.assert_array_equal(np.asarray(e)[[1, 3]], emb[[1, 3]])
   assert float(jnp.abs(e[jnp.array([0, 2])]).max()) == 0.0
   np.testing.assert_array_equal(np.asarray(m), mask & ~np.asarray(drop)[:, None])
+
+
+def _nonsquare_run(hw=(48, 80)):
+  """The 384x640 model at smoke scale (image size / 8): DWT-1, text, portrait flag."""
+  model = tiny_uvit(portrait_conditioning=True)
+  cfg = train_lib.TrainConfig(image_size=hw, batch_size=4, num_steps=3, warmup_steps=0,
+                              learning_rate=1e-3, text_len=T, text_dim=D, ema_decay=0.5)
+  logsnr_fn = lambda t: schedules.logsnr_cosine(t)
+  return sample_lib.LoadedRun("", model, logsnr_fn, cfg, 0)
+
+
+def _caption_batch(n, seed=0):
+  rng = np.random.default_rng(seed)
+  mask = np.zeros((n, T), bool)
+  for i in range(n):
+    mask[i, :rng.integers(1, T + 1)] = True
+  return {"text_emb": rng.normal(size=(n, T, D)).astype(np.float32), "text_mask": mask,
+          "portrait": (np.arange(n) % 2).astype(np.int32)}
+
+
+def test_nonsquare_model_with_portrait_flag_trains_and_samples():
+  """Train.image_size = (48, 80) (the 384x640 model / 8): train steps on H x W batches with text,
+  mask and portrait flag, then sample H x W images from captions; the flag reaches the model."""
+  run = _nonsquare_run()
+  model, cfg = run.model, run.cfg
+  assert cfg.hw == (48, 80)
+  tx = train_lib.make_optimizer(cfg)
+  state = train_lib.init_state(model, tx, cfg, jax.random.key(0), 0)
+  assert "portrait_emb" in state["params"]["cond"]
+  assert state["params"]["pos_emb"].shape[0] == (48 // 2 // 4) * (80 // 2 // 4)
+  step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx,
+                                   logsnr_fn=run.logsnr_fn, cfg=cfg, num_classes=0))
+  rng = np.random.default_rng(0)
+  batch = dict(_caption_batch(4), image=rng.integers(0, 256, (4, 48, 80, 3), dtype=np.uint8),
+               label=np.zeros((4,), np.int32))
+  before = state["params"]
+  for _ in range(3):
+    state, m = step(state, batch)
+    assert bool(m["finite"]) and np.isfinite(float(m["loss"]))
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state["params"], before)
+  assert moved["cond"]["portrait_emb"]["embedding"] > 0  # the flag is trained
+  # The flag changes the prediction (random weights: the embedding rows differ).
+  params = randomized(state["params"])
+  z = jax.random.normal(jax.random.key(3), (2, 48, 80, 3))
+  c = _caption_batch(2)
+  out = [model.apply({"params": params}, z, jnp.zeros((2,)), text_emb=c["text_emb"],
+                     text_mask=c["text_mask"], portrait=jnp.full((2,), p)) for p in (0, 1)]
+  assert out[0].shape == (2, 48, 80, 3)
+  assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3
+  imgs = sample_lib.sample_images(run, state["ema_params"], num_samples=3, batch_size=2, num_steps=2,
+                                  noise_param=1.0, guidance=2.0, conditions=_caption_batch(3),
+                                  progress=False)
+  assert imgs.shape == (3, 48, 80, 3) and imgs.dtype == np.uint8
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP score
+
+
+def save_tiny_clip(path) -> str:
+  """A tiny random CLIPModel and a CLIPProcessor (character-level BPE vocabulary) saved to path."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers as tf  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  cfg = tf.CLIPConfig(
+      text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=77),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8),
+      projection_dim=16)
+  model = tf.CLIPModel(cfg).eval()
+  letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+  vocab = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
+  path = str(path)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "vocab.json"), "w") as f:
+    json.dump({t: i for i, t in enumerate(vocab)}, f)
+  with open(os.path.join(path, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n")
+  tok = tf.CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
+  proc = tf.CLIPProcessor(image_processor=tf.CLIPImageProcessor(
+      size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tok)
+  model.save_pretrained(path)
+  proc.save_pretrained(path)
+  return path
+
+
+def test_clip_score_is_100_max_cos_0_of_clip_features(tmp_path):
+  """Equals an independent computation: get_image_features / get_text_features, torch cosine,
+  100 * max(cos, 0), mean (CLIPScore's convention with weight 100)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers as tf  # pylint: disable=import-outside-toplevel
+  from eval import clip_score  # pylint: disable=import-outside-toplevel
+  path = save_tiny_clip(tmp_path / "clip")
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 24, 40, 3), dtype=np.uint8)  # non-square: the processor crops
+  captions = ["a red apple", "smiling face", "blue car", "flag", "cat", "a dog with a hat"]
+  scorer = clip_score.ClipScore(path, batch_size=4)
+  got = dict(scorer(images, captions))
+  model = tf.CLIPModel.from_pretrained(path).eval()
+  proc = tf.CLIPProcessor.from_pretrained(path)
+  with torch.no_grad():
+    img = model.get_image_features(**proc(images=list(images), return_tensors="pt"))
+    txt = model.get_text_features(**proc(text=captions, return_tensors="pt", padding=True))
+    img = getattr(img, "pooler_output", img)
+    txt = getattr(txt, "pooler_output", txt)
+    cos = torch.nn.functional.cosine_similarity(img[:, None], txt[None], dim=-1).double().numpy()
+  diag = np.diag(cos)
+  np.testing.assert_allclose(scorer.cosines(images, captions), diag, atol=1e-5)
+  np.testing.assert_allclose(got["clip_score"], np.mean(100 * np.maximum(diag, 0)), atol=1e-3)
+  # Swapping captions scores the swapped pairs (the off-diagonal of the independent matrix).
+  perm = [1, 0, 3, 2, 5, 4]
+  np.testing.assert_allclose(scorer.cosines(images, [captions[p] for p in perm]),
+                             cos[np.arange(6), perm], atol=1e-5)
+  # The clamp: a pair with a negative cosine (a random model has them) scores 0.
+  neg = np.argwhere(cos < 0)
+  if len(neg):
+    i, j = neg[0]
+    assert scorer.scores(images[i:i + 1], [captions[j]])[0] == 0.0
+
+
+def test_clip_model_not_loadable_offline_is_one_line(tmp_path, monkeypatch):
+  from core.errors import UserError  # pylint: disable=import-outside-toplevel
+  from eval import clip_score  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(UserError) as e:
+    clip_score.ClipScore("no-such-org/no-such-clip")
+  msg = str(e.value)
+  assert "\n" not in msg and "huggingface-cli download no-such-org/no-such-clip" in msg
+  assert "clip_model=none" in msg
