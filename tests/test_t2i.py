@@ -95,12 +95,23 @@ def test_trainer_drops_text_to_the_null_text():
   np.testing.assert_array_equal(np.asarray(m), mask & ~np.asarray(drop)[:, None])
 
 
-def _nonsquare_run(hw=(48, 80)):
-  """The 384x640 model at smoke scale (image size / 8): DWT-1, text, portrait flag."""
-  model = tiny_uvit(portrait_conditioning=True)
-  cfg = train_lib.TrainConfig(image_size=hw, batch_size=4, num_steps=3, warmup_steps=0,
-                              learning_rate=1e-3, text_len=T, text_dim=D, ema_decay=0.5)
-  logsnr_fn = lambda t: schedules.logsnr_cosine(t)
+def _nonsquare_run():
+  """The registry's 384x640 row at smoke scale (image size / 8 = 48x80), text dims of the test."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from core import config as config_lib  # pylint: disable=import-outside-toplevel
+  from experiments import registry, run as run_lib  # pylint: disable=import-outside-toplevel
+  (job,) = registry.jobs(registry.select("t2i-384x640"))
+  args = run_lib.job_args(job, "smoke", "unused", None)
+  files = [a.split("=", 1)[1] for a in args if a.startswith("gin_file=")]
+  binds = [a for a in args if "=" in a and not a.startswith(("gin_file=", "workdir="))]
+  config_lib.parse(files, binds + ["Train.batch_size=4", f"Train.text_len={T}",
+                                   f"Train.text_dim={D}", "Train.num_steps=3"])
+  try:
+    model = gin.query_parameter("train.model").scoped_configurable_fn()
+    logsnr_fn = gin.query_parameter("train.logsnr_fn").scoped_configurable_fn()
+    cfg = train_lib.TrainConfig()
+  finally:
+    gin.clear_config()
   return sample_lib.LoadedRun("", model, logsnr_fn, cfg, 0)
 
 
@@ -113,23 +124,26 @@ def _caption_batch(n, seed=0):
           "portrait": (np.arange(n) % 2).astype(np.int32)}
 
 
+@pytest.mark.slow
 def test_nonsquare_model_with_portrait_flag_trains_and_samples():
   """Train.image_size = (48, 80) (the 384x640 model / 8): train steps on H x W batches with text,
   mask and portrait flag, then sample H x W images from captions; the flag reaches the model."""
   run = _nonsquare_run()
   model, cfg = run.model, run.cfg
-  assert cfg.hw == (48, 80)
+  assert cfg.hw == (48, 80) and model.portrait_conditioning and model.text_channels > 0
+  assert model.num_classes == 0
   tx = train_lib.make_optimizer(cfg)
   state = train_lib.init_state(model, tx, cfg, jax.random.key(0), 0)
   assert "portrait_emb" in state["params"]["cond"]
-  assert state["params"]["pos_emb"].shape[0] == (48 // 2 // 4) * (80 // 2 // 4)
+  down = 2 ** (len(model.num_res_blocks) + 1)   # DWT-1 (see scales._whole_levels), downsamplings
+  assert state["params"]["pos_emb"].shape[0] == (48 // down) * (80 // down)
   step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx,
                                    logsnr_fn=run.logsnr_fn, cfg=cfg, num_classes=0))
   rng = np.random.default_rng(0)
   batch = dict(_caption_batch(4), image=rng.integers(0, 256, (4, 48, 80, 3), dtype=np.uint8),
                label=np.zeros((4,), np.int32))
   before = state["params"]
-  for _ in range(3):
+  for _ in range(2):
     state, m = step(state, batch)
     assert bool(m["finite"]) and np.isfinite(float(m["loss"]))
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state["params"], before)
