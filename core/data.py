@@ -23,9 +23,18 @@ Sources (``src=``):
 
 Record format (one ArrayRecord record per image; no pickle): ``b"SDR1"``, a little-endian uint32
 header length, a UTF-8 JSON header ``{"shape": [H, W, 3], "label": int, "key": str[,
-"text_emb": {"shape": [...], "dtype": "float16"|"float32"}]}``, then the raw uint8 image bytes
-(row-major HWC), then the raw text-embedding bytes if any. :func:`encode_record` and
-:func:`decode_record` are the only code that knows this layout.
+"text_emb": {"shape": [[C,] T', D], "dtype": "float16"|"float32"}, "text_mask": {"max_len": T},
+"captions": [str, ...], "portrait": 0|1]}``, then the raw uint8 image bytes (row-major HWC), then
+the raw text-embedding bytes if any, then the bool mask bytes [[C,] T'] if any (T' <= T: trailing
+padding is not stored). :func:`encode_record` and :func:`decode_record` are the only code that
+knows this layout.
+
+Text-to-image sources (``src=coco``, ``src=emoji captions=true``; :mod:`core.coco`) keep every
+caption of an image in its record, with its ``text_encoder`` embedding (computed once here, float16)
+and mask; the input pipeline draws one caption per example per step. ``res=HxW`` (e.g. 384x640)
+prepares non-square images: an image whose orientation differs from the target's (width < height
+for a landscape target) is rotated 90 degrees counter-clockwise first and gets ``portrait=1``
+(Sec. 5); every record of a text or non-square set carries the flag.
 
 ``<out>/meta.json`` describes the result (resolution, num_classes, class names, counts and skipped
 counts per split, source, shard file names); ``<out>/label_map.json`` maps class name -> label.
@@ -60,6 +69,7 @@ import numpy as np
 from PIL import Image
 
 from core import cli
+from core import text_encoder as text_lib
 from core.errors import UserError, run_main
 
 FORMAT = "simple-diffusion-records/1"
@@ -79,20 +89,42 @@ _SHARD_NAME = re.compile(r"(train|eval)-\d{5}-of-\d{5}" + re.escape(SHARD_SUFFIX
 
 
 def encode_record(image: np.ndarray, label: int, *, key: str = "",
-                  text_emb: np.ndarray | None = None) -> bytes:
-  """Serialises one example: MAGIC, uint32 header length, JSON header, image bytes, text bytes."""
+                  text_emb: np.ndarray | None = None, text_mask: np.ndarray | None = None,
+                  captions: Sequence[str] | None = None, portrait: bool | None = None) -> bytes:
+  """Serialises one example: MAGIC, uint32 header length, JSON header, image, text bytes.
+
+  ``text_emb`` is [T, D] (one caption) or [C, T, D] (C captions); with ``text_mask`` (bool,
+  ``text_emb.shape[:-1]``) only the token positions up to the last real token of any caption are
+  stored (the rest must be padding: zero embeddings, mask False) and :func:`decode_record` pads
+  them back to T, so a 15-token caption costs 15, not 128, rows of 4096 values.
+  """
   image = np.ascontiguousarray(image)
   if image.dtype != np.uint8 or image.ndim != 3:
     raise ValueError(f"image must be uint8 [H, W, C], got {image.dtype} {image.shape}")
   header: dict[str, Any] = {"shape": list(image.shape), "label": int(label), "key": key}
   payload = [image.tobytes()]
   if text_emb is not None:
-    text_emb = np.ascontiguousarray(text_emb)
+    text_emb = np.asarray(text_emb)
     if text_emb.dtype.name not in _TEXT_DTYPES:
       text_emb = text_emb.astype(np.float32)
+    if text_mask is not None:
+      text_mask = np.asarray(text_mask, bool)
+      if text_mask.shape != text_emb.shape[:-1]:
+        raise ValueError(f"text_mask {text_mask.shape} does not match text_emb {text_emb.shape}")
+      used = np.flatnonzero(text_mask.reshape(-1, text_mask.shape[-1]).any(0))
+      keep = int(used[-1]) + 1 if used.size else 1
+      header["text_mask"] = {"max_len": int(text_mask.shape[-1])}
+      text_emb, text_mask = text_emb[..., :keep, :], text_mask[..., :keep]
+    text_emb = np.ascontiguousarray(text_emb)
     header["text_emb"] = {"shape": list(text_emb.shape), "dtype": text_emb.dtype.name}
     payload.append(text_emb.tobytes())
-  h = json.dumps(header, separators=(",", ":")).encode()
+    if text_mask is not None:
+      payload.append(np.ascontiguousarray(text_mask).tobytes())
+  if captions is not None:
+    header["captions"] = [str(c) for c in captions]
+  if portrait is not None:
+    header["portrait"] = int(bool(portrait))
+  h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
   return b"".join([MAGIC, struct.pack("<I", len(h)), h, *payload])
 
 
@@ -104,10 +136,12 @@ def decode_header(record: bytes) -> tuple[dict[str, Any], int]:
   return json.loads(record[8:8 + n].decode()), 8 + n
 
 
-def decode_record(record: bytes) -> dict[str, Any]:
-  """Inverse of :func:`encode_record`: {'image': uint8 [H,W,C], 'label': int32, 'key': str[, 'text_emb']}.
+def decode_record(record: bytes, *, pad: bool = True) -> dict[str, Any]:
+  """Inverse of :func:`encode_record`: {'image': uint8 [H,W,C], 'label': int32, 'key': str[,
+  'text_emb', 'text_mask' (bool), 'captions' (list of str), 'portrait' (int32)]}.
 
-  The arrays are read-only views into ``record`` (no copy).
+  The arrays are read-only views into ``record`` (no copy), except text stored trimmed, which is
+  zero/False-padded back to its max_len unless ``pad=False`` (then 'text_max_len' gives it).
   """
   header, off = decode_header(record)
   shape = tuple(header["shape"])
@@ -116,8 +150,25 @@ def decode_record(record: bytes) -> dict[str, Any]:
   out = {"image": image, "label": np.int32(header["label"]), "key": header.get("key", "")}
   if "text_emb" in header:
     t = header["text_emb"]
-    out["text_emb"] = np.frombuffer(record, np.dtype(t["dtype"]), count=int(np.prod(t["shape"])),
-                                    offset=off + n_img).reshape(t["shape"])
+    dt = np.dtype(t["dtype"])
+    n_emb = int(np.prod(t["shape"]))
+    emb = np.frombuffer(record, dt, count=n_emb, offset=off + n_img).reshape(t["shape"])
+    if "text_mask" in header:
+      mask = np.frombuffer(record, np.bool_, count=n_emb // t["shape"][-1],
+                           offset=off + n_img + n_emb * dt.itemsize).reshape(t["shape"][:-1])
+      max_len = int(header["text_mask"]["max_len"])
+      if pad and mask.shape[-1] < max_len:
+        extra = max_len - mask.shape[-1]
+        emb = np.concatenate([emb, np.zeros(emb.shape[:-2] + (extra, emb.shape[-1]), dt)], -2)
+        mask = np.concatenate([mask, np.zeros(mask.shape[:-1] + (extra,), bool)], -1)
+      out["text_mask"] = mask
+      if not pad:
+        out["text_max_len"] = max_len
+    out["text_emb"] = emb
+  if "captions" in header:
+    out["captions"] = list(header["captions"])
+  if "portrait" in header:
+    out["portrait"] = np.int32(header["portrait"])
   return out
 
 
@@ -167,33 +218,80 @@ def to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
-def center_crop_resize(img: Image.Image, res: int) -> np.ndarray:
-  """ADM's ImageNet preprocessing: uint8 [res, res, 3] from a PIL RGB image.
+def parse_res(res: int | str | Sequence[int]) -> tuple[int, int]:
+  """``64`` / ``"64"`` -> (64, 64); ``"384x640"`` / (384, 640) -> (height, width)."""
+  if isinstance(res, str):
+    parts = res.lower().split("x")
+    try:
+      hw = tuple(int(p) for p in parts)
+    except ValueError:
+      hw = ()
+    if len(hw) not in (1, 2):
+      raise UserError(f"res={res!r} must be a size like 64 or HxW like 384x640")
+  elif isinstance(res, (int, np.integer)):
+    hw = (int(res),)
+  else:
+    hw = tuple(int(r) for r in res)
+  h, w = (hw[0], hw[0]) if len(hw) == 1 else hw
+  if h <= 0 or w <= 0:
+    raise UserError(f"res={res} must be a positive image size, e.g. res=64 or res=384x640")
+  return h, w
 
-  1. While the smaller side is at least 2*res, halve both sides with a BOX filter (integer
+
+class ImageTooSmall(ValueError):
+  """An image smaller than the target size while upscaling is not allowed."""
+
+
+def center_crop_resize(img: Image.Image, res: int | tuple[int, int], *,
+                       upscale: bool = True) -> np.ndarray:
+  """ADM's ImageNet preprocessing: uint8 [H, W, 3] from a PIL RGB image (res = H = W or (H, W)).
+
+  1. While both sides are at least twice the target's, halve them with a BOX filter (integer
      division of the size, as ADM does; this anti-aliases large downscales cheaply).
-  2. Resize with BICUBIC so that the smaller side is exactly res (the other side rounded).
-  3. Take the central res x res crop (offsets floor((size - res) / 2)).
+  2. Resize with BICUBIC by the smallest scale that covers the target (for a square target: the
+     smaller side becomes res; the other side rounded).
+  3. Take the central H x W crop (offsets floor((size - target) / 2)).
+  With ``upscale=False`` an image that would need enlarging raises :class:`ImageTooSmall`.
   """
-  while min(img.size) >= 2 * res:
+  h, w = parse_res(res)
+  if not upscale and (img.size[0] < w or img.size[1] < h):
+    raise ImageTooSmall(f"{img.size[0]} wide and {img.size[1]} high, smaller than the target "
+                        f"(width {w}, height {h})")
+  while img.size[0] >= 2 * w and img.size[1] >= 2 * h:
     img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
-  scale = res / min(img.size)
+  scale = max(w / img.size[0], h / img.size[1])
   img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), resample=Image.BICUBIC)
   arr = np.asarray(img, dtype=np.uint8)
-  top = (arr.shape[0] - res) // 2
-  left = (arr.shape[1] - res) // 2
-  out = arr[top:top + res, left:left + res]
-  if out.shape != (res, res, 3):
-    raise ValueError(f"crop has shape {out.shape}, expected {(res, res, 3)}")
+  top = (arr.shape[0] - h) // 2
+  left = (arr.shape[1] - w) // 2
+  out = arr[top:top + h, left:left + w]
+  if out.shape != (h, w, 3):
+    raise ValueError(f"crop has shape {out.shape}, expected {(h, w, 3)}")
   return np.ascontiguousarray(out)
 
 
-def load_image(path_or_bytes: str | bytes, res: int) -> np.ndarray:
-  """Decodes an image file (path or its bytes) and returns ADM-preprocessed uint8 [res, res, 3]."""
+def orient(img: Image.Image, res: int | tuple[int, int]) -> tuple[Image.Image, bool]:
+  """(image, rotated): a portrait image for a landscape target (or the reverse) is rotated 90
+  degrees counter-clockwise, as the 384x640 model's preprocessing does (Sec. 5); square targets
+  are never rotated."""
+  h, w = parse_res(res)
+  if h == w or (img.size[0] < img.size[1]) == (w < h) or img.size[0] == img.size[1]:
+    return img, False
+  return img.transpose(Image.Transpose.ROTATE_90), True
+
+
+def load_image(path_or_bytes: str | bytes, res: int | tuple[int, int], *, upscale: bool = True,
+               rotate: bool = False) -> np.ndarray | tuple[np.ndarray, bool]:
+  """Decodes an image file (path or its bytes) and returns ADM-preprocessed uint8 [H, W, 3]; with
+  ``rotate`` returns (image, rotated) after :func:`orient`."""
   f = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
   with Image.open(f) as img:
     img.load()
-    return center_crop_resize(to_rgb(img), res)
+    rgb = to_rgb(img)
+  if not rotate:
+    return center_crop_resize(rgb, res, upscale=upscale)
+  rgb, rotated = orient(rgb, res)
+  return center_crop_resize(rgb, res, upscale=upscale), rotated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +300,8 @@ def load_image(path_or_bytes: str | bytes, res: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-  """One image of a source: a stable key (relative path or file name), its label, and its bytes.
+  """One image of a source: a stable key (relative path or file name), its label, its bytes (and
+  captions).
 
   Exactly one of ``path`` (a file to read) and ``data`` (the file's bytes) is set.
   """
@@ -210,6 +309,7 @@ class Item:
   label: int
   path: str | None = None
   data: bytes | None = None
+  captions: tuple[str, ...] = ()  # text-to-image sources: every caption of the image
 
 
 @dataclasses.dataclass
@@ -220,6 +320,7 @@ class Source:
   description: str
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # found while listing
   skipped_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  upscale: bool = True  # False: an image smaller than the target size is an error (COCO)
 
 
 def hash_fraction(key: str) -> float:
@@ -357,13 +458,20 @@ def is_emoji_source(src: str) -> bool:
 # Writing.
 
 
-def _decode_item(args: tuple[Item, int]) -> tuple[np.ndarray | None, str]:
-  """Worker: (image or None, reason when None). Never raises on a bad file."""
-  item, res = args
+def _decode_item(args: tuple[Item, Any, bool]) -> tuple[np.ndarray | None, str, bool]:
+  """Worker: (image or None, reason when None, rotated (only for a non-square res)). Never raises
+  on a bad file; an image smaller than the target without ``upscale`` is a UserError."""
+  item, res, upscale = args
   try:
-    return load_image(item.data if item.data is not None else item.path, res), ""
+    image, rotated = load_image(item.data if item.data is not None else item.path, res,
+                                upscale=upscale, rotate=True)
+    return image, "", rotated
+  except ImageTooSmall as e:
+    h, w = parse_res(res)
+    raise UserError(f"image {item.key} is {e}; pass upscale=true to enlarge small images "
+                    f"(BICUBIC) or a res= smaller than {h if h == w else f'{h}x{w}'}") from None
   except Exception as e:  # corrupt, truncated, not an image, unreadable: skip and count
-    return None, f"{type(e).__name__}: {str(e)[:120]}"
+    return None, f"{type(e).__name__}: {str(e)[:120]}", False
 
 
 class _Progress:
@@ -401,22 +509,22 @@ class _Progress:
       self.bar.close()
 
 
-def _decode_chunk(items: list[Item], res: int) -> list[tuple[np.ndarray | None, str]]:
-  return [_decode_item((it, res)) for it in items]
+def _decode_chunk(items: list[Item], res, upscale: bool) -> list[tuple[np.ndarray | None, str, bool]]:
+  return [_decode_item((it, res, upscale)) for it in items]
 
 
-def _map_items(items: list[Item], res: int, workers: int, chunk: int = 64
-               ) -> Iterator[tuple[np.ndarray | None, str]]:
-  """(image or None, reason) for each item, in order; decoded by ``workers`` processes."""
+def _map_items(items: list[Item], res, workers: int, chunk: int = 64, upscale: bool = True
+               ) -> Iterator[tuple[np.ndarray | None, str, bool]]:
+  """(image or None, reason, rotated) for each item, in order; decoded by ``workers`` processes."""
   if workers <= 1 or len(items) < chunk:
-    yield from (_decode_item((it, res)) for it in items)
+    yield from (_decode_item((it, res, upscale)) for it in items)
     return
   # spawn, not fork: callers (a trainer preparing the default set) may have JAX threads running.
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
     pending: collections.deque = collections.deque()
     for start in range(0, len(items), chunk):  # a bounded window of chunks in flight
-      pending.append(ex.submit(_decode_chunk, items[start:start + chunk], res))
+      pending.append(ex.submit(_decode_chunk, items[start:start + chunk], res, upscale))
       if len(pending) >= 4 * workers:
         yield from pending.popleft().result()
     while pending:
@@ -427,27 +535,58 @@ def shard_names(split: str, n: int) -> list[str]:
   return [f"{split}-{i:05d}-of-{n:05d}{SHARD_SUFFIX}" for i in range(n)]
 
 
-def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards: int = 0,
+def _encoded_chunks(items: list[Item], encoder, dtype: str, chunk: int = 32
+                    ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None]]:
+  """(text_emb [C, T, D], text_mask [C, T]) of each item's captions, encoded ``chunk`` items at a
+  time (bounded memory); (None, None) for an item without captions or without an encoder."""
+  for start in range(0, len(items), chunk):
+    part = items[start:start + chunk]
+    texts = [c for it in part for c in it.captions]
+    if encoder is None or not texts:
+      yield from ((None, None) for _ in part)
+      continue
+    emb, mask = encoder.encode(texts)
+    emb = emb.astype(dtype)
+    i = 0
+    for it in part:
+      n = len(it.captions)
+      yield (emb[i:i + n], mask[i:i + n]) if n else (None, None)
+      i += n
+
+
+def write_split(items: list[Item], split: str, res, out_dir: str, *, shards: int = 0,
                 workers: int = 1, text_emb: dict[str, np.ndarray] | None = None,
-                progress: bool = True) -> dict[str, Any]:
-  """Decodes, preprocesses and writes one split; returns {'count', 'skipped', 'shards', ...}."""
+                progress: bool = True, encoder=None, upscale: bool = True,
+                text_dtype: str = "float16") -> dict[str, Any]:
+  """Decodes, preprocesses and writes one split; returns {'count', 'skipped', 'shards', ...}.
+
+  With ``encoder`` (a :class:`core.text_encoder.TextEncoder`), every caption of each item is
+  encoded and stored with its mask; images without a caption are skipped. Records of a text or
+  non-square data set carry the 'portrait' flag.
+  """
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  h, w = parse_res(res)
   if shards <= 0:
-    shards = max(1, math.ceil(len(items) * res * res * 3 / TARGET_SHARD_BYTES))
+    shards = max(1, math.ceil(len(items) * h * w * 3 / TARGET_SHARD_BYTES))
   shards = max(1, min(shards, max(1, len(items))))
   names = shard_names(split, shards)
   writers = [ArrayRecordWriter(os.path.join(out_dir, n), WRITER_OPTIONS) for n in names]
   counts = [0] * shards
   written, skipped, examples = 0, 0, []
+  flag = encoder is not None or h != w
   bar = _Progress(len(items), f"prepare {split}", progress)
   try:
-    for item, (image, reason) in zip(items, _map_items(items, res, workers)):
+    for item, (image, reason, rotated), (cap_emb, cap_mask) in zip(
+        items, _map_items(items, res, workers, upscale=upscale),
+        _encoded_chunks(items, encoder, text_dtype)):
       bar.update()
-      emb = None
+      emb = cap_emb
       if image is not None and text_emb is not None:
         emb = text_emb.get(os.path.splitext(os.path.basename(item.key))[0])
         if emb is None:
           image, reason = None, "no text embedding for this image"
+      if image is not None and encoder is not None and cap_emb is None:
+        image, reason = None, "no caption for this image"
       if image is None:
         skipped += 1
         if len(examples) < 10:
@@ -455,7 +594,10 @@ def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards
         continue
       shard = written % shards  # round robin keeps the shards balanced whatever gets skipped
       try:
-        writers[shard].write(encode_record(image, item.label, key=item.key, text_emb=emb))
+        writers[shard].write(encode_record(
+            image, item.label, key=item.key, text_emb=emb, text_mask=cap_mask,
+            captions=item.captions if cap_emb is not None else None,
+            portrait=rotated if flag else None))
       except RuntimeError as e:  # ArrayRecord reports failed writes (disk full, ...) as these
         raise OSError(_first_line(e)) from None
       counts[shard] += 1
@@ -463,9 +605,9 @@ def write_split(items: list[Item], split: str, res: int, out_dir: str, *, shards
   finally:
     bar.close()
     close_error = None
-    for w in writers:
+    for wr in writers:
       try:
-        w.close()  # flushes: where a full disk usually shows
+        wr.close()  # flushes: where a full disk usually shows
       except RuntimeError as e:
         close_error = close_error or e
   if close_error is not None:
@@ -493,33 +635,63 @@ def _load_text_emb(path: str) -> dict[str, np.ndarray]:
                     f"of arrays keyed by image file stem (numpy.savez)") from None
 
 
-def write_dataset(source: Source, res: int, out_dir: str, *, shards: int = 0, workers: int = 1,
+def _split_records(out_dir: str, names: Sequence[str]) -> Iterator[dict[str, Any]]:
+  """Every decoded record of the shards ``names`` in ``out_dir``, in file order."""
+  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
+  for n in names:
+    reader = ArrayRecordReader(os.path.join(out_dir, n))
+    try:
+      for start in range(0, reader.num_records(), 256):
+        for rec in reader.read(start, min(reader.num_records(), start + 256)):
+          yield decode_record(rec)
+    finally:
+      reader.close()
+
+
+def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers: int = 1,
                   text_emb: dict[str, np.ndarray] | None = None, progress: bool = True,
-                  source_name: str | None = None) -> dict[str, Any]:
-  """Writes every split of ``source`` plus meta.json and label_map.json into a local directory."""
+                  source_name: str | None = None, encoder=None, upscale: bool | None = None,
+                  eval_captions: int = 0, caption_seed: int = 0) -> dict[str, Any]:
+  """Writes every split of ``source`` plus meta.json and label_map.json into a local directory;
+  with ``encoder`` also the ``eval_captions`` evaluation captions drawn from split 'eval'."""
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
+  h, w = parse_res(res)
+  upscale = source.upscale if upscale is None else upscale
   meta: dict[str, Any] = {
-      "format": FORMAT, "resolution": res, "num_classes": len(source.class_names),
+      "format": FORMAT, "resolution": h if h == w else [h, w], "image_size": [h, w],
+      "num_classes": len(source.class_names),
       "class_names": list(source.class_names), "source": source_name or source.description,
-      "preprocessing": "adm_center_crop (BOX halving while min side >= 2*res, BICUBIC, center crop); "
-                       "alpha composited on white",
-      "has_text_emb": text_emb is not None,
+      "preprocessing": "adm_center_crop (BOX halving while both sides >= 2x target, BICUBIC, center "
+                       "crop); alpha composited on white" + ("" if h == w else
+                       "; portrait images rotated 90 degrees counter-clockwise (flag 'portrait')") +
+                       ("" if upscale else "; no upscaling"),
+      "has_text_emb": text_emb is not None or encoder is not None,
       "counts": {}, "skipped": {}, "shards": {}, "shard_counts": {}, "skipped_examples": {},
   }
+  if encoder is not None:
+    meta["text"] = dict(encoder.describe(), dtype="float16", captions="all per image")
   n_ref = len(source.items.get("train", [])) or max(len(v) for v in source.items.values())
   for split, items in source.items.items():
     split_shards = 0  # auto
     if shards > 0:
       split_shards = max(1, math.ceil(shards * len(items) / max(1, n_ref)))
-    r = write_split(items, split, res, out_dir, shards=split_shards, workers=workers,
-                    text_emb=text_emb, progress=progress)
+    r = write_split(items, split, (h, w), out_dir, shards=split_shards, workers=workers,
+                    text_emb=text_emb, progress=progress, encoder=encoder, upscale=upscale)
     meta["counts"][split] = r["count"]
     meta["skipped"][split] = r["skipped"] + source.skipped.get(split, 0)
     meta["shards"][split] = r["shards"]
     meta["shard_counts"][split] = r["shard_counts"]
     meta["skipped_examples"][split] = (source.skipped_examples.get(split, []) +
                                        r["skipped_examples"])[:10]
+  if encoder is not None and eval_captions > 0 and meta["counts"].get("eval"):
+    from core import captions  # pylint: disable=g-import-not-at-top
+    names = meta["shards"]["eval"]
+    ec = captions.write_eval_captions(
+        out_dir, lambda: _split_records(out_dir, names), count=eval_captions, seed=caption_seed,
+        meta=dict(encoder.describe(), split="eval"))
+    meta["eval_captions"] = {"count": len(ec.captions), "seed": caption_seed,
+                             "repeats": ec.meta["repeats"]}
   meta["prepare_seconds"] = round(time.time() - t0, 2)
   with open(os.path.join(out_dir, "label_map.json"), "w") as f:
     json.dump({c: i for i, c in enumerate(source.class_names)}, f, indent=1)
@@ -530,8 +702,9 @@ def write_dataset(source: Source, res: int, out_dir: str, *, shards: int = 0, wo
 
 def summary_line(meta: dict[str, Any]) -> str:
   parts = [f"{s}: {meta['counts'][s]} written, {meta['skipped'][s]} skipped" for s in meta["counts"]]
-  return f"prepared {meta['resolution']}x{meta['resolution']} ({meta['num_classes']} classes) -- " + \
-         "; ".join(parts)
+  h, w = meta.get("image_size") or [meta["resolution"]] * 2
+  what = "captioned" if meta.get("text") else f"{meta['num_classes']} classes"
+  return f"prepared {h}x{w} ({what}) -- " + "; ".join(parts)
 
 
 def make_temp_dir(parent: str | None, prefix: str) -> str:
@@ -572,6 +745,7 @@ def _install_local(tmp: str, out: str, overwrite: bool) -> None:
     for n in sorted(os.listdir(out)):  # the old shards, by name (its meta.json may be damaged)
       if _SHARD_NAME.fullmatch(n):
         os.remove(os.path.join(out, n))
+    shutil.rmtree(os.path.join(out, "eval_captions"), ignore_errors=True)
   names = sorted(os.listdir(tmp), key=lambda n: n == "meta.json")  # meta.json last
   for n in names:
     os.replace(os.path.join(tmp, n), os.path.join(out, n))
@@ -623,25 +797,38 @@ def _check_out(out: str, overwrite: bool) -> None:
                       f"or new directory")
 
 
-def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None, shards: int = 0,
+def prepare(src: str, res, out: str, *, eval_fraction: float | None = None, shards: int = 0,
             splits: Sequence[str] = SPLITS, val_labels: str | None = None,
             text_emb: str | None = None, workers: int = 1, max_images: int = 0,
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-  """Prepares ``src`` at resolution ``res`` into ``out`` (local or gs://); returns the meta dict."""
-  if res <= 0:
-    raise UserError(f"res={res} must be a positive image size, e.g. res=64")
+            overwrite: bool = False, progress: bool = True, captions: bool | None = None,
+            text_encoder: str | None = None, max_len: int = 0, upscale: bool | None = None,
+            eval_captions: int = 0, caption_seed: int = 0) -> dict[str, Any]:
+  """Prepares ``src`` at resolution ``res`` (int or HxW) into ``out`` (local or gs://); returns the
+  meta dict. ``captions`` (default: on for a COCO layout) keeps every caption of each image with
+  its ``text_encoder`` embeddings (``max_len`` tokens) and writes ``eval_captions`` of them."""
+  from core import coco, datasets  # pylint: disable=g-import-not-at-top  (they import core.data)
+  res = parse_res(res)
   bad = [s for s in splits if s not in SPLITS]
   if bad or not splits:
     raise UserError(f"splits={','.join(splits)} must name some of: {', '.join(SPLITS)}")
   _check_out(out, overwrite)
-  if is_emoji_source(src):
-    from core import datasets  # pylint: disable=g-import-not-at-top
-    source = datasets.emoji_source(None if src == "emoji" else src,
-                                   eval_fraction=eval_fraction, splits=splits)
+  emoji = is_emoji_source(src)
+  if src == "coco":
+    raise UserError("src=coco needs the COCO root: pass src=<folder with train2017/, val2017/ and "
+                    "annotations/> (captions are then on)")
+  if captions is None:
+    captions = not emoji and os.path.isdir(os.path.join(src, "annotations"))
+  if captions and text_emb:
+    raise UserError("pass either captions=true (text_encoder= embeds them) or text_emb=<.npz>")
+  if emoji:
+    source = datasets.emoji_source(None if src == "emoji" else src, eval_fraction=eval_fraction,
+                                   splits=splits, captions=bool(captions))
+  elif captions:
+    source = coco.coco_source(src, splits=splits)
   else:
     if not os.path.exists(src):
       raise UserError(f"src={src!r} does not exist; pass an image folder, an ImageNet root "
-                      f"(train/, val/) or src=emoji")
+                      f"(train/, val/), a COCO root (with captions=true) or src=emoji")
     source = scan_folder(src, eval_fraction=eval_fraction, val_labels=val_labels, splits=splits)
   if max_images > 0:
     source.items = {s: v[:max_images] for s, v in source.items.items()}
@@ -652,6 +839,16 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
                      if listed else "") +
                     f" for splits {','.join(splits)}; point src= at a folder of images "
                     f"({', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+  encoder = None
+  if captions:
+    if emoji:  # the demo's offline encoder (core.datasets.emoji_text_encoder)
+      text_encoder = text_encoder or datasets.emoji_text_encoder()
+      max_len = max_len or datasets.EMOJI_MAX_LEN
+    encoder = text_lib.TextEncoder(text_encoder or text_lib.DEFAULT_ENCODER,
+                                   max_len or text_lib.DEFAULT_MAX_LEN)
+    if eval_captions <= 0:  # COCO FID@30K; the emoji set: one draw of each eval caption
+      eval_captions = 30_000 if not emoji else sum(len(i.captions)
+                                                   for i in source.items.get("eval", []))
   emb = _load_text_emb(text_emb) if text_emb else None
   tmp = None
   try:
@@ -663,7 +860,8 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
       _remove_stale_temps(out)
       tmp = make_temp_dir(parent, _temp_prefix(out) + f"{socket.gethostname()}-{os.getpid()}-")
     meta = write_dataset(source, res, tmp, shards=shards, workers=workers, text_emb=emb,
-                         progress=progress)
+                         progress=progress, encoder=encoder, upscale=upscale,
+                         eval_captions=eval_captions, caption_seed=caption_seed)
     if not sum(meta["counts"].values()):
       n = sum(len(v) for v in source.items.values())
       examples = [e for v in meta["skipped_examples"].values() for e in v]
@@ -674,7 +872,8 @@ def prepare(src: str, res: int, out: str, *, eval_fraction: float | None = None,
       base = out.rstrip("/")
       if overwrite and storage.exists(f"{base}/meta.json"):
         storage.remove(f"{base}/meta.json")  # readers never see the old meta with new shards
-      for n in sorted(os.listdir(tmp), key=lambda n: n == "meta.json"):  # meta.json last
+      files = [os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs]
+      for n in sorted(files, key=lambda n: n == "meta.json"):  # meta.json last
         storage.copy_from_local(os.path.join(tmp, n), f"{base}/{n}")
       shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -728,8 +927,9 @@ PREPARE_OPTIONS = [
                "folder name), a flat image folder (unconditional), an ImageNet root with train/<wnid>/ "
                "and val/ (val/ as class folders, or flat plus val_labels=), or 'emoji' for the "
                "built-in emoji-datasource-google set (needs npm). Required."),
-    cli.Option("res", None, "output resolution: images are ADM center-cropped and resized to "
-               "res x res. Required.", int),
+    cli.Option("res", None, "output size: 64 (square) or HxW (e.g. 384x640); images are ADM "
+               "center-cropped and resized to it (for HxW, images of the other orientation are "
+               "rotated first and flagged 'portrait'). Required.", parse_res),
     cli.Option("out", None, "output directory (local path or gs://bucket/prefix); gets "
                "<split>-NNNNN-of-NNNNN.array_record shards, meta.json and label_map.json. Required."),
     cli.Option("eval_fraction", None, "for a folder source without train/ and val/: fraction of "
@@ -743,6 +943,20 @@ PREPARE_OPTIONS = [
                "<wnid>' (whitespace or comma separated, e.g. Kaggle's LOC_val_solution.csv)."),
     cli.Option("text_emb", None, "optional .npz of text embeddings keyed by image file stem, "
                "stored in each record as 'text_emb' (images without one are skipped)."),
+    cli.Option("captions", None, "text-to-image: keep every caption of each image with its text "
+               "embedding. On by default for a COCO root (train2017/, val2017/, annotations/"
+               "captions_*2017.json; or 2014); src=emoji captions=true captions the emoji with "
+               "their names.", cli.parse_bool),
+    cli.Option("text_encoder", None, "with captions: a Hugging Face T5 name or save_pretrained "
+               f"folder (default {text_lib.DEFAULT_ENCODER}; for src=emoji a small random T5 "
+               "built once under the data root)."),
+    cli.Option("max_len", 0, f"with captions: tokens per caption (0 = {text_lib.DEFAULT_MAX_LEN}, "
+               "emoji 24).", int),
+    cli.Option("eval_captions", 0, "with captions: captions drawn from the eval split for "
+               "FID/CLIP evaluation (0 = 30000 for COCO, every eval caption for emoji).", int),
+    cli.Option("caption_seed", 0, "seed of the evaluation caption draw.", int),
+    cli.Option("upscale", None, "enlarge images smaller than res (BICUBIC); default true, false for "
+               "COCO (a smaller image is then an error).", cli.parse_bool),
     cli.Option("workers", max(1, min(16, os.cpu_count() or 1)), "processes decoding images.", int),
     cli.Option("max_images", 0, "keep at most this many images per split (0 = all); for smoke tests.",
                int),
@@ -821,7 +1035,10 @@ def main(argv: Sequence[str]) -> int:
                  shards=values["shards"], splits=splits, val_labels=values["val_labels"],
                  text_emb=values["text_emb"], workers=values["workers"],
                  max_images=values["max_images"], overwrite=values["overwrite"],
-                 progress=values["progress"])
+                 progress=values["progress"], captions=values["captions"],
+                 text_encoder=values["text_encoder"], max_len=values["max_len"],
+                 upscale=values["upscale"], eval_captions=values["eval_captions"],
+                 caption_seed=values["caption_seed"])
   for split, ex in meta["skipped_examples"].items():
     for e in ex[:3]:
       print(f"skipped ({split}) e.g. {e}", file=sys.stderr)

@@ -7,7 +7,11 @@ disjoint share of each epoch's global shuffled order (grain ``ShardOptions``, th
 ``B = global_batch_size / process_count``. Epochs repeat forever (or ``num_epochs`` times), each
 with a new permutation. Horizontal flips (p = 1/2, as ADM's ``random_flip``; the paper does not say)
 come from the per-record random generator grain derives from ``(seed, position in the stream)``,
-so the whole stream is a function of the seed. ``iterator.get_state()`` returns bytes and
+so the whole stream is a function of the seed. Text-to-image sets add ``'text_emb'`` float [B, T, D],
+``'text_mask'`` bool [B, T] (True on real tokens) and ``'portrait'`` int32 [B] (1 = the image was
+rotated at preparation, Sec. 5; also on non-square class sets): records keep all captions of an
+image and :class:`PickCaption` draws one per example per step from the same per-record generator
+(after the flip), so caption draws resume exactly too. ``iterator.get_state()`` returns bytes and
 ``iterator.set_state(bytes)`` restores them: a resumed run sees exactly the batches an
 uninterrupted run would (pinned by ``tests/test_input_pipeline.py``).
 
@@ -115,8 +119,10 @@ def parse_meta(raw: bytes, path: str, data_dir: str) -> dict[str, Any]:
 
 def _meta_problem(meta: dict[str, Any]) -> str | None:
   """What is wrong with a meta.json of the right format, or None."""
-  if not isinstance(meta.get("resolution"), int) or meta["resolution"] <= 0:
-    return f"has no positive integer 'resolution' (got {meta.get('resolution')!r})"
+  r = meta.get("resolution")
+  if not ((isinstance(r, int) and r > 0) or (isinstance(r, list) and len(r) == 2 and
+                                            all(isinstance(x, int) and x > 0 for x in r))):
+    return f"has no positive integer (or [H, W]) 'resolution' (got {r!r})"
   if not isinstance(meta.get("num_classes"), int):
     return "has no integer 'num_classes'"
   for key in ("shards", "shard_counts", "counts"):
@@ -129,6 +135,16 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
         or not all(isinstance(c, int) and c >= 0 for c in counts)):
       return f"lists split {split!r} without matching 'shards' and 'shard_counts'"
   return None
+
+
+def image_size(meta: dict[str, Any]) -> tuple[int, int]:
+  """(height, width) of a data set's images (``resolution`` is an int for square sets)."""
+  r = meta["resolution"]
+  return (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
+
+
+def _size(hw: tuple[int, int]) -> str:
+  return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
 
 
 def damaged_shard(data_dir: str, name: str, reason: str) -> UserError:
@@ -178,7 +194,7 @@ def check_shards(data_dir: str, meta: dict[str, Any], splits=None, *, full: bool
           for i, rec in enumerate(records):
             try:
               header, _ = data.decode_header(rec)
-              if header["shape"] != [meta["resolution"], meta["resolution"], 3]:
+              if header["shape"] != [*image_size(meta), 3]:
                 raise ValueError(f"image shape {header['shape']}")
             except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
               raise damaged_shard(data_dir, name, f"record {start + i}: {_reason(e)}") from None
@@ -239,18 +255,38 @@ class RecordSource(grain.sources.RandomAccessDataSource):
 
 
 class DecodeRecord(grain.transforms.Map):
-  """bytes -> {'image': uint8 [H,W,3], 'label': int32[, 'text_emb']} (see core.data.decode_record)."""
+  """bytes -> {'image': uint8 [H,W,3], 'label': int32[, 'text_emb', 'text_mask', 'portrait']}
+  (see core.data.decode_record); a record's captions stay stacked [C, T', D] for PickCaption."""
 
   def map(self, element: bytes) -> dict[str, np.ndarray]:
     try:
-      r = data.decode_record(element)
+      r = data.decode_record(element, pad=False)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
       raise UserError(f"a record is not a {data.FORMAT} record ({_reason(e)}); prepare the data "
                       f"set again with: python -m core.data prepare ... overwrite=true") from None
     out = {"image": r["image"], "label": r["label"]}
-    if "text_emb" in r:
-      out["text_emb"] = r["text_emb"]
+    for k in ("text_emb", "text_mask", "text_max_len", "portrait"):
+      if k in r:
+        out[k] = r[k]
     return out
+
+
+def caption(element: dict[str, Any], index: int | None) -> dict[str, Any]:
+  """Keeps caption ``index`` (None: the only one) of a decoded record, padded to its max_len:
+  'text_emb' [T, D], 'text_mask' bool [T] (all True for text stored without a mask)."""
+  emb, mask = element["text_emb"], element.get("text_mask")
+  out = {k: v for k, v in element.items() if k not in ("text_emb", "text_mask", "text_max_len")}
+  if mask is None:  # an embedding given per image (prepare text_emb=<.npz>): every row is real
+    out.update(text_emb=emb, text_mask=np.ones(emb.shape[:-1], bool))
+    return out
+  if emb.ndim == 3:
+    emb, mask = emb[index or 0], mask[index or 0]
+  t = int(element.get("text_max_len", mask.shape[-1]))
+  out["text_emb"] = np.zeros((t, emb.shape[-1]), emb.dtype)
+  out["text_emb"][:emb.shape[0]] = emb
+  out["text_mask"] = np.zeros((t,), bool)
+  out["text_mask"][:mask.shape[0]] = mask
+  return out
 
 
 class RandomFlip(grain.transforms.RandomMap):
@@ -260,6 +296,17 @@ class RandomFlip(grain.transforms.RandomMap):
     if rng.random() < 0.5:
       element = dict(element, image=element["image"][:, ::-1])
     return element
+
+
+class PickCaption(grain.transforms.RandomMap):
+  """Draws one of a record's captions uniformly (the record's own generator; Imagen-style: a new
+  caption of the image every time it is seen) and pads it to [T, D] / [T]."""
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator):
+    if "text_emb" not in element:
+      return element
+    n = element["text_emb"].shape[0] if element["text_emb"].ndim == 3 else 1
+    return caption(element, int(rng.integers(n)) if n > 1 else 0)
 
 
 class _Closed:
@@ -314,7 +361,7 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
                       random_flip: bool = True, num_workers: int = 0, worker_buffer_size: int = 1,
                       process_index: int | None = None, process_count: int | None = None,
                       num_epochs: int | None = None, split: str = "train",
-                      resolution: int | None = None, read_threads: int = 8,
+                      resolution: int | tuple[int, int] | None = None, read_threads: int = 8,
                       prefetch_buffer_size: int = 64) -> TrainIterator:
   """Iterator of this host's batches {'image': uint8 [B,H,W,3], 'label': int32 [B]}, B = global/hosts.
 
@@ -342,9 +389,10 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index={process_index} must be in [0, {process_count})")
   paths, meta = split_paths(data_dir, split)
-  if resolution is not None and meta["resolution"] != resolution:
-    raise UserError(f"data set {data_dir!r} has resolution {meta['resolution']} but the model expects "
-                    f"{resolution}; prepare one with res={resolution} or change the model resolution")
+  if resolution is not None and image_size(meta) != data.parse_res(resolution):
+    have, want = _size(image_size(meta)), _size(data.parse_res(resolution))
+    raise UserError(f"data set {data_dir!r} has resolution {have} but the model expects {want}; "
+                    f"prepare one with res={want} or change the model resolution")
   source = RecordSource(paths, meta, split)
   local_batch = global_batch_size // process_count
   if len(source) < process_count:
@@ -355,6 +403,8 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
   ops: list[Any] = [DecodeRecord()]
   if random_flip:
     ops.append(RandomFlip())
+  if meta.get("has_text_emb"):
+    ops.append(PickCaption())
   ops.append(grain.transforms.Batch(batch_size=local_batch, drop_remainder=True))
   if num_workers > 0:
     _ensure_absl_flags_parsed()
@@ -370,16 +420,22 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
 
 def iter_split(data_dir: str, split: str, *, batch_size: int = 256, limit: int | None = None
                ) -> Iterator[dict[str, np.ndarray]]:
-  """Yields a split in file order as {'image': uint8 [b,H,W,3], 'label': int32 [b]} batches."""
+  """Yields a split in file order as {'image': uint8 [b,H,W,3], 'label': int32 [b]} batches
+  (text sets: plus each record's first caption as 'text_emb' / 'text_mask', and 'portrait')."""
   paths, meta = split_paths(data_dir, split)
   source, decode = RecordSource(paths, meta, split), DecodeRecord()
   n = len(source) if limit is None else min(limit, len(source))
   for start in range(0, n, batch_size):
     recs = [decode.map(source[i]) for i in range(start, min(n, start + batch_size))]
+    if meta.get("has_text_emb"):
+      recs = [caption(r, 0) for r in recs]
     out = {"image": np.stack([r["image"] for r in recs]),
            "label": np.asarray([r["label"] for r in recs], np.int32)}
-    if meta.get("has_text_emb"):
-      out["text_emb"] = np.stack([r["text_emb"] for r in recs])
+    for k in ("text_emb", "text_mask"):
+      if k in recs[0]:
+        out[k] = np.stack([r[k] for r in recs])
+    if "portrait" in recs[0]:
+      out["portrait"] = np.asarray([r["portrait"] for r in recs], np.int32)
     yield out
 
 
@@ -388,8 +444,8 @@ def load_split(data_dir: str, split: str, *, limit: int | None = None
   """(images uint8 [N,H,W,3], labels int32 [N]) of a whole split, e.g. for FID reference statistics."""
   paths, meta = split_paths(data_dir, split)
   n = sum(meta["shard_counts"][split]) if limit is None else min(limit, sum(meta["shard_counts"][split]))
-  res = meta["resolution"]
-  images = np.empty((n, res, res, 3), np.uint8)
+  h, w = image_size(meta)
+  images = np.empty((n, h, w, 3), np.uint8)
   labels = np.empty((n,), np.int32)
   i = 0
   for b in iter_split(data_dir, split, limit=n):
