@@ -307,10 +307,16 @@ class ShardedLoader:
         close()
 
 
-def resolve_data_dir(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
+def resolve_data_dir(cfg: TrainConfig, text: bool = False) -> tuple[str, dict[str, Any]]:
+  """The run's data set (the built-in emoji set, captioned for a text model, when none is given)
+  and its meta.json, checked against the image size (and the text width of a text model)."""
   from core import datasets, input_pipeline  # pylint: disable=import-outside-toplevel
-  data_dir = cfg.data_dir or datasets.default_data_dir(cfg.image_size)
+  data_dir = cfg.data_dir or datasets.default_data_dir(cfg.image_size, captions=text)
   meta = input_pipeline.read_meta(data_dir)
+  dim = (meta.get("text") or {}).get("dim")
+  if text and dim is not None and int(dim) != cfg.text_dim:
+    raise UserError(f"the text embeddings in {data_dir} are {dim}-d ({meta['text'].get('encoder')}) "
+                    f"but Train.text_dim={cfg.text_dim}; bind Train.text_dim={dim}")
   have = image_hw(meta.get("image_size", meta["resolution"]))
   if have != cfg.hw:
     res = cfg.image_size if isinstance(cfg.image_size, int) else "{}x{}".format(*cfg.hw)
@@ -413,7 +419,7 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
 
   is_chief = jax.process_index() == 0
   validate_model(model, cfg.image_size)
-  data_dir, meta = resolve_data_dir(cfg)
+  data_dir, meta = resolve_data_dir(cfg, text=getattr(model, "text_channels", 0) > 0)
   num_classes = int(getattr(model, "num_classes", 0) or 0)
   if num_classes and int(meta.get("num_classes", 0)) > num_classes:
     raise UserError(f"the data has {meta['num_classes']} classes but the model's num_classes={num_classes}; "

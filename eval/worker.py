@@ -163,7 +163,7 @@ class Evaluator:
       if self.text_to_image:  # zero-shot COCO: FID against the validation set (the eval split)
         self._refs_given = {"eval": self._refs_given["eval"]}
       if self.text_to_image or not all(self._refs_given.values()):
-        self._data_dir, _ = trainer.resolve_data_dir(self._run.cfg)
+        self._data_dir, _ = trainer.resolve_data_dir(self._run.cfg, text=self.text_to_image)
     return self._run
 
   def captions(self):

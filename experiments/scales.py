@@ -21,6 +21,7 @@ import math
 import gin
 
 from core import config as config_lib
+from core import datasets
 from core.models.patching import parse_patching
 from experiments import registry
 
@@ -139,7 +140,10 @@ def scale_bindings(gin_files, bindings, arch: str, resolution: int, scale: str) 
   if arch != "unet":
     out.append(f"UViT.num_transformer_blocks = {TRANSFORMER_BLOCKS[scale]}")
     if _q("UViT.text_channels", 0):
-      out += [f"UViT.text_channels = {TEXT_CHANNELS[scale]}", "UViT.num_classes = 0"]
+      # The captioned emoji set and its demo encoder (core.datasets): 24 tokens of width 64.
+      out += [f"UViT.text_channels = {TEXT_CHANNELS[scale]}", "UViT.num_classes = 0",
+              f"Train.text_len = {datasets.EMOJI_MAX_LEN}",
+              f"Train.text_dim = {datasets.EMOJI_ENCODER['d_model']}"]
   fraction = steps_fraction(gin_files, bindings)
   if fraction != 1.0:
     steps = int(_q("Train.num_steps"))   # the scale layer's steps (it comes after the row's)
