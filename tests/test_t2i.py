@@ -237,3 +237,63 @@ def test_clip_model_not_loadable_offline_is_one_line(tmp_path, monkeypatch):
   msg = str(e.value)
   assert "\n" not in msg and "huggingface-cli download no-such-org/no-such-clip" in msg
   assert "clip_model=none" in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end at smoke scale: prepare -> train -> sample from captions -> FID, CLIP -> Table 8.
+
+
+ROW_256 = "256x256 COCO zero-shot/simple diffusion (U-ViT 2B)"
+
+
+@pytest.fixture(scope="module")
+def smoke_table8(tmp_path_factory):
+  """The fake COCO prepared at 32x32 with a tiny T5 (width 64, the smoke scale's text_dim), then
+  ``experiments.run table=8`` (its 256 row) at smoke scale with a tiny random CLIP."""
+  from core import data  # pylint: disable=import-outside-toplevel
+  from experiments import run as run_lib  # pylint: disable=import-outside-toplevel
+  from tests import t2i_fixtures as F  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("t8")
+  t5 = F.tiny_t5(str(root / "t5"), d_model=64)
+  out = str(root / "coco32")
+  data.prepare(F.fake_coco(str(root / "coco")), "32", out, text_encoder=t5, max_len=24,
+               eval_captions=16, caption_seed=0, progress=False)
+  clip = save_tiny_clip(root / "clip")
+  workdir = str(root / "runs")
+  assert run_lib.main(["table=8", f"row={ROW_256}", "scale=smoke", f"workdir={workdir}",
+                       f"data_dir={out}", f"clip_model={clip}", "extractor=fid-helper"]) == 0
+  (run_dir,) = [os.path.join(workdir, d) for d in os.listdir(workdir)
+                if os.path.isdir(os.path.join(workdir, d))]
+  return out, clip, workdir, run_dir
+
+
+@pytest.mark.slow
+def test_table8_smoke_end_to_end(smoke_table8, tmp_path):
+  from core import captions as captions_lib  # pylint: disable=import-outside-toplevel
+  from eval import clip_score, worker  # pylint: disable=import-outside-toplevel
+  from experiments import registry  # pylint: disable=import-outside-toplevel
+  from tables import figures, render  # pylint: disable=import-outside-toplevel
+  data_dir, clip, workdir, run_dir = smoke_table8
+  rows = worker.read_results(run_dir)
+  got = {(r["metric"], r["guidance"]) for r in rows}
+  want = {(m, w) for m in ("fid_eval", "clip_score") for w in registry.FIGURE8_GUIDANCE}
+  assert want <= got and not any(r["metric"] == "fid_train" for r in rows)
+  assert all(r["noise_param"] == 1.0 and r["num_samples"] == 16 for r in rows)
+  # Each CLIP row = the CLIP score of the saved samples with the evaluation captions, recomputed.
+  caps = captions_lib.load_eval_captions(data_dir).captions[:16]
+  scorer = clip_score.ClipScore(clip)
+  for r in rows:
+    if r["metric"] == "clip_score":
+      fid_row = next(x for x in rows if x["metric"] == "fid_eval" and x["guidance"] == r["guidance"])
+      images = np.load(os.path.join(run_dir, fid_row["samples"]))["images"]
+      assert images.shape == (16, 32, 32, 3)
+      assert abs(dict(scorer(images, caps))["clip_score"] - r["value"]) < 1e-3
+  # Table 8 shows our best FID with its guidance scale beside the paper's 8.30.
+  text = render.render(["8"], workdir, fmt="markdown")["table_8.md"]
+  best = min((r for r in rows if r["metric"] == "fid_eval"), key=lambda r: r["value"])
+  line = next(l for l in text.splitlines() if "simple diffusion (U-ViT 2B)" in l and "8.30" in l)
+  assert f"{best['value']:.2f}" in line and f"| {best['guidance']:g} |" in line
+  paths = figures.draw_all(workdir, str(tmp_path / "fig"), ["8"], ("clip_fid",))
+  assert [os.path.basename(p) for p in paths] == ["clip_fid.png"]
+  pts = figures.clip_fid_points(figures.runs.load(workdir), os.path.basename(run_dir))
+  assert sorted(pts["guidance"]) == sorted(registry.FIGURE8_GUIDANCE) and pts["clip"].notna().all()
