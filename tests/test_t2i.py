@@ -244,6 +244,7 @@ def test_clip_model_not_loadable_offline_is_one_line(tmp_path, monkeypatch):
 
 
 ROW_256 = "256x256 COCO zero-shot/simple diffusion (U-ViT 2B)"
+GUIDANCES = "1,2"
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +252,8 @@ def smoke_table8(tmp_path_factory):
   """The fake COCO prepared at 32x32 with a tiny T5 (width 64, the smoke scale's text_dim), then
   ``experiments.run table=8`` (its 256 row) at smoke scale with a tiny random CLIP."""
   from core import data  # pylint: disable=import-outside-toplevel
-  from experiments import run as run_lib  # pylint: disable=import-outside-toplevel
+  from eval import worker  # pylint: disable=import-outside-toplevel
+  from experiments import registry, run as run_lib  # pylint: disable=import-outside-toplevel
   from tests import t2i_fixtures as F  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("t8")
   t5 = F.tiny_t5(str(root / "t5"), d_model=64)
@@ -261,9 +263,15 @@ def smoke_table8(tmp_path_factory):
   clip = save_tiny_clip(root / "clip")
   workdir = str(root / "runs")
   assert run_lib.main(["table=8", f"row={ROW_256}", "scale=smoke", f"workdir={workdir}",
-                       f"data_dir={out}", f"clip_model={clip}", "extractor=fid-helper"]) == 0
-  (run_dir,) = [os.path.join(workdir, d) for d in os.listdir(workdir)
-                if os.path.isdir(os.path.join(workdir, d))]
+                       f"data_dir={out}", "eval=false"]) == 0
+  (job,) = registry.jobs(registry.select("8", [ROW_256]))
+  run_dir = os.path.join(workdir, job.name)
+  e_args = run_lib.eval_args(job, "smoke", run_dir, {
+      "num_samples": None, "extractor": "fid-helper", "resize": None, "clip_model": clip})
+  # The row's evaluation is Figure 8's sweep; the test evaluates two of its scales (time).
+  sweep = next(a for a in e_args if a.startswith("guidance="))
+  assert sweep == "guidance=" + ",".join(f"{w:g}" for w in registry.FIGURE8_GUIDANCE)
+  assert worker.main([a if a != sweep else f"guidance={GUIDANCES}" for a in e_args]) == 0
   return out, clip, workdir, run_dir
 
 
@@ -276,7 +284,8 @@ def test_table8_smoke_end_to_end(smoke_table8, tmp_path):
   data_dir, clip, workdir, run_dir = smoke_table8
   rows = worker.read_results(run_dir)
   got = {(r["metric"], r["guidance"]) for r in rows}
-  want = {(m, w) for m in ("fid_eval", "clip_score") for w in registry.FIGURE8_GUIDANCE}
+  scales = [float(w) for w in GUIDANCES.split(",")]
+  want = {(m, w) for m in ("fid_eval", "clip_score") for w in scales}
   assert want <= got and not any(r["metric"] == "fid_train" for r in rows)
   assert all(r["noise_param"] == 1.0 and r["num_samples"] == 16 for r in rows)
   # Each CLIP row = the CLIP score of the saved samples with the evaluation captions, recomputed.
@@ -296,4 +305,38 @@ def test_table8_smoke_end_to_end(smoke_table8, tmp_path):
   paths = figures.draw_all(workdir, str(tmp_path / "fig"), ["8"], ("clip_fid",))
   assert [os.path.basename(p) for p in paths] == ["clip_fid.png"]
   pts = figures.clip_fid_points(figures.runs.load(workdir), os.path.basename(run_dir))
-  assert sorted(pts["guidance"]) == sorted(registry.FIGURE8_GUIDANCE) and pts["clip"].notna().all()
+  assert sorted(pts["guidance"]) == scales and pts["clip"].notna().all()
+
+
+def test_swapping_the_caption_changes_the_samples():
+  """A tiny model trained on two captions (A: red images, B: blue images): under the same seeds,
+  samples for A are redder than for B, by far more than two runs with the same caption differ
+  (which is exactly 0: sampling is deterministic in the seed)."""
+  model = tiny_uvit(channel_multiplier=(1, 2), num_res_blocks=(1,), text_channels=16)
+  cfg = train_lib.TrainConfig(image_size=8, batch_size=8, num_steps=150, warmup_steps=0,
+                              learning_rate=3e-3, text_len=T, text_dim=D, ema_decay=0.9)
+  run = sample_lib.LoadedRun("", model, schedules.logsnr_cosine, cfg, 0)
+  tx = train_lib.make_optimizer(cfg)
+  state = train_lib.init_state(model, tx, cfg, jax.random.key(0), 0)
+  step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx,
+                                   logsnr_fn=schedules.logsnr_cosine, cfg=cfg, num_classes=0))
+  caps = _caption_batch(2, seed=5)
+  which = np.arange(8) % 2   # caption A for even, B for odd examples
+  red, blue = np.array([230, 30, 30], np.uint8), np.array([30, 30, 230], np.uint8)
+  image = np.where(which[:, None, None, None] == 0, red, blue) * np.ones((8, 8, 8, 3), np.uint8)
+  batch = {"image": image, "label": np.zeros((8,), np.int32),
+           "text_emb": caps["text_emb"][which], "text_mask": caps["text_mask"][which]}
+  for _ in range(cfg.num_steps):
+    state, _ = step(state, batch)
+
+  def samples(c):
+    cond = {k: np.repeat(caps[k][c:c + 1], 8, axis=0) for k in ("text_emb", "text_mask")}
+    return sample_lib.sample_images(run, state["ema_params"], num_samples=8, batch_size=8,
+                                    num_steps=16, guidance=1.0, seed=7, conditions=cond,
+                                    progress=False).astype(np.float64) / 255.0
+
+  a, a2, b = samples(0), samples(0), samples(1)
+  redness = lambda x: float((x[..., 0] - x[..., 2]).mean())
+  assert np.abs(a - a2).max() == 0.0
+  assert redness(a) - redness(b) > 0.5, (redness(a), redness(b))
+  assert float(np.abs(a - b).mean()) > 0.2
