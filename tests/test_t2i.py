@@ -308,6 +308,7 @@ def test_table8_smoke_end_to_end(smoke_table8, tmp_path):
   assert sorted(pts["guidance"]) == scales and pts["clip"].notna().all()
 
 
+@pytest.mark.slow
 def test_swapping_the_caption_changes_the_samples():
   """A tiny model trained on two captions (A: red images, B: blue images): under the same seeds,
   samples for A are redder than for B, by far more than two runs with the same caption differ
