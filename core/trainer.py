@@ -48,13 +48,14 @@ from core import runlock
 from core import sharding as shd
 from core import storage
 from core.errors import Preempted, UserError
+from core.models.validate import image_hw
 
 
 @gin.configurable("Train")
 @dataclasses.dataclass
 class TrainConfig:
   """Everything about a run that is not the model or the schedule (appendix B values in gin/)."""
-  image_size: int = 32
+  image_size: int | tuple[int, int] = 32   # or (height, width), e.g. (384, 640) (section 5)
   batch_size: int = 32
   num_steps: int = 1000
   learning_rate: float = 1e-4
@@ -84,7 +85,9 @@ class TrainConfig:
   text_dim: int = 4096                # (T5-XXL, section 3.6)
 
   def __post_init__(self):
-    for name in ("image_size", "batch_size", "num_steps", "log_every", "checkpoint_every",
+    if min(self.hw) < 1:
+      raise UserError(f"Train.image_size={self.image_size} must be at least 1 (an int or (H, W))")
+    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every",
                  "keep_checkpoints", "num_sample_images", "sample_steps", "max_nonfinite_in_a_row"):
       if getattr(self, name) < 1:
         raise UserError(f"Train.{name}={getattr(self, name)} must be at least 1")
@@ -93,6 +96,12 @@ class TrainConfig:
         raise UserError(f"Train.{name}={getattr(self, name)} must not be negative")
     if not self.learning_rate > 0:
       raise UserError(f"Train.learning_rate={self.learning_rate} must be positive")
+
+
+  @property
+  def hw(self) -> tuple[int, int]:
+    """(height, width) of the training images."""
+    return image_hw(self.image_size)
 
 
 LR_DECAYS = ("none", "cosine")
@@ -138,7 +147,7 @@ def learning_rate_at(cfg: TrainConfig, step: int) -> float:
 
 
 def init_state(model, tx, cfg: TrainConfig, rng: jax.Array, num_classes: int) -> dict[str, Any]:
-  x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  x = jnp.zeros((1, *cfg.hw, 3), jnp.float32)
   label = jnp.zeros((1,), jnp.int32) if num_classes else None
   text = jnp.zeros((1, cfg.text_len, cfg.text_dim), jnp.float32) if getattr(model, "text_channels", 0) else None
   params = model.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), label=label, text_emb=text,
@@ -160,19 +169,21 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
   loss_rng, drop_rng, cond_rng = jax.random.split(step_rng, 3)
   x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
   # Classifier-free guidance: drop the conditioning of cond_drop_prob of the examples (appendix A);
-  # a dropped class is the null class num_classes, a dropped text embedding is all zeros.
+  # a dropped class is the null class num_classes, a dropped text is the null text (null_text).
   drop = jax.random.bernoulli(cond_rng, cfg.cond_drop_prob, (x.shape[0],))
   label = None
   if num_classes:
     label = jnp.where(drop, num_classes, batch["label"].astype(jnp.int32))
-  text_emb = None
+  text_emb, extra = None, extra_conditioning(model, batch)
   if "text_emb" in batch:
-    text_emb = jnp.where(drop[:, None, None], 0.0, batch["text_emb"].astype(jnp.float32))
+    text_emb, mask = null_text(batch["text_emb"], extra.get("text_mask"), drop)
+    if mask is not None:
+      extra["text_mask"] = mask
 
   def loss_fn(params):
     def v_fn(z, logsnr):
       return model.apply({"params": params}, z, logsnr, label=label, text_emb=text_emb, train=True,
-                         rngs={"dropout": drop_rng})
+                         rngs={"dropout": drop_rng}, **extra)
     # The loss type (eps-MSE, v-MSE, multiscale) is gin-configured on diffusion_loss.
     return diffusion.diffusion_loss(v_fn, x, loss_rng, logsnr_fn=logsnr_fn)
 
@@ -194,6 +205,27 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
   metrics.update({k: v for k, v in aux.items() if k.startswith("loss_") and jnp.ndim(v) == 0})
   return new_state, metrics
+
+
+def null_text(text_emb, text_mask, drop):
+  """The text of the examples where ``drop`` is True replaced by the null text: zero embeddings
+  and, with a mask, an all-False mask (no cross-attention update). Sampling's unconditional pass
+  uses the same (eval/sample.py), so guidance contrasts with what training dropped to."""
+  emb = jnp.where(drop[:, None, None], 0.0, jnp.asarray(text_emb).astype(jnp.float32))
+  mask = None if text_mask is None else jnp.asarray(text_mask, bool) & ~drop[:, None]
+  return emb, mask
+
+
+def extra_conditioning(model, batch) -> dict[str, Any]:
+  """The text mask and portrait flag of a batch, as keyword arguments of the model (those it has)."""
+  out = {}
+  if getattr(model, "text_channels", 0) and batch.get("text_mask") is not None:
+    out["text_mask"] = jnp.asarray(batch["text_mask"], bool)
+  if getattr(model, "portrait_conditioning", False):
+    p = batch.get("portrait")
+    out["portrait"] = (jnp.zeros((batch["image"].shape[0],), jnp.int32) if p is None
+                       else jnp.asarray(p, jnp.int32))
+  return out
 
 
 def abstract_state(model, tx, cfg: TrainConfig, num_classes: int, mesh) -> tuple[Any, Any]:
@@ -275,14 +307,22 @@ class ShardedLoader:
         close()
 
 
-def resolve_data_dir(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
+def resolve_data_dir(cfg: TrainConfig, text: bool = False) -> tuple[str, dict[str, Any]]:
+  """The run's data set (the built-in emoji set, captioned for a text model, when none is given)
+  and its meta.json, checked against the image size (and the text width of a text model)."""
   from core import datasets, input_pipeline  # pylint: disable=import-outside-toplevel
-  data_dir = cfg.data_dir or datasets.default_data_dir(cfg.image_size)
+  data_dir = cfg.data_dir or datasets.default_data_dir(cfg.image_size, captions=text)
   meta = input_pipeline.read_meta(data_dir)
-  if int(meta["resolution"]) != cfg.image_size:
-    raise UserError(f"data in {data_dir} is {meta['resolution']}x{meta['resolution']} but "
-                    f"Train.image_size={cfg.image_size}; prepare the data at res={cfg.image_size} "
-                    f"(python -m core.data prepare ... res={cfg.image_size}) or change Train.image_size")
+  dim = (meta.get("text") or {}).get("dim")
+  if text and dim is not None and int(dim) != cfg.text_dim:
+    raise UserError(f"the text embeddings in {data_dir} are {dim}-d ({meta['text'].get('encoder')}) "
+                    f"but Train.text_dim={cfg.text_dim}; bind Train.text_dim={dim}")
+  have = image_hw(meta.get("image_size", meta["resolution"]))
+  if have != cfg.hw:
+    res = cfg.image_size if isinstance(cfg.image_size, int) else "{}x{}".format(*cfg.hw)
+    raise UserError(f"data in {data_dir} is {have[0]}x{have[1]} but "
+                    f"Train.image_size={cfg.image_size}; prepare the data at res={res} "
+                    f"(python -m core.data prepare ... res={res}) or change Train.image_size")
   return data_dir, meta
 
 
@@ -379,7 +419,7 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
 
   is_chief = jax.process_index() == 0
   validate_model(model, cfg.image_size)
-  data_dir, meta = resolve_data_dir(cfg)
+  data_dir, meta = resolve_data_dir(cfg, text=getattr(model, "text_channels", 0) > 0)
   num_classes = int(getattr(model, "num_classes", 0) or 0)
   if num_classes and int(meta.get("num_classes", 0)) > num_classes:
     raise UserError(f"the data has {meta['num_classes']} classes but the model's num_classes={num_classes}; "
@@ -476,7 +516,7 @@ def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
   from core.metrics import image_grid  # pylint: disable=import-outside-toplevel
   n = cfg.num_sample_images
   labels = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
-  shape = (n, cfg.image_size, cfg.image_size, 3)
+  shape = (n, *cfg.hw, 3)
 
   @jax.jit
   def run(params, rng):

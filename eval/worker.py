@@ -15,6 +15,13 @@ Exactly once, under SIGKILL at any moment: a result row is written in a single a
 already exist are never recomputed; sample batches are cached under ``<run>/eval/cache`` while an
 evaluation is running, so a restarted worker finishes it instead of starting over; a torn last
 line (killed mid-append) is dropped before the next append.
+
+Text-to-image runs (Table 8, Figure 8): sample ``i`` is conditioned on caption ``i`` of the data
+set's evaluation caption set (core/captions.py: 30K captions drawn once from the COCO validation
+set), the unconditional pass of guidance on the null text; FID (and KID) against the eval split
+only (the COCO validation set) and the CLIP score of each sample with its caption
+(eval/clip_score.py, ``clip_model=``), one row per (guidance, metric). The noise parameter is the
+caller's (the registry gives 1.0 for COCO, appendix A).
 """
 from __future__ import annotations
 
@@ -25,9 +32,12 @@ import sys
 import time
 from typing import Any, Sequence
 
+import numpy as np
+
 from core import cli
 from core import storage
 from core.errors import UserError, run_main
+from eval.clip_score import DEFAULT_MODEL as DEFAULT_CLIP
 from eval.inception import RESIZE_MODES
 
 def results_path(run_dir: str) -> str:
@@ -116,7 +126,8 @@ class Evaluator:
                resize_mode: str = "legacy_tensorflow", ref_train: str | None = None,
                ref_eval: str | None = None, ref_convention: str | None = None,
                max_reference_images: int | None = None, save_samples: str = "grid",
-               bootstrap: int = 20, inception_batch_size: int = 50):
+               bootstrap: int = 20, inception_batch_size: int = 50,
+               clip_model: str | None = DEFAULT_CLIP, clip_batch_size: int = 64):
     from eval import inception  # pylint: disable=import-outside-toplevel
     for name, value, least in (("batch_size", batch_size, 1), ("num_samples", num_samples, 2),
                                ("sampler_steps", sampler_steps, 1), ("bootstrap", bootstrap, 0)):
@@ -137,15 +148,51 @@ class Evaluator:
     self._run = None
     self._data_dir = None
     self._described = None
+    self.clip_model = None if clip_model in (None, "", "none") else clip_model
+    self._clip_batch_size = clip_batch_size
+    self._clip = None
+    self._captions = None
+    self.text_to_image = False
 
   def _load_run(self):
     if self._run is None:
       from core import trainer  # pylint: disable=import-outside-toplevel
       from eval import sample  # pylint: disable=import-outside-toplevel
       self._run = sample.load_run(self.run_dir)
-      if not all(self._refs_given.values()):
-        self._data_dir, _ = trainer.resolve_data_dir(self._run.cfg)
+      self.text_to_image = sample.is_text_to_image(self._run)
+      if self.text_to_image:  # zero-shot COCO: FID against the validation set (the eval split)
+        self._refs_given = {"eval": self._refs_given["eval"]}
+      if self.text_to_image or not all(self._refs_given.values()):
+        self._data_dir, _ = trainer.resolve_data_dir(self._run.cfg, text=self.text_to_image)
     return self._run
+
+  def captions(self):
+    """The data set's evaluation captions (text-to-image), checked against the run and n."""
+    if self._captions is None:
+      from core import captions as captions_lib  # pylint: disable=import-outside-toplevel
+      self._load_run()
+      c = captions_lib.load_eval_captions(self._data_dir)
+      if len(c.captions) < self.num_samples:
+        raise UserError(f"num_samples={self.num_samples} but {self._data_dir} has "
+                        f"{len(c.captions)} evaluation captions (one sample per caption); use "
+                        f"num_samples<={len(c.captions)} or prepare more captions")
+      dim = int(c.text_emb.shape[-1])
+      if dim != self._run.cfg.text_dim:
+        raise UserError(f"the evaluation captions of {self._data_dir} are {dim}-d embeddings but "
+                        f"the run trained on Train.text_dim={self._run.cfg.text_dim}; prepare the "
+                        f"captions with the run's text encoder")
+      self._captions = c
+    return self._captions
+
+  def _conditions(self):
+    c = self.captions()
+    n = self.num_samples
+    return {"text_emb": np.asarray(c.text_emb[:n]), "text_mask": np.asarray(c.text_mask[:n])}
+
+  def _captions_desc(self) -> str:
+    m = self.captions().meta
+    return (f"{self._data_dir}/eval_captions (encoder {m.get('encoder')}, {m.get('count')} "
+            f"captions, seed {m.get('seed')})")
 
   def _descriptions(self) -> dict[str, tuple[str, bool]]:
     """Per split: (the reference recorded in rows, whether it gives KID), without computing it."""
@@ -178,10 +225,16 @@ class Evaluator:
     described = self._descriptions()
     names = [f"fid_{split}" for split in described]
     names += [f"kid_{split}" for split, (_, has_kid) in described.items() if has_kid]
-    return names + (["is"] if self.extractor.has_logits else [])
+    names += ["is"] if self.extractor.has_logits else []
+    return names + (["clip_score"] if self.text_to_image and self.clip_model else [])
 
   def row_settings(self, metric: str) -> dict[str, Any]:
     """Every setting of ``metric``'s row that changes its number (KEY_FIELDS but step/guidance)."""
+    if metric == "clip_score":
+      return {"num_samples": self.num_samples, "seed": self.seed,
+              "sampler_steps": self.sampler_steps, "noise_param": self.noise_param,
+              "extractor": self.clip_model, "resize_mode": "clip_processor",
+              "reference": self._captions_desc()}
     split = metric.split("_", 1)[1] if "_" in metric else "train"
     return {"num_samples": self.num_samples, "seed": self.seed, "sampler_steps": self.sampler_steps,
             "noise_param": self.noise_param, "extractor": self.extractor.name,
@@ -253,7 +306,8 @@ class Evaluator:
       _log(f"step {step} w={w:g}: sampling {self.num_samples} images ({self.sampler_steps} steps)")
       images = sample.sample_images(self._run, params, num_samples=self.num_samples, batch_size=self.batch_size,
                                     num_steps=self.sampler_steps, noise_param=self.noise_param, guidance=w,
-                                    seed=self.seed, cache_dir=cache)
+                                    seed=self.seed, cache_dir=cache,
+                                    conditions=self._conditions() if self.text_to_image else None)
       if jax.process_index() != 0:
         continue
       saved = self._save(step, w, images)
@@ -263,12 +317,14 @@ class Evaluator:
       result = metrics.sample_metrics(
           feats, logits, refs, is_splits=min(10, len(images)), bootstrap=self.bootstrap, seed=self.seed,
           provenance={"extractor": self.extractor.name, "resize_mode": self.extractor.resize_mode})
+      if "clip_score" in wanted:
+        result["clip_score"] = self._clip_score(images)
       rows = []
       for m in wanted:
         if m not in result:
           continue
         value, std, std_kind = result[m]
-        ref = refs.get(m.split("_", 1)[1]) if m != "is" else None
+        ref = refs.get(m.split("_", 1)[1]) if m not in ("is", "clip_score") else None
         rows.append({"step": step, "metric": m, "value": float(value),
                      "std": None if std is None else float(std), "std_kind": std_kind,
                      **self.row_settings(m), "guidance": w,
@@ -287,6 +343,17 @@ class Evaluator:
       written += rows
       shutil.rmtree(cache, ignore_errors=True)
     return written
+
+
+  def _clip_score(self, images) -> tuple[float, float | None, str | None]:
+    """(mean CLIP score of sample i with caption i, its standard error, 'sem')."""
+    from eval import clip_score  # pylint: disable=import-outside-toplevel
+    if self._clip is None:
+      self._clip = clip_score.ClipScore(self.clip_model, batch_size=self._clip_batch_size)
+    _log(f"CLIP score of {len(images)} samples ({self.clip_model})")
+    got = dict(self._clip(images, self.captions().captions[:len(images)]))
+    sem = got["clip_score_std"]
+    return got["clip_score"], (None if not np.isfinite(sem) else sem), "sem"
 
 
 def _local_cache_root(run_dir: str) -> str:
@@ -317,6 +384,9 @@ OPTIONS = [
     cli.Option("inception_batch_size", 50, "images per Inception forward pass", parse=int),
     cli.Option("save_samples", "grid", "keep samples: a PNG grid for figures (grid), also every sample as "
                "one .npz (npz) or a PNG folder (png), or nothing (none)", choices=SAVE_CHOICES),
+    cli.Option("clip_model", DEFAULT_CLIP, "text-to-image runs: CLIP for the CLIP score (Figure 8), a "
+               "Hugging Face name in the local cache or a local directory; none = skip it"),
+    cli.Option("clip_batch_size", 64, "images per CLIP forward pass", parse=int),
     cli.Option("once", False, "evaluate one checkpoint (the newest, or step=) and exit", parse=cli.parse_bool),
     cli.Option("step", None, "with once=true: the checkpoint step to evaluate (default: newest)", parse=int),
     cli.Option("poll_seconds", 60, "how often to look for new checkpoints", parse=float),
@@ -345,7 +415,8 @@ def main(argv: Sequence[str]) -> int:
                         resize_mode=opts["resize"], ref_train=opts["ref_train"], ref_eval=opts["ref_eval"],
                         ref_convention=opts["ref_convention"],
                         max_reference_images=opts["max_reference_images"], save_samples=opts["save_samples"],
-                        bootstrap=opts["bootstrap"], inception_batch_size=opts["inception_batch_size"])
+                        bootstrap=opts["bootstrap"], inception_batch_size=opts["inception_batch_size"],
+                        clip_model=opts["clip_model"], clip_batch_size=opts["clip_batch_size"])
   checkpointer = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
   writer = MetricWriter(storage.join(run_dir, "eval"), jsonl=False)
   try:

@@ -195,10 +195,27 @@ def _entries() -> list[Entry]:
     if res == 512:  # uvit_t2i.gin is the 256 model; at 512 two DWT levels keep the same feature maps
       b += ("model.image_size = 512", "UViT.patching_type = 'dwt_2'")
     add(Entry("8", group, "simple diffusion (U-ViT 2B)", "uvit", res, ("models/uvit_t2i.gin", UVIT_TRAIN), b,
-              metrics=("fid_eval",), num_samples=30_000, noise_param=1.0,
+              metrics=("fid_eval", "clip_score"), num_samples=30_000, noise_param=1.0,
               guidance_sweep=FIGURE8_GUIDANCE,
               note="needs a data set with text embeddings (core.data prepare ... text embeddings) "
                    "whose eval split is the COCO validation set"))
+
+  # Section 5: the non-square 384x640 text-to-image model (no table: samples in the paper). Its
+  # portrait images are rotated at preparation and flagged; the flag conditions the model. Our
+  # reading: the 256 model's U-ViT behind DWT-2 patching as at 512 (feature maps 96x160 at the
+  # first level, the transformer at 12x20 = 240 tokens, the 512 model's 256), self-attention
+  # instead of convs at the third level (24x40, where the square models have 32x32), interpolated
+  # schedule 32 -> 256 at image_d 512 (the 512 row's; the geometric mean of 384 and 640 is 496).
+  b = ("Train.image_size = (384, 640)", "Train.num_steps = 700000", "model.image_size = (384, 640)",
+       "UViT.patching_type = 'dwt_2'", "UViT.attn_resolutions = [24]",
+       "UViT.portrait_conditioning = True",
+       "schedule.name = 'cosine_interpolated'", "schedule.image_d = 512", "schedule.noise_d_low = 32",
+       "schedule.noise_d_high = 256", _LINEAR_RANGE)
+  add(Entry("t2i-384x640", "384x640", "simple diffusion (U-ViT 2B, 384x640)", "uvit", 384,
+            ("models/uvit_t2i.gin", UVIT_TRAIN), b, metrics=("fid_eval", "clip_score"),
+            num_samples=30_000, noise_param=1.0,
+            note="non-square (section 5): needs a COCO-like data set prepared at 384x640 with "
+                 "the portrait flag"))
 
   # Appendix C: 1024x1024 U-Net with 4x4 patching, with and without the multiscale loss.
   for label, extra in (("U-Net 4x4 patching", ()), ("U-Net 4x4 patching + multiscale loss", ms)):

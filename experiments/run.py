@@ -68,6 +68,9 @@ OPTIONS = [
     cli.Option("extractor", "auto", "Inception source for FID/IS: auto, clean-fid, fid-helper or a .pt path"),
     cli.Option("resize", "legacy_tensorflow", "FID/KID resize to 299: legacy_tensorflow (the paper's, ADM's "
                "evaluator) or clean (clean-fid)", choices=RESIZE_MODES),
+    cli.Option("clip_model", None, "text-to-image rows: CLIP for the CLIP score (default: "
+               "openai/clip-vit-large-patch14 at paper scale; none at demo/smoke, where no CLIP "
+               "weights are at hand offline: give a local directory to score)"),
     cli.Option("tpu_zone", "us-central2-b", "tpu launcher: zone"),
     cli.Option("tpu_type", None, "tpu launcher: accelerator type (default: the paper's, e.g. v4-256)"),
     cli.Option("tpu_project", None, "tpu launcher: GCP project"),
@@ -113,7 +116,15 @@ def eval_args(job: registry.Job, scale: str, run_dir: str, opts: dict[str, Any])
           f"noise_param={job.noise_param}", f"extractor={opts['extractor']}",
           f"resize={opts.get('resize') or 'legacy_tensorflow'}", f"save_samples={ev['save_samples']}",
           "once=true"] + (
-              [f"max_reference_images={ev['max_reference_images']}"] if ev["max_reference_images"] else [])
+              [f"max_reference_images={ev['max_reference_images']}"] if ev["max_reference_images"] else []) + (
+              [f"clip_model={clip_model(job, scale, opts)}"] if "clip_score" in job.metrics else [])
+
+
+def clip_model(job: registry.Job, scale: str, opts: dict[str, Any]) -> str:
+  """The CLIP of a text-to-image row's CLIP score: the literature's ViT-L/14 at paper scale."""
+  from eval.clip_score import DEFAULT_MODEL  # pylint: disable=import-outside-toplevel
+  del job
+  return opts.get("clip_model") or (DEFAULT_MODEL if scale == "paper" else "none")
 
 
 def write_job_json(job: registry.Job, scale: str, run_dir: str, args: list[str]) -> None:
