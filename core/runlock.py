@@ -1,4 +1,4 @@
-"""One trainer per run directory: an ``fcntl.flock`` on ``<run>/train.lock`` held while a run trains.
+"""One trainer per run directory: an ``fcntl.flock`` on ``<run>/train.lock`` while a run trains.
 
 The kernel drops the lock however the process dies, so a killed run never blocks its resume.
 ``gs://`` run directories cannot carry one; the TPU launcher's one queued resource per run keeps

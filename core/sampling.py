@@ -124,7 +124,8 @@ def ddpm_sample(v_fn: Callable, rng, shape, *, logsnr_fn: Callable, num_steps: i
   if isinstance(noise_param, numbers.Real) and not 0.0 <= noise_param <= 1.0:
     raise UserError(f"noise_param={noise_param!r} must be in [0, 1] (paper: 0.2, 1.0 for COCO)")
   if dynamic_clip is not None and not 0.0 < dynamic_clip <= 1.0:
-    raise UserError(f"dynamic_clip={dynamic_clip!r} must be a quantile in (0, 1], e.g. 0.995, or None")
+    raise UserError(f"dynamic_clip={dynamic_clip!r} must be a quantile in (0, 1], e.g. 0.995, or "
+                    f"None")
   if len(shape) != 4:
     raise UserError(f"sample shape {tuple(shape)} must be NHWC (batch, height, width, channels)")
   init_rng, step_rng = jax.random.split(rng)

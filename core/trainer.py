@@ -39,18 +39,19 @@ from core.errors import Preempted, UserError
 from core.io import rundir, storage
 from core.models import flops as flops_lib
 from core.models import validate as validate_model
+from core.models.validate import image_hw
 
 
 @gin.configurable("Train")
 @dataclasses.dataclass
 class TrainConfig:
   """Everything about a run that is not the model or the schedule (appendix B values in gin/)."""
-  image_size: int = 32
+  image_size: int | tuple[int, int] = 32   # or (height, width), e.g. (384, 640) (section 5)
   batch_size: int = 32
   num_steps: int = 1000
   learning_rate: float = 1e-4
   warmup_steps: int = 10_000
-  lr_decay: str = "none"              # after warmup: 'none' (appendix B) or 'cosine' to 0 at num_steps
+  lr_decay: str = "none"              # after warmup: 'none' (appendix B) or 'cosine' (to 0)
   adam_b1: float = 0.9
   adam_b2: float = 0.99
   adam_eps: float = 1e-12
@@ -75,7 +76,9 @@ class TrainConfig:
   text_dim: int = 4096                # (T5-XXL, section 3.6)
 
   def __post_init__(self):
-    for name in ("image_size", "batch_size", "num_steps", "log_every", "checkpoint_every",
+    if min(self.hw) < 1:
+      raise UserError(f"Train.image_size={self.image_size} must be at least 1 (an int or (H, W))")
+    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every",
                  "keep_checkpoints", "num_sample_images", "sample_steps", "max_nonfinite_in_a_row"):
       if getattr(self, name) < 1:
         raise UserError(f"Train.{name}={getattr(self, name)} must be at least 1")
@@ -86,6 +89,12 @@ class TrainConfig:
       raise UserError(f"Train.learning_rate={self.learning_rate} must be positive")
 
 
+  @property
+  def hw(self) -> tuple[int, int]:
+    """(height, width) of the training images."""
+    return image_hw(self.image_size)
+
+
 LR_DECAYS = ("none", "cosine")
 
 
@@ -94,7 +103,8 @@ def learning_rate_schedule(cfg: TrainConfig):
   ``num_steps`` ('cosine': short demo runs end at a low learning rate). A float when constant
   (Adam's state then has no schedule count, as in checkpoints written before lr_decay existed)."""
   if cfg.lr_decay not in LR_DECAYS:
-    raise UserError(f"Train.lr_decay={cfg.lr_decay!r} is unknown; use one of {', '.join(LR_DECAYS)}")
+    raise UserError(f"Train.lr_decay={cfg.lr_decay!r} is unknown; use one of "
+                    f"{', '.join(LR_DECAYS)}")
   if cfg.lr_decay == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                               max(cfg.num_steps, cfg.warmup_steps + 1))
@@ -108,7 +118,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   lr = learning_rate_schedule(cfg)
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
+      optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                  weight_decay=cfg.weight_decay))
 
 
 def forward_flops(model, cfg: TrainConfig) -> float:
@@ -128,10 +139,12 @@ def learning_rate_at(cfg: TrainConfig, step: int) -> float:
 
 
 def init_state(model, tx, cfg: TrainConfig, rng: jax.Array, num_classes: int) -> dict[str, Any]:
-  x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  x = jnp.zeros((1, *cfg.hw, 3), jnp.float32)
   label = jnp.zeros((1,), jnp.int32) if num_classes else None
-  text = jnp.zeros((1, cfg.text_len, cfg.text_dim), jnp.float32) if getattr(model, "text_channels", 0) else None
-  params = model.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), label=label, text_emb=text,
+  text = jnp.zeros((1, cfg.text_len, cfg.text_dim), jnp.float32) if getattr(model, "text_channels",
+                                                                            0) else None
+  params = model.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), label=label,
+                      text_emb=text,
                       train=False)["params"]
   return {
       "step": jnp.zeros((), jnp.int32),
@@ -149,19 +162,21 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
   loss_rng, drop_rng, cond_rng = jax.random.split(step_rng, 3)
   x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
   # Classifier-free guidance: drop the conditioning of cond_drop_prob of the examples (appendix A);
-  # a dropped class is the null class num_classes, a dropped text embedding is all zeros.
+  # a dropped class is the null class num_classes, a dropped text is the null text (null_text).
   drop = jax.random.bernoulli(cond_rng, cfg.cond_drop_prob, (x.shape[0],))
   label = None
   if num_classes:
     label = jnp.where(drop, num_classes, batch["label"].astype(jnp.int32))
-  text_emb = None
+  text_emb, extra = None, extra_conditioning(model, batch)
   if "text_emb" in batch:
-    text_emb = jnp.where(drop[:, None, None], 0.0, batch["text_emb"].astype(jnp.float32))
+    text_emb, mask = null_text(batch["text_emb"], extra.get("text_mask"), drop)
+    if mask is not None:
+      extra["text_mask"] = mask
 
   def loss_fn(params):
     def v_fn(z, logsnr):
       return model.apply({"params": params}, z, logsnr, label=label, text_emb=text_emb, train=True,
-                         rngs={"dropout": drop_rng})
+                         rngs={"dropout": drop_rng}, **extra)
     # The loss type (eps-MSE, v-MSE, multiscale) is gin-configured on diffusion_loss.
     return diffusion.diffusion_loss(v_fn, x, loss_rng, logsnr_fn=logsnr_fn)
 
@@ -170,7 +185,8 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p, state["ema_params"], params)
+  ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p,
+                     state["ema_params"], params)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = {
       "step": state["step"] + 1,
@@ -185,19 +201,42 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
   return new_state, metrics
 
 
+def null_text(text_emb, text_mask, drop):
+  """The text of the examples where ``drop`` is True replaced by the null text: zero embeddings
+  and, with a mask, an all-False mask (no cross-attention update). Sampling's unconditional pass
+  uses the same (eval/sample.py), so guidance contrasts with what training dropped to."""
+  emb = jnp.where(drop[:, None, None], 0.0, jnp.asarray(text_emb).astype(jnp.float32))
+  mask = None if text_mask is None else jnp.asarray(text_mask, bool) & ~drop[:, None]
+  return emb, mask
+
+
+def extra_conditioning(model, batch) -> dict[str, Any]:
+  """The text mask and portrait flag of a batch, as keyword arguments of the model (if it has)."""
+  out = {}
+  if getattr(model, "text_channels", 0) and batch.get("text_mask") is not None:
+    out["text_mask"] = jnp.asarray(batch["text_mask"], bool)
+  if getattr(model, "portrait_conditioning", False):
+    p = batch.get("portrait")
+    out["portrait"] = (jnp.zeros((batch["image"].shape[0],), jnp.int32) if p is None
+                       else jnp.asarray(p, jnp.int32))
+  return out
+
+
 def abstract_state(model, tx, cfg: TrainConfig, num_classes: int, mesh) -> tuple[Any, Any]:
-  """(ShapeDtypeStructs carrying their FSDP shardings, the shardings) of the train state, unallocated."""
+  """(ShapeDtypeStructs with their FSDP shardings, the shardings) of the unallocated state."""
   abstract = jax.eval_shape(functools.partial(init_state, model, tx, cfg, num_classes=num_classes),
                             jax.random.key(cfg.seed))
   shardings = shd.tree_shardings(mesh, abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                          shardings)
   return abstract, shardings
 
 
 def jit_train_step(model, tx, logsnr_fn, cfg: TrainConfig, num_classes: int, mesh, state_sharding):
   """The sharded, buffer-donating jitted :func:`train_step`."""
   return jax.jit(
-      functools.partial(train_step, model=model, tx=tx, logsnr_fn=logsnr_fn, cfg=cfg, num_classes=num_classes),
+      functools.partial(train_step, model=model, tx=tx, logsnr_fn=logsnr_fn, cfg=cfg,
+                        num_classes=num_classes),
       in_shardings=(state_sharding, shd.batch_sharding(mesh)),
       out_shardings=(state_sharding, shd.replicated(mesh)),
       donate_argnums=(0,))
@@ -207,13 +246,22 @@ def jit_train_step(model, tx, logsnr_fn, cfg: TrainConfig, num_classes: int, mes
 # Data
 
 
-def resolve_data_dir(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
-  data_dir = cfg.data_dir or prepare.default_data_dir(cfg.image_size)
+def resolve_data_dir(cfg: TrainConfig, text: bool = False) -> tuple[str, dict[str, Any]]:
+  """The run's data set (the built-in emoji set, captioned for a text model, when none is given)
+  and its meta.json, checked against the image size (and the text width of a text model)."""
+  data_dir = cfg.data_dir or prepare.default_data_dir(cfg.image_size, captions=text)
   meta = records.read_meta(data_dir)
-  if int(meta["resolution"]) != cfg.image_size:
-    raise UserError(f"data in {data_dir} is {meta['resolution']}x{meta['resolution']} but "
-                    f"Train.image_size={cfg.image_size}; prepare the data at res={cfg.image_size} "
-                    f"(python -m core.data prepare ... res={cfg.image_size}) or change Train.image_size")
+  dim = (meta.get("text") or {}).get("dim")
+  if text and dim is not None and int(dim) != cfg.text_dim:
+    raise UserError(f"the text embeddings in {data_dir} are {dim}-d "
+                    f"({meta['text'].get('encoder')}) "
+                    f"but Train.text_dim={cfg.text_dim}; bind Train.text_dim={dim}")
+  have = image_hw(meta.get("image_size", meta["resolution"]))
+  if have != cfg.hw:
+    res = cfg.image_size if isinstance(cfg.image_size, int) else "{}x{}".format(*cfg.hw)
+    raise UserError(f"data in {data_dir} is {have[0]}x{have[1]} but "
+                    f"Train.image_size={cfg.image_size}; prepare the data at res={res} "
+                    f"(python -m core.data prepare ... res={res}) or change Train.image_size")
   return data_dir, meta
 
 
@@ -278,7 +326,8 @@ def _lock_run_dir(workdir: str) -> runlock.RunLock | None:
 
 
 @gin.configurable("train", denylist=["workdir"])
-def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED, stop_at_step: int | None = None
+def train(workdir: str, *, model=gin.REQUIRED, logsnr_fn=gin.REQUIRED,
+          stop_at_step: int | None = None
           ) -> dict[str, Any]:
   """Trains (or resumes) the gin-configured run in ``workdir``; returns a small summary.
 
@@ -307,10 +356,11 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
 
   is_chief = jax.process_index() == 0
   validate_model(model, cfg.image_size)
-  data_dir, meta = resolve_data_dir(cfg)
+  data_dir, meta = resolve_data_dir(cfg, text=getattr(model, "text_channels", 0) > 0)
   num_classes = int(getattr(model, "num_classes", 0) or 0)
   if num_classes and int(meta.get("num_classes", 0)) > num_classes:
-    raise UserError(f"the data has {meta['num_classes']} classes but the model's num_classes={num_classes}; "
+    raise UserError(f"the data has {meta['num_classes']} classes but the model's "
+                    f"num_classes={num_classes}; "
                     f"bind UNet/UViT.num_classes={meta['num_classes']}")
 
   mesh = shd.make_mesh()
@@ -322,7 +372,8 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
   loader = pipeline.ShardedLoader(data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
                                   num_shards=cfg.num_data_shards or jax.process_count(),
                                   num_workers=cfg.num_workers)
-  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints,
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints,
+                                       async_save=cfg.async_checkpoints,
                                        use_ocdbt=cfg.checkpoint_ocdbt)
   start, state = checkpointer.restore_latest(abstract, loader)
   if start is None:
@@ -369,8 +420,8 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
           raise UserError(
               f"stopping at step {step}: {streak} non-finite losses or gradients in a row "
               f"(Train.max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}); last good checkpoint: "
-              f"step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning rate "
-              f"or check the data, then rerun to resume from it")
+              f"step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning "
+              f"rate or check the data, then rerun to resume from it")
       if sampler is not None and step % cfg.sample_every == 0:
         writer.write_images(step, {"samples/ema": sampler(state["ema_params"], step)})
       # Every host calls reached_preemption at every step: all stop at the same one.
@@ -389,7 +440,8 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
   return {"step": step, "workdir": workdir}
 
 
-def _write_row(step: int, m: dict[str, jax.Array], writer, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
+def _write_row(step: int, m: dict[str, jax.Array], writer, cfg: TrainConfig,
+               extra: dict[str, Any]) -> dict[str, Any]:
   """One metrics.jsonl / TensorBoard row for ``step`` (the only host sync of the loop)."""
   m = jax.device_get(m)
   row = {k: _json_float(v) for k, v in m.items() if k != "finite"}
@@ -404,7 +456,7 @@ def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
   """Sample grids from the EMA parameters for TensorBoard (fixed seed and labels)."""
   n = cfg.num_sample_images
   labels = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
-  shape = (n, cfg.image_size, cfg.image_size, 3)
+  shape = (n, *cfg.hw, 3)
 
   @jax.jit
   def run(params, rng):

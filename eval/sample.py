@@ -6,6 +6,13 @@ uses ``fold_in(seed, i)`` for its noise and its class labels, whatever the batch
 Class-conditional models draw labels uniformly and can be guided: a guidance scale ``w`` (reported
 as ``1 + eta``, Table 9) combines the conditional and unconditional predictions. Samples are
 quantised to uint8 exactly as saved images would be, before any metric sees them.
+
+Text-to-image models (Table 8, Figure 8) sample from given per-sample conditioning: sample ``i``
+gets caption ``i``'s T5 embedding and mask (``conditions``; the eval worker passes the evaluation
+caption set, core/data/captions.py) and, for the 384x640 model, its portrait flag. The unconditional
+pass of guidance uses the null text the trainer drops to (core.trainer.null_text: zero embeddings,
+all-False mask). The noise depends only on (seed, batch index): the same seeds under different
+captions start from the same z_1. Images are H x W (Train.image_size may be (height, width)).
 """
 from __future__ import annotations
 
@@ -53,7 +60,8 @@ def load_run(run_dir: str) -> LoadedRun:
 def restore_ema_params(run: LoadedRun, step: int, mesh=None) -> Any:
   """The EMA parameters of checkpoint ``step`` (sharded like in training)."""
   mesh = mesh or shd.make_mesh()
-  abstract, _ = train_lib.abstract_state(run.model, train_lib.make_optimizer(run.cfg), run.cfg, run.num_classes, mesh)
+  abstract, _ = train_lib.abstract_state(run.model, train_lib.make_optimizer(run.cfg), run.cfg,
+                                         run.num_classes, mesh)
   checkpointer = ckpt_lib.Checkpointer(run.run_dir, with_data=False, async_save=False)
   if step not in checkpointer.all_steps():
     raise UserError(f"checkpoint step {step} does not exist in {checkpointer.directory}; "
@@ -63,22 +71,40 @@ def restore_ema_params(run: LoadedRun, step: int, mesh=None) -> Any:
   return state["ema_params"]
 
 
-def make_batch_sampler(run: LoadedRun, *, batch_size: int, num_steps: int, noise_param: float,
-                       guidance: float, mesh) -> Callable[[Any, int, int], jax.Array]:
-  """A jitted ``(params, seed, batch_index) -> uint8 [batch, H, W, 3]`` sampler."""
-  d = run.cfg.image_size
-  shape = (batch_size, d, d, 3)
-  nc = run.num_classes
+def is_text_to_image(run: LoadedRun) -> bool:
+  return getattr(run.model, "text_channels", 0) > 0
 
-  def one_batch(params, seed, index):
+
+def make_batch_sampler(run: LoadedRun, *, batch_size: int, num_steps: int, noise_param: float,
+                       guidance: float, mesh) -> Callable[..., jax.Array]:
+  """A jitted ``(params, seed, batch_index[, cond]) -> uint8 [batch, H, W, 3]`` sampler; ``cond``
+  (text-to-image) is {'text_emb' [B,T,D], 'text_mask' [B,T][, 'portrait' [B]]}."""
+  shape = (batch_size, *run.cfg.hw, 3)
+  nc = run.num_classes
+  text = is_text_to_image(run)
+
+  def one_batch(params, seed, index, cond=None):
     rng = jax.random.fold_in(jax.random.key(seed), index)
     label_rng, sample_rng = jax.random.split(rng)
     labels = jax.random.randint(label_rng, (batch_size,), 0, nc) if nc else None
 
-    def model_fn(z, logsnr, label):
-      return run.model.apply({"params": params}, z, logsnr, label=label, train=False)
+    def model_fn(z, logsnr, c):
+      if not text:
+        return run.model.apply({"params": params}, z, logsnr, label=c, train=False)
+      extra = train_lib.extra_conditioning(run.model, dict(c, image=z))
+      return run.model.apply({"params": params}, z, logsnr, label=None, text_emb=c["text_emb"],
+                             train=False, **extra)
 
-    if nc:
+    if text:
+      if cond is None:
+        raise UserError("a text-to-image model samples from captions: pass conditions= with "
+                        "text_emb and text_mask (e.g. core.data.captions.load_eval_captions)")
+      emb, mask = jnp.asarray(cond["text_emb"], jnp.float32), cond.get("text_mask")
+      c = {"text_emb": emb, **{k: cond[k] for k in ("text_mask", "portrait") if k in cond}}
+      null_emb, null_mask = train_lib.null_text(emb, mask, jnp.ones((batch_size,), bool))
+      n = dict(c, text_emb=null_emb, **({} if null_mask is None else {"text_mask": null_mask}))
+      v_fn = sampling.guided_v_fn(model_fn, c, n, guidance)
+    elif nc:
       v_fn = sampling.guided_v_fn(model_fn, labels, jnp.full_like(labels, nc), guidance)
     else:
       v_fn = lambda z, logsnr: model_fn(z, logsnr, None)
@@ -89,10 +115,28 @@ def make_batch_sampler(run: LoadedRun, *, batch_size: int, num_steps: int, noise
   return jax.jit(one_batch, static_argnums=(1,), out_shardings=shd.batch_sharding(mesh))
 
 
+def batch_conditions(conditions: dict[str, np.ndarray] | None, index: int, batch_size: int
+                     ) -> dict[str, np.ndarray] | None:
+  """Rows [index * batch_size, (index + 1) * batch_size) of per-sample conditioning; a last batch
+  that runs past the end repeats the last row (those samples are dropped)."""
+  if conditions is None:
+    return None
+  n = len(next(iter(conditions.values())))
+  rows = np.minimum(np.arange(index * batch_size, (index + 1) * batch_size), n - 1)
+  out = {k: np.asarray(v[rows]) for k, v in conditions.items()}
+  out["text_emb"] = out["text_emb"].astype(np.float32)
+  return out
+
+
 def sample_images(run: LoadedRun, params: Any, *, num_samples: int, batch_size: int, num_steps: int,
                   noise_param: float = 0.2, guidance: float = 1.0, seed: int = 0, mesh=None,
-                  cache_dir: str | None = None, progress: bool = True) -> np.ndarray:
-  """``num_samples`` uint8 images; with ``cache_dir``, finished batches survive a restart."""
+                  cache_dir: str | None = None, progress: bool = True,
+                  conditions: dict[str, np.ndarray] | None = None) -> np.ndarray:
+  """``num_samples`` uint8 images; with ``cache_dir``, finished batches survive a restart.
+
+  ``conditions``: per-sample arrays (at least num_samples rows) for a text-to-image model, sample i
+  conditioned on row i: {'text_emb' [N,T,D], 'text_mask' [N,T] bool[, 'portrait' [N] int]}.
+  """
   mesh = mesh or shd.make_mesh()
   if batch_size % mesh.devices.size:
     raise UserError(f"sampling batch_size={batch_size} must be divisible by the number of devices "
@@ -101,13 +145,16 @@ def sample_images(run: LoadedRun, params: Any, *, num_samples: int, batch_size: 
                           guidance=guidance, mesh=mesh)
   num_batches = -(-num_samples // batch_size)
   out = []
-  bar = Progress(total=num_batches, desc=f"sample w={guidance}", enabled=progress and jax.process_index() == 0)
+  bar = Progress(total=num_batches, desc=f"sample w={guidance}",
+                 enabled=progress and jax.process_index() == 0)
   for i in range(num_batches):
     path = os.path.join(cache_dir, f"batch_{i:06d}.npy") if cache_dir else None
     if path and os.path.exists(path):
       out.append(np.load(path))
     else:
-      imgs = np.asarray(multihost_utils.process_allgather(fn(params, seed, i), tiled=True))
+      cond = batch_conditions(conditions, i, batch_size)
+      out_i = fn(params, seed, i) if cond is None else fn(params, seed, i, cond)
+      imgs = np.asarray(multihost_utils.process_allgather(out_i, tiled=True))
       if path and jax.process_index() == 0:
         tmp = path + ".tmp.npy"
         np.save(tmp, imgs)

@@ -15,6 +15,13 @@ Exactly once, under SIGKILL at any moment: a result row is written in a single a
 already exist are never recomputed; sample batches are cached under ``<run>/eval/cache`` while an
 evaluation is running, so a restarted worker finishes it instead of starting over; a torn last
 line (killed mid-append) is dropped before the next append.
+
+Text-to-image runs (Table 8, Figure 8): sample ``i`` is conditioned on caption ``i`` of the data
+set's evaluation caption set (core/data/captions.py: 30K captions drawn once from the COCO
+validation set), the unconditional pass of guidance on the null text; FID (and KID) against the
+eval split only (the COCO validation set) and the CLIP score of each sample with its caption
+(eval/clip_score.py, ``clip_model=``), one row per (guidance, metric). The noise parameter is the
+caller's (the registry gives 1.0 for COCO, appendix A).
 """
 from __future__ import annotations
 
@@ -34,9 +41,11 @@ from core import checkpoint as ckpt_lib
 from core import cli
 from core import trainer
 from core.errors import UserError, run_main
+from core.data import captions as captions_lib
 from core.io import jsonl, rundir, storage
 from core.metric_writer import MetricWriter, image_grid
-from eval import inception, metrics, reference, sample
+from eval import clip_score, inception, metrics, reference, sample
+from eval.clip_score import DEFAULT_MODEL as DEFAULT_CLIP
 from eval.inception import RESIZE_MODES
 
 def read_results(run_dir: str) -> list[dict[str, Any]]:
@@ -58,7 +67,7 @@ def _norm(v: Any) -> Any:
 
 
 def result_key(row: dict[str, Any]) -> tuple:
-  """The identity of a result: its KEY_FIELDS (missing ones, in rows of older versions, are None)."""
+  """The identity of a result: its KEY_FIELDS (missing ones, in older rows, are None)."""
   return tuple(_norm(row.get(k)) for k in KEY_FIELDS)
 
 
@@ -78,7 +87,8 @@ class Evaluator:
                resize_mode: str = "legacy_tensorflow", ref_train: str | None = None,
                ref_eval: str | None = None, ref_convention: str | None = None,
                max_reference_images: int | None = None, save_samples: str = "grid",
-               bootstrap: int = 20, inception_batch_size: int = 50):
+               bootstrap: int = 20, inception_batch_size: int = 50,
+               clip_model: str | None = DEFAULT_CLIP, clip_batch_size: int = 64):
     for name, value, least in (("batch_size", batch_size, 1), ("num_samples", num_samples, 2),
                                ("sampler_steps", sampler_steps, 1), ("bootstrap", bootstrap, 0)):
       if value < least:
@@ -98,13 +108,48 @@ class Evaluator:
     self._run = None
     self._data_dir = None
     self._described = None
+    self.clip_model = None if clip_model in (None, "", "none") else clip_model
+    self._clip_batch_size = clip_batch_size
+    self._clip = None
+    self._captions = None
+    self.text_to_image = False
 
   def _load_run(self):
     if self._run is None:
       self._run = sample.load_run(self.run_dir)
-      if not all(self._refs_given.values()):
-        self._data_dir, _ = trainer.resolve_data_dir(self._run.cfg)
+      self.text_to_image = sample.is_text_to_image(self._run)
+      if self.text_to_image:  # zero-shot COCO: FID against the validation set (the eval split)
+        self._refs_given = {"eval": self._refs_given["eval"]}
+      if self.text_to_image or not all(self._refs_given.values()):
+        self._data_dir, _ = trainer.resolve_data_dir(self._run.cfg, text=self.text_to_image)
     return self._run
+
+  def captions(self):
+    """The data set's evaluation captions (text-to-image), checked against the run and n."""
+    if self._captions is None:
+      self._load_run()
+      c = captions_lib.load_eval_captions(self._data_dir)
+      if len(c.captions) < self.num_samples:
+        raise UserError(f"num_samples={self.num_samples} but {self._data_dir} has "
+                        f"{len(c.captions)} evaluation captions (one sample per caption); use "
+                        f"num_samples<={len(c.captions)} or prepare more captions")
+      dim = int(c.text_emb.shape[-1])
+      if dim != self._run.cfg.text_dim:
+        raise UserError(f"the evaluation captions of {self._data_dir} are {dim}-d embeddings but "
+                        f"the run trained on Train.text_dim={self._run.cfg.text_dim}; prepare the "
+                        f"captions with the run's text encoder")
+      self._captions = c
+    return self._captions
+
+  def _conditions(self):
+    c = self.captions()
+    n = self.num_samples
+    return {"text_emb": np.asarray(c.text_emb[:n]), "text_mask": np.asarray(c.text_mask[:n])}
+
+  def _captions_desc(self) -> str:
+    m = self.captions().meta
+    return (f"{self._data_dir}/eval_captions (encoder {m.get('encoder')}, {m.get('count')} "
+            f"captions, seed {m.get('seed')})")
 
   def _descriptions(self) -> dict[str, tuple[str, bool]]:
     """Per split: (the reference recorded in rows, whether it gives KID), without computing it."""
@@ -135,10 +180,16 @@ class Evaluator:
     described = self._descriptions()
     names = [f"fid_{split}" for split in described]
     names += [f"kid_{split}" for split, (_, has_kid) in described.items() if has_kid]
-    return names + (["is"] if self.extractor.has_logits else [])
+    names += ["is"] if self.extractor.has_logits else []
+    return names + (["clip_score"] if self.text_to_image and self.clip_model else [])
 
   def row_settings(self, metric: str) -> dict[str, Any]:
     """Every setting of ``metric``'s row that changes its number (KEY_FIELDS but step/guidance)."""
+    if metric == "clip_score":
+      return {"num_samples": self.num_samples, "seed": self.seed,
+              "sampler_steps": self.sampler_steps, "noise_param": self.noise_param,
+              "extractor": self.clip_model, "resize_mode": "clip_processor",
+              "reference": self._captions_desc()}
     split = metric.split("_", 1)[1] if "_" in metric else "train"
     return {"num_samples": self.num_samples, "seed": self.seed, "sampler_steps": self.sampler_steps,
             "noise_param": self.noise_param, "extractor": self.extractor.name,
@@ -163,7 +214,8 @@ class Evaluator:
 
     suffix = "" if w == 1.0 else f"_w{w:g}"
     eval_dir = storage.join(self.run_dir, "eval")
-    storage.write_bytes(storage.join(eval_dir, f"samples_{step}{suffix}.png"), png(image_grid(images[:64])))
+    storage.write_bytes(storage.join(eval_dir, f"samples_{step}{suffix}.png"),
+                        png(image_grid(images[:64])))
     if self.save_samples == "npz":
       buf = io.BytesIO()
       np.savez_compressed(buf, images=np.asarray(images, np.uint8))
@@ -202,9 +254,12 @@ class Evaluator:
       cache = os.path.join(_local_cache_root(self.run_dir), self.tag(step, w))
       os.makedirs(cache, exist_ok=True)
       _log(f"step {step} w={w:g}: sampling {self.num_samples} images ({self.sampler_steps} steps)")
-      images = sample.sample_images(self._run, params, num_samples=self.num_samples, batch_size=self.batch_size,
-                                    num_steps=self.sampler_steps, noise_param=self.noise_param, guidance=w,
-                                    seed=self.seed, cache_dir=cache)
+      images = sample.sample_images(self._run, params, num_samples=self.num_samples,
+                                    batch_size=self.batch_size,
+                                    num_steps=self.sampler_steps, noise_param=self.noise_param,
+                                    guidance=w,
+                                    seed=self.seed, cache_dir=cache,
+                                    conditions=self._conditions() if self.text_to_image else None)
       if jax.process_index() != 0:
         continue
       saved = self._save(step, w, images)
@@ -212,14 +267,17 @@ class Evaluator:
            f"({self.extractor.name}, resize {self.extractor.resize_mode})")
       feats, logits = self.extractor.features(metrics.validate_images(images))
       result = metrics.sample_metrics(
-          feats, logits, refs, is_splits=min(10, len(images)), bootstrap=self.bootstrap, seed=self.seed,
+          feats, logits, refs, is_splits=min(10, len(images)), bootstrap=self.bootstrap,
+          seed=self.seed,
           provenance={"extractor": self.extractor.name, "resize_mode": self.extractor.resize_mode})
+      if "clip_score" in wanted:
+        result["clip_score"] = self._clip_score(images)
       rows = []
       for m in wanted:
         if m not in result:
           continue
         value, std, std_kind = result[m]
-        ref = refs.get(m.split("_", 1)[1]) if m != "is" else None
+        ref = refs.get(m.split("_", 1)[1]) if m not in ("is", "clip_score") else None
         rows.append({"step": step, "metric": m, "value": float(value),
                      "std": None if std is None else float(std), "std_kind": std_kind,
                      **self.row_settings(m), "guidance": w,
@@ -231,7 +289,8 @@ class Evaluator:
       jsonl.append(rundir.results_path(self.run_dir), rows)
       for r in rows:
         spread = "" if r["std"] is None else f" ± {r['std']:.4g}"
-        _log(f"step {step} w={w:g}: {r['metric']} = {r['value']:.4g}{spread} (n={r['num_samples']})")
+        _log(f"step {step} w={w:g}: {r['metric']} = {r['value']:.4g}{spread} "
+             f"(n={r['num_samples']})")
       if writer is not None:
         writer.write_scalars(step, {f"eval/{r['metric']}_w{w:g}": r["value"] for r in rows})
         writer.flush()
@@ -240,60 +299,99 @@ class Evaluator:
     return written
 
 
+  def _clip_score(self, images) -> tuple[float, float | None, str | None]:
+    """(mean CLIP score of sample i with caption i, its standard error, 'sem')."""
+    if self._clip is None:
+      self._clip = clip_score.ClipScore(self.clip_model, batch_size=self._clip_batch_size)
+    _log(f"CLIP score of {len(images)} samples ({self.clip_model})")
+    got = dict(self._clip(images, self.captions().captions[:len(images)]))
+    sem = got["clip_score_std"]
+    return got["clip_score"], (None if not np.isfinite(sem) else sem), "sem"
+
+
 def _local_cache_root(run_dir: str) -> str:
   if storage.is_remote(run_dir):
-    return os.path.join(os.path.expanduser("~/.cache/simple_diffusion/eval"), run_dir.replace("gs://", "").replace("/", "_"))
+    return os.path.join(os.path.expanduser("~/.cache/simple_diffusion/eval"),
+                        run_dir.replace("gs://", "").replace("/", "_"))
   return os.path.join(run_dir, "eval", "cache")
 
 
 OPTIONS = [
     cli.Option("workdir", None, "the run directory to follow (local path or gs://...)"),
-    cli.Option("num_samples", 50000, "samples per evaluation (the paper: 50K; 30K for COCO)", parse=int),
-    cli.Option("guidance", [1.0], "comma-separated guidance scales w = 1 + eta (Table 9)", parse=cli.parse_floats),
-    cli.Option("batch_size", 64, "sampling batch size (global, divisible by the device count)", parse=int),
+    cli.Option("num_samples", 50000, "samples per evaluation (the paper: 50K; 30K for COCO)",
+               parse=int),
+    cli.Option("guidance", [1.0], "comma-separated guidance scales w = 1 + eta (Table 9)",
+               parse=cli.parse_floats),
+    cli.Option("batch_size", 64, "sampling batch size (global, divisible by the device count)",
+               parse=int),
     cli.Option("sampler_steps", 256, "DDPM sampling steps", parse=int),
-    cli.Option("noise_param", 0.2, "interpolation between posterior and upper variance (appendix A)", parse=float),
+    cli.Option("noise_param", 0.2,
+               "interpolation between posterior and upper variance (appendix A)", parse=float),
     cli.Option("seed", 0, "sampling seed (noise and class labels)", parse=int),
-    cli.Option("extractor", "auto", "Inception source: auto, clean-fid, fid-helper or a path to TorchScript weights"),
+    cli.Option("extractor", "auto",
+               "Inception source: auto, clean-fid, fid-helper or a path to TorchScript weights"),
     cli.Option("resize", "legacy_tensorflow", "how samples and references are resized to 299x299: "
-               "legacy_tensorflow (the TF graph's bilinear, as the paper and ADM's evaluator) or clean "
-               "(clean-fid's PIL bicubic)", choices=RESIZE_MODES),
-    cli.Option("ref_train", None, "FID train reference .npz with mu and sigma (default: the run's train split)"),
-    cli.Option("ref_eval", None, "FID eval reference .npz with mu and sigma (default: the run's eval split)"),
-    cli.Option("ref_convention", None, "the resize a ref_train/ref_eval .npz without a provenance record "
-               "was computed with (ADM's reference batches: legacy_tensorflow)", choices=RESIZE_MODES),
-    cli.Option("max_reference_images", None, "use only this many images of each split for reference "
+               "legacy_tensorflow (the TF graph's bilinear, as the paper and ADM's evaluator) or "
+               "clean (clean-fid's PIL bicubic)", choices=RESIZE_MODES),
+    cli.Option("ref_train", None,
+               "FID train reference .npz with mu and sigma (default: the run's train split)"),
+    cli.Option("ref_eval", None,
+               "FID eval reference .npz with mu and sigma (default: the run's eval split)"),
+    cli.Option("ref_convention", None,
+               "the resize a ref_train/ref_eval .npz without a provenance record "
+               "was computed with (ADM's reference batches: legacy_tensorflow)",
+               choices=RESIZE_MODES),
+    cli.Option("max_reference_images", None,
+               "use only this many images of each split for reference "
                "statistics (default: the whole split)", parse=int),
-    cli.Option("bootstrap", 20, "resamples of the samples for each FID's spread (std); 0 = none", parse=int),
+    cli.Option("bootstrap", 20, "resamples of the samples for each FID's spread (std); 0 = none",
+               parse=int),
     cli.Option("inception_batch_size", 50, "images per Inception forward pass", parse=int),
-    cli.Option("save_samples", "grid", "keep samples: a PNG grid for figures (grid), also every sample as "
+    cli.Option("save_samples", "grid",
+               "keep samples: a PNG grid for figures (grid), also every sample as "
                "one .npz (npz) or a PNG folder (png), or nothing (none)", choices=SAVE_CHOICES),
-    cli.Option("once", False, "evaluate one checkpoint (the newest, or step=) and exit", parse=cli.parse_bool),
-    cli.Option("step", None, "with once=true: the checkpoint step to evaluate (default: newest)", parse=int),
+    cli.Option("clip_model", DEFAULT_CLIP,
+               "text-to-image runs: CLIP for the CLIP score (Figure 8), a "
+               "Hugging Face name in the local cache or a local directory; none = skip it"),
+    cli.Option("clip_batch_size", 64, "images per CLIP forward pass", parse=int),
+    cli.Option("once", False, "evaluate one checkpoint (the newest, or step=) and exit",
+               parse=cli.parse_bool),
+    cli.Option("step", None, "with once=true: the checkpoint step to evaluate (default: newest)",
+               parse=int),
     cli.Option("poll_seconds", 60, "how often to look for new checkpoints", parse=float),
-    cli.Option("stop_after_step", None, "exit once this step (e.g. the run's last) is evaluated", parse=int),
-    cli.Option("distributed", False, "call jax.distributed.initialize() (multi-host sampling)", parse=cli.parse_bool),
+    cli.Option("stop_after_step", None, "exit once this step (e.g. the run's last) is evaluated",
+               parse=int),
+    cli.Option("distributed", False, "call jax.distributed.initialize() (multi-host sampling)",
+               parse=cli.parse_bool),
 ]
 
 
 def main(argv: Sequence[str]) -> int:
-  opts, bindings = cli.parse(argv, OPTIONS, prog="eval.worker", description=__doc__.split("\n\n")[0])
+  opts, bindings = cli.parse(argv, OPTIONS, prog="eval.worker",
+                             description=__doc__.split("\n\n")[0])
   if bindings:
-    raise UserError(f"eval.worker takes no gin bindings (got {bindings[0]!r}); the run's config.gin is used")
+    raise UserError(f"eval.worker takes no gin bindings (got {bindings[0]!r}); the run's "
+                    f"config.gin is used")
   run_dir = opts["workdir"]
   if not run_dir:
     raise UserError("give workdir=<run directory>")
   if not rundir.is_run(run_dir):
-    raise UserError(f"{run_dir} is not a run directory (no config.gin); start training with core.train first")
+    raise UserError(f"{run_dir} is not a run directory (no config.gin); start training with "
+                    f"core.train first")
   if opts["distributed"]:
     jax.distributed.initialize()
   evaluator = Evaluator(run_dir, guidances=opts["guidance"], num_samples=opts["num_samples"],
                         batch_size=opts["batch_size"], sampler_steps=opts["sampler_steps"],
-                        noise_param=opts["noise_param"], seed=opts["seed"], extractor_source=opts["extractor"],
-                        resize_mode=opts["resize"], ref_train=opts["ref_train"], ref_eval=opts["ref_eval"],
+                        noise_param=opts["noise_param"], seed=opts["seed"],
+                        extractor_source=opts["extractor"],
+                        resize_mode=opts["resize"], ref_train=opts["ref_train"],
+                        ref_eval=opts["ref_eval"],
                         ref_convention=opts["ref_convention"],
-                        max_reference_images=opts["max_reference_images"], save_samples=opts["save_samples"],
-                        bootstrap=opts["bootstrap"], inception_batch_size=opts["inception_batch_size"])
+                        max_reference_images=opts["max_reference_images"],
+                        save_samples=opts["save_samples"],
+                        bootstrap=opts["bootstrap"],
+                        inception_batch_size=opts["inception_batch_size"],
+                        clip_model=opts["clip_model"], clip_batch_size=opts["clip_batch_size"])
   checkpointer = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
   writer = MetricWriter(storage.join(run_dir, "eval"), jsonl=False)
   try:
@@ -303,7 +401,8 @@ def main(argv: Sequence[str]) -> int:
       if step is None:
         raise UserError(f"no complete checkpoint in {checkpointer.directory} yet")
       if step not in steps:
-        raise UserError(f"checkpoint step {step} does not exist in {checkpointer.directory}; available: {steps}")
+        raise UserError(f"checkpoint step {step} does not exist in {checkpointer.directory}; "
+                        f"available: {steps}")
       for r in evaluator.evaluate(step, writer):
         print(json.dumps(r), flush=True)
       return 0
@@ -321,7 +420,8 @@ def main(argv: Sequence[str]) -> int:
         return 0
       if not todo:
         if not waiting:
-          _log(f"nothing to evaluate: {len(steps)} checkpoint(s) {'all evaluated' if steps else 'yet'}; "
+          _log(f"nothing to evaluate: {len(steps)} checkpoint(s) "
+               f"{'all evaluated' if steps else 'yet'}; "
                f"looking for new ones every {opts['poll_seconds']:g}s")
           waiting = True
         time.sleep(opts["poll_seconds"])

@@ -13,6 +13,7 @@ from core import config as config_lib
 from core import trainer as train_lib
 from core.io import rundir, storage
 from core.models import make_model
+from eval.clip_score import DEFAULT_MODEL as DEFAULT_CLIP
 from experiments import registry, scales
 
 # Evaluation size per scale (the paper: 50K samples, 256 sampler steps is our default). Demo rows
@@ -21,11 +22,11 @@ from experiments import registry, scales
 # way (legacy_tensorflow) unless resize= says otherwise.
 EVAL = {
     "paper": {"num_samples": None, "sampler_steps": None, "batch_size": 256,
-              "max_reference_images": None,
-              "save_samples": "grid"},
-    "demo": {"num_samples": 500, "sampler_steps": 64, "batch_size": 100,
-             "max_reference_images": None,
-             "save_samples": "npz"},
+              "max_reference_images": None, "save_samples": "grid"},
+    # Demo: 32 sampler steps (on the 1,000-step row "original at 128": FID train 150.4 +- 1.7 vs
+    # 146.7 +- 1.6 at 64 steps, KID train 0.127 vs 0.128 +- 0.002) at half the sampling time.
+    "demo": {"num_samples": 500, "sampler_steps": 32, "batch_size": 100,
+             "max_reference_images": None, "save_samples": "npz"},
     "smoke": {"num_samples": 16, "sampler_steps": 4, "batch_size": 8, "max_reference_images": 32,
               "save_samples": "npz"},
 }
@@ -58,7 +59,13 @@ def eval_args(job: registry.Job, scale: str, run_dir: str, opts: dict[str, Any])
           f"resize={opts.get('resize') or 'legacy_tensorflow'}",
           f"save_samples={ev['save_samples']}",
           "once=true"] + ([f"max_reference_images={ev['max_reference_images']}"]
-                          if ev["max_reference_images"] else [])
+                          if ev["max_reference_images"] else []) + (
+              [f"clip_model={clip_model(scale, opts)}"] if "clip_score" in job.metrics else [])
+
+
+def clip_model(scale: str, opts: dict[str, Any]) -> str:
+  """The CLIP of a text-to-image row's CLIP score: the literature's ViT-L/14 at paper scale."""
+  return opts.get("clip_model") or (DEFAULT_CLIP if scale == "paper" else "none")
 
 
 def write_job_json(job: registry.Job, scale: str, run_dir: str, args: list[str]) -> None:

@@ -106,7 +106,8 @@ class Job:
 
 
 def _shift(res: int, noise_d: int) -> tuple[str, ...]:
-  return ("schedule.name = 'cosine_shifted'", f"schedule.image_d = {res}", f"schedule.noise_d = {noise_d}")
+  return ("schedule.name = 'cosine_shifted'", f"schedule.image_d = {res}",
+          f"schedule.noise_d = {noise_d}")
 
 
 def _cosine() -> tuple[str, ...]:
@@ -119,7 +120,8 @@ _LINEAR_RANGE = "UViT.logsnr_range = @schedule_range()"
 UVIT_TRAIN = "train/uvit_imagenet.gin"
 
 
-def _unet(res: int, model_gin: str | None = None, *extra: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _unet(res: int, model_gin: str | None = None, *extra: str) -> tuple[tuple[str, ...],
+                                                                        tuple[str, ...]]:
   files = (model_gin or f"models/unet_imagenet{res}.gin", UNET_TRAIN)
   base = [f"Train.image_size = {res}"]
   if res == 128:  # B.1: adam_beta2=0.999 and 1.5M steps for ImageNet 128
@@ -141,7 +143,8 @@ def _entries() -> list[Entry]:
       add(Entry("2", f"{res}x{res}", label, "unet", res, files, b))
 
   # Table 3: dropout start (U-Net 128, shift 64).
-  for label, value in (("dropout from 128", "128"), ("dropout from 64", "64"), ("dropout from 32", "32"),
+  for label, value in (("dropout from 128", "128"), ("dropout from 64", "64"),
+                       ("dropout from 32", "32"),
                        ("dropout from 16", "16"), ("no dropout", "None")):
     extra = _shift(128, 64) + (f"UNet.dropout_from_resolution = {value}",)
     fraction = 1.0
@@ -154,29 +157,34 @@ def _entries() -> list[Entry]:
   # Table 4: blocks at the 16x16 level (U-Net 128, shift 64): num_res_blocks [3, 4, 4, a, 4].
   for a in (2, 4, 8, 12):
     files, b = _unet(128, None, *_shift(128, 64), f"UNet.num_res_blocks = [3, 4, 4, {a}, 4]")
-    add(Entry("4", "128x128", f"{a}+{a + 1} blocks at 16x16", "unet", 128, files, b, throughput=True))
+    add(Entry("4", "128x128", f"{a}+{a + 1} blocks at 16x16", "unet", 128, files, b,
+              throughput=True))
 
   # Table 5: downsampling strategies at 512 (B.1 keeps the total number of blocks).
   for label, model_gin, patching in (("None", "models/unet_imagenet512_nodown.gin", "none"),
                                      ("DWT-1", "models/unet_imagenet512_down2x.gin", "dwt_1"),
                                      ("DWT-2", "models/unet_imagenet512_down4x.gin", "dwt_2"),
                                      ("Conv (2x2)", "models/unet_imagenet512_down2x.gin", "conv_2"),
-                                     ("Conv (4x4)", "models/unet_imagenet512_down4x.gin", "conv_4")):
+                                     ("Conv (4x4)", "models/unet_imagenet512_down4x.gin",
+                                      "conv_4")):
     files, b = _unet(512, model_gin, *_shift(512, 64), f"UNet.patching_type = '{patching}'")
     add(Entry("5", "512x512", label, "unet", 512, files, b, throughput=True))
 
   # Table 6: multiscale loss (256 with shift 32, 512 with shift 64 and DWT-2).
   ms = ("diffusion_loss.multiscale = True", "diffusion_loss.multiscale_base = 32")
   for res, nd, model_gin, patch in ((256, 32, None, ()),
-                                    (512, 64, "models/unet_imagenet512_down4x.gin", ("UNet.patching_type = 'dwt_2'",))):
+                                    (512, 64, "models/unet_imagenet512_down4x.gin",
+                                     ("UNet.patching_type = 'dwt_2'",))):
     for label, extra in ((f"{res} (shift {nd})", ()), ("+ multiscale loss (32)", ms)):
       files, b = _unet(res, model_gin, *_shift(res, nd), *patch, *extra)
-      add(Entry("6", f"{res}x{res}", label, "unet", res, files, b, metrics=("fid_train", "fid_eval", "is")))
+      add(Entry("6", f"{res}x{res}", label, "unet", res, files, b,
+                metrics=("fid_train", "fid_eval", "is")))
 
   # Table 7: ours vs the literature (literature rows are reference values only).
   t7 = {128: ("models/unet_imagenet128.gin", _shift(128, 32), ()),
         256: ("models/unet_imagenet256.gin", _shift(256, 32), ()),
-        512: ("models/unet_imagenet512_down4x.gin", _shift(512, 64), ("UNet.patching_type = 'dwt_2'",) + ms)}
+        512: ("models/unet_imagenet512_down4x.gin", _shift(512, 64),
+              ("UNet.patching_type = 'dwt_2'",) + ms)}
   for res, (model_gin, sched, extra) in t7.items():
     files, b = _unet(res, model_gin, *sched, *extra)
     add(Entry("7", f"{res}x{res}", "simple diffusion (U-Net)", "unet", res, files, b,
@@ -185,7 +193,8 @@ def _entries() -> list[Entry]:
       uvit_files = (f"models/uvit_imagenet{res}.gin", UVIT_TRAIN)
       uvit_b = (f"Train.image_size = {res}",) + _shift(res, 64) + (_LINEAR_RANGE,)
       if w == 1.0:
-        add(Entry("7", f"{res}x{res}", "simple diffusion (U-ViT 2B)", "uvit", res, uvit_files, uvit_b,
+        add(Entry("7", f"{res}x{res}", "simple diffusion (U-ViT 2B)", "uvit", res, uvit_files,
+                  uvit_b,
                   metrics=("fid_train", "fid_eval", "is")))
       add(Entry("9", f"{res}x{res}", f"guidance {w:.2f}", "uvit", res, uvit_files, uvit_b,
                 metrics=("fid_train", "fid_eval", "is"), guidance=w))
@@ -194,16 +203,37 @@ def _entries() -> list[Entry]:
   # the data set's eval split: metric fid_eval; noise_param 1.0; Figure 8's guidance sweep).
   # Interpolated schedule 32 -> 256 at both resolutions (section 3.1's example is 512: 32 -> 256).
   for res, group in ((256, "256x256 COCO zero-shot"), (512, "512x512 COCO zero-shot")):
-    b = (f"Train.image_size = {res}", "Train.num_steps = 700000", "schedule.name = 'cosine_interpolated'",
+    b = (f"Train.image_size = {res}", "Train.num_steps = 700000",
+         "schedule.name = 'cosine_interpolated'",
          f"schedule.image_d = {res}", "schedule.noise_d_low = 32", "schedule.noise_d_high = 256")
     b += (_LINEAR_RANGE,)
-    if res == 512:  # uvit_t2i.gin is the 256 model; at 512 two DWT levels keep the same feature maps
+    # uvit_t2i.gin is the 256 model; at 512 two DWT levels keep the same feature maps.
+    if res == 512:
       b += ("model.image_size = 512", "UViT.patching_type = 'dwt_2'")
-    add(Entry("8", group, "simple diffusion (U-ViT 2B)", "uvit", res, ("models/uvit_t2i.gin", UVIT_TRAIN), b,
-              metrics=("fid_eval",), num_samples=30_000, noise_param=1.0,
+    add(Entry("8", group, "simple diffusion (U-ViT 2B)", "uvit", res,
+              ("models/uvit_t2i.gin", UVIT_TRAIN), b,
+              metrics=("fid_eval", "clip_score"), num_samples=30_000, noise_param=1.0,
               guidance_sweep=FIGURE8_GUIDANCE,
               note="needs a data set with text embeddings (core.data prepare ... text embeddings) "
                    "whose eval split is the COCO validation set"))
+
+  # Section 5: the non-square 384x640 text-to-image model (no table: samples in the paper). Its
+  # portrait images are rotated at preparation and flagged; the flag conditions the model. Our
+  # reading: the 256 model's U-ViT behind DWT-2 patching as at 512 (feature maps 96x160 at the
+  # first level, the transformer at 12x20 = 240 tokens, the 512 model's 256), self-attention
+  # instead of convs at the third level (24x40, where the square models have 32x32), interpolated
+  # schedule 32 -> 256 at image_d 512 (the 512 row's; the geometric mean of 384 and 640 is 496).
+  b = ("Train.image_size = (384, 640)", "Train.num_steps = 700000", "model.image_size = (384, 640)",
+       "UViT.patching_type = 'dwt_2'", "UViT.attn_resolutions = [24]",
+       "UViT.portrait_conditioning = True",
+       "schedule.name = 'cosine_interpolated'", "schedule.image_d = 512",
+       "schedule.noise_d_low = 32",
+       "schedule.noise_d_high = 256", _LINEAR_RANGE)
+  add(Entry("t2i-384x640", "384x640", "simple diffusion (U-ViT 2B, 384x640)", "uvit", 384,
+            ("models/uvit_t2i.gin", UVIT_TRAIN), b, metrics=("fid_eval", "clip_score"),
+            num_samples=30_000, noise_param=1.0,
+            note="non-square (section 5): needs a COCO-like data set prepared at 384x640 with "
+                 "the portrait flag"))
 
   # Appendix C: 1024x1024 U-Net with 4x4 patching, with and without the multiscale loss.
   for label, extra in (("U-Net 4x4 patching", ()), ("U-Net 4x4 patching + multiscale loss", ms)):
@@ -213,9 +243,11 @@ def _entries() -> list[Entry]:
 
   # Section 3.1: the interpolated schedule (no table in the paper; shift 32 -> 256 at 512).
   files, b = _unet(512, "models/unet_imagenet512_down4x.gin", "UNet.patching_type = 'dwt_2'",
-                   "schedule.name = 'cosine_interpolated'", "schedule.image_d = 512", "schedule.noise_d_low = 32",
+                   "schedule.name = 'cosine_interpolated'", "schedule.image_d = 512",
+                   "schedule.noise_d_low = 32",
                    "schedule.noise_d_high = 256")
-  add(Entry("interpolated", "512x512", "cosine interpolated (shift 32 to 256)", "unet", 512, files, b,
+  add(Entry("interpolated", "512x512", "cosine interpolated (shift 32 to 256)", "unet", 512, files,
+            b,
             metrics=("fid_train", "fid_eval", "is")))
   return out
 

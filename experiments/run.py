@@ -52,6 +52,9 @@ OPTIONS = [
     cli.Option("resize", "legacy_tensorflow",
                "FID/KID resize to 299: legacy_tensorflow (the paper's, ADM's "
                "evaluator) or clean (clean-fid)", choices=RESIZE_MODES),
+    cli.Option("clip_model", None, "text-to-image rows: CLIP for the CLIP score (default: "
+               "openai/clip-vit-large-patch14 at paper scale; none at demo/smoke, where no CLIP "
+               "weights are at hand offline: give a local directory to score)"),
     cli.Option("tpu_zone", "us-central2-b", "tpu launcher: zone"),
     cli.Option("tpu_type", None,
                "tpu launcher: accelerator type (default: the paper's, e.g. v4-256)"),

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 
 from core import config as config_lib
+from core.data import emoji
+from core.models.patching import parse_patching
 from experiments import registry
 
 SCALES = ("paper", "demo", "smoke")
@@ -32,6 +34,10 @@ TRANSFORMER_BLOCKS = {"demo": 4, "smoke": 1}
 # Demo widths: U-Net channel multipliers capped (every level and block is kept), so the 1x1-4x4
 # levels do not hold most of the parameters, whose Adam and EMA updates dominated a CPU step.
 CHANNEL_MULTIPLIER_CAP = {"demo": 2}
+# Text-to-image rows: width of the projected text embeddings (the paper's 1024 with 2048-wide
+# transformer blocks); unconditional on class (the demo and smoke layers make the U-ViT
+# class-conditional for the emoji categories).
+TEXT_CHANNELS = {"demo": 64, "smoke": 16}
 
 
 def _q(name: str, default=None):
@@ -65,6 +71,24 @@ def steps_fraction(gin_files, bindings) -> float:
   return next((e.steps_fraction for e in registry.ENTRIES if (e.gin_files, e.bindings) == key), 1.0)
 
 
+def _whole_levels(arch: str, paper_size, f: int) -> tuple[list[str], int]:
+  """H x W rows whose scaled size no longer divides into whole levels (384x640 / 8 = 48x80 with
+  DWT-2 and three downsamplings needs multiples of 32) drop DWT levels until it does; returns the
+  binding and by how much the feature maps grow (attention resolutions follow their level)."""
+  if arch != "uvit" or not isinstance(paper_size, (list, tuple)):
+    return [], 1
+  h, w = int(paper_size[0]) // f, int(paper_size[1]) // f
+  levels = parse_patching(_q("UViT.patching_type", "none")).levels
+  down = 2 ** (len(_q("UViT.channel_multiplier", (1, 2))) - 1)
+  start = levels
+  while levels > 0 and (h % (2 ** levels * down) or w % (2 ** levels * down)):
+    levels -= 1
+  if levels == start:
+    return [], 1
+  patching = f"dwt_{levels}" if levels else "none"
+  return [f"UViT.patching_type = '{patching}'"], 2 ** (start - levels)
+
+
 def layer_bindings(scale: str) -> list[str]:
   """The fixed part of a scale: the bindings of ``gin/scales/<scale>.gin``, in order."""
   text = open(config_lib.resolve_gin_file(f"scales/{scale}.gin")).read()
@@ -88,7 +112,12 @@ def _scaled(gin_files, bindings, arch: str, resolution: int, scale: str) -> list
   f = FACTOR[scale]
   layer = layer_bindings(scale)
   config_lib.parse(list(gin_files), list(bindings) + layer)
-  out = layer + [f"Train.image_size = {resolution // f}", f"model.image_size = {resolution // f}"]
+  size = _q("Train.image_size", resolution)
+  size = (f"({int(size[0]) // f}, {int(size[1]) // f})" if isinstance(size, (list, tuple))
+          else str(resolution // f))   # H x W rows (384x640) keep their aspect ratio
+  out = layer + [f"Train.image_size = {size}", f"model.image_size = {size}"]
+  whole, grow = _whole_levels(arch, _q("Train.image_size", resolution), f)
+  out += whole
   name = _q("schedule.name", "cosine")
   for key in ("image_d", "noise_d", "noise_d_low", "noise_d_high"):
     v = _q(f"schedule.{key}")
@@ -98,22 +127,29 @@ def _scaled(gin_files, bindings, arch: str, resolution: int, scale: str) -> list
     # The unshifted schedule is the shift with noise_d = image_d: nothing to rescale.
     pass
   if _q("diffusion_loss.multiscale", False):
-    out.append(f"diffusion_loss.multiscale_base = {max(1, int(_q('diffusion_loss.multiscale_base', 32)) // f)}")
+    out.append(f"diffusion_loss.multiscale_base = "
+               f"{max(1, int(_q('diffusion_loss.multiscale_base', 32)) // f)}")
   cls = "UNet" if arch == "unet" else "UViT"
   blocks = _q(f"{cls}.num_res_blocks")
   if blocks is not None:
     out.append(f"{cls}.num_res_blocks = {_fmt(scaled_blocks(blocks, BLOCK_DIVISOR[scale]))}")
   mult = _q("UNet.channel_multiplier") if arch == "unet" else None
   if mult is not None and scale in CHANNEL_MULTIPLIER_CAP:
-    out.append(f"UNet.channel_multiplier = {_fmt([min(m, CHANNEL_MULTIPLIER_CAP[scale]) for m in mult])}")
+    out.append(f"UNet.channel_multiplier = "
+               f"{_fmt([min(m, CHANNEL_MULTIPLIER_CAP[scale]) for m in mult])}")
   attn = _q(f"{cls}.attn_resolutions")
   if attn:
-    out.append(f"{cls}.attn_resolutions = {_fmt(sorted({max(1, a // f) for a in attn}))}")
+    out.append(f"{cls}.attn_resolutions = {_fmt(sorted({max(1, a // f) * grow for a in attn}))}")
   drop = _q(f"{cls}.dropout_from_resolution")
   if drop is not None:
     out.append(f"{cls}.dropout_from_resolution = {max(1, int(drop) // f)}")
   if arch != "unet":
     out.append(f"UViT.num_transformer_blocks = {TRANSFORMER_BLOCKS[scale]}")
+    if _q("UViT.text_channels", 0):
+      # The captioned emoji set and its demo encoder (core.data.emoji): 24 tokens of width 64.
+      out += [f"UViT.text_channels = {TEXT_CHANNELS[scale]}", "UViT.num_classes = 0",
+              f"Train.text_len = {emoji.EMOJI_MAX_LEN}",
+              f"Train.text_dim = {emoji.EMOJI_ENCODER['d_model']}"]
   fraction = steps_fraction(gin_files, bindings)
   if fraction != 1.0:
     steps = int(_q("Train.num_steps"))   # the scale layer's steps (it comes after the row's)

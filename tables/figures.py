@@ -13,6 +13,9 @@
   (``eval/samples_<step>.png``, or ``eval/samples_<step>.npz`` with uint8 ``images`` [N,H,W,C],
   tiled here) side by side, each under its FID and KID (train and eval splits, with spread and
   sample count), and below them whether the paper's ordering held (:mod:`tables.ordering`).
+- ``clip_fid.png`` (Figure 8): CLIP score against FID@30K (``fid_eval``, else ``fid_train``) of
+  each text-to-image run serving Table 8, one point per guidance scale of its latest evaluated
+  step, labelled with the scale (runs evaluated without a CLIP model: FID against guidance).
 Figures without data (no runs, no samples) are not written.
 """
 from __future__ import annotations
@@ -37,7 +40,7 @@ from core.errors import UserError, run_main  # pylint: disable=wrong-import-posi
 from core.io import storage  # pylint: disable=wrong-import-position
 from tables import measured, ordering, paper, runs  # pylint: disable=wrong-import-position
 
-FIGURES = ("schedules", "guidance", "curves", "samples")
+FIGURES = ("schedules", "guidance", "curves", "samples", "clip_fid")
 DPI = 100
 _SAMPLES_RE = re.compile(r"^samples_(\d+)\.(png|npz)$")
 
@@ -176,8 +179,8 @@ def latest_samples(run_path: str) -> tuple[int, np.ndarray] | None:
         continue
       images = z["images"]
     if images.dtype != np.uint8:
-      print(f"warning: {storage.join(eval_dir, name)} images are {images.dtype}, not uint8; skipped",
-            file=sys.stderr)
+      print(f"warning: {storage.join(eval_dir, name)} images are {images.dtype}, not uint8; "
+            f"skipped", file=sys.stderr)
       continue
     return step, tile(images)
   return None
@@ -228,6 +231,42 @@ def samples(recorded: runs.Runs, table: str, path: str) -> str | None:
   return _save(fig, path)
 
 
+def clip_fid_points(recorded: runs.Runs, run: str) -> pd.DataFrame:
+  """Per guidance scale of ``run``'s latest evaluated step: guidance, fid, clip (NaN if none)."""
+  res = recorded.results[recorded.results["run"] == run].dropna(subset=["step", "value"])
+  fid = next((m for m in ("fid_eval", "fid_train") if (res["metric"] == m).any()), None)
+  if fid is None:
+    return pd.DataFrame(columns=["guidance", "fid", "clip"])
+  res = res[res["step"] == res.loc[res["metric"] == fid, "step"].max()]
+  res = res.assign(g=measured.guidance_values(res["guidance"])).sort_values("line", kind="stable")
+  last = res.groupby(["metric", "g"]).tail(1)
+  pts = last[last["metric"] == fid].set_index("g")["value"].rename("fid").to_frame()
+  pts["clip"] = last[last["metric"] == "clip_score"].set_index("g")["value"]
+  return pts.sort_index().reset_index().rename(columns={"g": "guidance"})
+
+
+def clip_fid(recorded: runs.Runs, path: str, table: str = "8") -> str | None:
+  """Figure 8: CLIP score vs FID@30K over guidance, one labelled point per guidance scale."""
+  curves_ = [(label, clip_fid_points(recorded, run)) for run, _, label in
+             _table_runs(recorded, table)]
+  curves_ = [(label, p) for label, p in curves_ if len(p)]
+  if not curves_:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  with_clip = all(p["clip"].notna().all() for _, p in curves_)
+  for label, p in curves_:
+    x = p["clip"] if with_clip else p["guidance"]
+    ax.plot(x, p["fid"], "o-", label=label)
+    for xi, yi, g in zip(x, p["fid"], p["guidance"]):
+      ax.annotate(f"{g:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+  ax.set(xlabel="CLIP score" if with_clip else "guidance scale (1 + eta)", ylabel="FID@30K",
+         title="Figure 8: CLIP vs FID over guidance" if with_clip else
+         "Figure 8 without CLIP (no CLIP model given): FID vs guidance")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def draw_all(workdir: str | None, out: str, tables: Sequence[str],
              which: Sequence[str] = FIGURES) -> list[str]:
   """Draws the chosen figures into ``out``; returns the paths written."""
@@ -239,6 +278,8 @@ def draw_all(workdir: str | None, out: str, tables: Sequence[str],
   if "guidance" in which and "9" in tables:
     frame = measured.measure(recorded, paper.load_paper())
     written.append(guidance(frame, storage.join(out, "guidance.png")))
+  if "clip_fid" in which and "8" in tables:
+    written.append(clip_fid(recorded, storage.join(out, "clip_fid.png")))
   for t in tables:
     if "curves" in which:
       written.append(curves(recorded, t, storage.join(out, f"curves_table_{t}.png")))

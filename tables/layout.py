@@ -6,8 +6,9 @@ steps/s relative to the table's reference row = 100%); KID train / eval (x1000, 
 subsets) where measured (the paper reports none); then where our numbers come from: training
 step, number of samples (every FID's n), Inception extractor and resize, experiment scale. A
 missing number is a dash (``Cell(None)``), never a zero. Rows evaluated with another sample count
-than the paper (50K ImageNet, 30K COCO) carry a dagger and a footnote; relative throughput measured on another device than the reference row
-carries a double dagger. :mod:`tables.markdown` and :mod:`tables.latex` turn a layout into text.
+than the paper (50K ImageNet, 30K COCO) carry a dagger and a footnote; relative throughput
+measured on another device than the reference row carries a double dagger. :mod:`tables.markdown`
+and :mod:`tables.latex` turn a layout into text.
 """
 from __future__ import annotations
 
@@ -74,7 +75,10 @@ def _metrics_for(table: str, rows: pd.DataFrame) -> list[tuple[str, str]]:
                 ("fid_eval", "FID eval", "fid_eval"),
                 ("kid_train", "KID train (×1000)", "kid_train"),
                 ("kid_eval", "KID eval (×1000)", "kid_eval"), ("is", "IS", "is_mean"),
-                ("steps", "steps/s", "steps_per_sec_rel")]
+                ("steps", "steps/s", "steps_per_sec_rel"),
+                # Table 8: the guidance scale of our best FID@30K and the CLIP score there.
+                ("guidance", "guidance (best FID)", "guidance"),
+                ("clip", "CLIP score", "clip_score")]
   out = []
   for key, header, col in candidates:
     paper_has = col in rows and (rows[col] != "").any()
@@ -88,8 +92,8 @@ def _paper_cell(key: str, r) -> Cell:
     return Cell(r.fid_train or None)
   if key == "fid_eval":
     return Cell(r.fid_eval or None)
-  if key.startswith("kid"):
-    return Cell(None)  # the paper reports no KID
+  if key.startswith("kid") or key in ("guidance", "clip"):
+    return Cell(None)  # the paper reports no KID, and Table 8 no guidance scale or CLIP score
   if key == "is":
     return Cell(r.is_mean or None, std=r.is_std or None)
   if r.steps_per_sec_rel:
@@ -104,6 +108,9 @@ def _our_cell(key: str, r) -> Cell:
     if not _present(v):
       return Cell(None)
     return Cell(f"{v * scale:.2f}", std=f"{std * scale:.2f}" if _present(std) else None)
+  if key in ("guidance", "clip"):
+    v = r.our_guidance if key == "guidance" else r.our_clip_score
+    return Cell(None if not _present(v) else (f"{v:g}" if key == "guidance" else f"{v:.2f}"))
   if key == "is":
     if not _present(r.our_is_mean):
       return Cell(None)

@@ -94,7 +94,8 @@ def sentences(recorded: runs.Runs, table: str) -> list[str]:
             f"{'held' if held else 'did NOT hold'} at this scale (ours, n={n}: {ours}); ")
     text += ("each neighbouring difference is larger than twice its bootstrap spread" if resolved
              else "not every neighbouring difference is larger than twice its bootstrap spread")
-    kids = [(row, dict(nums["kid_train"], kid=True)) for row, nums in measured if "kid_train" in nums]
+    kids = [(row, dict(nums["kid_train"], kid=True)) for row,
+            nums in measured if "kid_train" in nums]
     if len(kids) == len(measured):
       k_held, _ = _verdict(kids)
       text += f"; by KID train it {'held' if k_held else 'did not hold'}"
@@ -103,7 +104,8 @@ def sentences(recorded: runs.Runs, table: str) -> list[str]:
 
 
 OPTIONS = [
-    cli.Option("table", "2", "the paper table whose row ordering to check.", choices=list(paper.TABLES)),
+    cli.Option("table", "2", "the paper table whose row ordering to check.",
+               choices=list(paper.TABLES)),
     cli.Option("workdir", None, "directory holding the run directories (as for tables.render)."),
 ]
 

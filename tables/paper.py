@@ -35,8 +35,7 @@ TABLES: dict[str, TableInfo] = {
     "5": TableInfo("Downsampling strategies on ImageNet 512x512.", "Strategy", 50_000),
     "6": TableInfo("Multiscale loss; 256 uses shift 32, 512 uses shift 64.", "Resolution", 50_000),
     "7": TableInfo("Comparison to generative models in the literature on ImageNet, without "
-                   "guidance "
-                   "(* uses temperature scaling).", "Method", 50_000),
+                   "guidance (* uses temperature scaling).", "Method", 50_000),
     "8": TableInfo("Text to image, zero-shot COCO (512 from the text of section 5.2).", "Method",
                    30_000,
                    fid_train_metrics=("fid_eval", "fid_train"), fid_train_header="FID@30K"),

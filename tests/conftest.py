@@ -20,3 +20,63 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401,E402  (GCS emulator fixtures)
+
+import pytest  # noqa: E402
+
+try:
+  from _pytest.nodeid import NodeId  # pytest >= 9
+except ImportError:  # pragma: no cover
+  NodeId = None
+
+
+# Longest first (measured on 2 idle cores, `make test`): pytest-xdist hands out work units in
+# collection order, so a 6-minute test collected last would run alone at the end while the other
+# worker idles. Items matching these node-id prefixes come first, in this order, then the other
+# `slow` tests, then the rest (otherwise in collection order). A module whose tests share an
+# expensive module-scoped fixture is one xdist_group (its fixture is built once, on one worker).
+HEAVIEST = (
+    "tests/test_registry.py::test_table2_smoke_end_to_end",  # trains and evaluates 7 rows
+    "tests/test_learning.py",
+    # Third and fourth: each worker takes one more unit while its first test runs, so these two
+    # are queued behind the two longest; the faults_train group (its two-host test and the
+    # module's shared run) is the largest unit after them.
+    "tests/test_faults_run.py::test_sigterm_to_the_runner",
+    "tests/test_faults_train.py",
+    "tests/test_storage.py",  # the GCS emulator
+    "tests/test_eval_worker.py",
+    "tests/test_train.py",
+)
+
+
+def pytest_configure(config):
+  # xdist would otherwise put groups with more tests first, whatever their duration.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+def _set_nodeid(item, nodeid: str) -> None:
+  if hasattr(item, "_id"):  # pytest >= 9 keeps a structured node id
+    item._id = NodeId.parse(nodeid)  # pylint: disable=protected-access
+  else:
+    item._nodeid = nodeid  # pylint: disable=protected-access
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    for i, prefix in enumerate(HEAVIEST):
+      if item.nodeid.startswith(prefix):
+        return i
+    return len(HEAVIEST) + (0 if item.get_closest_marker("slow") else 1)
+  items.sort(key=rank)  # stable: collection order within a rank
+  # `--dist loadgroup` sends the tests whose node ids end in the same "@group" to one worker.
+  # pytest-xdist 3.8 appends the suffix by setting item._nodeid, which pytest 9 no longer reads
+  # (every grouped test ran wherever it landed, building its module's fixtures on both workers),
+  # so the suffix is set here on each worker, the way xdist would.
+  if getattr(config.option, "loadgroup", False):
+    for item in items:
+      names = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+               for m in item.iter_markers("xdist_group")}
+      suffix = "@" + "_".join(sorted(names))
+      if names and not item.nodeid.endswith(suffix):
+        _set_nodeid(item, item.nodeid + suffix)

@@ -97,7 +97,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #    query parameters): every conditional write succeeds and every conditional read returns the
 #    object. GCS answers a failed precondition with 412 (and a read whose ``ifGenerationNotMatch``
 #    holds the current generation with 304 Not Modified); ``ifGenerationMatch=0`` means "no live
-#    object". OCDBT's manifest commits and core.storage's append-by-compose rely on them. Fix:
+#    object". OCDBT's manifest commits and core.io.storage's append-by-compose rely on them. Fix:
 #    check them before the handler runs, per the JSON API (objects.get/insert/delete/patch/
 #    compose: the object named in the path or upload; copyTo/rewriteTo: the destination).
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ import tensorstore as ts
 from core.checkpoint import quiet_closed_loop_errors
 from tests.test_train import ROOT, _env, _free_port, losses, run_train, train_cmd
 
+# One xdist worker runs the module: its tests copy one finished run (module fixture), built once.
+pytestmark = pytest.mark.xdist_group("faults_train")
+
 STEPS = ["Train.num_steps=4"]
 
 

@@ -16,7 +16,9 @@ from eval.inception_score import inception_score, softmax
 from eval.metrics import compute_metrics
 
 # The test builds a TorchScript file; torch >= 2.9 marks torch.jit deprecated.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+# One xdist worker runs the module, so its module fixtures (extractor, features) are built once.
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
+              pytest.mark.xdist_group("inception")]
 
 
 def photo(size: int, flip: bool = False) -> np.ndarray:

@@ -16,6 +16,9 @@ from eval.reference import (describe, get_reference, has_kid_features, reference
                             stats_cache_path)
 from tests.test_inception import photo, shapes
 
+# One xdist worker runs the module, so its module fixtures (extractor, data set) are built once.
+pytestmark = pytest.mark.xdist_group("reference")
+
 
 @pytest.fixture(scope="module")
 def extractor() -> FeatureExtractor:

@@ -128,7 +128,8 @@ def test_uvit_resolution_settings_shrink_with_the_image(scale):
 def test_table8_is_fid_against_coco_val_over_figure8_guidance():
   for res in (256, 512):
     job = _job("8", f"{res}x{res} COCO zero-shot", "simple diffusion (U-ViT 2B)")
-    assert job.metrics == ["fid_eval"]          # the COCO validation set is the eval split
+    # FID against the COCO validation set (the eval split) and the CLIP score (Figure 8)
+    assert job.metrics == ["clip_score", "fid_eval"]
     assert job.guidances == [1.0, 1.25, 1.4, 1.5, 2.0, 3.0, 4.0]   # Figure 8
     assert job.num_samples == 30_000 and job.noise_param == 1.0
     # Section 3.1's only example of the interpolated schedule: 32 -> 256 (at 512).

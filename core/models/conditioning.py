@@ -16,6 +16,11 @@ gets the DDPM timestep embedding, sinusoidal features of 1000 u (u plays diffusi
 The features (width = base_channels) go through Dense(emb) -> swish -> Dense(emb); the class
 embedding is added and a swish applied; every block then reads its own Dense of this vector.
 
+Portrait flag (Sec. 5, the 384x640 text-to-image model: portrait images are rotated at preparation
+and a 'portrait mode' flag set): with portrait=True an nn.Embed over {0: landscape, 1: portrait} is
+added to the vector like the class embedding (the lineage's way of adding a discrete condition);
+the flag is geometry, not content, so guidance keeps it in the unconditional pass too.
+
 Classes: nn.Embed over num_classes + 1 entries, index num_classes is the null class used for
 classifier-free guidance (label=None means all-null). num_classes=0: unconditional, label ignored.
 """
@@ -76,9 +81,11 @@ class Conditioning(nn.Module):
   logsnr_range: Sequence[float] = (-15.0, 15.0)
   num_classes: int = 0
   dtype: Any = jnp.float32
+  portrait: bool = False
 
   @nn.compact
-  def __call__(self, logsnr: jax.Array, label: jax.Array | None, batch: int) -> jax.Array:
+  def __call__(self, logsnr: jax.Array, label: jax.Array | None, batch: int,
+               portrait: jax.Array | None = None) -> jax.Array:
     logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32).reshape(-1), (batch,))
     feats = logsnr_features(logsnr, self.feature_dim, self.logsnr_input_type, self.logsnr_range)
     dense = lambda name: nn.Dense(self.emb_channels, dtype=self.dtype, param_dtype=jnp.float32,
@@ -91,6 +98,11 @@ class Conditioning(nn.Module):
       label = jnp.broadcast_to(jnp.asarray(label, jnp.int32).reshape(-1), (batch,))
       emb = emb + nn.Embed(self.num_classes + 1, self.emb_channels, dtype=self.dtype,
                            param_dtype=jnp.float32, name="class_emb")(label)
+    if self.portrait:
+      flag = jnp.zeros((batch,), jnp.int32) if portrait is None else portrait
+      flag = jnp.broadcast_to(jnp.asarray(flag, jnp.int32).reshape(-1), (batch,))
+      emb = emb + nn.Embed(2, self.emb_channels, dtype=self.dtype, param_dtype=jnp.float32,
+                           name="portrait_emb")(jnp.clip(flag, 0, 1))
     return nn.swish(emb)
 
 

@@ -19,9 +19,10 @@ Following the pseudo-code of B.2.1:
 Text conditioning (Sec. 3.6 / 5.2: "cross-attention in the transformer that operates on T5 XXL
 text embeddings"): when the model has text_channels > 0, every transformer block ends with
 x += cross_attention(x, text), a block like self_attention whose keys and values come from the
-text sequence (projected once per model to text_channels, see uvit.py). Mask-free: padding tokens
-of the text sequence are attended like any other (zero embeddings after the shared projection's
-LayerNorm and bias; the simple version).
+text sequence (projected once per model to text_channels, see uvit.py). With a text mask
+([B, T] bool, True on real tokens) padding tokens get no attention weight, and an example whose
+mask is all False (the null text of classifier-free guidance) gets no cross-attention update at
+all; without one (text_mask=None) every token is attended, padding included.
 
 Attention is computed by jax.nn.dot_product_attention: on GPU with 16-bit inputs and head_dim
 <= 128 the fused cuDNN (flash) kernel, otherwise XLA's implementation (attention_impl='auto').
@@ -58,8 +59,11 @@ def normalize_with_bias(dtype, name=None) -> nn.LayerNorm:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
-                          implementation: str = "auto") -> jax.Array:
-  """softmax(q k^T * scale) v on [B, T, heads, head_dim] via jax.nn.dot_product_attention."""
+                          implementation: str = "auto", mask: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T * scale) v on [B, T, heads, head_dim] via jax.nn.dot_product_attention.
+
+  ``mask``: [B, S] bool over the keys (True = attend); an example with no True key gets zeros.
+  """
   if implementation not in ATTENTION_IMPLS:
     raise UserError(f"attention_impl={implementation!r} is unknown; use one of "
                     f"{', '.join(ATTENTION_IMPLS)}")
@@ -68,7 +72,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float
     fused_ok = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
                 and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
     impl = "cudnn" if fused_ok else "xla"
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+  if mask is None:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+  mask = jnp.asarray(mask, bool)
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask[:, None, None, :],
+                                     implementation=impl)
+  return jnp.where(mask.any(axis=-1)[:, None, None, None], out, jnp.zeros_like(out))
 
 
 class Attention(nn.Module):
@@ -78,7 +87,9 @@ class Attention(nn.Module):
   attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    """``mask``: [B, S] bool over the context's tokens (cross-attention), None = all."""
     c = x.shape[-1]
     if c % self.num_heads:
       raise UserError(f"num_heads={self.num_heads} does not divide the {c} channels of an "
@@ -92,8 +103,11 @@ class Attention(nn.Module):
     v = _dense(shape, self.dtype, name="value")(kv_in)
     q = normalize_with_bias(self.dtype, name="norm_q")(q)
     k = normalize_with_bias(self.dtype, name="norm_k")(k)
-    out = dot_product_attention(q, k, v, head_dim ** -0.5, self.attention_impl)
-    return _dense(c, self.dtype, name="out", zero=True, axis=(-2, -1))(out)
+    out = dot_product_attention(q, k, v, head_dim ** -0.5, self.attention_impl, mask)
+    out = _dense(c, self.dtype, name="out", zero=True, axis=(-2, -1))(out)
+    if mask is not None:  # no token to attend to (the null text): no update, bias included
+      out = jnp.where(jnp.asarray(mask, bool).any(axis=-1)[:, None, None], out, jnp.zeros_like(out))
+    return out
 
 
 class MLPBlock(nn.Module):
@@ -132,7 +146,8 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, text: jax.Array | None = None,
-               skip: jax.Array | None = None, mod: jax.Array | None = None) -> jax.Array:
+               skip: jax.Array | None = None, mod: jax.Array | None = None,
+               text_mask: jax.Array | None = None) -> jax.Array:
     x = x + MLPBlock(dropout=self.dropout, deterministic=self.deterministic, dtype=self.dtype,
                      name="mlp")(x, emb, skip, mod)
     x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="self_attn")(x)
@@ -141,7 +156,7 @@ class TransformerBlock(nn.Module):
         raise UserError("this model has text cross-attention (text_channels > 0) but was called "
                         "without text_emb; pass text_emb=[B, T, D] or set text_channels=0")
       x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="cross_attn")(
-          x, text)
+          x, text, text_mask)
     return x
 
 
@@ -155,10 +170,10 @@ class _ScanBody(nn.Module):
   attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x, emb, text, mod):
+  def __call__(self, x, emb, text, mod, text_mask):
     block = TransformerBlock(self.num_heads, self.dropout, self.cross_attention,
                              self.deterministic, self.dtype, self.attention_impl, name="block")
-    return block(x, emb, text, None, mod), None
+    return block(x, emb, text, None, mod, text_mask), None
 
 
 class TransformerStack(nn.Module):
@@ -182,7 +197,8 @@ class TransformerStack(nn.Module):
   shared_modulation: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, text: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array, text: jax.Array | None = None,
+               text_mask: jax.Array | None = None) -> jax.Array:
     kw = dict(num_heads=self.num_heads, dropout=self.dropout,
               cross_attention=self.cross_attention, deterministic=self.deterministic,
               dtype=self.dtype, attention_impl=self.attention_impl)
@@ -195,11 +211,11 @@ class TransformerStack(nn.Module):
       body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
       stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=self.num_blocks)
-      x, _ = stack(name="blocks", **kw)(x, emb, text, mod)
+      x, _ = stack(name="blocks", **kw)(x, emb, text, mod, text_mask)
       return x
     block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
     for i in range(self.num_blocks):
-      x = block_cls(name=f"block_{i}", **kw)(x, emb, text, None, mod)
+      x = block_cls(name=f"block_{i}", **kw)(x, emb, text, None, mod, text_mask)
     return x

@@ -26,6 +26,11 @@ maps": conv levels whose resolution is in ``attn_resolutions`` use transformer b
 + self-attention [+ cross-attention]) instead of ResBlocks, keeping the U-Net skip connections (the
 skip enters the MLP block's normalised input like a ResBlock's, (LN(x) + LN(skip)) / sqrt 2), in
 line with Sec. 3.5: MLP blocks replace convolutions where self-attention is used.
+The text mask ([B, T] bool, True on real tokens) keeps padding out of the cross-attention, and
+an all-False mask (the null text of guidance) removes the cross-attention update (transformer.py).
+portrait_conditioning=True adds the 'portrait mode' flag of the 384x640 model (Sec. 5) to the
+conditioning vector (conditioning.py). Feature maps may be non-square (H x W, e.g. 384x640 -> 24x40
+tokens at the transformer after dwt_1 and three downsamplings).
 Dropout: ResBlocks / MLP blocks at resolutions <= dropout_from_resolution use ``dropout``; the
 middle transformer uses ``transformer_dropout`` (B.2: 0.2).
 """
@@ -56,18 +61,19 @@ class SpatialTransformerBlock(nn.Module):
   attention_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x, emb, text=None, skip=None):
+  def __call__(self, x, emb, text=None, skip=None, text_mask=None):
     b, h, w, c = x.shape
     tok = lambda a: None if a is None else a.reshape(b, h * w, a.shape[-1])
     block = TransformerBlock(self.num_heads, self.dropout, self.cross_attention,
                              self.deterministic, self.dtype, self.attention_impl, name="block")
-    t = block(tok(x), emb, text, tok(skip))
+    t = block(tok(x), emb, text, tok(skip), None, text_mask)
     return t.reshape(b, h, w, c)
 
 
 @gin.configurable("UViT")
 class UViT(nn.Module):
-  """U-ViT (B.2). Call: (z, logsnr, label=None, text_emb=None, train=False) -> v, float32."""
+  """U-ViT (B.2). Call: (z, logsnr, label=None, text_emb=None, train=False, text_mask=None,
+  portrait=None) -> v, float32."""
   base_channels: int = 128
   emb_channels: int = 1024
   channel_multiplier: Sequence[int] = (1, 2, 4, 16)
@@ -88,10 +94,12 @@ class UViT(nn.Module):
   scan: bool = True
   attention_impl: str = "auto"
   shared_modulation: bool = False
+  portrait_conditioning: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array, logsnr: jax.Array, label: jax.Array | None = None,
-               text_emb: jax.Array | None = None, train: bool = False) -> jax.Array:
+               text_emb: jax.Array | None = None, train: bool = False,
+               text_mask: jax.Array | None = None, portrait: jax.Array | None = None) -> jax.Array:
     if z.ndim != 4:
       raise UserError(f"UViT input must be NHWC [B, H, W, C], got shape {z.shape}")
     validate(self, z.shape[1:3], z.shape[-1])
@@ -107,8 +115,9 @@ class UViT(nn.Module):
                       "pass text_emb=[B, T, D] (e.g. T5-XXL, D=4096)")
 
     cond = Conditioning(self.emb_channels, self.base_channels, self.logsnr_input_type,
-                        tuple(self.logsnr_range), self.num_classes, dt, name="cond")
-    emb = cond(logsnr, label, b)
+                        tuple(self.logsnr_range), self.num_classes, dt,
+                        self.portrait_conditioning, name="cond")
+    emb = cond(logsnr, label, b, portrait)
     text = (TextProjection(self.text_channels, dt, name="text_proj")(text_emb.astype(dt))
             if cross else None)
     res_cls = nn.remat(ResBlock) if self.remat else ResBlock
@@ -118,7 +127,7 @@ class UViT(nn.Module):
       rate = dropout_rate(res[i], self.dropout, self.dropout_from_resolution)
       if res[i] in attn:
         return tf_cls(self.num_heads, rate, cross, det, dt, self.attention_impl, name=name)(
-            h, emb, text, skip)
+            h, emb, text, skip, text_mask if cross else None)
       return res_cls(widths[i], rate, det, dt, name=name)(h, emb, skip)
 
     h = PatchIn(self.patching_type, widths[0], dt, name="patch_in")(z.astype(dt))
@@ -138,7 +147,7 @@ class UViT(nn.Module):
                               self.transformer_dropout, cross, det, dt, self.attention_impl,
                               scan=self.scan, remat=self.remat,
                               shared_modulation=self.shared_modulation, name="transformer")(
-                                  tokens, emb, text)
+                                  tokens, emb, text, text_mask if cross else None)
     h = tokens.reshape(b, th, tw, tc)
 
     for i in reversed(range(levels)):
