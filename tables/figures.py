@@ -232,17 +232,27 @@ def samples(recorded: runs.Runs, table: str, path: str) -> str | None:
 
 
 def clip_fid_points(recorded: runs.Runs, run: str) -> pd.DataFrame:
-  """Per guidance scale of ``run``'s latest evaluated step: guidance, fid, clip (NaN if none)."""
+  """Per guidance scale of ``run``'s latest evaluated step: guidance, fid, clip (NaN if none) and
+  n, the FID's sample count."""
   res = recorded.results[recorded.results["run"] == run].dropna(subset=["step", "value"])
   fid = next((m for m in ("fid_eval", "fid_train") if (res["metric"] == m).any()), None)
   if fid is None:
-    return pd.DataFrame(columns=["guidance", "fid", "clip"])
+    return pd.DataFrame(columns=["guidance", "fid", "clip", "n"])
   res = res[res["step"] == res.loc[res["metric"] == fid, "step"].max()]
   res = res.assign(g=measured.guidance_values(res["guidance"])).sort_values("line", kind="stable")
   last = res.groupby(["metric", "g"]).tail(1)
   pts = last[last["metric"] == fid].set_index("g")["value"].rename("fid").to_frame()
   pts["clip"] = last[last["metric"] == "clip_score"].set_index("g")["value"]
+  pts["n"] = last[last["metric"] == fid].set_index("g")["num_samples"]
   return pts.sort_index().reset_index().rename(columns={"g": "guidance"})
+
+
+def fid_axis_label(counts) -> str:
+  """'FID@30K' only where 30K samples were scored; otherwise the sample counts (n=...)."""
+  ns = sorted({int(n) for n in counts if pd.notna(n)})
+  if ns == [30000]:
+    return "FID@30K"
+  return f"FID (n={', '.join(str(n) for n in ns) or '?'}; the paper's is FID@30K)"
 
 
 def clip_fid(recorded: runs.Runs, path: str, table: str = "8") -> str | None:
@@ -259,7 +269,8 @@ def clip_fid(recorded: runs.Runs, path: str, table: str = "8") -> str | None:
     ax.plot(x, p["fid"], "o-", label=label)
     for xi, yi, g in zip(x, p["fid"], p["guidance"]):
       ax.annotate(f"{g:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-  ax.set(xlabel="CLIP score" if with_clip else "guidance scale (1 + eta)", ylabel="FID@30K",
+  ax.set(xlabel="CLIP score" if with_clip else "guidance scale (1 + eta)",
+         ylabel=fid_axis_label(n for _, p in curves_ for n in p["n"]),
          title="Figure 8: CLIP vs FID over guidance" if with_clip else
          "Figure 8 without CLIP (no CLIP model given): FID vs guidance")
   ax.legend(fontsize=7)

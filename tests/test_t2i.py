@@ -308,6 +308,11 @@ def test_table8_smoke_end_to_end(smoke_table8, tmp_path):
   assert [os.path.basename(p) for p in paths] == ["clip_fid.png"]
   pts = figures.clip_fid_points(figures.runs.load(workdir), os.path.basename(run_dir))
   assert sorted(pts["guidance"]) == scales and pts["clip"].notna().all()
+  # The FID axis says how many samples each FID has (FID@30K only when 30K were scored).
+  n = {r["num_samples"] for r in rows if r["metric"] == "fid_eval"}
+  assert set(pts["n"]) == n and 30000 not in n
+  assert figures.fid_axis_label(pts["n"]) == f"FID (n={min(n)}; the paper's is FID@30K)"
+  assert figures.fid_axis_label([30000, 30000]) == "FID@30K"
 
 
 @pytest.mark.slow
