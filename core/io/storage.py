@@ -1,10 +1,10 @@
 """One small file API over local paths and ``gs://bucket/prefix`` paths (run directories, data).
 
 Local writes are atomic (temp file + rename); ``gs://`` goes through google-cloud-storage
-(anonymous against ``STORAGE_EMULATOR_HOST``, else Application Default Credentials). Transient
-failures are retried with exponential backoff (:func:`retry_options`); a missing path is a
-one-line :class:`NotFoundError`. :class:`Syncer` mirrors a locally written directory to gs://,
-queueing failed uploads for the next sync. Orbax writes checkpoints to gs:// itself (gcsfs and
+(anonymous against ``STORAGE_EMULATOR_HOST``, else Application Default Credentials), whose own
+retry (google.api_core's Retry, configured by :func:`retry_options`) handles transient failures;
+a missing path is a one-line :class:`NotFoundError`. :class:`Syncer` mirrors a locally written
+directory to gs://, queueing failed uploads for the next sync. Orbax writes checkpoints to gs:// itself (gcsfs and
 tensorstore; against the emulator see tests/gcs_emulator.py).
 """
 from __future__ import annotations
@@ -13,16 +13,15 @@ import base64
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import http.client
 import logging
 import os
 import posixpath
-import random
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -30,6 +29,7 @@ from core.errors import UserError
 
 _T = TypeVar("_T")
 _SCHEME = "gs://"
+APPEND_CONFLICT_TRIES = 8  # append_lines redoes an append a concurrent writer beat this often
 log = logging.getLogger(__name__)
 
 
@@ -43,13 +43,14 @@ class NotFoundError(UserError, FileNotFoundError):
 
 @dataclasses.dataclass
 class RetryOptions:
-  """How transient GCS errors are retried: ``attempts`` tries in all, sleeping
-  ``initial_delay * multiplier**k`` (capped at ``max_delay``, with +-25% jitter) between them."""
-  attempts: int = 6
+  """google-cloud-storage's retry policy for transient errors (google.api_core.retry.Retry):
+  sleeps of ``initial_delay * multiplier**k`` (capped at ``max_delay``, jittered) until
+  ``deadline`` seconds have passed; ``timeout`` bounds each HTTP request."""
   initial_delay: float = 1.0
   max_delay: float = 30.0
   multiplier: float = 2.0
-  timeout: float = 120.0  # per HTTP request, seconds
+  deadline: float = 300.0
+  timeout: float = 120.0
 
 
 _retry = RetryOptions()
@@ -100,33 +101,33 @@ def is_transient(exc: BaseException) -> bool:
                           urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError))
 
 
-def _with_retry(fn: Callable[[], _T], what: str) -> _T:
-  """Calls ``fn`` and retries transient errors; translates the rest into one-line errors."""
+def _call(what: str, fn: Callable[..., _T]) -> _T:
+  """``fn(retry=..., timeout=...)``: one google-cloud-storage call, retried by the library with
+  the configured policy; what it raises in the end becomes a one-line error."""
   from google.api_core import exceptions as api_exceptions
-  opts = _retry
-  delay = opts.initial_delay
-  for attempt in range(1, max(1, opts.attempts) + 1):
-    try:
-      return fn()
-    except api_exceptions.NotFound as e:
-      raise NotFoundError(_not_found_message(what)) from e
-    except api_exceptions.Forbidden as e:
-      raise UserError(f"{what}: permission denied ({_short(e)}); check the credentials "
-                      "(gcloud auth application-default login) and the bucket's IAM") from e
-    except api_exceptions.Unauthorized as e:
-      raise UserError(f"{what}: not authenticated ({_short(e)}); run "
-                      "'gcloud auth application-default login'") from e
-    except Exception as e:  # pylint: disable=broad-except
-      if not is_transient(e) or attempt >= opts.attempts:
-        if is_transient(e):
-          raise TransientError(f"{what}: giving up after {attempt} attempts: {_short(e)}") from e
-        raise
-      sleep = min(delay, opts.max_delay) * random.uniform(0.75, 1.25)
-      log.warning("%s: %s; retry %d/%d in %.1fs", what, _short(e), attempt,
-                  opts.attempts - 1, sleep)
-      time.sleep(sleep)
-      delay *= opts.multiplier
-  raise AssertionError("unreachable")
+  from google.api_core import retry as api_retry
+  opts, failures = _retry, [0]
+
+  def on_error(e: BaseException) -> None:
+    failures[0] += 1
+    log.warning("%s: %s; retrying (attempt %d failed)", what, _short(e), failures[0])
+
+  policy = api_retry.Retry(predicate=is_transient, initial=opts.initial_delay,
+                           maximum=opts.max_delay, multiplier=opts.multiplier,
+                           timeout=opts.deadline, on_error=on_error)
+  try:
+    return fn(retry=policy, timeout=opts.timeout)
+  except api_exceptions.RetryError as e:
+    raise TransientError(f"{what}: giving up after {failures[0]} attempts in "
+                         f"{opts.deadline:g} s: {_short(e.cause or e)}") from e
+  except api_exceptions.NotFound as e:
+    raise NotFoundError(_not_found_message(what)) from e
+  except api_exceptions.Forbidden as e:
+    raise UserError(f"{what}: permission denied ({_short(e)}); check the credentials "
+                    "(gcloud auth application-default login) and the bucket's IAM") from e
+  except api_exceptions.Unauthorized as e:
+    raise UserError(f"{what}: not authenticated ({_short(e)}); run "
+                    "'gcloud auth application-default login'") from e
 
 
 class TransientError(OSError):
@@ -230,13 +231,13 @@ def _iter_blobs(bucket: str, prefix: str, delimiter: str | None = None):
   client = _client()
   page_token = None
   while True:
-    def one_page(token=page_token):
+    def one_page(token=page_token, **kw):
       it = client.list_blobs(bucket, prefix=prefix or None, delimiter=delimiter,
-                             page_token=token, retry=None, timeout=_retry.timeout)
+                             page_token=token, **kw)
       page = next(it.pages, None)
       blobs = list(page) if page is not None else []
       return blobs, set(it.prefixes), it.next_page_token
-    blobs, prefixes, page_token = _with_retry(one_page, f"list gs://{bucket}/{prefix}")
+    blobs, prefixes, page_token = _call(f"list gs://{bucket}/{prefix}", one_page)
     yield blobs, prefixes
     if not page_token:
       return
@@ -253,10 +254,8 @@ def exists(path: str) -> bool:
     return os.path.exists(path)
   bucket, name = split(path)
   if not name:
-    return _with_retry(lambda: _client().bucket(bucket).exists(retry=None,
-                                                               timeout=_retry.timeout),
-                       f"stat {path}")
-  if _with_retry(lambda: _blob(path).exists(retry=None, timeout=_retry.timeout), f"stat {path}"):
+    return _call(f"stat {path}", _client().bucket(bucket).exists)
+  if _call(f"stat {path}", _blob(path).exists):
     return True
   return isdir(path)
 
@@ -268,12 +267,11 @@ def isdir(path: str) -> bool:
     return os.path.isdir(path)
   bucket, name = split(path)
   client = _client()
-  def probe():
-    it = client.list_blobs(bucket, prefix=(name + "/") if name else None, max_results=1,
-                           retry=None, timeout=_retry.timeout)
+  def probe(**kw):
+    it = client.list_blobs(bucket, prefix=(name + "/") if name else None, max_results=1, **kw)
     return any(True for _ in it)
   try:
-    return _with_retry(probe, f"stat {path}")
+    return _call(f"stat {path}", probe)
   except NotFoundError:
     return False
 
@@ -287,8 +285,7 @@ def read_bytes(path: str) -> bytes:
         return f.read()
     except FileNotFoundError as e:
       raise NotFoundError(f"{path}: no such file; check the path") from e
-  return _with_retry(lambda: _blob(path).download_as_bytes(retry=None, timeout=_retry.timeout),
-                     f"read {path}")
+  return _call(f"read {path}", _blob(path).download_as_bytes)
 
 
 def read_text(path: str) -> str:
@@ -318,9 +315,8 @@ def write_bytes(path: str, data: bytes) -> None:
   if not is_remote(path):
     _atomic_local_write(path, bytes(data))
     return
-  _with_retry(lambda: _blob(path).upload_from_string(
-      data, content_type="application/octet-stream", retry=None, timeout=_retry.timeout),
-              f"write {path}")
+  _call(f"write {path}", functools.partial(_blob(path).upload_from_string, data,
+                                           content_type="application/octet-stream"))
 
 
 def write_text(path: str, text: str) -> None:
@@ -329,9 +325,8 @@ def write_text(path: str, text: str) -> None:
   if not is_remote(path):
     _atomic_local_write(path, text.encode("utf-8"))
     return
-  _with_retry(lambda: _blob(path).upload_from_string(
-      text.encode("utf-8"), content_type="text/plain; charset=utf-8", retry=None,
-      timeout=_retry.timeout), f"write {path}")
+  _call(f"write {path}", functools.partial(_blob(path).upload_from_string, text.encode("utf-8"),
+                                           content_type="text/plain; charset=utf-8"))
 
 
 def append_lines(path: str, lines: Iterable[str]) -> None:
@@ -356,38 +351,36 @@ def append_lines(path: str, lines: Iterable[str]) -> None:
     return
   from google.api_core import exceptions as api_exceptions
   blob = _blob(path)
-  for _ in range(max(2, _retry.attempts)):
-    generation = _with_retry(lambda: _generation(blob), f"stat {path}")
+  for _ in range(APPEND_CONFLICT_TRIES):
+    generation = _call(f"stat {path}", functools.partial(_generation, blob))
     try:
       if generation is None:
-        _with_retry(lambda: blob.upload_from_string(
-            data, content_type="text/plain; charset=utf-8", if_generation_match=0, retry=None,
-            timeout=_retry.timeout), f"append {path}")
+        _call(f"append {path}", functools.partial(
+            blob.upload_from_string, data, content_type="text/plain; charset=utf-8",
+            if_generation_match=0))
         return
       piece = blob.bucket.blob(f"{blob.name}.append-{uuid.uuid4().hex}")
-      _with_retry(lambda: piece.upload_from_string(
-          data, content_type="text/plain; charset=utf-8", retry=None, timeout=_retry.timeout),
-                  f"append {path}")
+      _call(f"append {path}", functools.partial(piece.upload_from_string, data,
+                                                content_type="text/plain; charset=utf-8"))
       try:
         # A fresh destination Blob: one carrying the old object's metadata (crc32c, md5) would
         # send those stale checksums as the composed object's.
         dest = blob.bucket.blob(blob.name)
-        _with_retry(lambda: dest.compose([dest, piece], if_generation_match=generation,
-                                         retry=None, timeout=_retry.timeout), f"append {path}")
+        _call(f"append {path}", functools.partial(dest.compose, [dest, piece],
+                                                  if_generation_match=generation))
       finally:
         with contextlib.suppress(Exception):
-          _with_retry(lambda: piece.delete(retry=None, timeout=_retry.timeout),
-                      f"delete {path}")
+          _call(f"delete {path}", piece.delete)
       return
     except api_exceptions.PreconditionFailed:
       continue  # someone else appended in between: read the new generation and redo
   raise UserError(f"{path}: kept changing during append_lines; is another process writing it?")
 
 
-def _generation(blob) -> int | None:
+def _generation(blob, **kw) -> int | None:
   from google.api_core import exceptions as api_exceptions
   try:
-    blob.reload(retry=None, timeout=_retry.timeout)
+    blob.reload(**kw)
   except api_exceptions.NotFound:
     return None
   return blob.generation
@@ -469,8 +462,7 @@ def remove(path: str, *, missing_ok: bool = False) -> None:
       except FileNotFoundError as e:
         raise NotFoundError(f"{path}: no such file; check the path") from e
     else:
-      _with_retry(lambda: _blob(path).delete(retry=None, timeout=_retry.timeout),
-                  f"delete {path}")
+      _call(f"delete {path}", _blob(path).delete)
   except NotFoundError:
     if not missing_ok:
       raise
@@ -495,8 +487,7 @@ def rmtree(path: str, *, missing_ok: bool = True) -> None:
     remove(join(path, rel), missing_ok=True)
     deleted += 1
   try:
-    _with_retry(lambda: _blob(path).delete(retry=None, timeout=_retry.timeout),
-                f"delete {path}")
+    _call(f"delete {path}", _blob(path).delete)
     deleted += 1
   except NotFoundError:
     pass
@@ -505,9 +496,7 @@ def rmtree(path: str, *, missing_ok: bool = True) -> None:
 
 
 def _upload_file(local: str, remote: str) -> None:
-  _with_retry(lambda: _blob(remote).upload_from_filename(local, retry=None,
-                                                         timeout=_retry.timeout),
-              f"upload {remote}")
+  _call(f"upload {remote}", functools.partial(_blob(remote).upload_from_filename, local))
 
 
 def copy_from_local(local_path: str, remote_path: str) -> None:
@@ -540,8 +529,7 @@ def copy_to_local(remote_path: str, local_path: str) -> None:
     return
   _, name = split(remote_path)
   blob = _blob(remote_path) if name else None
-  if blob is not None and _with_retry(lambda: blob.exists(retry=None, timeout=_retry.timeout),
-                                      f"stat {remote_path}"):
+  if blob is not None and _call(f"stat {remote_path}", blob.exists):
     _download(remote_path, local_path)
     return
   files = list_files(remote_path)
@@ -557,9 +545,7 @@ def _download(remote: str, local: str) -> None:
   fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(local) + ".", suffix=".tmp")
   os.close(fd)
   try:
-    _with_retry(lambda: _blob(remote).download_to_filename(tmp, retry=None,
-                                                           timeout=_retry.timeout),
-                f"read {remote}")
+    _call(f"read {remote}", functools.partial(_blob(remote).download_to_filename, tmp))
     os.replace(tmp, local)
   finally:
     with contextlib.suppress(OSError):
