@@ -1,24 +1,32 @@
-"""The paper's sample metrics in one call: FID train, FID eval and Inception Score (Tables 2-9).
+"""The paper's sample metrics as small evaluators: FID train / FID eval, KID, IS (Tables 2-9).
 
-FID train compares samples with training-set statistics, FID eval with the evaluation split
-(ImageNet: 50K validation images); IS is mean +- std over splits. Features come from one
-eval.inception.FeatureExtractor, whose ``name`` the caller records with each result.
-:func:`sample_metrics` adds what small-n evaluations need: each FID with a bootstrap std over
-samples, and KID (unbiased, std over subsets) against each reference that carries features.
+Each evaluator is built once per evaluation and called on the samples' Inception features (and
+logits), yielding (name, value) pairs: ``fid_<split>`` against one reference split (ImageNet
+train statistics, or the 50K validation images for FID eval) with ``fid_<split>_std`` from a
+bootstrap over samples; ``kid_<split>`` (unbiased, the small-n metric) with its std over subsets;
+``is`` with ``is_std`` over splits. eval.worker orchestrates: it samples, extracts features once
+and records what the evaluators yield.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from core.errors import UserError
-from eval.fid import (bootstrap_fid, check_convention, feature_stats, fid_from_features,
-                      frechet_distance)
+from eval.fid import bootstrap_fid, check_convention, fid_from_features
 from eval.kid import kid
 from eval.inception_score import inception_score, softmax
 
-Stats = tuple[np.ndarray, np.ndarray]
+# How each metric's ``<name>_std`` is computed (recorded as the row's std_kind).
+STD_KIND = {"fid": "bootstrap", "kid": "subsets", "is": "splits", "clip_score": "sem"}
+Pairs = Iterator[tuple[str, float]]
+
+
+def std_kind(metric: str) -> str | None:
+  """How ``metric``'s std is computed (fid_train -> 'bootstrap', clip_score -> 'sem', ...)."""
+  return next((kind for prefix, kind in STD_KIND.items()
+               if metric == prefix or metric.startswith(prefix + "_")), None)
 
 
 def validate_images(images: Any, min_count: int = 2) -> np.ndarray:
@@ -40,56 +48,64 @@ def validate_images(images: Any, min_count: int = 2) -> np.ndarray:
   return x
 
 
-def compute_metrics(images_uint8: Any, *, extractor, ref_train: Stats | None = None,
-                    ref_eval: Stats | None = None, is_splits: int = 10) -> dict[str, Any]:
-  """FID against each given reference and IS of uint8 NHWC samples.
+class Fid:
+  """FID of the samples against one reference split, and a bootstrap std over samples."""
 
-  Returns {'fid_train': float | None, 'fid_eval': float | None, 'is': (mean, std) | None}; an entry
-  is None when its reference is not given or, for IS, when the extractor has no logits
-  (extractor.has_logits is False: IS is then unavailable, never approximated).
-  """
-  images = validate_images(images_uint8)
-  if getattr(extractor, "has_logits", False) and len(images) < is_splits:
-    raise UserError(f"Inception Score with is_splits={is_splits} needs at least {is_splits} "
-                    f"samples; got {len(images)} (lower is_splits or evaluate more samples)")
-  features, logits = extractor.features(images)
-  mu, sigma = feature_stats(features)
-  result: dict[str, Any] = {"fid_train": None, "fid_eval": None, "is": None}
-  for key, ref in (("fid_train", ref_train), ("fid_eval", ref_eval)):
-    if ref is not None:
-      result[key] = frechet_distance(mu, sigma, ref[0], ref[1])
-  if logits is not None:
-    result["is"] = inception_score(softmax(logits), splits=is_splits)
-  return result
+  def __init__(self, split: str, reference, *, provenance: dict[str, Any], bootstrap: int = 20,
+               seed: int = 0):
+    check_convention(provenance, reference.meta, what=reference.description)
+    self.split, self.reference, self.bootstrap, self.seed = split, reference, bootstrap, seed
+
+  def __call__(self, features: np.ndarray, logits: np.ndarray | None = None) -> Pairs:
+    ref = self.reference
+    yield f"fid_{self.split}", fid_from_features(features, ref.mu, ref.sigma)
+    if self.bootstrap > 1:
+      spread = bootstrap_fid(features, ref.mu, ref.sigma, num_resamples=self.bootstrap,
+                             seed=self.seed)
+      yield f"fid_{self.split}_std", float(np.std(spread))
 
 
-def sample_metrics(features: np.ndarray, logits: np.ndarray | None, references: dict[str, Any], *,
-                   provenance: dict[str, Any], is_splits: int = 10, bootstrap: int = 20,
-                   seed: int = 0) -> dict[str, tuple[float, float | None, str | None]]:
-  """Every metric of one set of sample features: {metric: (value, std, std_kind)}.
+class Kid:
+  """KID (unbiased squared MMD, cubic kernel) against one reference split's features."""
 
-  Args:
-    features: pool3 features [n, 2048] of the samples; logits: [n, C] or None (no IS).
-    references: {'train': Reference, 'eval': Reference} (eval.reference.Reference); each gives
-      ``fid_<split>`` (std: bootstrap over samples, ``bootstrap`` resamples; 0 = no spread) and,
-      when it carries features, ``kid_<split>`` (std over subsets).
-    provenance: the samples' {'extractor', 'resize_mode'}: a reference of another convention is
-      refused (eval.fid.check_convention).
-  """
-  out: dict[str, tuple[float, float | None, str | None]] = {}
-  for split, ref in references.items():
-    check_convention(provenance, ref.meta, what=ref.description)
-    value = fid_from_features(features, ref.mu, ref.sigma)
-    std = (float(np.std(bootstrap_fid(features, ref.mu, ref.sigma, num_resamples=bootstrap,
-                                      seed=seed))) if bootstrap > 1 else None)
-    out[f"fid_{split}"] = (value, std, "bootstrap" if std is not None else None)
-    if ref.features is not None and len(ref.features) >= 2:
-      k, k_std = kid(features, ref.features, seed=seed)
-      out[f"kid_{split}"] = (k, k_std, "subsets")
-  if logits is not None:
-    if len(logits) < is_splits:
-      raise UserError(f"Inception Score with is_splits={is_splits} needs at least {is_splits} "
+  def __init__(self, split: str, reference, *, provenance: dict[str, Any], seed: int = 0):
+    check_convention(provenance, reference.meta, what=reference.description)
+    self.split, self.reference, self.seed = split, reference, seed
+
+  def __call__(self, features: np.ndarray, logits: np.ndarray | None = None) -> Pairs:
+    value, std = kid(features, self.reference.features, seed=self.seed)
+    yield f"kid_{self.split}", value
+    yield f"kid_{self.split}_std", std
+
+
+class InceptionScore:
+  """Inception Score, mean and std over ``splits`` splits of the samples' logits."""
+
+  def __init__(self, splits: int = 10):
+    self.splits = splits
+
+  def __call__(self, features: np.ndarray, logits: np.ndarray | None = None) -> Pairs:
+    if logits is None:
+      raise UserError("Inception Score needs the classifier's logits; this extractor has none "
+                      "(use one with a logits head, or leave IS out)")
+    if len(logits) < self.splits:
+      raise UserError(f"Inception Score with is_splits={self.splits} needs at least {self.splits} "
                       f"samples; got {len(logits)} (lower is_splits or evaluate more samples)")
-    m, s = inception_score(softmax(logits), splits=is_splits)
-    out["is"] = (m, s, "splits")
+    mean, std = inception_score(softmax(logits), splits=self.splits)
+    yield "is", mean
+    yield "is_std", std
+
+
+def evaluators(references: dict[str, Any], *, provenance: dict[str, Any], has_logits: bool,
+               is_splits: int = 10, bootstrap: int = 20, seed: int = 0) -> list:
+  """FID per reference split, KID where the reference carries features, IS where the extractor
+  has logits (never approximated without them)."""
+  out: list = []
+  for split, ref in references.items():
+    out.append(Fid(split, ref, provenance=provenance, bootstrap=bootstrap, seed=seed))
+    if ref.features is not None and len(ref.features) >= 2:
+      out.append(Kid(split, ref, provenance=provenance, seed=seed))
+  if has_logits:
+    out.append(InceptionScore(is_splits))
   return out
+

@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -266,20 +266,22 @@ class Evaluator:
       _log(f"step {step} w={w:g}: Inception features of {len(images)} samples "
            f"({self.extractor.name}, resize {self.extractor.resize_mode})")
       feats, logits = self.extractor.features(metrics.validate_images(images))
-      result = metrics.sample_metrics(
-          feats, logits, refs, is_splits=min(10, len(images)), bootstrap=self.bootstrap,
-          seed=self.seed,
+      evaluators = metrics.evaluators(
+          refs, has_logits=logits is not None, is_splits=min(10, len(images)),
+          bootstrap=self.bootstrap, seed=self.seed,
           provenance={"extractor": self.extractor.name, "resize_mode": self.extractor.resize_mode})
+      result = {k: v for ev in evaluators for k, v in ev(feats, logits)}
       if "clip_score" in wanted:
-        result["clip_score"] = self._clip_score(images)
+        result.update(self._clip_score(images))
       rows = []
       for m in wanted:
         if m not in result:
           continue
-        value, std, std_kind = result[m]
+        std = result.get(f"{m}_std")
+        std = None if std is None or not np.isfinite(std) else float(std)
         ref = refs.get(m.split("_", 1)[1]) if m not in ("is", "clip_score") else None
-        rows.append({"step": step, "metric": m, "value": float(value),
-                     "std": None if std is None else float(std), "std_kind": std_kind,
+        rows.append({"step": step, "metric": m, "value": float(result[m]), "std": std,
+                     "std_kind": None if std is None else metrics.std_kind(m),
                      **self.row_settings(m), "guidance": w,
                      "reference_split": None if ref is None else ref.meta.get("split"),
                      "reference_num_images": None if ref is None else ref.meta.get("num_images"),
@@ -299,14 +301,12 @@ class Evaluator:
     return written
 
 
-  def _clip_score(self, images) -> tuple[float, float | None, str | None]:
-    """(mean CLIP score of sample i with caption i, its standard error, 'sem')."""
+  def _clip_score(self, images) -> Iterator[tuple[str, float]]:
+    """clip_score of sample i with caption i (mean) and clip_score_std (its standard error)."""
     if self._clip is None:
       self._clip = clip_score.ClipScore(self.clip_model, batch_size=self._clip_batch_size)
     _log(f"CLIP score of {len(images)} samples ({self.clip_model})")
-    got = dict(self._clip(images, self.captions().captions[:len(images)]))
-    sem = got["clip_score_std"]
-    return got["clip_score"], (None if not np.isfinite(sem) else sem), "sem"
+    return self._clip(images, self.captions().captions[:len(images)])
 
 
 def _local_cache_root(run_dir: str) -> str:

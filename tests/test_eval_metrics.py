@@ -1,4 +1,4 @@
-"""eval.metrics: sample validation and FID train / FID eval / IS in one call."""
+"""eval.metrics: sample validation and the FID / KID / IS evaluators."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,10 @@ import pytest
 from core.errors import UserError
 from eval.fid import feature_stats
 from eval.inception import FeatureExtractor
-from eval.metrics import compute_metrics, validate_images
+from eval.fid import frechet_distance
+from eval.kid import kid
+from eval.metrics import Fid, InceptionScore, evaluators, std_kind, validate_images
+from eval.reference import Reference
 from tests.test_inception import photo, shapes
 
 
@@ -31,29 +34,35 @@ def test_valid_samples_pass_through():
   assert validate_images(x[:1], min_count=1).shape == (1, 5, 7, 3)  # a last batch of one
 
 
+def _results(evs, feats, logits=None):
+  return {name: value for ev in evs for name, value in ev(feats, logits)}
+
+
 def test_fid_train_eval_and_unavailable_is():
   ex = FeatureExtractor("fid-helper", device="cpu", batch_size=4)
   samples = np.stack([photo(32), photo(32, flip=True), shapes(32, 0), shapes(32, 1)])
   others = np.stack([shapes(32, s) for s in range(10, 14)])
-  ref_train = feature_stats(ex.features(samples)[0])
-  ref_eval = feature_stats(ex.features(others)[0])
-  result = compute_metrics(samples, extractor=ex, ref_train=ref_train, ref_eval=ref_eval)
-  assert set(result) == {"fid_train", "fid_eval", "is"}
-  assert result["fid_train"] < 1e-6 * np.trace(ref_train[1])  # the reference of the samples themselves
+  prov = {"extractor": ex.name, "resize_mode": ex.resize_mode}
+  feats, logits = ex.features(validate_images(samples))
+  ref = lambda f, split: Reference(*feature_stats(f), None, dict(prov, split=split), split)
+  ref_train, ref_eval = ref(feats, "train"), ref(ex.features(others)[0], "eval")
+  evs = evaluators({"train": ref_train, "eval": ref_eval}, provenance=prov,
+                   has_logits=logits is not None, bootstrap=0)
+  result = _results(evs, feats, logits)
+  assert set(result) == {"fid_train", "fid_eval"}
+  assert result["fid_train"] < 1e-6 * np.trace(ref_train.sigma)  # the samples' own reference
   assert result["fid_eval"] > 1.0
-  assert result["is"] is None  # the fid-helper trunk has no logits: IS unavailable, not faked
-  assert compute_metrics(samples, extractor=ex) == {"fid_train": None, "fid_eval": None, "is": None}
+  assert logits is None  # the fid-helper trunk has no logits: IS unavailable, not faked
+  assert evaluators({}, provenance=prov, has_logits=False) == []
+  with pytest.raises(UserError, match="needs the classifier's logits"):
+    list(InceptionScore()(feats, None))
   with pytest.raises(UserError, match="dimensions differ"):
-    compute_metrics(samples, extractor=ex, ref_train=(np.zeros(3), np.eye(3)))
+    list(Fid("train", Reference(np.zeros(3), np.eye(3), None, prov, "x"), provenance=prov)(feats))
   with pytest.raises(UserError, match=r"\[N, H, W, 3\]"):
-    compute_metrics(samples.transpose(0, 3, 1, 2), extractor=ex, ref_train=ref_train)
+    validate_images(samples.transpose(0, 3, 1, 2))
 
 
-def test_sample_metrics_give_fid_with_spread_and_kid_per_reference():
-  from eval.fid import frechet_distance
-  from eval.kid import kid
-  from eval.metrics import sample_metrics
-  from eval.reference import Reference
+def test_evaluators_give_fid_with_spread_and_kid_per_reference():
   rng = np.random.default_rng(0)
   feats = np.abs(rng.normal(size=(60, 32))).astype(np.float32)
   ref_feats = np.abs(rng.normal(0.3, 1.0, size=(80, 32))).astype(np.float32)
@@ -61,16 +70,17 @@ def test_sample_metrics_give_fid_with_spread_and_kid_per_reference():
           "split": "train", "num_images": 80}
   with_feats = Reference(*feature_stats(ref_feats), ref_feats, meta, "train.npz")
   stats_only = Reference(*feature_stats(ref_feats), None, dict(meta, split="eval"), "adm.npz")
-  out = sample_metrics(feats, None, {"train": with_feats, "eval": stats_only},
-                       provenance={"extractor": meta["extractor"], "resize_mode": "legacy_tensorflow"},
-                       bootstrap=5)
-  assert set(out) == {"fid_train", "fid_eval", "kid_train"}  # no KID without reference features
-  fid_value, fid_std, kind = out["fid_train"]
-  assert fid_value == pytest.approx(frechet_distance(*feature_stats(feats), with_feats.mu, with_feats.sigma),
-                                    rel=1e-7)
-  assert kind == "bootstrap" and fid_std > 0
-  assert out["kid_train"][:2] == pytest.approx(kid(feats, ref_feats)) and out["kid_train"][2] == "subsets"
+  prov = {"extractor": meta["extractor"], "resize_mode": "legacy_tensorflow"}
+  out = _results(evaluators({"train": with_feats, "eval": stats_only}, provenance=prov,
+                            has_logits=False, bootstrap=5), feats)
+  # No KID without reference features.
+  assert set(out) == {"fid_train", "fid_train_std", "fid_eval", "fid_eval_std", "kid_train",
+                      "kid_train_std"}
+  assert out["fid_train"] == pytest.approx(
+      frechet_distance(*feature_stats(feats), with_feats.mu, with_feats.sigma), rel=1e-7)
+  assert std_kind("fid_train") == "bootstrap" and out["fid_train_std"] > 0
+  assert (out["kid_train"], out["kid_train_std"]) == pytest.approx(kid(feats, ref_feats))
+  assert std_kind("kid_train") == "subsets"
   with pytest.raises(UserError, match="different conventions") as e:
-    sample_metrics(feats, None, {"train": with_feats},
-                   provenance={"extractor": meta["extractor"], "resize_mode": "clean"})
+    evaluators({"train": with_feats}, provenance=dict(prov, resize_mode="clean"), has_logits=False)
   assert "\n" not in str(e.value)

@@ -13,7 +13,7 @@ from core.errors import UserError
 from eval import inception
 from eval.inception import FeatureExtractor
 from eval.inception_score import inception_score, softmax
-from eval.metrics import compute_metrics
+from eval.metrics import InceptionScore, evaluators
 
 # The test builds a TorchScript file; torch >= 2.9 marks torch.jit deprecated.
 # One xdist worker runs the module, so its module fixtures (extractor, features) are built once.
@@ -159,10 +159,12 @@ def test_output_layer_gives_logits_without_bias(head_weights_file, images, feats
   np.testing.assert_array_equal(f, feats[0])
   assert logits.shape == (4, 1008)
   np.testing.assert_allclose(logits, f.astype(np.float64) @ weight.T, rtol=1e-4, atol=1e-4)
-  result = compute_metrics(np.concatenate([images, images[::-1]]), extractor=ex, is_splits=2)
+  both = np.concatenate([images, images[::-1]])
+  evs = evaluators({}, provenance={}, has_logits=ex.has_logits, is_splits=2)
+  assert [type(e) for e in evs] == [InceptionScore]  # no reference: IS only
+  result = {name: value for ev in evs for name, value in ev(*ex.features(both))}
   expected = inception_score(softmax(np.concatenate([logits, logits[::-1]])), splits=2)
-  np.testing.assert_allclose(result["is"], expected, rtol=1e-4, atol=1e-6)
-  assert result["fid_train"] is None and result["fid_eval"] is None
+  np.testing.assert_allclose((result["is"], result["is_std"]), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_auto_prefers_clean_fid_weights_else_the_offline_trunk(monkeypatch):
