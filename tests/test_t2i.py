@@ -6,15 +6,25 @@ import functools
 import json
 import os
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from core import config as config_lib
 from core import schedules
 from core import trainer as train_lib
+from core.data import captions as captions_lib
+from core.data import prepare
+from core.errors import UserError
 from core.models.uvit import UViT
+from eval import clip_score, worker
 from eval import sample as sample_lib
+from experiments import jobs, registry
+from experiments import run as run_lib
+from tables import figures, render
+from tests import t2i_fixtures as F
 
 T, D = 6, 12   # text tokens, text embedding width
 
@@ -97,9 +107,6 @@ def test_trainer_drops_text_to_the_null_text():
 
 def _nonsquare_run():
   """The registry's 384x640 row at smoke scale (image size / 8 = 48x80), text dims of the test."""
-  import gin  # pylint: disable=import-outside-toplevel
-  from core import config as config_lib  # pylint: disable=import-outside-toplevel
-  from experiments import jobs, registry  # pylint: disable=import-outside-toplevel
   (job,) = registry.jobs(registry.select("t2i-384x640"))
   args = jobs.job_args(job, "smoke", "unused", None)
   files = [a.split("=", 1)[1] for a in args if a.startswith("gin_file=")]
@@ -201,7 +208,6 @@ def test_clip_score_is_100_max_cos_0_of_clip_features(tmp_path):
   100 * max(cos, 0), mean (CLIPScore's convention with weight 100)."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers as tf  # pylint: disable=import-outside-toplevel
-  from eval import clip_score  # pylint: disable=import-outside-toplevel
   path = save_tiny_clip(tmp_path / "clip")
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (6, 24, 40, 3), dtype=np.uint8)  # non-square: the processor crops
@@ -231,8 +237,6 @@ def test_clip_score_is_100_max_cos_0_of_clip_features(tmp_path):
 
 
 def test_clip_model_not_loadable_offline_is_one_line(tmp_path, monkeypatch):
-  from core.errors import UserError  # pylint: disable=import-outside-toplevel
-  from eval import clip_score  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(UserError) as e:
     clip_score.ClipScore("no-such-org/no-such-clip")
@@ -253,10 +257,6 @@ GUIDANCES = "1,2"
 def smoke_table8(tmp_path_factory):
   """The fake COCO prepared at 32x32 with a tiny T5 (width 64, the smoke scale's text_dim), then
   ``experiments.run table=8`` (its 256 row) at smoke scale with a tiny random CLIP."""
-  from core.data import prepare  # pylint: disable=import-outside-toplevel
-  from eval import worker  # pylint: disable=import-outside-toplevel
-  from experiments import jobs, registry, run as run_lib  # pylint: disable=import-outside-toplevel
-  from tests import t2i_fixtures as F  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("t8")
   t5 = F.tiny_t5(str(root / "t5"), d_model=64)
   out = str(root / "coco32")
@@ -279,10 +279,6 @@ def smoke_table8(tmp_path_factory):
 
 @pytest.mark.slow
 def test_table8_smoke_end_to_end(smoke_table8, tmp_path):
-  from core.data import captions as captions_lib  # pylint: disable=import-outside-toplevel
-  from eval import clip_score, worker  # pylint: disable=import-outside-toplevel
-  from experiments import registry  # pylint: disable=import-outside-toplevel
-  from tables import figures, render  # pylint: disable=import-outside-toplevel
   data_dir, clip, workdir, run_dir = smoke_table8
   rows = worker.read_results(run_dir)
   got = {(r["metric"], r["guidance"]) for r in rows}

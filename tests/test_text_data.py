@@ -14,6 +14,7 @@ from core.data import __main__ as data_cli
 from core.data import captions, coco, emoji, pipeline, prepare, text_encoder
 from core.data import records as records_lib
 from core.errors import UserError, run_main
+from eval import reference
 from tests import t2i_fixtures as F
 
 TARBALL = f"{emoji.PACKAGE}-{emoji.VERSION}.tgz"
@@ -339,7 +340,6 @@ def test_demo_encoder_covers_every_emoji_caption(tmp_path):
 
 
 def test_reference_statistics_of_the_coco_validation_split(tmp_path, t5):
-  from eval import reference  # pylint: disable=import-outside-toplevel
   src = F.fake_coco(str(tmp_path / "coco"))
   out = str(tmp_path / "out")
   prepare.prepare(src, 16, out, text_encoder=t5, splits=["eval"], eval_captions=4, progress=False)
