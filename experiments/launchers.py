@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from typing import Any, Sequence
 
 from core import train as train_cli
@@ -133,7 +134,55 @@ def execute(commands: Sequence[str], *, dry_run: bool) -> None:
         raise UserError(f"command failed with exit status {rc}: {c[:200]}")
 
 
-def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any]) -> None:
+class EvalQueue:
+  """``launcher=local eval_in_background=true``: each trained job is evaluated by an ``eval.worker``
+  subprocess while the next job trains, one evaluation at a time (the first one also computes the
+  reference statistics it needs, cached beside the data). On a small CPU this fills the core that
+  XLA leaves idle while it compiles the next job's training step. A failed evaluation fails the
+  command once the others have run; whatever stops the command stops the running evaluation."""
+
+  def __init__(self):
+    self._proc: subprocess.Popen | None = None
+    self._name = ""
+    self.failed: list[str] = []
+
+  def _reap(self) -> None:
+    if self._proc is not None:
+      rc = self._proc.wait()
+      if rc != 0:
+        self.failed.append(f"{self._name} (exit status {rc})")
+      self._proc = None
+
+  def submit(self, name: str, eval_args: Sequence[str]) -> None:
+    """Waits for the evaluation before (if still running), then starts this one."""
+    self._reap()
+    print(f"[{name}] evaluating in the background", flush=True)
+    self._name = name
+    self._proc = subprocess.Popen([sys.executable, "-m", "eval.worker", *eval_args])
+
+  def finish(self) -> None:
+    """Waits for the last evaluation; one line naming every evaluation that failed."""
+    self._reap()
+    if self.failed:
+      raise UserError(f"evaluation failed: {', '.join(self.failed)} (its output is above); "
+                      f"rerun the same command to evaluate what is missing")
+
+  def stop(self) -> None:
+    """Stops a running evaluation (SIGTERM, then SIGKILL after 60 s): nothing outlives us."""
+    if self._proc is not None and self._proc.poll() is None:
+      self._proc.terminate()
+      try:
+        self._proc.wait(60)
+      except subprocess.TimeoutExpired:
+        self._proc.kill()
+        self._proc.wait()
+    self._proc = None
+
+
+def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any],
+              evals: EvalQueue | None = None) -> None:
+  """Trains ``job`` here (resuming its run directory), then evaluates it: in this process, or
+  through ``evals`` in the background while the caller goes on to the next job."""
   run_dir = storage.join(workdir, job.name)
   args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
   e_args = jobs.eval_args(job, scale, run_dir, opts)
@@ -156,7 +205,9 @@ def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any])
     if not jobs.is_trained(run_dir):  # only a finished run's final step is a row's result
       raise UserError(f"[{job.name}] stopped at step {jobs.latest_step(run_dir)} before its last "
                       f"step; rerun the same command to resume it")
-  if opts["eval"]:  # the worker evaluates only what these settings have not evaluated yet
+  if opts["eval"] and evals is not None:
+    evals.submit(job.name, e_args)
+  elif opts["eval"]:  # the worker evaluates only what these settings have not evaluated yet
     print(f"[{job.name}] evaluating", flush=True)
     before = len(worker.read_results(run_dir))
     worker.main(e_args)

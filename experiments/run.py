@@ -46,6 +46,9 @@ OPTIONS = [
     cli.Option("dry_run", False, "print the commands instead of running them",
                parse=cli.parse_bool),
     cli.Option("eval", True, "evaluate after training", parse=cli.parse_bool),
+    cli.Option("eval_in_background", False,
+               "launcher=local: evaluate each trained job in an eval.worker subprocess while "
+               "the next job trains (one evaluation at a time)", parse=cli.parse_bool),
     cli.Option("num_samples", None, "override the number of evaluation samples", parse=int),
     cli.Option("extractor", "auto",
                "Inception source for FID/IS: auto, clean-fid, fid-helper or a .pt path"),
@@ -174,8 +177,16 @@ def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str
       launchers.submit_slurm(scripts, dry_run=opts["dry_run"],
                              script_dir=os.path.join("runs", "slurm"))
     return 0
-  for job in job_list:
-    launchers.run_local(job, scale, workdir, opts)
+  background = opts["eval_in_background"] and opts["eval"] and not opts["dry_run"]
+  evals = launchers.EvalQueue() if background else None
+  try:
+    for job in job_list:
+      launchers.run_local(job, scale, workdir, opts, evals)
+    if evals is not None:
+      evals.finish()
+  finally:
+    if evals is not None:
+      evals.stop()
   if opts["dry_run"]:
     print(f"dry run: printed the commands of {len(job_list)} job(s); nothing was run",
           file=sys.stderr)

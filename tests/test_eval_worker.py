@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from core.errors import UserError
+from experiments.launchers import EvalQueue
 from tests.test_train import ROOT, _env, run_train
 
 pytestmark = pytest.mark.xdist_group("trained_run")
@@ -194,3 +196,29 @@ def test_references_of_another_convention_are_refused_in_one_line(trained, tmp_p
                      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   _one_line(p, "different conventions")
   assert not (run / "eval" / "results.jsonl").exists()
+
+
+def test_background_evaluation_failure_fails_the_command_naming_the_job(tmp_path):
+  """experiments.run eval_in_background=true: an evaluation subprocess that fails (here: not a run
+  directory, exit status 2) surfaces as one error line naming the job, once it has run."""
+  q = EvalQueue()
+  q.submit("job-a", [f"workdir={tmp_path / 'nothing'}", "once=true"])
+  with pytest.raises(UserError, match=r"evaluation failed: job-a \(exit status 2\)"):
+    q.finish()
+
+
+def test_stopping_the_command_stops_its_background_evaluation(trained, tmp_path):
+  """Whatever stops experiments.run (SIGTERM, Ctrl-C, an error) stops the running eval.worker
+  subprocess too, and the results it had written are whole rows."""
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  q = EvalQueue()
+  # Follow mode: evaluates step 4, then would poll for new checkpoints forever.
+  q.submit("job-b", [f"workdir={run}", *[a for a in WORKER if a != "once=true"], "poll_seconds=1"])
+  proc = q._proc
+  time.sleep(5)
+  q.stop()
+  assert proc.poll() is not None and q._proc is None
+  q.finish()  # stopped on purpose: finish has nothing left to wait for
+  for r in _rows(run):  # every row a whole JSON object (an empty file if stopped early)
+    assert r["step"] == 4

@@ -193,8 +193,10 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
   after an interruption redoes nothing that finished."""
   workdir = str(tmp_path / "runs")
   first = "cosine (shifted to 64)"
-  # A first invocation that stops after one row stands for an interrupted table run.
-  run.main(["table=2", f"row={first}", "scale=smoke", f"workdir={workdir}"])
+  # A first invocation that stops after one row stands for an interrupted table run; it evaluates
+  # in background eval.worker subprocesses (eval_in_background), the second in this process.
+  run.main(["table=2", f"row={first}", "scale=smoke", f"workdir={workdir}",
+            "eval_in_background=true"])
   done_before = {d: open(os.path.join(workdir, d, "eval", "results.jsonl")).read() for d in os.listdir(workdir)}
   capsys.readouterr()
   run.main(["table=2", "scale=smoke", f"workdir={workdir}"])
