@@ -11,11 +11,19 @@ rescaled input alpha z (no denoising), and the data set's mean image (the best c
 must beat it at low logSNR, where the input carries almost no information). A row where the
 model loses to a baseline names the noise levels that still need training; the eps-MSE loss
 weights x-errors by the SNR (section 3.2), so on short runs the low-logSNR rows learn last.
+
+Conditional runs (a class, or a caption for text to image) are also asked with each image's
+condition swapped for the next image's, and with the null condition that classifier-free guidance
+trains (the null class; zero text embeddings with an all-False mask). A model that uses its
+conditioning denoises better with the right one than with a swapped one, most visibly at low
+logSNR: the measurable form of "the samples respond to the caption".
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +33,7 @@ from core import checkpoint as ckpt_lib
 from core import cli
 from core import diffusion
 from core import trainer
-from core.data import pipeline
+from core.data import pipeline, records
 from core.errors import UserError, run_main
 from core.io import storage
 from eval import sample
@@ -33,7 +41,7 @@ from eval import sample
 LOGSNRS = (-10.0, -5.0, -2.0, 0.0, 2.0, 5.0, 10.0)
 
 OPTIONS = [
-    cli.Option("workdir", None, "the run directory (class-conditional or unconditional runs)"),
+    cli.Option("workdir", None, "the run directory (unconditional, class or text conditional)"),
     cli.Option("step", None, "checkpoint step (default: the newest)", parse=int),
     cli.Option("logsnrs", list(LOGSNRS),
                "comma-separated logSNR values to test", parse=cli.parse_floats),
@@ -44,12 +52,14 @@ OPTIONS = [
 ]
 
 
-def denoise_errors(v_fn: Callable, x, logsnrs: Sequence[float], rng: jax.Array
-                   ) -> list[dict[str, float]]:
-  """Per logSNR: the MSE of the model's x_hat, of alpha z and of the mean image of ``x``.
+def denoise_errors(v_fn: Callable, x, logsnrs: Sequence[float], rng: jax.Array,
+                   others: dict[str, Callable] | None = None) -> list[dict[str, float]]:
+  """Per logSNR: the MSE of the model's x_hat, of alpha z and of the mean image of ``x``, and of
+  each of ``others`` (name -> v_fn, e.g. the model with swapped conditions) as 'mse_<name>'.
 
   v_fn(z [B,H,W,C], logsnr [B]) -> v_hat; x in [-1, 1], shape [B,H,W,C]; the same noise eps is
   used at every level, so rows differ by the noise level only."""
+  others = others or {}
   x = jnp.asarray(x, jnp.float32)
   eps = jax.random.normal(rng, x.shape, jnp.float32)
   mean_mse = float(jnp.mean((jnp.mean(x, axis=0, keepdims=True) - x) ** 2))
@@ -61,7 +71,40 @@ def denoise_errors(v_fn: Callable, x, logsnrs: Sequence[float], rng: jax.Array
     alpha = float(jax.nn.sigmoid(float(l))) ** 0.5
     rows.append({"logsnr": float(l), "mse_model": float(jnp.mean((x_hat - x) ** 2)),
                  "mse_alpha_z": float(jnp.mean((alpha * z - x) ** 2)), "mse_data_mean": mean_mse})
+    for name, fn in others.items():
+      x_other = diffusion.x_from_v(z, fn(z, logsnr), logsnr)
+      rows[-1][f"mse_{name}"] = float(jnp.mean((x_other - x) ** 2))
   return rows
+
+
+def _first_caption(a: np.ndarray, ndim: int) -> np.ndarray:
+  """A record's text embedding (or mask) for its first caption (records keep all captions)."""
+  a = np.asarray(a)
+  return a[0] if a.ndim > ndim else a
+
+
+def conditions(run, data_dir: str, split: str, num_images: int
+               ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
+  """(uint8 images, {'model' | 'swapped' | 'null': model keyword arguments}) for the first
+  ``num_images`` of ``split``: each image's own condition, the next image's, and the null one."""
+  if not sample.is_text_to_image(run):
+    images, labels = pipeline.load_split(data_dir, split, limit=num_images)
+    if not run.num_classes:
+      return images, {"model": {}}
+    own = jnp.asarray(labels, jnp.int32)
+    return images, {"model": {"label": own}, "swapped": {"label": jnp.roll(own, 1)},
+                    "null": {"label": jnp.full_like(own, run.num_classes)}}
+  names = [n for n in storage.listdir(data_dir) if n.startswith(f"{split}-")]
+  recs = list(itertools.islice(records.split_records(data_dir, sorted(names)), num_images))
+  if not recs:
+    raise UserError(f"no {split} images in {data_dir}; choose split=train or split=eval")
+  images = np.stack([r["image"] for r in recs])
+  emb = jnp.asarray(np.stack([_first_caption(r["text_emb"], 2) for r in recs]), jnp.float32)
+  mask = jnp.asarray(np.stack([_first_caption(r["text_mask"], 1) for r in recs]), bool)
+  return images, {
+      "model": {"text_emb": emb, "text_mask": mask},
+      "swapped": {"text_emb": jnp.roll(emb, 1, 0), "text_mask": jnp.roll(mask, 1, 0)},
+      "null": {"text_emb": jnp.zeros_like(emb), "text_mask": jnp.zeros_like(mask)}}
 
 
 def run_denoise(run_dir: str, *, step: int | None = None, logsnrs: Sequence[float] = LOGSNRS,
@@ -69,9 +112,6 @@ def run_denoise(run_dir: str, *, step: int | None = None, logsnrs: Sequence[floa
                 ) -> tuple[int, list[dict[str, float]]]:
   """(the step evaluated, :func:`denoise_errors` of its EMA parameters on ``split``)."""
   run = sample.load_run(run_dir)
-  if sample.is_text_to_image(run):
-    raise UserError(f"{run_dir} is a text-to-image run; eval.denoise covers class-conditional "
-                    f"and unconditional runs (use eval.caption_grid for text)")
   c = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
   steps = c.all_steps()
   c.close()
@@ -79,25 +119,29 @@ def run_denoise(run_dir: str, *, step: int | None = None, logsnrs: Sequence[floa
   if step is None:
     raise UserError(f"no complete checkpoint in {run_dir} yet; train it first")
   params = sample.restore_ema_params(run, step)
-  data_dir, _ = trainer.resolve_data_dir(run.cfg)
-  images, labels = pipeline.load_split(data_dir, split, limit=num_images)
+  data_dir, _ = trainer.resolve_data_dir(run.cfg, text=sample.is_text_to_image(run))
+  images, conds = conditions(run, data_dir, split, num_images)
   x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-  label = jnp.asarray(labels, jnp.int32) if run.num_classes else None
-
-  @jax.jit
-  def v_fn(z, logsnr):
-    return run.model.apply({"params": params}, z, logsnr, label=label, train=False)
-
-  return step, denoise_errors(v_fn, x, logsnrs, jax.random.key(seed))
+  apply = jax.jit(lambda z, logsnr, kw: run.model.apply({"params": params}, z, logsnr,
+                                                        train=False, **kw))
+  fns = {name: functools.partial(lambda z, logsnr, kw: apply(z, logsnr, kw), kw=kw)
+         for name, kw in conds.items()}
+  model = fns.pop("model")
+  return step, denoise_errors(model, x, logsnrs, jax.random.key(seed), others=fns)
 
 
 def format_rows(rows: Sequence[dict[str, float]]) -> str:
-  lines = [f"{'logSNR':>7}  {'model':>8}  {'alpha z':>8}  {'data mean':>9}  verdict"]
+  cond = [k for k in ("swapped", "null") if rows and f"mse_{k}" in rows[0]]
+  lines = [f"{'logSNR':>7}  {'model':>8}  {'alpha z':>8}  {'data mean':>9}  "
+           + "".join(f"{k:>8}  " for k in cond) + "verdict"]
   for r in rows:
     best = min(r["mse_alpha_z"], r["mse_data_mean"])
     verdict = "beats both baselines" if r["mse_model"] < best else "loses to a baseline"
+    if "swapped" in cond and r["mse_swapped"] > 0:
+      verdict += f"; own / swapped condition {r['mse_model'] / r['mse_swapped']:.2f}"
     lines.append(f"{r['logsnr']:7g}  {r['mse_model']:8.4f}  {r['mse_alpha_z']:8.4f}  "
-                 f"{r['mse_data_mean']:9.4f}  {verdict}")
+                 f"{r['mse_data_mean']:9.4f}  " + "".join(f"{r['mse_' + k]:8.4f}  " for k in cond)
+                 + verdict)
   return "\n".join(lines)
 
 

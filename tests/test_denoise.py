@@ -46,6 +46,34 @@ def test_errors_equal_the_gaussian_closed_forms():
   assert "loses" in denoise.format_rows(copy).splitlines()[1]
 
 
+def test_a_swapped_condition_costs_its_closed_form():
+  """x = mu_i + s n with a per-example mean mu_i (the "condition"): the Bayes denoiser told mu_i
+  has MSE s^2 sigma^2 / (alpha^2 s^2 + sigma^2); told the next example's mu, it pays in addition
+  (1 - k alpha)^2 mean((mu' - mu)^2), k = alpha s^2 / (alpha^2 s^2 + sigma^2)."""
+  s, b = 0.3, 512
+  mu = jax.random.uniform(jax.random.key(3), (b, 1, 1, 3), minval=-0.6, maxval=0.6)
+  x = mu + s * jax.random.normal(jax.random.key(4), (b, 8, 8, 3))
+
+  def told(m):
+    def v_fn(z, logsnr):
+      a2 = jax.nn.sigmoid(logsnr)[:, None, None, None]
+      k = jnp.sqrt(a2) * s ** 2 / (a2 * s ** 2 + (1 - a2))
+      return diffusion.v_from_x(z, m + k * (z - jnp.sqrt(a2) * m), logsnr)
+    return v_fn
+
+  swapped = jnp.roll(mu, 1, axis=0)
+  rows = denoise.denoise_errors(told(mu), x, [-3.0, 0.0, 2.0], jax.random.key(5),
+                                others={"swapped": told(swapped)})
+  for r in rows:
+    a2 = float(jax.nn.sigmoid(r["logsnr"]))
+    k = a2 ** 0.5 * s ** 2 / (a2 * s ** 2 + 1 - a2)
+    own = s ** 2 * (1 - a2) / (a2 * s ** 2 + 1 - a2)
+    np.testing.assert_allclose(r["mse_model"], own, rtol=0.03)
+    extra = (1 - k * a2 ** 0.5) ** 2 * float(jnp.mean((swapped - mu) ** 2))
+    np.testing.assert_allclose(r["mse_swapped"], own + extra, rtol=0.03)
+  assert "own / swapped condition 0." in denoise.format_rows(rows).splitlines()[1]
+
+
 @pytest.mark.slow
 def test_cli_on_a_trained_run_prints_and_writes_each_level(trained, tmp_path):  # noqa: F811
   out = tmp_path / "denoise.json"
@@ -55,8 +83,9 @@ def test_cli_on_a_trained_run_prints_and_writes_each_level(trained, tmp_path):  
   assert p.returncode == 0, p.stderr[-2000:]
   saved = json.loads(out.read_text())
   assert saved["step"] == 4 and [r["logsnr"] for r in saved["rows"]] == [-5.0, 0.0, 5.0]
-  for r in saved["rows"]:
-    assert f"{r['mse_model']:8.4f}" in p.stdout and np.isfinite(r["mse_model"])
+  for r in saved["rows"]:  # a class-conditional run: also asked with swapped and null classes
+    assert f"{r['mse_model']:8.4f}" in p.stdout
+    assert all(np.isfinite(r[k]) for k in ("mse_model", "mse_swapped", "mse_null"))
   # No checkpoint yet: one error line naming the fix.
   empty = tmp_path / "empty"
   (empty).mkdir()

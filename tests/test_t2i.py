@@ -19,7 +19,7 @@ from core.data import captions as captions_lib
 from core.data import prepare
 from core.errors import UserError
 from core.models.uvit import UViT
-from eval import clip_score, worker
+from eval import clip_score, denoise, worker
 from eval import sample as sample_lib
 from experiments import jobs, registry
 from experiments import run as run_lib
@@ -275,6 +275,17 @@ def smoke_table8(tmp_path_factory):
   assert sweep == "guidance=" + ",".join(f"{w:g}" for w in registry.FIGURE8_GUIDANCE)
   assert worker.main([a if a != sweep else f"guidance={GUIDANCES}" for a in e_args]) == 0
   return out, clip, workdir, run_dir
+
+
+@pytest.mark.slow
+def test_denoise_asks_a_text_run_with_its_own_swapped_and_null_captions(smoke_table8):
+  """eval.denoise on a text-to-image run: each image's own caption (its first), the next image's,
+  and the null text; the captions reach the model (swapping them changes its predictions)."""
+  run_dir = smoke_table8[3]
+  step, rows = denoise.run_denoise(run_dir, logsnrs=[-5.0, 5.0], num_images=8)
+  assert step == 4 and [r["logsnr"] for r in rows] == [-5.0, 5.0]
+  assert all(np.isfinite(r[k]) for r in rows for k in ("mse_model", "mse_swapped", "mse_null"))
+  assert rows[0]["mse_swapped"] != rows[0]["mse_model"] != rows[0]["mse_null"]
 
 
 @pytest.mark.slow
