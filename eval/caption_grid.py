@@ -17,7 +17,6 @@ from typing import Sequence
 
 import numpy as np
 
-from core import checkpoint as ckpt_lib
 from core import cli
 from core import trainer
 from core.data import records, text_encoder
@@ -51,12 +50,7 @@ def caption_grid(run_dir: str, captions: Sequence[str], *, seeds: int = 8, seed:
   if not text:
     raise UserError(f"{data_dir}/meta.json names no text encoder; prepare it with text_encoder=")
   emb, mask = text_encoder.TextEncoder(text["encoder"], int(text["max_len"])).encode(captions)
-  c = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
-  steps = c.all_steps()
-  c.close()
-  step = steps[-1] if step is None and steps else step
-  if step is None:
-    raise UserError(f"no complete checkpoint in {run_dir} yet")
+  step = sample.checkpoint_step(run_dir, step)
   params = sample.restore_ema_params(run, step)
   rows = []
   for i in list(range(len(captions))) + [0]:

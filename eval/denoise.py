@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core import checkpoint as ckpt_lib
 from core import cli
 from core import diffusion
 from core import trainer
@@ -112,12 +111,7 @@ def run_denoise(run_dir: str, *, step: int | None = None, logsnrs: Sequence[floa
                 ) -> tuple[int, list[dict[str, float]]]:
   """(the step evaluated, :func:`denoise_errors` of its EMA parameters on ``split``)."""
   run = sample.load_run(run_dir)
-  c = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
-  steps = c.all_steps()
-  c.close()
-  step = steps[-1] if step is None and steps else step
-  if step is None:
-    raise UserError(f"no complete checkpoint in {run_dir} yet; train it first")
+  step = sample.checkpoint_step(run_dir, step)
   params = sample.restore_ema_params(run, step)
   data_dir, _ = trainer.resolve_data_dir(run.cfg, text=sample.is_text_to_image(run))
   images, conds = conditions(run, data_dir, split, num_images)

@@ -57,6 +57,16 @@ def load_run(run_dir: str) -> LoadedRun:
   return LoadedRun(run_dir, model, logsnr_fn, cfg, int(getattr(model, "num_classes", 0) or 0))
 
 
+def checkpoint_step(run_dir: str, step: int | None = None) -> int:
+  """``step``, or the run's newest complete checkpoint when None (a one-line error if none)."""
+  checkpointer = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
+  steps = checkpointer.all_steps()
+  checkpointer.close()
+  if step is None and not steps:
+    raise UserError(f"no complete checkpoint in {run_dir} yet; train it first")
+  return steps[-1] if step is None else step
+
+
 def restore_ema_params(run: LoadedRun, step: int, mesh=None) -> Any:
   """The EMA parameters of checkpoint ``step`` (sharded like in training)."""
   mesh = mesh or shd.make_mesh()

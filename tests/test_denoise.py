@@ -1,22 +1,13 @@
-"""eval.denoise: per-logSNR x-prediction errors against closed forms (Gaussian data), and its CLI
-on a real (tiny) trained run."""
+"""eval.denoise: per-logSNR x-prediction errors against closed forms (Gaussian data). Its CLI on a
+real (tiny) trained run is in tests/test_eval_worker.py, beside that module's trained run."""
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from core import diffusion
 from eval import denoise
-from tests.test_eval_worker import trained  # noqa: F401  (the module-scoped 4-step run)
-from tests.test_train import ROOT, _env
-
-pytestmark = pytest.mark.xdist_group("trained_run")
 
 
 def test_errors_equal_the_gaussian_closed_forms():
@@ -72,24 +63,3 @@ def test_a_swapped_condition_costs_its_closed_form():
     extra = (1 - k * a2 ** 0.5) ** 2 * float(jnp.mean((swapped - mu) ** 2))
     np.testing.assert_allclose(r["mse_swapped"], own + extra, rtol=0.03)
   assert "own / swapped condition 0." in denoise.format_rows(rows).splitlines()[1]
-
-
-@pytest.mark.slow
-def test_cli_on_a_trained_run_prints_and_writes_each_level(trained, tmp_path):  # noqa: F811
-  out = tmp_path / "denoise.json"
-  p = subprocess.run([sys.executable, "-m", "eval.denoise", f"workdir={trained}", "num_images=16",
-                      "logsnrs=-5,0,5", f"out={out}"], cwd=ROOT, env=_env(), capture_output=True,
-                     text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-2000:]
-  saved = json.loads(out.read_text())
-  assert saved["step"] == 4 and [r["logsnr"] for r in saved["rows"]] == [-5.0, 0.0, 5.0]
-  for r in saved["rows"]:  # a class-conditional run: also asked with swapped and null classes
-    assert f"{r['mse_model']:8.4f}" in p.stdout
-    assert all(np.isfinite(r[k]) for k in ("mse_model", "mse_swapped", "mse_null"))
-  # No checkpoint yet: one error line naming the fix.
-  empty = tmp_path / "empty"
-  (empty).mkdir()
-  p = subprocess.run([sys.executable, "-m", "eval.denoise", f"workdir={empty}"], cwd=ROOT,
-                     env=_env(), capture_output=True, text=True, timeout=300)
-  assert p.returncode == 2 and p.stderr.strip().startswith("error:")
-  assert len(p.stderr.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from core.errors import UserError
@@ -222,3 +223,24 @@ def test_stopping_the_command_stops_its_background_evaluation(trained, tmp_path)
   q.finish()  # stopped on purpose: finish has nothing left to wait for
   for r in _rows(run):  # every row a whole JSON object (an empty file if stopped early)
     assert r["step"] == 4
+
+
+@pytest.mark.slow
+def test_denoise_cli_on_a_trained_run_prints_and_writes_each_level(trained, tmp_path):
+  out = tmp_path / "denoise.json"
+  p = subprocess.run([sys.executable, "-m", "eval.denoise", f"workdir={trained}", "num_images=16",
+                      "logsnrs=-5,0,5", f"out={out}"], cwd=ROOT, env=_env(), capture_output=True,
+                     text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  saved = json.loads(out.read_text())
+  assert saved["step"] == 4 and [r["logsnr"] for r in saved["rows"]] == [-5.0, 0.0, 5.0]
+  for r in saved["rows"]:  # a class-conditional run: also asked with swapped and null classes
+    assert f"{r['mse_model']:8.4f}" in p.stdout
+    assert all(np.isfinite(r[k]) for k in ("mse_model", "mse_swapped", "mse_null"))
+  # No checkpoint yet: one error line naming the fix.
+  empty = tmp_path / "empty"
+  (empty).mkdir()
+  p = subprocess.run([sys.executable, "-m", "eval.denoise", f"workdir={empty}"], cwd=ROOT,
+                     env=_env(), capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and p.stderr.strip().startswith("error:")
+  assert len(p.stderr.strip().splitlines()) == 1

@@ -278,6 +278,7 @@ def smoke_table8(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_table8")  # one worker builds the module's smoke_table8 once
 def test_denoise_asks_a_text_run_with_its_own_swapped_and_null_captions(smoke_table8):
   """eval.denoise on a text-to-image run: each image's own caption (its first), the next image's,
   and the null text; the captions reach the model (swapping them changes its predictions)."""
@@ -289,6 +290,7 @@ def test_denoise_asks_a_text_run_with_its_own_swapped_and_null_captions(smoke_ta
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smoke_table8")
 def test_table8_smoke_end_to_end(smoke_table8, tmp_path):
   data_dir, clip, workdir, run_dir = smoke_table8
   rows = worker.read_results(run_dir)
