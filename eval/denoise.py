@@ -118,8 +118,7 @@ def run_denoise(run_dir: str, *, step: int | None = None, logsnrs: Sequence[floa
   x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
   apply = jax.jit(lambda z, logsnr, kw: run.model.apply({"params": params}, z, logsnr,
                                                         train=False, **kw))
-  fns = {name: functools.partial(lambda z, logsnr, kw: apply(z, logsnr, kw), kw=kw)
-         for name, kw in conds.items()}
+  fns = {name: functools.partial(apply, kw=kw) for name, kw in conds.items()}
   model = fns.pop("model")
   return step, denoise_errors(model, x, logsnrs, jax.random.key(seed), others=fns)
 
