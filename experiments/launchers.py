@@ -137,9 +137,10 @@ def execute(commands: Sequence[str], *, dry_run: bool) -> None:
 class EvalQueue:
   """``launcher=local eval_in_background=true``: each trained job is evaluated by an ``eval.worker``
   subprocess while the next job trains, one evaluation at a time (the first one also computes the
-  reference statistics it needs, cached beside the data). On a small CPU this fills the core that
-  XLA leaves idle while it compiles the next job's training step. A failed evaluation fails the
-  command once the others have run; whatever stops the command stops the running evaluation."""
+  reference statistics it needs, cached beside the data). For machines with cores or an
+  accelerator to spare: on 2 CPU cores it made `make demo` slower (README). A failed evaluation
+  fails the command once the others have run; whatever stops the command stops the running
+  evaluation."""
 
   def __init__(self):
     self._proc: subprocess.Popen | None = None
