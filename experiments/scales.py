@@ -7,12 +7,12 @@ by the same factor as the image size (the paper's 128x128 becomes 16x16 at facto
 ``image_d`` and ``noise_d`` (so the ratio image_d / noise_d, hence the shift, is the paper's), the
 dropout start, the attention resolutions and the multiscale loss base, for both networks. Block
 counts: the row's total number of (down-path) residual blocks is divided by the scale's divisor
-and apportioned to the levels in proportion to the paper's counts (largest remainder, at least one
-a level, :func:`scaled_blocks`), so Table 5's "total number of blocks is kept the same" across
-None / DWT-1 / DWT-2 holds at every scale and Table 4's 2 < 4 < 8 < 12 blocks at 16x16 stay
-strictly increasing. A row that trains a fraction of its model's usual steps (Table 3's "no
-dropout", 700K of 1.5M) keeps that fraction of the scale's steps. Both layers are ordinary gin
-bindings and so appear in the run's operative ``config.gin``.
+(per architecture) and apportioned to the levels in proportion to the paper's counts (largest
+remainder, at least one a level, :func:`scaled_blocks`), so Table 5's "total number of blocks is
+kept the same" across None / DWT-1 / DWT-2 holds at every scale and Table 4's 2 < 4 < 8 < 12
+blocks at 16x16 stay strictly increasing. A row that trains a fraction of its model's usual
+steps (Table 3's "no dropout", 700K of 1.5M) keeps that fraction of the scale's steps. Both
+layers are ordinary gin bindings and so appear in the run's operative ``config.gin``.
 """
 from __future__ import annotations
 
@@ -29,11 +29,22 @@ SCALES = ("paper", "demo", "smoke")
 FACTOR = {"paper": 1, "demo": 8, "smoke": 8}
 # Divisor of a row's total residual blocks (then apportioned to levels, see scaled_blocks). 3 is
 # the largest that keeps Table 4's four rows distinct at the 16x16 level (1, 2, 3, 4).
-BLOCK_DIVISOR = {"paper": 1, "demo": 2, "smoke": 3}
+# The demo U-ViT keeps the paper's blocks: its up path has num_res_blocks blocks a level (the
+# U-Net's has one more), and at one a level (2 // 2) it denoised worse at logSNR 0 than at -2.
+BLOCK_DIVISOR = {"paper": {"unet": 1, "uvit": 1}, "demo": {"unet": 2, "uvit": 1},
+                 "smoke": {"unet": 3, "uvit": 3}}
 TRANSFORMER_BLOCKS = {"demo": 4, "smoke": 1}
-# Demo widths: U-Net channel multipliers capped (every level and block is kept), so the 1x1-4x4
-# levels do not hold most of the parameters, whose Adam and EMA updates dominated a CPU step.
-CHANNEL_MULTIPLIER_CAP = {"demo": 2}
+# Demo widths: channel multipliers capped (every level and block is kept).
+# * U-Net, at 2: so the 1x1-4x4 levels do not hold most of the parameters, whose Adam and EMA
+#   updates dominated a CPU step.
+# * U-ViT, at 4: the paper's 16 makes the transformer 16x the base width. At the demo's learning
+#   rate, Adam moves every weight of its zero-initialised 1024-wide output projections at once:
+#   after 300 demo steps its output is 24x its input, and the stream entering the output layer
+#   has a std of 66. The skips, which carry the detail, enter each up block through a normalised
+#   branch of order 1, so they are drowned, and the model does not denoise at logSNR > 0 (README,
+#   "The demo U-ViT"). Capped at 4 (the transformer as wide as the last conv level) it does, and
+#   it trains faster.
+CHANNEL_MULTIPLIER_CAP = {"demo": {"unet": 2, "uvit": 4}}
 # Text-to-image rows: width of the projected text embeddings (the paper's 1024 with 2048-wide
 # transformer blocks); unconditional on class (the demo and smoke layers make the U-ViT
 # class-conditional for the emoji categories).
@@ -132,11 +143,12 @@ def _scaled(gin_files, bindings, arch: str, resolution: int, scale: str) -> list
   cls = "UNet" if arch == "unet" else "UViT"
   blocks = _q(f"{cls}.num_res_blocks")
   if blocks is not None:
-    out.append(f"{cls}.num_res_blocks = {_fmt(scaled_blocks(blocks, BLOCK_DIVISOR[scale]))}")
-  mult = _q("UNet.channel_multiplier") if arch == "unet" else None
+    divisor = BLOCK_DIVISOR[scale][arch]
+    out.append(f"{cls}.num_res_blocks = {_fmt(scaled_blocks(blocks, divisor))}")
+  mult = _q(f"{cls}.channel_multiplier")
   if mult is not None and scale in CHANNEL_MULTIPLIER_CAP:
-    out.append(f"UNet.channel_multiplier = "
-               f"{_fmt([min(m, CHANNEL_MULTIPLIER_CAP[scale]) for m in mult])}")
+    cap = CHANNEL_MULTIPLIER_CAP[scale][arch]
+    out.append(f"{cls}.channel_multiplier = {_fmt([min(m, cap) for m in mult])}")
   attn = _q(f"{cls}.attn_resolutions")
   if attn:
     out.append(f"{cls}.attn_resolutions = {_fmt(sorted({max(1, a // f) * grow for a in attn}))}")
