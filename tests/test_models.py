@@ -12,7 +12,7 @@ from core.errors import UserError
 from core.models import UNet, UViT
 from core.models.conditioning import (
     Conditioning, logsnr_features, sinusoidal_features)
-from core.models.layers import ResBlock, dropout_rate
+from core.models.layers import ResBlock, dropout_rate, group_norm
 from core.models.transformer import MLPBlock, TransformerBlock
 
 @pytest.fixture(autouse=True)
@@ -142,6 +142,43 @@ def test_uvit_dropout_transformer_and_resolution_gated_resblocks():
   assert len(res_blocks) == 6
   for _, res, diff in res_blocks:
     assert (diff > 0) == (res <= 8), (res, diff)
+
+
+def _group_standardised(x, groups, eps=1e-5):
+  """Closed form of GroupNorm before its scale and bias (numpy): per example and group of
+  channels, over all positions, (x - mean) / sqrt(var + eps)."""
+  b, h, w, c = x.shape
+  g = x.reshape(b, h * w, groups, c // groups)
+  mean = g.mean(axis=(1, 3), keepdims=True)
+  var = g.var(axis=(1, 3), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c)
+
+
+def test_group_norm_max_groups_keeps_a_1x1_level_alive():
+  """At width 32 on 1x1 feature maps (the demo U-Net's lowest level), the paper's 32 groups
+  normalise one value each, so the norm outputs its bias whatever the input; with
+  group_norm.max_groups = 8 (gin/scales/demo.gin) it is the closed-form standardisation over
+  groups of 4 channels, and depends on the input."""
+  x = np.random.default_rng(0).standard_normal((3, 1, 1, 32)).astype(np.float32) * 3.0 + 1.0
+
+  def apply(max_groups=None):
+    norm = group_norm(32, jnp.float32) if max_groups is None else group_norm(
+        32, jnp.float32, max_groups=max_groups)
+    params = norm.init(jax.random.key(0), x)
+    return np.asarray(norm.apply(params, x)), np.asarray(norm.apply(params, x[::-1] * 2.0))
+
+  paper, paper_other = apply()
+  np.testing.assert_array_equal(paper, 0.0)         # init bias 0: a constant, input discarded
+  np.testing.assert_array_equal(paper_other, 0.0)
+  for groups in (8, 1):
+    out, other = apply(groups)
+    np.testing.assert_allclose(out, _group_standardised(x, groups), atol=1e-5)
+    assert np.abs(out - other[::-1]).max() < 1e-4 and np.abs(out).max() > 0.5   # scale-free
+  gin.parse_config("group_norm.max_groups = 8")
+  out, _ = apply()                                   # the gin binding reaches every call site
+  np.testing.assert_allclose(out, _group_standardised(x, 8), atol=1e-5)
+  with pytest.raises(UserError, match="max_groups=0 must be an integer >= 1"):
+    group_norm(32, jnp.float32, max_groups=0)
 
 
 def test_dropout_rate_rule():

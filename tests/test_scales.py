@@ -92,6 +92,17 @@ def test_table5_keeps_equal_block_totals(scale):
   assert len(set(totals.values())) == 1, totals
 
 
+def test_demo_groups_hold_several_channels_and_the_paper_keeps_32():
+  """The demo U-Net reaches 1x1 at widths of 32: its GroupNorm groups are capped at 8 (see
+  tests/test_models.py::test_group_norm_max_groups_keeps_a_1x1_level_alive); paper-scale jobs
+  keep the layer's default of 32 groups."""
+  job = _job("2", "128x128", "cosine (original at 128)")
+  assert _bound(job, "demo", "group_norm.max_groups") == 8
+  assert _bound(job, "paper", "group_norm.max_groups") is None   # the default, 32
+  assert _bound(_job("7", "512x512", "simple diffusion (U-ViT 2B)"), "paper",
+                "group_norm.max_groups") is None
+
+
 @pytest.mark.parametrize("scale", scales.SCALES)
 def test_table4_blocks_at_16x16_strictly_increase(scale):
   level = [_blocks(_job("4", "128x128", f"{a}+{a + 1} blocks at 16x16"), scale)[3]

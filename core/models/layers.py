@@ -6,7 +6,11 @@ float32; ``dtype`` sets the compute dtype (bfloat16 for speed). Normalisation st
 computed in float32 by flax whatever the compute dtype.
 
 Choices where the paper is silent (stated here, pinned by tests/test_models.py):
-* NormalizeWithBias in a ResBlock is GroupNorm with learned scale and bias and gcd(C, 32) groups.
+* NormalizeWithBias in a ResBlock is GroupNorm with learned scale and bias and gcd(C, 32) groups
+  (``group_norm.max_groups``, 32: the paper's widths of 128 and up give groups of >= 4 channels).
+  Scaled-down models lower it (gin/scales/demo.gin): at width 32, 32 groups normalise one channel
+  each, which on a 1x1 feature map is a single value, so every block of such a level would output
+  a constant whatever its input.
 * Dropout sits after the second swish, before the zero-initialised output convolution (the
   pseudo-code of B.2.1 omits it; this is where DDPM / ADM put it). Whether a block uses dropout is
   decided by its resolution: :func:`dropout_rate` (Sec. 3.4, Table 3).
@@ -20,6 +24,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 
@@ -37,9 +42,11 @@ def compute_dtype(name: Any) -> Any:
   return DTYPES[name]
 
 
-def num_groups(channels: int) -> int:
-  """GroupNorm groups for ``channels``: gcd(channels, 32) (32 groups for the paper's widths)."""
-  return math.gcd(channels, 32)
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """GroupNorm groups for ``channels``: gcd(channels, max_groups) (32 groups for the paper's)."""
+  if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
+    raise UserError(f"group_norm.max_groups={max_groups!r} must be an integer >= 1 (the paper: 32)")
+  return math.gcd(channels, max_groups)
 
 
 def dropout_rate(resolution: int, dropout: float, dropout_from_resolution: int | None) -> float:
@@ -53,8 +60,11 @@ def dropout_rate(resolution: int, dropout: float, dropout_from_resolution: int |
   return float(dropout) if resolution <= dropout_from_resolution else 0.0
 
 
-def group_norm(channels: int, dtype: Any, name: str | None = None) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-5, dtype=dtype,
+@gin.configurable("group_norm", allowlist=["max_groups"])
+def group_norm(channels: int, dtype: Any, name: str | None = None, max_groups: int = 32
+               ) -> nn.GroupNorm:
+  """GroupNorm over ``channels`` with :func:`num_groups` groups (at most ``max_groups``)."""
+  return nn.GroupNorm(num_groups=num_groups(channels, max_groups), epsilon=1e-5, dtype=dtype,
                       param_dtype=jnp.float32, name=name)
 
 
