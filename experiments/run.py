@@ -25,6 +25,13 @@ from eval.inception import RESIZE_MODES
 from experiments import jobs, launchers, registry, scales, throughput
 from experiments import plan as plan_lib
 
+def _positive_int(s: str) -> int:
+  v = int(s)
+  if v < 1:
+    raise ValueError(f"expected an integer >= 1, got {s!r}")
+  return v
+
+
 OPTIONS = [
     cli.Option("table", None, f"which table: {', '.join(registry.TABLES)}"),
     cli.Option("row", None,
@@ -49,6 +56,10 @@ OPTIONS = [
     cli.Option("eval_in_background", False,
                "launcher=local: evaluate each trained job in an eval.worker subprocess while "
                "the next job trains (one evaluation at a time)", parse=cli.parse_bool),
+    cli.Option("parallel", 1,
+               "launcher=local: train up to N jobs at once, each in its own process, then "
+               "evaluate them in turn (on a small CPU one process leaves cores idle)",
+               parse=_positive_int),
     cli.Option("num_samples", None, "override the number of evaluation samples", parse=int),
     cli.Option("extractor", "auto",
                "Inception source for FID/IS: auto, clean-fid, fid-helper or a .pt path"),
@@ -180,8 +191,11 @@ def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str
   background = opts["eval_in_background"] and opts["eval"] and not opts["dry_run"]
   evals = launchers.EvalQueue() if background else None
   try:
-    for job in job_list:
-      launchers.run_local(job, scale, workdir, opts, evals)
+    if opts["parallel"] > 1 and not opts["dry_run"]:
+      launchers.run_local_parallel(job_list, scale, workdir, opts, opts["parallel"], evals)
+    else:
+      for job in job_list:
+        launchers.run_local(job, scale, workdir, opts, evals)
     if evals is not None:
       evals.finish()
   finally:
