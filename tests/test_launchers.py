@@ -25,8 +25,8 @@ def _child(tmp_path, name, seconds=1.0, status=0):
 
 def test_at_most_n_at_once_all_run_and_their_output_is_named(tmp_path, capsys):
   pool = TrainPool(2)
-  for name in ("a", "b", "c", "d"):
-    pool.submit(name, _child(tmp_path, name))
+  for name in ("a", "b", "c", "d"):   # 2 s each: two started together overlap despite slow starts
+    pool.submit(name, _child(tmp_path, name, 2.0))
   pool.finish()
   spans = {n: json.load(open(tmp_path / f"{n}.json")) for n in "abcd"}
   events = sorted([(s, 1) for s, _ in spans.values()] + [(e, -1) for _, e in spans.values()],
