@@ -7,6 +7,7 @@ EX_TEMPFAIL): a scheduler requeues it and the same command resumes.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, Sequence
 
 EXIT_USER_ERROR = 2
@@ -29,6 +30,14 @@ def first_line(e: BaseException) -> str:
   return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def _quiet_exit(status: int) -> None:
+  """Exits after the one line: work the error abandoned (e.g. an async checkpoint write that hit
+  a full disk, whose coroutine is finalised at shutdown with a "never awaited" RuntimeWarning)
+  must not print after it."""
+  warnings.simplefilter("ignore")
+  sys.exit(status)
+
+
 def run_main(main: Callable[[Sequence[str]], int | None],
              argv: Sequence[str] | None = None) -> None:
   """Runs ``main(argv)``: a UserError becomes one ``error:`` line and exit status 2, a Preempted
@@ -38,10 +47,10 @@ def run_main(main: Callable[[Sequence[str]], int | None],
     rc = main(argv)
   except UserError as e:
     print(f"error: {first_line(e)}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    _quiet_exit(EXIT_USER_ERROR)
   except Preempted as e:
     print(f"preempted: {first_line(e)}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_PREEMPTED)
+    _quiet_exit(EXIT_PREEMPTED)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)

@@ -97,6 +97,32 @@ def test_read_only_output_directory_is_one_line(tmp_path, capsys):
       _umount(mnt)
 
 
+ABANDONED = """
+import sys
+from core.errors import UserError, run_main
+async def write():
+  pass
+def main(argv):
+  main.pending = write()   # an async write the error abandons, finalised at shutdown
+  raise UserError("disk full; free space and rerun")
+run_main(main)
+"""
+
+
+def test_work_abandoned_by_an_error_prints_nothing_after_its_line():
+  """A coroutine left un-awaited by the failure (orbax's async checkpoint write on a full disk)
+  would print a RuntimeWarning at shutdown, after the one error line."""
+  p = subprocess.run([sys.executable, "-c", ABANDONED], cwd=ROOT, env=_env(), capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 2
+  assert p.stderr.strip().splitlines() == ["error: disk full; free space and rerun"], p.stderr
+  bare = ABANDONED.replace("from core.errors import UserError, run_main",
+                           "from core.errors import UserError\nrun_main = lambda m: m([])")
+  p = subprocess.run([sys.executable, "-c", bare], cwd=ROOT, env=_env(), capture_output=True,
+                     text=True, timeout=120)
+  assert "never awaited" in p.stderr   # without run_main the warning does appear
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
   """A job trained to step 2 of 4 (a staged run), then the table command, SIGTERMed once its
