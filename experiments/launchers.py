@@ -188,8 +188,8 @@ class TrainPool:
   """``launcher=local parallel=N``: up to N ``core.train`` subprocesses at once, the rest queued.
 
   On a small CPU one XLA process does not keep its cores busy (its compilation is
-  single-threaded and small steps leave threads waiting): the demo's three rows on 2 cores took
-  343 s side by side against about 580 s one after another (300 steps each, README). Each line a
+  single-threaded and small steps leave threads waiting): three 300-step demo rows on 2 cores took
+  343 s side by side against about 580 s one after another (README). Each line a
   child prints is relayed prefixed with its job's name. A failed training fails the command once
   the others have run; whatever stops the command stops every child (SIGTERM, on which the trainer
   checkpoints, then SIGKILL after 60 s) and drops the queue.
@@ -258,12 +258,18 @@ def _relay(name: str, stream) -> None:
     print(f"[{name}] {line.rstrip()}", flush=True)
 
 
+def _local_args(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any]
+                ) -> tuple[str, list[str], list[str]]:
+  """The job's run directory, training and evaluation arguments."""
+  run_dir = storage.join(workdir, job.name)
+  return (run_dir, jobs.job_args(job, scale, run_dir, opts["data_dir"]),
+          jobs.eval_args(job, scale, run_dir, opts))
+
+
 def _prepare_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any]
                    ) -> tuple[str, list[str], list[str]]:
-  """The job's run directory, training and evaluation arguments; writes its job.json."""
-  run_dir = storage.join(workdir, job.name)
-  args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
-  e_args = jobs.eval_args(job, scale, run_dir, opts)
+  """:func:`_local_args`, after writing the job's job.json."""
+  run_dir, args, e_args = _local_args(job, scale, workdir, opts)
   try:
     jobs.write_job_json(job, scale, run_dir, args)
   except OSError as e:
@@ -299,11 +305,10 @@ def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any],
   """Trains ``job`` here (resuming its run directory), then evaluates it: in this process, or
   through ``evals`` in the background while the caller goes on to the next job."""
   if opts["dry_run"]:
-    run_dir = storage.join(workdir, job.name)
-    print("python -m core.train " + " ".join(
-        _quote(a) for a in jobs.job_args(job, scale, run_dir, opts["data_dir"])))
+    _, args, e_args = _local_args(job, scale, workdir, opts)
+    print("python -m core.train " + " ".join(_quote(a) for a in args))
     if opts["eval"]:
-      print("python -m eval.worker " + " ".join(jobs.eval_args(job, scale, run_dir, opts)))
+      print("python -m eval.worker " + " ".join(e_args))
     return
   run_dir, args, e_args = _prepare_local(job, scale, workdir, opts)
   if jobs.is_trained(run_dir):

@@ -25,6 +25,7 @@ from eval.inception import RESIZE_MODES
 from experiments import jobs, launchers, registry, scales, throughput
 from experiments import plan as plan_lib
 
+
 def _positive_int(s: str) -> int:
   v = int(s)
   if v < 1:
