@@ -1,7 +1,7 @@
 """Launchers: where a job's training and evaluation commands run.
 
 ``local`` runs them here one job after another (``parallel=N``: up to N trainings at once, each in
-its own process, then the evaluations in turn); ``tpu`` creates a queued-resource Cloud TPU VM
+its own process, then up to N evaluations at once); ``tpu`` creates a queued-resource Cloud TPU VM
 slice per job and runs the same command on every worker; ``slurm`` writes one ``sbatch`` script
 per job (one task per GPU, requeued on preemption). ``jax.distributed.initialize()`` reads either
 topology; launching a job again resumes its fixed run directory; ``dry_run`` prints the commands.
@@ -184,21 +184,23 @@ class EvalQueue:
     self._proc = None
 
 
-class TrainPool:
-  """``launcher=local parallel=N``: up to N ``core.train`` subprocesses at once, the rest queued.
+class ProcessPool:
+  """``launcher=local parallel=N``: up to N subprocesses at once (``core.train``, then
+  ``eval.worker``), the rest queued.
 
   On a small CPU one XLA process does not keep its cores busy (its compilation is
   single-threaded and small steps leave threads waiting): three 300-step demo rows on 2 cores took
   343 s side by side against about 580 s one after another (README). Each line a
-  child prints is relayed prefixed with its job's name. A failed training fails the command once
+  child prints is relayed prefixed with its job's name. A failed child fails the command once
   the others have run; whatever stops the command stops every child (SIGTERM, on which the trainer
   checkpoints, then SIGKILL after 60 s) and drops the queue.
   """
 
-  def __init__(self, size: int):
+  def __init__(self, size: int, what: str = "training"):
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-      raise UserError(f"parallel={size!r} must be an integer >= 1 (trainings at once)")
+      raise UserError(f"parallel={size!r} must be an integer >= 1 (jobs at once)")
     self.size = size
+    self.what = what
     self._queue: collections.deque = collections.deque()
     self._running: dict[str, tuple[subprocess.Popen, threading.Thread]] = {}
     self.failed: list[str] = []
@@ -233,8 +235,8 @@ class TrainPool:
         time.sleep(poll_seconds)
       self._fill()
     if self.failed:
-      raise UserError(f"training failed: {', '.join(self.failed)} (its output is above); rerun "
-                      f"the same command to resume")
+      raise UserError(f"{self.what} failed: {', '.join(self.failed)} (its output is above); "
+                      f"rerun the same command to resume")
 
   def stop(self) -> None:
     """Drops the queue and stops every running child: nothing outlives us."""
@@ -323,9 +325,11 @@ def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any],
 def run_local_parallel(job_list: Sequence[registry.Job], scale: str, workdir: str,
                        opts: dict[str, Any], parallel: int, evals: EvalQueue | None = None
                        ) -> None:
-  """``parallel=N``: trains the jobs up to N at once in ``core.train`` subprocesses
-  (:class:`TrainPool`), then evaluates each in turn as :func:`run_local` does."""
-  pool, prepared = TrainPool(parallel), []
+  """``parallel=N``: trains the jobs up to N at once in ``core.train`` subprocesses, then
+  evaluates them up to N at once in ``eval.worker`` subprocesses (:class:`ProcessPool`; with
+  ``evals``, through that queue instead). Sampling is one XLA process, like training: the two
+  demo rows' evaluations took 146 s side by side against 187 s one after the other (README)."""
+  pool, prepared = ProcessPool(parallel), []
   try:
     for job in job_list:
       run_dir, args, e_args = _prepare_local(job, scale, workdir, opts)
@@ -338,9 +342,24 @@ def run_local_parallel(job_list: Sequence[registry.Job], scale: str, workdir: st
     pool.finish()
   finally:
     pool.stop()
-  for job, run_dir, e_args in prepared:
+  for job, run_dir, _ in prepared:
     _check_trained(job, run_dir)
-    _evaluate_local(job, run_dir, e_args, opts, evals)
+  if not opts["eval"] or evals is not None:
+    for job, run_dir, e_args in prepared:
+      _evaluate_local(job, run_dir, e_args, opts, evals)
+    return
+  pool = ProcessPool(parallel, what="evaluation")
+  before = {job.name: len(worker.read_results(run_dir)) for job, run_dir, _ in prepared}
+  try:
+    for job, _, e_args in prepared:
+      print(f"[{job.name}] evaluating, {parallel} at once", flush=True)
+      pool.submit(job.name, [sys.executable, "-m", "eval.worker", *e_args])
+    pool.finish()
+  finally:
+    pool.stop()
+  for job, run_dir, _ in prepared:
+    if len(worker.read_results(run_dir)) == before[job.name]:
+      print(f"[{job.name}] evaluated already (every result for these settings exists)", flush=True)
 
 
 def _quote(a: str) -> str:

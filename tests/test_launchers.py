@@ -1,4 +1,4 @@
-"""The local launcher's parallel training (experiments.launchers.TrainPool), with real processes."""
+"""The local launcher's parallel training (experiments.launchers.ProcessPool), with real processes."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from core.errors import UserError
-from experiments.launchers import TrainPool
+from experiments.launchers import ProcessPool
 
 # A child that records when it ran, says hello and exits with the given status.
 CHILD = """
@@ -24,7 +24,7 @@ def _child(tmp_path, name, seconds=1.0, status=0):
 
 
 def test_at_most_n_at_once_all_run_and_their_output_is_named(tmp_path, capsys):
-  pool = TrainPool(2)
+  pool = ProcessPool(2)
   for name in ("a", "b", "c", "d"):   # 2 s each: two started together overlap despite slow starts
     pool.submit(name, _child(tmp_path, name, 2.0))
   pool.finish()
@@ -42,7 +42,7 @@ def test_at_most_n_at_once_all_run_and_their_output_is_named(tmp_path, capsys):
 
 
 def test_a_failed_training_fails_at_the_end_naming_it(tmp_path):
-  pool = TrainPool(2)
+  pool = ProcessPool(2)
   pool.submit("bad", _child(tmp_path, "bad", 0.1, status=3))
   pool.submit("good", _child(tmp_path, "good", 1.0))
   pool.submit("later", _child(tmp_path, "later", 0.1))
@@ -52,7 +52,7 @@ def test_a_failed_training_fails_at_the_end_naming_it(tmp_path):
 
 
 def test_stop_ends_running_children_and_drops_the_queue(tmp_path):
-  pool = TrainPool(1)
+  pool = ProcessPool(1)
   pool.submit("long", _child(tmp_path, "long", 60))
   pool.submit("queued", _child(tmp_path, "queued", 0.1))
   proc = pool._running["long"][0]
@@ -67,4 +67,4 @@ def test_stop_ends_running_children_and_drops_the_queue(tmp_path):
 
 def test_parallel_must_be_a_positive_integer():
   with pytest.raises(UserError, match="parallel=0 must be an integer >= 1"):
-    TrainPool(0)
+    ProcessPool(0)

@@ -12,7 +12,7 @@ from core.errors import UserError
 from core.models import UNet, UViT
 from core.models.conditioning import (
     Conditioning, logsnr_features, sinusoidal_features)
-from core.models.layers import ResBlock, dropout_rate, group_norm
+from core.models.layers import GroupNorm, ResBlock, dropout_rate, group_norm
 from core.models.transformer import MLPBlock, TransformerBlock
 
 @pytest.fixture(autouse=True)
@@ -179,6 +179,32 @@ def test_group_norm_max_groups_keeps_a_1x1_level_alive():
   np.testing.assert_allclose(out, _group_standardised(x, 8), atol=1e-5)
   with pytest.raises(UserError, match="max_groups=0 must be an integer >= 1"):
     group_norm(32, jnp.float32, max_groups=0)
+
+
+@pytest.mark.parametrize("shape,groups,dtype", [
+    ((4, 16, 16, 16), 8, jnp.float32), ((3, 1, 1, 32), 32, jnp.float32),
+    ((2, 5, 64), 4, jnp.float32), ((4, 8, 8, 32), 8, jnp.bfloat16)])
+def test_group_norm_equals_flax_group_norm(shape, groups, dtype):
+  """layers.GroupNorm (two-stage reduction) is flax.linen.GroupNorm: the same parameter tree,
+  the same outputs (to float32 rounding) and gradients, in float32 and bfloat16."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 3.0 + 1.0).astype(dtype)
+  ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype)
+  ours = GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype)
+  params = ref.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape,
+                                                                                   params)
+  params = jax.tree.map(lambda p: p + rng.standard_normal(p.shape).astype(np.float32), params)
+  want, got = ref.apply(params, x), ours.apply(params, x)
+  assert got.dtype == want.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=1e-5 if dtype == jnp.float32 else 2e-2)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))
+  g_want = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  g_got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  if dtype == jnp.float32:
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-4)
 
 
 def test_dropout_rate_rule():

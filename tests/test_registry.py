@@ -195,7 +195,8 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
   first = "cosine (shifted to 64)"
   # A first invocation that stops after one row stands for an interrupted table run; it evaluates
   # in background eval.worker subprocesses (eval_in_background); the second trains the other rows
-  # two at once in core.train subprocesses (parallel=2) and evaluates them in this process.
+  # two at once in core.train subprocesses (parallel=2), then evaluates them two at once in
+  # eval.worker subprocesses.
   run.main(["table=2", f"row={first}", "scale=smoke", f"workdir={workdir}",
             "eval_in_background=true"])
   done_before = {d: open(os.path.join(workdir, d, "eval", "results.jsonl")).read() for d in os.listdir(workdir)}
@@ -203,7 +204,8 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
   run.main(["table=2", "scale=smoke", f"workdir={workdir}", "parallel=2"])
   out = capsys.readouterr().out
   assert out.count("trained already") == len(done_before) and out.count("evaluated already") == len(done_before)
-  assert out.count("2 at once") == 7 - len(done_before)   # the other jobs, trained by the pool
+  assert out.count("training (") == 7 - len(done_before)   # the other jobs, trained by the pool
+  assert out.count("2 at once") == 2 * 7 - len(done_before)      # ... and all evaluated by one
   for d, text in done_before.items():
     assert open(os.path.join(workdir, d, "eval", "results.jsonl")).read() == text
   runs = sorted(os.listdir(workdir))
