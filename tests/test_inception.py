@@ -241,6 +241,9 @@ def test_onnxruntime_backend_gives_the_torch_features(images, tmp_path, monkeypa
   monkeypatch.setenv(inception.CACHE_ENV, str(tmp_path))
   fast = FeatureExtractor("fid-helper", device="cpu", resize_mode="legacy_tensorflow", backend="onnxruntime")
   assert fast.backend == "onnxruntime" and os.path.isfile(inception.onnx_cache_path(fast.path))
+  # Its idle threads sleep (beside training in `make demo`, spinning ones took XLA's cores).
+  options = fast._session.get_session_options()
+  assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
   slow = FeatureExtractor("fid-helper", device="cpu", resize_mode="legacy_tensorflow", backend="torch")
   a, b = fast.features(images)[0], slow.features(images)[0]
   assert np.abs(a - b).max() < 1e-4 and np.abs(b).max() > 0.5
