@@ -7,9 +7,9 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-# --no-compile, then byte-compile once on every core (below): pip compiles one file at a time,
-# which took longer than the installs themselves (2-core machine: 124-154 s for this script
-# before, about 40 s now).
+# --no-compile, then byte-compile once on every core (below): pip compiles one file at a time.
+# From an empty venv on the 2-core machine: 142 and 164 s for this script before, 116 and 121 s
+# after (2026-11-27, back to back).
 INSTALL=("$VENV/bin/pip" install -q --no-compile)
 "${INSTALL[@]}" --upgrade pip
 # torch first, pinned: a bare `torch` requirement can pull a multi-GB CUDA build; 2.13.0 is the CPU
