@@ -25,6 +25,7 @@ import numpy as np
 from core import cli
 from core import config as config_lib
 from core import hardware
+from core import profiling
 from core import sampling
 from core import schedules
 from core import sharding as shd
@@ -54,6 +55,8 @@ OPTIONS = [
     cli.Option("text_len", 128, "text tokens for text-conditioned models", int),
     cli.Option("text_dim", 4096, "text embedding width", int),
     cli.Option("seed", 0, "random seed", int),
+    cli.Option("profile", 0, "after timing, trace this many steps (what=sample: calls) with "
+               "jax.profiler and add where the device time goes (core.profiling)", int),
     cli.Option("out", None, "append the JSON result line to this file"),
 ]
 
@@ -168,12 +171,17 @@ def aot_memory(model, logsnr_fn, cfg, mesh=None) -> dict[str, Any]:
   }
 
 
-def train_benchmark(model, logsnr_fn, cfg, *, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
-  """Times the real training step on random data; img/s, TFLOP/s, MFU, compiled and peak memory."""
+def train_benchmark(model, logsnr_fn, cfg, *, steps: int = 20, warmup: int = 3,
+                    profile: int = 0) -> dict[str, Any]:
+  """Times the real training step on random data; img/s, TFLOP/s, MFU, compiled and peak memory.
+
+  ``profile`` > 0: then traces that many steps and adds ``profile`` (core.profiling.profile).
+  """
   mesh = shd.make_mesh()
   shd.check_batch_size(mesh, cfg.batch_size)
   nc = _num_classes(model)
   compiled, abstract, state_sharding, compile_s = compile_train_step(model, logsnr_fn, cfg, mesh)
+  print(f"compiled the train step in {compile_s:.0f} s", file=sys.stderr, flush=True)
   tx = trainer.make_optimizer(cfg)
   state = jax.jit(functools.partial(trainer.init_state, model, tx, cfg, num_classes=nc),
                   out_shardings=state_sharding)(jax.random.key(cfg.seed))
@@ -193,6 +201,14 @@ def train_benchmark(model, logsnr_fn, cfg, *, steps: int = 20, warmup: int = 3) 
     state, m = compiled(state, batch)
   jax.block_until_ready((state, m))
   steps_per_sec = steps / (time.perf_counter() - start)
+  peak_memory = device_memory()
+  where = None
+  if profile:
+    def one_step():
+      nonlocal state, m
+      state, m = compiled(state, batch)
+      return state, m
+    where = profiling.profile(compiled, one_step, profile)
   fwd = _flops(model, cfg)
   img_s = cfg.batch_size * steps_per_sec
   return _rates(model, cfg, {
@@ -200,11 +216,11 @@ def train_benchmark(model, logsnr_fn, cfg, *, steps: int = 20, warmup: int = 3) 
       "steps": steps, "compile_s": round(compile_s, 2),
       "steps_per_sec": steps_per_sec, "img_per_sec": img_s, "flops_per_image_fwd": fwd,
       "flops_per_sec": 3.0 * fwd * img_s, "loss": float(m["loss"]),
-      "compiled_memory": _memory(compiled), "device_memory": device_memory()})
+      "compiled_memory": _memory(compiled), "device_memory": peak_memory, "profile": where})
 
 
 def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int = 256,
-                     guidance: float = 1.5, calls: int = 1) -> dict[str, Any]:
+                     guidance: float = 1.5, calls: int = 1, profile: int = 0) -> dict[str, Any]:
   """Times ``calls`` whole jitted sampler calls of ``batch`` images at ``num_steps`` steps.
 
   With guidance != 1 on a class-conditional model each step is one model call of batch 2B (the
@@ -247,12 +263,16 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
   start = time.perf_counter()
   compiled = fn.lower(params, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - start
+  print(f"compiled the sampler in {compile_s:.0f} s", file=sys.stderr, flush=True)
   jax.block_until_ready(compiled(params, jax.random.key(1)))  # warm-up
   start = time.perf_counter()
   for i in range(calls):
     out = compiled(params, jax.random.key(2 + i))
   jax.block_until_ready(out)
   elapsed = time.perf_counter() - start
+  peak_memory = device_memory()
+  where = (profiling.profile(compiled, lambda: compiled(params, jax.random.key(1)), profile)
+           if profile else None)
   img_s = calls * batch / elapsed
   fwd = _flops(model, cfg)
   passes = (num_steps + 1) * (2 if guided else 1)  # fori_loop steps + the final x prediction
@@ -265,7 +285,7 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
       "ms_per_forward": 1e3 * elapsed / calls / (num_steps + 1),
       "flops_per_image_fwd": fwd, "flops_per_sec": passes * fwd * img_s,
       "hours_for_50k": 50_000 / img_s / 3600.0,
-      "compiled_memory": _memory(compiled), "device_memory": device_memory()})
+      "compiled_memory": _memory(compiled), "device_memory": peak_memory, "profile": where})
 
 
 def _rates(model, cfg, res: dict[str, Any]) -> dict[str, Any]:
@@ -335,11 +355,13 @@ def main(argv: Sequence[str]) -> int:
     jax.config.update("jax_platforms", "cpu")
   model, logsnr_fn, cfg = _build(opts, files, bindings)
   if opts["what"] == "train":
-    res = train_benchmark(model, logsnr_fn, cfg, steps=opts["steps"], warmup=opts["warmup"])
+    res = train_benchmark(model, logsnr_fn, cfg, steps=opts["steps"], warmup=opts["warmup"],
+                          profile=opts["profile"])
   elif opts["what"] == "sample":
     res = sample_benchmark(model, logsnr_fn, cfg, batch=opts["batch"],
                            num_steps=opts["sampler_steps"],
-                           guidance=opts["guidance"], calls=opts["calls"])
+                           guidance=opts["guidance"], calls=opts["calls"],
+                           profile=opts["profile"])
   else:
     res = {"what": "aot", **aot_memory(model, logsnr_fn, cfg, shd.make_mesh(fsdp=-1)),
            "time": time.time()}

@@ -56,7 +56,7 @@ def stages(smoke: bool) -> list[dict]:
   if smoke:
     return [
         {"name": "train_uvit_benchmark256", "args": [BENCH, "batch=2", "steps=2", "warmup=1", "dtype=bfloat16",
-                                                     "UViT.num_transformer_blocks=1", *_TINY_UVIT]},
+                                                     "profile=1", "UViT.num_transformer_blocks=1", *_TINY_UVIT]},
         {"name": "sample_uvit_benchmark256", "args": [BENCH, "what=sample", "batch=2", "sampler_steps=2",
                                                       "guidance=1.5", "dtype=bfloat16",
                                                       "UViT.num_transformer_blocks=1", *_TINY_UVIT]},
@@ -66,15 +66,20 @@ def stages(smoke: bool) -> list[dict]:
         {"name": "train_unet256", "args": [UNET256, "batch=2", "steps=2", "warmup=1", "dtype=bfloat16", *_TINY_UNET]},
     ]
   # cap_s: the most one stage may take, so that a slow stage leaves time for the next ones.
+  # Measured on one H100 (2026-11-27): the benchmark stage took 80 s (compile 48), sampling 112 s,
+  # the 36-block U-ViT ran out of memory without remat (81 GiB asked) in 63 s, then ran with it in
+  # 39 s, and the U-Net 256 did not finish in 181 s. So the U-ViT 36 runs with remat at once, and
+  # the U-Net gets the time saved (and fewer steps). The benchmark and U-Net stages end with a
+  # profile of a few steps (core.profiling): where the device time goes, for the next session.
   return [
-      {"name": "train_uvit_benchmark256", "args": [BENCH, "batch=32", "steps=20", "warmup=3", "dtype=bfloat16"],
-       "cap_s": 150},
+      {"name": "train_uvit_benchmark256", "args": [BENCH, "batch=32", "steps=20", "warmup=3", "dtype=bfloat16",
+                                                   "profile=3"], "cap_s": 150},
       {"name": "sample_uvit_benchmark256", "args": [BENCH, "what=sample", "batch=64", "sampler_steps=256",
                                                     "guidance=1.5", "dtype=bfloat16"], "cap_s": 150},
-      {"name": "train_uvit36_256", "args": [UVIT36, "batch=32", "steps=10", "warmup=2", "dtype=bfloat16"],
-       "retry": ["remat=true"], "cap_s": 180},
-      {"name": "train_unet256", "args": [UNET256, "batch=32", "steps=10", "warmup=2", "dtype=bfloat16"],
-       "cap_s": 180},
+      {"name": "train_uvit36_256", "args": [UVIT36, "batch=32", "steps=10", "warmup=2", "dtype=bfloat16",
+                                            "remat=true"], "cap_s": 120},
+      {"name": "train_unet256", "args": [UNET256, "batch=32", "steps=5", "warmup=1", "dtype=bfloat16",
+                                         "profile=2"], "cap_s": 240},
   ]
 
 
@@ -116,8 +121,11 @@ def run_stage(stage: dict, timeout: float) -> dict:
       record.update(status="ok", result=json.loads(lines[-1]), command=attempt["command"])
       record["attempts"].append(attempt)
       break
-    tail = [l for l in err.strip().splitlines() if l.strip()][-3:]
-    attempt["error"] = "timeout" if rc is None else (" | ".join(tail)[-600:] or f"exit status {rc}")
+    # The stage's own lines, not XLA's log lines (W1127 05:17:52.77 ...), which can be hundreds.
+    tail = [l for l in err.strip().splitlines() if l.strip() and not re.match(r"[WIEF]\d{4} ", l)][-3:]
+    # A timeout keeps the stage's last line (e.g. "compiled the train step in N s"): which phase ran out.
+    attempt["error"] = (f"timeout after: {tail[-1][-300:]}" if tail else "timeout") if rc is None else (
+        " | ".join(tail)[-600:] or f"exit status {rc}")
     record["attempts"].append(attempt)
     record["status"] = "timeout" if rc is None else "failed"
   record["seconds"] = round(time.time() - start, 1)
@@ -156,7 +164,9 @@ def summarize(name: str, rec: dict) -> dict:
   return {"stage": name, "status": rec["status"], "img_per_sec": img, "tflops_per_sec": r.get("tflops_per_sec"),
           "mfu": r.get("mfu"), "peak_bytes": mem, "compiled_bytes": (r.get("compiled_memory") or {}).get("total_bytes"),
           "target_img_per_sec": target, "port_img_per_sec": PORT.get(name),
-          "meets_target": None if (img is None or target is None) else img >= target}
+          "meets_target": None if (img is None or target is None) else img >= target,
+          # Where the device time of a profiled stage goes (core.profiling), in ms per step.
+          "device_ms_by_kind": (r.get("profile") or {}).get("by_kind")}
 
 
 def main(argv: list[str]) -> int:
@@ -184,8 +194,9 @@ def main(argv: list[str]) -> int:
     records[st["name"]] = run_stage(st, min(left, st.get("cap_s", left))) if left > 10 else {"status": "skipped", "seconds": 0.0, "attempts": []}
     s = summarize(st["name"], records[st["name"]])
     mfu = "n/a" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
+    kinds = ", ".join(f"{k} {v:.0f}" for k, v in list((s["device_ms_by_kind"] or {}).items())[:5])
     print(f"[gpu-check] {st['name']}: {s['status']}, {s['img_per_sec'] or 0:.2f} img/s, MFU {mfu}, "
-          f"{records[st['name']]['seconds']:.0f} s", flush=True)
+          f"{records[st['name']]['seconds']:.0f} s" + (f"; ms/step: {kinds}" if kinds else ""), flush=True)
   tables = None
   if opts.get("tables", "false").lower() in ("1", "true", "yes"):
     tables = run_tables(budget - (time.time() - start), smoke)

@@ -178,6 +178,11 @@ def test_gpu_check_smoke_writes_one_json(tmp_path):
   assert sample["guided_batch"] == 2 * sample["batch_size"] and sample["hours_for_50k"] > 0
   assert doc["summary"][1]["target_img_per_sec"] == 4.4 and doc["summary"][0]["port_img_per_sec"] == 173.0
   assert "core.benchmark" in doc["stages"][names[0]]["command"]
+  # The profiled stage says where its device time went, and the kinds add up to the total.
+  prof = train["profile"]
+  assert prof["device_ms_per_step"] > 0 and prof["mapped_fraction"] > 0.8
+  assert abs(sum(prof["by_kind"].values()) - prof["device_ms_per_step"]) < 0.01
+  assert {"conv", "attention"} <= set(prof["by_kind"]) and doc["summary"][0]["device_ms_by_kind"] == prof["by_kind"]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ LAYERS = (
     ("core.io",),
     ("core.data",),
     ("core.schedules", "core.diffusion", "core.sampling", "core.models", "core.sharding",
-     "core.hardware"),
+     "core.hardware", "core.profiling"),
     # trainer, checkpoints, gin config, benchmark, the model summary command; evaluation
     ("core", "core.models.summary", "eval"),
     ("experiments",),
