@@ -213,7 +213,7 @@ def train_benchmark(model, logsnr_fn, cfg, *, steps: int = 20, warmup: int = 3,
   img_s = cfg.batch_size * steps_per_sec
   return _rates(model, cfg, {
       "what": "train", "params": _count(abstract["params"]), "batch_size": cfg.batch_size,
-      "steps": steps, "compile_s": round(compile_s, 2),
+      "steps": steps, "prng_impl": cfg.prng_impl, "compile_s": round(compile_s, 2),
       "steps_per_sec": steps_per_sec, "img_per_sec": img_s, "flops_per_image_fwd": fwd,
       "flops_per_sec": 3.0 * fwd * img_s, "loss": float(m["loss"]),
       "compiled_memory": _memory(compiled), "device_memory": peak_memory, "profile": where})

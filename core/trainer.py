@@ -42,6 +42,9 @@ from core.models import validate as validate_model
 from core.models.validate import image_hw
 
 
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
 @gin.configurable("Train")
 @dataclasses.dataclass
 class TrainConfig:
@@ -74,6 +77,10 @@ class TrainConfig:
   max_nonfinite_in_a_row: int = 20
   text_len: int = 128                 # text-to-image: tokens and width of the text embeddings
   text_dim: int = 4096                # (T5-XXL, section 3.6)
+  # The random-number generator of each step's noise, dropout and condition drop: JAX's default
+  # threefry2x32 (as the authors' vdm code), or rbg / unsafe_rbg, cheaper on accelerators with
+  # other random numbers (the same speed-for-bits trade the big JAX trainers make for dropout).
+  prng_impl: str = "threefry2x32"
 
   def __post_init__(self):
     if min(self.hw) < 1:
@@ -87,6 +94,9 @@ class TrainConfig:
         raise UserError(f"Train.{name}={getattr(self, name)} must not be negative")
     if not self.learning_rate > 0:
       raise UserError(f"Train.learning_rate={self.learning_rate} must be positive")
+    if self.prng_impl not in PRNG_IMPLS:
+      raise UserError(f"Train.prng_impl={self.prng_impl!r} is unknown; use one of "
+                      f"{', '.join(PRNG_IMPLS)}")
 
 
   @property
@@ -158,7 +168,7 @@ def init_state(model, tx, cfg: TrainConfig, rng: jax.Array, num_classes: int) ->
 
 def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_classes: int):
   """One optimisation step; a non-finite loss or gradient leaves the state unchanged but counted."""
-  step_rng = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
+  step_rng = jax.random.fold_in(jax.random.key(cfg.seed, impl=cfg.prng_impl), state["step"])
   loss_rng, drop_rng, cond_rng = jax.random.split(step_rng, 3)
   x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
   # Classifier-free guidance: drop the conditioning of cond_drop_prob of the examples (appendix A);

@@ -15,6 +15,8 @@ memory is its own):
 - ``train_uvit36_256``: the 36-block U-ViT 2B (gin/models/uvit_imagenet256.gin), batch 32, bf16
   (target >= 150 img/s; the port: 102 img/s); retried with remat if it does not fit;
 - ``train_unet256``: the ImageNet 256 U-Net of appendix B.1, batch 32, bf16;
+- ``train_uvit_benchmark256_rbg``: the first stage with ``Train.prng_impl='unsafe_rbg'`` (its
+  noise and dropout from a cheaper generator), if time is left;
 - ``table4``/``table5`` (``tables=true``, when time is left): experiments.run mode=throughput at
   paper shapes, batch 8, the relative steps/s columns.
 
@@ -64,6 +66,9 @@ def stages(smoke: bool) -> list[dict]:
                                               "UViT.num_transformer_blocks=2", *_TINY_UVIT],
          "retry": ["remat=true"]},
         {"name": "train_unet256", "args": [UNET256, "batch=2", "steps=2", "warmup=1", "dtype=bfloat16", *_TINY_UNET]},
+        {"name": "train_uvit_benchmark256_rbg", "args": [BENCH, "batch=2", "steps=2", "warmup=1", "dtype=bfloat16",
+                                                         "Train.prng_impl='unsafe_rbg'",
+                                                         "UViT.num_transformer_blocks=1", *_TINY_UVIT]},
     ]
   # cap_s: the most one stage may take, so that a slow stage leaves time for the next ones.
   # Measured on one H100 (2026-11-27): the benchmark stage took 80 s (compile 48), sampling 112 s,
@@ -80,6 +85,11 @@ def stages(smoke: bool) -> list[dict]:
                                             "remat=true"], "cap_s": 120},
       {"name": "train_unet256", "args": [UNET256, "batch=32", "steps=5", "warmup=1", "dtype=bfloat16",
                                          "profile=2"], "cap_s": 240},
+      # If time is left: the benchmark stage with a cheaper generator for its noise and dropout
+      # (Train.prng_impl), against the first stage's threefry.
+      {"name": "train_uvit_benchmark256_rbg", "args": [BENCH, "batch=32", "steps=20", "warmup=3",
+                                                       "dtype=bfloat16", "Train.prng_impl='unsafe_rbg'"],
+       "cap_s": 100},
   ]
 
 

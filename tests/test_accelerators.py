@@ -167,13 +167,15 @@ def test_gpu_check_smoke_writes_one_json(tmp_path):
   (path,) = glob.glob(str(tmp_path / "*.json"))
   doc = json.load(open(path))
   assert os.path.basename(path) == f"cpu-{doc['date']}-smoke.json" and doc["smoke"] and doc["device"] == "cpu"
-  names = ["train_uvit_benchmark256", "sample_uvit_benchmark256", "train_uvit36_256", "train_unet256"]
+  names = ["train_uvit_benchmark256", "sample_uvit_benchmark256", "train_uvit36_256", "train_unet256",
+           "train_uvit_benchmark256_rbg"]
   assert [s["stage"] for s in doc["summary"]] == names
-  assert [s["status"] for s in doc["summary"]] == ["ok", "ok", "skipped", "skipped"]
+  assert [s["status"] for s in doc["summary"]] == ["ok", "ok", "skipped", "skipped", "skipped"]
   for s in doc["summary"][:2]:
     assert s["img_per_sec"] > 0 and s["tflops_per_sec"] > 0 and s["mfu"] is None and s["compiled_bytes"] > 0
   train, sample = (doc["stages"][n]["result"] for n in names[:2])
   assert train["arch"] == "UViT" and train["dtype"] == "bfloat16" and train["batch_size"] == 2
+  assert train["prng_impl"] == "threefry2x32"
   # Guidance: conditional and unconditional passes in one model call of twice the batch.
   assert sample["guided_batch"] == 2 * sample["batch_size"] and sample["hours_for_50k"] > 0
   assert doc["summary"][1]["target_img_per_sec"] == 4.4 and doc["summary"][0]["port_img_per_sec"] == 173.0

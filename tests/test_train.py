@@ -215,3 +215,33 @@ def test_loss_goes_down_and_ema_samples_move_toward_the_data(tmp_path):
 
   before, after = distance(fresh), distance(trained)
   assert after < 0.6 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_prng_impl_changes_the_step_randomness_only():
+  """Train.prng_impl: the default is JAX's threefry; rbg draws other noise and dropout,
+  deterministically, from the same state; an unknown name is a one-line error."""
+  import dataclasses
+  import functools
+  import jax
+  from core import schedules, trainer
+  from core.errors import UserError
+  from core.models.unet import UNet
+  model = UNet(base_channels=8, emb_channels=16, channel_multiplier=(1,), num_res_blocks=(1,),
+               attn_resolutions=(), num_heads=1, dropout=0.5, dropout_from_resolution=16)
+  base = trainer.TrainConfig(image_size=8, batch_size=4, warmup_steps=0)
+  logsnr_fn = schedules.get_schedule("cosine_shifted", image_d=8, noise_d=8)
+  state = trainer.init_state(model, trainer.make_optimizer(base), base, jax.random.key(0), num_classes=0)
+  batch = {"image": np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)}
+
+  def step(cfg):
+    return jax.jit(functools.partial(trainer.train_step, model=model, tx=trainer.make_optimizer(cfg),
+                                     logsnr_fn=logsnr_fn, cfg=cfg, num_classes=0))
+
+  assert base.prng_impl == "threefry2x32"
+  threefry = float(step(base)(state, batch)[1]["loss"])
+  rbg_step = step(dataclasses.replace(base, prng_impl="rbg"))
+  rbg = float(rbg_step(state, batch)[1]["loss"])
+  assert np.isfinite(rbg) and rbg != threefry and float(rbg_step(state, batch)[1]["loss"]) == rbg
+  with pytest.raises(UserError, match="Train.prng_impl='philox' is unknown"):
+    trainer.TrainConfig(prng_impl="philox")
