@@ -193,7 +193,9 @@ class ProcessPool:
   343 s side by side against about 580 s one after another (README). Each line a
   child prints is relayed prefixed with its job's name. A failed child fails the command once
   the others have run; whatever stops the command stops every child (SIGTERM, on which the trainer
-  checkpoints, then SIGKILL after 60 s) and drops the queue.
+  checkpoints, then SIGKILL after 60 s) and drops the queue. As a context manager it runs
+  everything submitted when the block ends (:meth:`finish`) and stops every child on the way out,
+  whatever ended the block (:meth:`stop`).
   """
 
   def __init__(self, size: int, what: str = "training"):
@@ -204,6 +206,17 @@ class ProcessPool:
     self._queue: collections.deque = collections.deque()
     self._running: dict[str, tuple[subprocess.Popen, threading.Thread]] = {}
     self.failed: list[str] = []
+
+  def __enter__(self) -> "ProcessPool":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> bool:
+    try:
+      if exc_type is None:
+        self.finish()
+    finally:
+      self.stop()
+    return False
 
   def submit(self, name: str, argv: Sequence[str]) -> None:
     """Queues a command (argv list); it starts as soon as a slot is free."""
@@ -329,8 +342,8 @@ def run_local_parallel(job_list: Sequence[registry.Job], scale: str, workdir: st
   evaluates them up to N at once in ``eval.worker`` subprocesses (:class:`ProcessPool`; with
   ``evals``, through that queue instead). Sampling is one XLA process, like training: the two
   demo rows' evaluations took 146 s side by side against 187 s one after the other (README)."""
-  pool, prepared = ProcessPool(parallel), []
-  try:
+  prepared = []
+  with ProcessPool(parallel) as pool:
     for job in job_list:
       run_dir, args, e_args = _prepare_local(job, scale, workdir, opts)
       prepared.append((job, run_dir, e_args))
@@ -339,24 +352,17 @@ def run_local_parallel(job_list: Sequence[registry.Job], scale: str, workdir: st
       else:
         print(f"[{job.name}] training ({_rows(job)}), {parallel} at once", flush=True)
         pool.submit(job.name, [sys.executable, "-m", "core.train", *args])
-    pool.finish()
-  finally:
-    pool.stop()
   for job, run_dir, _ in prepared:
     _check_trained(job, run_dir)
   if not opts["eval"] or evals is not None:
     for job, run_dir, e_args in prepared:
       _evaluate_local(job, run_dir, e_args, opts, evals)
     return
-  pool = ProcessPool(parallel, what="evaluation")
   before = {job.name: len(worker.read_results(run_dir)) for job, run_dir, _ in prepared}
-  try:
+  with ProcessPool(parallel, what="evaluation") as pool:
     for job, _, e_args in prepared:
       print(f"[{job.name}] evaluating, {parallel} at once", flush=True)
       pool.submit(job.name, [sys.executable, "-m", "eval.worker", *e_args])
-    pool.finish()
-  finally:
-    pool.stop()
   for job, run_dir, _ in prepared:
     if len(worker.read_results(run_dir)) == before[job.name]:
       print(f"[{job.name}] evaluated already (every result for these settings exists)", flush=True)

@@ -68,3 +68,25 @@ def test_stop_ends_running_children_and_drops_the_queue(tmp_path):
 def test_parallel_must_be_a_positive_integer():
   with pytest.raises(UserError, match="parallel=0 must be an integer >= 1"):
     ProcessPool(0)
+
+
+def test_as_a_context_manager_it_runs_all_on_exit_and_stops_children_on_an_error(tmp_path):
+  with ProcessPool(2, what="evaluation") as pool:
+    for name in ("a", "b", "c"):
+      pool.submit(name, _child(tmp_path, name, 0.2))
+  assert all((tmp_path / f"{n}.json").exists() for n in "abc")   # finish() ran at the block's end
+
+  with pytest.raises(UserError, match=r"evaluation failed: bad \(exit status 2\)"):
+    with ProcessPool(1, what="evaluation") as pool:
+      pool.submit("bad", _child(tmp_path, "bad", 0.1, status=2))
+
+  t0 = time.time()
+  with pytest.raises(KeyboardInterrupt):
+    with ProcessPool(1) as pool:
+      pool.submit("long", _child(tmp_path, "long", 60))
+      pool.submit("queued", _child(tmp_path, "queued", 0.1))
+      proc = pool._running["long"][0]
+      time.sleep(1)
+      raise KeyboardInterrupt   # as Ctrl-C would, inside the block
+  assert proc.poll() is not None and time.time() - t0 < 30
+  assert not (tmp_path / "long.json").exists() and not (tmp_path / "queued.json").exists()
