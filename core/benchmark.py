@@ -208,7 +208,7 @@ def train_benchmark(model, logsnr_fn, cfg, *, steps: int = 20, warmup: int = 3,
       nonlocal state, m
       state, m = compiled(state, batch)
       return state, m
-    where = profiling.profile(compiled, one_step, profile)
+    where = _profile(compiled, one_step, profile)
   fwd = _flops(model, cfg)
   img_s = cfg.batch_size * steps_per_sec
   return _rates(model, cfg, {
@@ -271,7 +271,7 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
   jax.block_until_ready(out)
   elapsed = time.perf_counter() - start
   peak_memory = device_memory()
-  where = (profiling.profile(compiled, lambda: compiled(params, jax.random.key(1)), profile)
+  where = (_profile(compiled, lambda: compiled(params, jax.random.key(1)), profile)
            if profile else None)
   img_s = calls * batch / elapsed
   fwd = _flops(model, cfg)
@@ -286,6 +286,16 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
       "flops_per_image_fwd": fwd, "flops_per_sec": passes * fwd * img_s,
       "hours_for_50k": 50_000 / img_s / 3600.0,
       "compiled_memory": _memory(compiled), "device_memory": peak_memory, "profile": where})
+
+
+def _profile(compiled, run: Callable[[], Any], steps: int) -> dict[str, Any]:
+  """core.profiling.profile, whose failure (no profiler plugin, say) is recorded, not raised:
+  the timings measured before it stand."""
+  try:
+    return profiling.profile(compiled, run, steps)
+  except Exception as e:  # noqa: BLE001  (any profiler failure; the message is kept)
+    print(f"profile failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
 def _rates(model, cfg, res: dict[str, Any]) -> dict[str, Any]:

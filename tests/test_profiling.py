@@ -123,3 +123,15 @@ def test_profile_of_a_real_trace_puts_the_time_where_the_flops_are():
   assert kinds.get("conv", 0) > 0 and kinds.get("matmul", 0) > 10 * kinds.get("outside_model", 0)
   assert abs(sum(kinds.values()) - res["device_ms_per_step"]) < 0.01
   assert res["wall_ms_per_step_traced"] > 0
+
+
+def test_a_failed_profile_is_recorded_not_raised(monkeypatch, capsys):
+  """The benchmark's timings stand when the profiler fails (e.g. no CUPTI on a GPU image)."""
+  from core import benchmark
+
+  def broken(*a, **k):
+    raise RuntimeError("no profiler plugin")
+
+  monkeypatch.setattr(profiling, "profile", broken)
+  assert benchmark._profile(None, lambda: None, 2) == {"error": "RuntimeError: no profiler plugin"}
+  assert "profile failed: RuntimeError: no profiler plugin" in capsys.readouterr().err
