@@ -13,8 +13,9 @@ path that produced it), and sums the time per step:
 
 Used by ``python -m core.benchmark profile=N`` and the GPU check (scripts/gpu_check.py), so that a
 device session records what to optimise next, not only how fast it was. On GPU the events are the
-kernels on the device's streams (their ``hlo_op`` argument, else the kernel name, which XLA names
-after the fusion); on CPU the thunk events of the executing thread, which carry ``hlo_op`` too.
+device's per-op line, else its stream kernels (:func:`device_events`), found by their ``hlo_op``
+argument, else by name (XLA names a kernel after its fusion); on CPU the thunk events, which carry
+``hlo_op`` too.
 """
 from __future__ import annotations
 
@@ -136,14 +137,29 @@ def kind(op_name: str | None) -> str:
 
 
 def device_events(trace: dict) -> list[dict]:
-  """The 'X' events of device work: GPU/TPU stream events where there are any, else CPU thunks."""
-  procs = {e.get("pid"): e.get("args", {}).get("name", "") for e in trace.get("traceEvents", [])
+  """The 'X' events of device work, each counted once.
+
+  On an accelerator the trace holds the same work on several lines of its device process: the
+  kernels on each stream ("Stream #7(...)"), per-HLO-op spans ("XLA Ops") and per-program spans
+  ("XLA Modules", "Steps"). The per-op line is used where there is one, else the stream lines;
+  never the program spans. Without an accelerator: the CPU thunk events (they carry ``hlo_op``).
+  """
+  events = trace.get("traceEvents", [])
+  procs = {e.get("pid"): e.get("args", {}).get("name", "") for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
   accel = {pid for pid, name in procs.items() if re.search(r"/device:(GPU|TPU)", name)}
-  events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
-  if accel:
-    return [e for e in events if e.get("pid") in accel]
-  return [e for e in events if "hlo_op" in e.get("args", {})]
+  work = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  if not accel:
+    return [e for e in work if "hlo_op" in e.get("args", {})]
+  work = [e for e in work if e.get("pid") in accel]
+  line = lambda e: threads.get((e.get("pid"), e.get("tid")), "")
+  for wanted in (r"^XLA Ops$", r"^Stream"):
+    chosen = [e for e in work if re.search(wanted, line(e))]
+    if chosen:
+      return chosen
+  return [e for e in work if not re.search(r"^(XLA Modules|Steps|XLA TraceMe)", line(e))]
 
 
 def summarize(events: list[dict], names: dict[str, str], steps: int, top: int = 25) -> dict[str, Any]:

@@ -91,6 +91,23 @@ def test_summarize_sums_per_step_skips_loop_containers_and_picks_device_streams(
   assert res["top_ops"][0]["calls"] == 1.0
 
 
+def test_device_events_count_each_kernel_once_on_an_accelerator():
+  """A GPU trace shows the same work on several lines: the per-op line wins, else the streams;
+  the per-program spans never count."""
+  meta = [
+      {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "thread_name", "pid": 7, "tid": 1, "args": {"name": "XLA Modules"}},
+      {"ph": "M", "name": "thread_name", "pid": 7, "tid": 2, "args": {"name": "XLA Ops"}},
+      {"ph": "M", "name": "thread_name", "pid": 7, "tid": 3, "args": {"name": "Stream #7(Compute)"}},
+  ]
+  module = {"ph": "X", "pid": 7, "tid": 1, "name": "jit_train_step", "dur": 100.0, "args": {}}
+  op = {"ph": "X", "pid": 7, "tid": 2, "name": "conv.1", "dur": 40.0, "args": {"hlo_op": "conv.1"}}
+  kernel = {"ph": "X", "pid": 7, "tid": 3, "name": "sm90_xmma_fprop", "dur": 39.0,
+            "args": {"hlo_op": "conv.1"}}
+  assert profiling.device_events({"traceEvents": meta + [module, op, kernel]}) == [op]
+  assert profiling.device_events({"traceEvents": meta + [module, kernel]}) == [kernel]
+
+
 def test_device_events_on_cpu_are_the_thunks_with_hlo_op():
   trace = {"traceEvents": [
       {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
