@@ -311,8 +311,14 @@ def _evaluate_local(job: registry.Job, run_dir: str, e_args: list[str], opts: di
     print(f"[{job.name}] evaluating", flush=True)
     before = len(worker.read_results(run_dir))
     worker.main(e_args)
-    if len(worker.read_results(run_dir)) == before:
-      print(f"[{job.name}] evaluated already (every result for these settings exists)", flush=True)
+    _say_if_evaluated_already(job, run_dir, before)
+
+
+def _say_if_evaluated_already(job: registry.Job, run_dir: str, results_before: int) -> None:
+  """The worker evaluates only what these settings have not evaluated yet: no new result line
+  means every one existed."""
+  if len(worker.read_results(run_dir)) == results_before:
+    print(f"[{job.name}] evaluated already (every result for these settings exists)", flush=True)
 
 
 def run_local(job: registry.Job, scale: str, workdir: str, opts: dict[str, Any],
@@ -364,8 +370,7 @@ def run_local_parallel(job_list: Sequence[registry.Job], scale: str, workdir: st
       print(f"[{job.name}] evaluating, {parallel} at once", flush=True)
       pool.submit(job.name, [sys.executable, "-m", "eval.worker", *e_args])
   for job, run_dir, _ in prepared:
-    if len(worker.read_results(run_dir)) == before[job.name]:
-      print(f"[{job.name}] evaluated already (every result for these settings exists)", flush=True)
+    _say_if_evaluated_already(job, run_dir, before[job.name])
 
 
 def _quote(a: str) -> str:
