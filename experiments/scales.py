@@ -29,9 +29,15 @@ SCALES = ("paper", "demo", "smoke")
 FACTOR = {"paper": 1, "demo": 8, "smoke": 8}
 # Divisor of a row's total residual blocks (then apportioned to levels, see scaled_blocks). 3 is
 # the largest that keeps Table 4's four rows distinct at the 16x16 level (1, 2, 3, 4).
+# The demo U-Net uses it too: a CPU step's time is mostly per-op overhead, so it goes with the
+# number of blocks. Measured on Table 2's 128x128 demo rows (2 cores, 2,000 steps at batch 32):
+# divisor 2 (0.87M parameters, [2, 2, 2, 6, 2]) ran 6.5 steps/s alone after a 60-70 s compile;
+# divisor 3 (0.70M, [1, 1, 1, 4, 2]) 10.3 steps/s after 44 s, and two rows side by side trained in
+# 7 min 18 s against 11 min 52 s, at the same quality: KID train x1000 84.1 +- 2.2 / 93.8 +- 1.8
+# (original / shifted to 32, n=500) against 75.0 +- 2.0 / 99.4 +- 1.8 and 77.7 +- 2.1 / 93.7 +- 1.8.
 # The demo U-ViT keeps the paper's blocks: its up path has num_res_blocks blocks a level (the
 # U-Net's has one more), and at one a level (2 // 2) it denoised worse at logSNR 0 than at -2.
-BLOCK_DIVISOR = {"paper": {"unet": 1, "uvit": 1}, "demo": {"unet": 2, "uvit": 1},
+BLOCK_DIVISOR = {"paper": {"unet": 1, "uvit": 1}, "demo": {"unet": 3, "uvit": 1},
                  "smoke": {"unet": 3, "uvit": 3}}
 TRANSFORMER_BLOCKS = {"demo": 4, "smoke": 1}
 # Demo widths: channel multipliers capped (every level and block is kept).
