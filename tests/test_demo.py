@@ -52,6 +52,19 @@ def test_demo_caps_unet_widths_but_keeps_every_level_and_the_shift_ratio():
       assert int(_bound(b, "schedule.image_d")) / int(_bound(b, "schedule.noise_d")) == ratio
 
 
+def test_demo_unet_keeps_a_third_of_the_paper_blocks_as_smoke():
+  """The demo U-Net's block counts are the paper's total / 3 shared out as at smoke scale (a CPU
+  step's time follows the number of blocks, README "Where its time goes"): the 128x128 rows'
+  [3, 4, 4, 12, 4] become [1, 1, 1, 4, 2], every level kept."""
+  for entry in registry.select("2", _makefile_rows()):
+    job = registry.jobs([entry])[0]
+    demo = scales.scale_bindings(job.gin_files, job.bindings, job.arch, job.resolution, "demo")
+    smoke = scales.scale_bindings(job.gin_files, job.bindings, job.arch, job.resolution, "smoke")
+    assert json.loads(_bound(demo, "UNet.num_res_blocks")) == [1, 1, 1, 4, 2]
+    assert _bound(demo, "UNet.num_res_blocks") == _bound(smoke, "UNet.num_res_blocks")
+  assert scales.scaled_blocks([3, 4, 4, 12, 4], 3) == [1, 1, 1, 4, 2]
+
+
 def test_cosine_lr_decay_matches_closed_form_and_constant_keeps_the_paper_schedule():
   cfg = trainer.TrainConfig(learning_rate=1e-3, warmup_steps=100, num_steps=1100, lr_decay="cosine")
   assert trainer.learning_rate_at(cfg, 50) == pytest.approx(5e-4)
