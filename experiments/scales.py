@@ -35,7 +35,8 @@ FACTOR = {"paper": 1, "demo": 8, "smoke": 8}
 # divisor 3 (0.70M, [1, 1, 1, 4, 2]) 10.3 steps/s after 44 s; in `make demo` (two rows side by
 # side, Inception beside them) they trained in 9:37-10:00 against 11:52, with KID train x1000
 # 84.1 +- 2.2 / 93.8 +- 1.8 (original / shifted to 32, n=500) against 75.0 +- 2.0 / 99.4 +- 1.8
-# and 77.7 +- 2.1 / 93.7 +- 1.8: the shifted row the same, the original row a few spreads worse, for 1.5x faster steps.
+# and 77.7 +- 2.1 / 93.7 +- 1.8: the shifted row the same, the original row a few spreads worse,
+# for 1.5x faster steps.
 # The demo U-ViT keeps the paper's blocks: its up path has num_res_blocks blocks a level (the
 # U-Net's has one more), and at one a level (2 // 2) it denoised worse at logSNR 0 than at -2.
 BLOCK_DIVISOR = {"paper": {"unet": 1, "uvit": 1}, "demo": {"unet": 3, "uvit": 1},

@@ -38,6 +38,7 @@ for name in ("experiments.run", "core.train", "core.benchmark", "eval.worker", "
   try:
     importlib.import_module(name)
   except Exception as e:  # pylint: disable=broad-except
-    print(f"setup: {name} was not pre-imported ({type(e).__name__}: {e}); it compiles when imported")
+    print(f"setup: {name} was not pre-imported ({type(e).__name__}: {e}); "
+          "it compiles when imported")
 PY
 touch "$VENV/.installed"
