@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core import profiling
+from core import benchmark, profiling
 
 HLO = """
 %fused_gemm (param_0: bf16[64,64], param_1: bf16[64,64]) -> f32[64,64] {
@@ -144,8 +144,6 @@ def test_profile_of_a_real_trace_puts_the_time_where_the_flops_are():
 
 def test_a_failed_profile_is_recorded_not_raised(monkeypatch, capsys):
   """The benchmark's timings stand when the profiler fails (e.g. no CUPTI on a GPU image)."""
-  from core import benchmark
-
   def broken(*a, **k):
     raise RuntimeError("no profiler plugin")
 
