@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
 # `slow` tests, then the rest (otherwise in collection order). A module whose tests share an
 # expensive module-scoped fixture is one xdist_group (its fixture is built once, on one worker).
 HEAVIEST = (
-    "tests/test_registry.py::test_table2_smoke_end_to_end",  # trains and evaluates 7 rows
+    "tests/test_registry.py::test_table2_smoke_end_to_end",  # trains and evaluates 4 rows
     "tests/test_learning.py",
     # Third and fourth: each worker takes one more unit while its first test runs, so these two
     # are queued behind the two longest; the faults_train group (its two-host test and the
