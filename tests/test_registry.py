@@ -5,13 +5,17 @@ import csv
 import dataclasses
 import json
 import os
+import shlex
 
 import gin
 import pytest
 
 from core import config as config_lib
+from core import schedules, trainer
 from core.errors import UserError
+from core.models import make_model
 from experiments import jobs, registry, run, scales
+from tables import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,8 +78,6 @@ def test_identical_configurations_are_one_job():
 
 def _operative(job, scale="paper"):
   """Builds model, schedule and trainer settings from the job's gin, then reads gin's operative config."""
-  from core import schedules, trainer
-  from core.models import make_model
   args = jobs.job_args(job, scale, "unused", None)
   files = [a.split("=", 1)[1] for a in args if a.startswith("gin_file=")]
   binds = [a for a in args if not a.startswith(("gin_file=", "workdir="))]
@@ -166,7 +168,6 @@ def test_paper_scale_on_cpu_is_refused_with_its_cost():
 
 
 def test_tpu_dry_run_commands_are_well_formed(capsys):
-  import shlex
   run.main(["table=7", "row=simple diffusion (U-ViT 2B)", "scale=paper", "launcher=tpu", "dry_run=true",
             "workdir=gs://bucket/sd", "repo_url=https://example.org/sd.git", "tpu_zone=us-central2-b",
             "data_dir=gs://bucket/imagenet{res}"])
@@ -217,7 +218,6 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
     assert open(os.path.join(workdir, d, "eval", "results.jsonl")).read() == text
   runs = sorted(os.listdir(workdir))
   assert len(runs) == 4
-  from tables import render
   out_dir = tmp_path / "tables"
   render.main(["table=2", f"workdir={workdir}", f"out={out_dir}", "format=markdown"])
   md = (out_dir / "table_2.md").read_text()
