@@ -88,22 +88,24 @@ def setup_script() -> str:
   ]) + "\n"
 
 
-def run_script(train_args: Sequence[str], eval_args: Sequence[str]) -> str:
+def run_script(train_args: Sequence[str], eval_args: Sequence[str] | None) -> str:
   """Runs on every host: training (resumed from the run directory's latest checkpoint), then
-  evaluation of its final step. Its exit status is the failing command's: 75 after a SIGTERM
-  checkpoint, which SkyPilot answers by relaunching (``recover_on_exit_codes``)."""
+  evaluation of its final step (unless ``eval_args`` is None). Its exit status is the failing
+  command's: 75 after a SIGTERM checkpoint, which SkyPilot answers by relaunching
+  (``recover_on_exit_codes``)."""
   q = lambda args: " ".join(shlex.quote(a) for a in args)
-  return "\n".join([
-      "set -euo pipefail",
-      f"echo \"[$(hostname)] commit $SD_COMMIT\"",
-      f".venv/bin/python -m core.train {q([*train_args, SHARD_ALL, 'distributed=true'])}",
-      f".venv/bin/python -m eval.worker {q([*eval_args, 'distributed=true'])}",
-  ]) + "\n"
+  lines = ["set -euo pipefail",
+           "echo \"[$(hostname)] commit $SD_COMMIT\"",
+           f".venv/bin/python -m core.train {q([*train_args, SHARD_ALL, 'distributed=true'])}"]
+  if eval_args is not None:
+    lines.append(f".venv/bin/python -m eval.worker {q([*eval_args, 'distributed=true'])}")
+  return "\n".join(lines) + "\n"
 
 
-def task(job: registry.Job, train_args: Sequence[str], eval_args: Sequence[str],
+def task(job: registry.Job, train_args: Sequence[str], eval_args: Sequence[str] | None,
          opts: dict[str, Any], *, commit: str, code: str | dict[str, str]) -> dict[str, Any]:
-  """The SkyPilot task of one job: its slice, recovery policy, shipped code and commands."""
+  """The SkyPilot task of one job: its slice, recovery policy, shipped code and commands
+  (``eval_args`` None: training only)."""
   tpu_type, zone = slice_for(job.arch, opts)
   run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("workdir="))
   if not run_dir.startswith("gs://"):
@@ -228,8 +230,8 @@ def launch(job_list: Sequence[registry.Job], scale: str, workdir: str, opts: dic
     t_args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
     e_args = jobs.eval_args(job, scale, run_dir, opts)
     rows = "; ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)
-    specs.append((job, run_dir, t_args, task(job, t_args, e_args, opts, commit=sha, code=code),
-                  rows))
+    config = task(job, t_args, e_args if opts["eval"] else None, opts, commit=sha, code=code)
+    specs.append((job, run_dir, t_args, config, rows))
   shipped = (f"clones {opts['repo_url']} at" if opts.get("repo_url") else "uploads") + \
       f" commit {sha[:12]}"
   if dry_run:

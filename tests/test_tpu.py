@@ -185,6 +185,13 @@ def test_run_script_trains_then_evaluates_and_passes_the_exit_status_on(
   assert config["resources"]["job_recovery"]["recover_on_exit_codes"] == [EXIT_PREEMPTED]
 
 
+def test_eval_false_trains_only(capsys, tmp_path):
+  repo = _git_repo(tmp_path / "repo", {"a.txt": "v1\n"})
+  (with_eval,) = _dry_run_yamls(capsys, _jobs("7", U_VIT), _opts(), repo)[0].values()
+  (without,) = _dry_run_yamls(capsys, _jobs("7", U_VIT), _opts("eval=false"), repo)[0].values()
+  assert "eval.worker" in with_eval and "core.train" in without and "eval.worker" not in without
+
+
 def test_setup_pins_this_jax_and_python_and_stops_at_the_first_failure(tmp_path):
   script = tpu.setup_script()
   assert f"'jax[tpu]=={version('jax')}'" in script and tpu.JAX_VERSION == version("jax")
