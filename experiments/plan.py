@@ -23,7 +23,7 @@ from core import sharding as shd
 from core import trainer as train_lib
 from core.errors import UserError
 from core.io import jsonl, rundir, storage
-from experiments import jobs, launchers, registry
+from experiments import jobs, launchers, registry, tpu
 
 # Without a measurement, cost is estimated at this utilisation of the accelerator's dense bf16 peak.
 ASSUMED_MFU = 0.4
@@ -181,7 +181,7 @@ def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str,
     if opts["launcher"] in ("tpu", "slurm"):
       args = [*args, launchers.SHARD_ALL]
     n = int(dict(a.split("=", 1) for a in jobs.eval_args(job, scale, run_dir, opts))["num_samples"])
-    tgt = target(opts, job.arch, launchers.DEFAULT_TPU)
+    tgt = target(opts, job.arch, tpu.DEFAULT_TPU)
     p = describe(job, scale, workdir, args, tgt, sampler_steps=jobs.sampler_steps(job, scale),
                  num_samples=n)
     if opts["aot"]:

@@ -22,7 +22,7 @@ from core import cli
 from core.errors import Preempted, UserError, run_main
 from core.io import storage
 from eval.inception import RESIZE_MODES
-from experiments import jobs, launchers, registry, scales, throughput
+from experiments import jobs, launchers, registry, scales, throughput, tpu
 from experiments import plan as plan_lib
 
 
@@ -45,8 +45,9 @@ OPTIONS = [
                "run: train+evaluate+record; plan: list jobs and costs; throughput: measure "
                "steps/s of Tables 4 and 5 rows", choices=("run", "plan", "throughput")),
     cli.Option("launcher", "local",
-               "local: this machine, one job after another; tpu: Cloud TPU VM slices; "
-               "slurm: one sbatch script per job (GPU clusters)", choices=launchers.LAUNCHERS),
+               "local: this machine, one job after another; tpu: a SkyPilot managed job per "
+               "job on a Cloud TPU slice; slurm: one sbatch script per job (GPU clusters)",
+               choices=launchers.LAUNCHERS),
     cli.Option("workdir", None, "where run directories go (local or gs://); default runs/<scale>"),
     cli.Option("data_dir", None, "prepared data set (paper scale, launcher=tpu: ImageNet at the "
                "rows' resolution; {res} in it becomes each job's, e.g. gs://bucket/imagenet{res})"),
@@ -70,12 +71,20 @@ OPTIONS = [
     cli.Option("clip_model", None, "text-to-image rows: CLIP for the CLIP score (default: "
                "openai/clip-vit-large-patch14 at paper scale; none at demo/smoke, where no CLIP "
                "weights are at hand offline: give a local directory to score)"),
-    cli.Option("tpu_zone", "us-central2-b", "tpu launcher: zone"),
     cli.Option("tpu_type", None,
-               "tpu launcher: accelerator type (default: the paper's, e.g. v4-256)"),
-    cli.Option("tpu_project", None, "tpu launcher: GCP project"),
+               "tpu launcher: Cloud TPU slice (default: v4-64 for U-Nets, the paper's 32 v2 "
+               "chips; v4-256 for U-ViTs, its 128 v4 chips; docs/tpu.md)"),
+    cli.Option("tpu_zone", None,
+               "tpu launcher: zone (default: one offering the slice's generation, e.g. "
+               "us-central2-b for v4)"),
+    cli.Option("tpu_spot", False,
+               "tpu launcher: spot slices (cheaper, preemptible: SkyPilot relaunches and the "
+               "run resumes)", parse=cli.parse_bool),
     cli.Option("repo_url", None,
-               "tpu launcher: git URL of this repository to check out on the workers"),
+               "tpu launcher: the hosts clone this git URL at the launched commit (default: "
+               "the commit is uploaded)"),
+    cli.Option("sky", "sky", "tpu launcher: SkyPilot's sky command (its own environment: "
+               "docs/tpu.md)"),
     cli.Option("accelerator", "H100",
                "plan (local/slurm): GPU kind planned for, e.g. H100, H200, A100"),
     cli.Option("devices", 1, "plan (launcher=local): devices planned for", parse=int),
@@ -175,16 +184,15 @@ def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str
   if opts["launcher"] in ("tpu", "slurm"):
     # Refuse before launching any.
     plan_lib.check_fits(plan_lib.plan_jobs(job_list, scale, workdir, opts))
+    if opts["launcher"] == "tpu":
+      tpu.launch(job_list, scale, workdir, opts)
+      return 0
     scripts = {}
     for job in job_list:
       run_dir = storage.join(workdir, job.name)
       t_args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
       e_args = jobs.eval_args(job, scale, run_dir, opts)
-      if opts["launcher"] == "tpu":
-        launchers.execute(launchers.tpu_commands(job, t_args, e_args, opts),
-                          dry_run=opts["dry_run"])
-      else:
-        scripts[job.name] = launchers.slurm_script(job, t_args, e_args, opts)
+      scripts[job.name] = launchers.slurm_script(job, t_args, e_args, opts)
     if scripts:
       launchers.submit_slurm(scripts, dry_run=opts["dry_run"],
                              script_dir=os.path.join("runs", "slurm"))

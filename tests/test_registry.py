@@ -9,6 +9,7 @@ import shlex
 
 import gin
 import pytest
+import yaml
 
 from core import config as config_lib
 from core import schedules, trainer
@@ -171,18 +172,15 @@ def test_tpu_dry_run_commands_are_well_formed(capsys):
   run.main(["table=7", "row=simple diffusion (U-ViT 2B)", "scale=paper", "launcher=tpu", "dry_run=true",
             "workdir=gs://bucket/sd", "repo_url=https://example.org/sd.git", "tpu_zone=us-central2-b",
             "data_dir=gs://bucket/imagenet{res}"])
-  out = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
-  create = [l for l in out if "queued-resources create" in l]
-  ssh = [l for l in out if "tpu-vm ssh" in l]
-  assert len(create) == 3 and all("--accelerator-type v4-256" in l for l in create)
-  assert len(ssh) == 6 and all("--worker=all" in l for l in ssh)
-  for line in out:
-    shlex.split(line)  # every command parses as shell
-  train = [l for l in ssh if "core.train" in l][0]
-  inner = shlex.split(train)[-1]
-  assert "distributed=true" in inner and "workdir=gs://bucket/sd/uvit128-" in inner
+  blocks = capsys.readouterr().out.split("# ---- ")[1:]   # one SkyPilot task YAML per job
+  tasks = [yaml.safe_load(b.split("\n", 1)[1].rsplit("sky jobs launch", 1)[0]) for b in blocks]
+  assert len(tasks) == 3 and all(t["resources"]["accelerators"] == "tpu-v4-256" for t in tasks)
+  assert all(t["resources"]["infra"] == "gcp/us-central2/us-central2-b" for t in tasks)
+  train = [l for l in tasks[0]["run"].splitlines() if "core.train" in l][0]
+  inner = shlex.split(train)  # every command parses as shell
+  assert "distributed=true" in inner and any(a.startswith("workdir=gs://bucket/sd/uvit128-") for a in inner)
   assert "gin_file=models/uvit_imagenet128.gin" in inner and "UViT.logsnr_range=@schedule_range()" in inner
-  assert "Train.data_dir='gs://bucket/imagenet128'" in shlex.split(inner)  # {res}: the job's resolution
+  assert "Train.data_dir='gs://bucket/imagenet128'" in inner  # {res}: the job's resolution
   with pytest.raises(UserError, match="needs workdir on GCS"):
     run.main(["table=7", "row=simple diffusion (U-ViT 2B)", "scale=paper", "launcher=tpu", "dry_run=true",
               "workdir=/tmp/x", "repo_url=u", "data_dir=gs://bucket/imagenet{res}"])
