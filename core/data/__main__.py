@@ -99,8 +99,8 @@ def host_line(meta, hosts: int, data_dir: str) -> str:
   if per is None:
     return "bytes per host: unknown (a format-1 data set on gs:// does not record shard sizes)"
   return (f"bytes per host ({hosts} host{'s' if hosts > 1 else ''}, {split} split): at most "
-          f"{max(per) / 2**30:,.2f} GiB cached from gs:// (a local or gcsfuse-mounted data set: "
-          f"none)")
+          f"{max(per) / 2**30:,.2f} GiB ({max(per):,} bytes) cached from gs:// (a local or "
+          f"gcsfuse-mounted data set: none)")
 
 
 def main(argv: Sequence[str]) -> int:
