@@ -271,7 +271,9 @@ def test_gs_output_through_storage(tmp_path, gcs_bucket, monkeypatch):  # pylint
   assert len(images) == meta["counts"]["train"]
   with pytest.raises(UserError, match="already holds"):
     prepare.prepare(str(src), 8, out, progress=False)
-  # A whole-split read streams the shards: the cache holds only meta.json and label_map.json.
+  # A whole-split read and info stream the shards: the cache holds only meta.json and
+  # label_map.json.
+  assert data_cli.main(["info", f"data_dir={out}", "verify=full", "hosts=2"]) == 0
   (copy,) = [str(p) for p in (tmp_path / "root" / "gcs").iterdir() if not p.name.startswith(".")]
   assert sorted(n for n in os.listdir(copy) if not n.startswith(".")) == ["label_map.json",
                                                                           "meta.json"]

@@ -195,8 +195,9 @@ class TrainIterator(grain.DataLoaderIterator):
       super().set_state(state)
     except ValueError as e:
       raise UserError("the saved data iterator state does not fit this loader (same data set, "
-                      "seed, "
-                      f"num_workers and shuffle needed to resume): {first_line(e)}") from None
+                      "seed, num_workers, shuffle and data shards needed to resume; states saved "
+                      "before data shards read their own record ranges never fit): "
+                      f"{first_line(e)}") from None
 
   def close(self) -> None:
     """Stops grain's worker processes and drops the pipeline (idempotent)."""
