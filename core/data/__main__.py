@@ -79,12 +79,14 @@ DESCRIPTION = """\
 Prepares an image data set for training: every image is converted to RGB (transparency composited
 on white), center-cropped and resized as ADM does for ImageNet (halve with a BOX filter while the
 smaller side is >= 2*res, BICUBIC so the smaller side is res, central res x res crop) and written
-as uint8 records with an int label to ArrayRecord shards (splits 'train' and 'eval'), plus
-meta.json. Corrupt or unreadable files are skipped and counted.
+with an int label to ArrayRecord shards (splits 'train' and 'eval'), plus meta.json. Each record
+holds the smaller of a PNG of those pixels and the source file itself (cropped again, identically,
+when read: docs/data.md). Corrupt or unreadable files are skipped and counted.
 
 commands:
   prepare src=... res=... out=...   prepare a data set (options below)
-  info data_dir=... [verify=...]    print a prepared data set's summary, check its shards
+  info data_dir=... [hosts=N]       print a prepared data set's summary and bytes per image and
+                                    per host, check its shards
 
 example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16
 text-to-image: python -m core.data prepare src=/data/coco res=256 out=/data/coco256 \
