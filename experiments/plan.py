@@ -1,8 +1,10 @@
 """``mode=plan``: what each job is, what it costs and whether it fits, before anything runs.
 
 On the accelerator a launch would use, per job: bytes per device (FSDP-sharded train state plus
-the activations of one forward pass, a lower bound, so a refused job cannot fit) and the cost of
-training (measured img/s, else an assumed MFU) and evaluation. ``aot=true`` also compiles the
+the activations of one forward pass, a lower bound, so a refused job cannot fit), the bytes of
+training data each host caches (from data_dir's meta.json, else ImageNet estimated from measured
+bytes per image: docs/data.md) and the cost of training (measured img/s, else an assumed MFU) and
+evaluation. ``aot=true`` also compiles the
 sharded step on faked CPU devices and reports XLA's per-device memory.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from core import config as config_lib
 from core import hardware
 from core import sharding as shd
 from core import trainer as train_lib
+from core.data import records
 from core.errors import UserError
 from core.io import jsonl, rundir, storage
 from experiments import jobs, launchers, registry, tpu
@@ -29,6 +32,12 @@ from experiments import jobs, launchers, registry, tpu
 ASSUMED_MFU = 0.4
 # Memory the runtime and XLA keep for themselves (and fragmentation): plan against 90% of HBM.
 USABLE_MEMORY = 0.9
+# Without a data set to read: ImageNet's training images at the record bytes per image measured on
+# real photographs (benchmarks/data_decode.py; docs/data.md): the smaller of a PNG of the crop and
+# ImageNet's mean source JPEG.
+IMAGENET_TRAIN_IMAGES = 1_281_167
+IMAGENET_BYTES_PER_IMAGE = {64: 8_250, 128: 29_717, 256: 109_182, 512: 115_440}
+TPU_CHIPS_PER_HOST = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +73,38 @@ def target(opts: dict[str, Any], arch: str, default_tpu: dict[str, str]) -> Targ
   else:
     devices = int(opts.get("devices") or 1)
   return Target(acc, f"{devices}x {acc.name}", devices, devices, False)
+
+
+def hosts_and_processes(tgt: Target, opts: dict[str, Any]) -> tuple[int, int]:
+  """(hosts, JAX processes) of a launch: a TPU slice's VMs (4 chips each) with one process each,
+  SLURM's nodes with one process per GPU, or this machine with one."""
+  if tgt.is_tpu:
+    hosts = max(1, tgt.chips // TPU_CHIPS_PER_HOST)
+    return hosts, hosts
+  if opts.get("launcher") == "slurm":
+    nodes = int(opts.get("nodes") or 1)
+    return nodes, nodes * int(opts.get("gpus_per_node") or 8)
+  return 1, 1
+
+
+def data_per_host(opts: dict[str, Any], resolution: int, tgt: Target) -> dict[str, Any]:
+  """{'hosts', 'bytes_per_host' (the most any host caches of the train split), 'basis'}."""
+  hosts, processes = hosts_and_processes(tgt, opts)
+  data_dir = (opts.get("data_dir") or "").replace("{res}", str(resolution))
+  if data_dir:
+    try:
+      meta = records.read_meta(data_dir)
+      per = records.bytes_per_host(meta, "train", hosts, processes, data_dir=data_dir)
+    except UserError:  # not prepared yet, or unreadable from here: estimate
+      per = None
+    if per is not None:
+      return {"hosts": hosts, "bytes_per_host": max(per), "cached": data_dir.startswith("gs://"),
+              "basis": f"shard sizes of {data_dir}"}
+  res = min(IMAGENET_BYTES_PER_IMAGE, key=lambda r: abs(r - resolution))
+  per_image = IMAGENET_BYTES_PER_IMAGE[res] * (resolution / res) ** 2
+  return {"hosts": hosts, "bytes_per_host": per_image * IMAGENET_TRAIN_IMAGES / hosts,
+          "cached": not data_dir or data_dir.startswith("gs://"),
+          "basis": f"ImageNet estimate, {per_image / 1e3:,.0f} kB per image"}
 
 
 def _measured_img_per_sec(job, workdir: str) -> float | None:
@@ -132,8 +173,11 @@ def memory(model, cfg, devices: int) -> dict[str, Any]:
 
 
 def describe(job, scale: str, workdir: str, train_args: Sequence[str], tgt: Target, *,
-             sampler_steps: int, num_samples: int) -> dict[str, Any]:
-  """Rows, run name, resolution, parameters, FLOPs, bytes per device, fit, train and eval cost."""
+             sampler_steps: int, num_samples: int, opts: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+  """Rows, run name, resolution, parameters, FLOPs, bytes per device and data bytes per host, fit,
+  train and eval cost."""
+  opts = opts or {}
   model, cfg, _ = jobs.build(train_args)
   fwd = train_lib.forward_flops(model, cfg)
   mem = memory(model, cfg, tgt.devices)
@@ -152,6 +196,7 @@ def describe(job, scale: str, workdir: str, train_args: Sequence[str], tgt: Targ
       "gflops_per_image": fwd / 1e9, "batch_size": cfg.batch_size, "steps": cfg.num_steps,
       "target": tgt.label, "devices": tgt.devices, "chips": tgt.chips, "cost_unit": tgt.unit,
       "memory": mem, "bytes_per_device": mem["bytes_per_device"], "device_memory_bytes": limit,
+      "data": data_per_host(opts, cfg.image_size, tgt),
       "fits": mem["bytes_per_device"] <= limit,
       "train_hours": train_s / 3600.0, "train_cost": hours(train_s),
       "eval_samples": num_samples, "eval_sampler_steps": sampler_steps,
@@ -183,7 +228,7 @@ def plan_jobs(job_list: list[registry.Job], scale: str, workdir: str,
     n = int(dict(a.split("=", 1) for a in jobs.eval_args(job, scale, run_dir, opts))["num_samples"])
     tgt = target(opts, job.arch, tpu.DEFAULT_TPU)
     p = describe(job, scale, workdir, args, tgt, sampler_steps=jobs.sampler_steps(job, scale),
-                 num_samples=n)
+                 num_samples=n, opts=opts)
     if opts["aot"]:
       p["aot"] = aot(args)
     out.append(p)
@@ -220,6 +265,10 @@ def format_text(planned: list[dict[str, Any]]) -> str:
                  f"(of {gib(m['state_bytes_total'])}, fsdp={m['fsdp']}) + activations "
                  f"{m['images_per_device']} x {gib(m['activation_bytes_per_image'])}; usable "
                  f"{gib(p['device_memory_bytes'])}: {'fits' if p['fits'] else 'DOES NOT FIT'}")
+    d = p["data"]
+    lines.append(f"    data per host: {gib(d['bytes_per_host'])} of train shards on each of "
+                 f"{d['hosts']} host(s) " + ("cached from gs://" if d["cached"] else
+                                            "read in place (no copy)") + f" ({d['basis']})")
     if "aot" in p:
       c = p["aot"]["compiled"] or {}
       lines.append(f"    compiled step ({p['aot']['devices']} faked devices, "

@@ -271,8 +271,17 @@ def test_gs_output_through_storage(tmp_path, gcs_bucket, monkeypatch):  # pylint
   assert len(images) == meta["counts"]["train"]
   with pytest.raises(UserError, match="already holds"):
     prepare.prepare(str(src), 8, out, progress=False)
-  # A damaged local copy names itself and the fix (delete it), which then works.
+  # A whole-split read and info stream the shards: the cache holds only meta.json and
+  # label_map.json.
+  assert data_cli.main(["info", f"data_dir={out}", "verify=full", "hosts=2"]) == 0
   (copy,) = [str(p) for p in (tmp_path / "root" / "gcs").iterdir() if not p.name.startswith(".")]
+  assert sorted(n for n in os.listdir(copy) if not n.startswith(".")) == ["label_map.json",
+                                                                          "meta.json"]
+  # The training loader caches its shards; a damaged cached copy names itself and the fix
+  # (delete it), which then works.
+  with pipeline.make_train_loader(out, global_batch_size=1, seed=0, process_index=0,
+                                  process_count=1):
+    pass
   with open(os.path.join(copy, meta["shards"]["train"][0]), "r+b") as f:
     f.truncate(0)
   with pytest.raises(UserError, match=f"local copy {copy} of {out} is damaged .*; delete {copy}"):

@@ -232,7 +232,7 @@ DAMAGED = f"{SHARD} .* is damaged"
     ("flipped record data", _flip(700), ["damaged", "hash mismatch"], DAMAGED, True),
     ("deleted", os.remove, ["listed in meta.json is missing"], "is missing", False),
     ("foreign records", _foreign_records, ["damaged", "record 0: not a simple-diffusion"],
-     "is not a simple-diffusion-records/1 record", False),
+     f"is not a {records.FORMAT} record", False),
 ])
 def test_damaged_shard_is_one_line_in_info_and_the_loader(copy_of, capsys, case, damage, needles,
                                                           loader_error, subprocess_):

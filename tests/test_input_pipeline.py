@@ -146,3 +146,53 @@ def test_user_errors(data_dir, tmp_path):  # pylint: disable=redefined-outer-nam
   prepare.write_dataset(source, RES, only_train, progress=False)
   with pytest.raises(UserError, match="no records in split 'eval'.*python -m core.data prepare"):
     pipeline.load_split(only_train, "eval")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flips keep the top at the top (issue 28 item 1): a portrait stored rotated is flipped up-down.
+
+
+def test_flip_of_a_rotated_portrait_is_an_up_down_flip_of_the_stored_array():
+  """The algebra behind flip_axis: with S = rot90ccw(P) (PIL's ROTATE_90, as preprocess.orient
+  stores a portrait), rot90ccw(fliplr(P)) = flipud(S); rot90cw(fliplr(S)) = flipud(P) is the bug."""
+  p = np.arange(3 * 5 * 3, dtype=np.uint8).reshape(3, 5, 3)
+  s = np.asarray(Image.fromarray(p).transpose(Image.Transpose.ROTATE_90))
+  np.testing.assert_array_equal(s, np.rot90(p, 1))
+  np.testing.assert_array_equal(np.rot90(np.fliplr(p), 1), np.flipud(s))
+  np.testing.assert_array_equal(np.rot90(np.fliplr(s), -1), np.flipud(p))
+  assert pipeline.flip_axis({"portrait": np.int32(1)}) == 0
+  assert pipeline.flip_axis({"portrait": np.int32(0)}) == pipeline.flip_axis({}) == 1
+
+
+def marked_image(h: int, w: int) -> np.ndarray:
+  """Gray with a red block at the top-left corner: its top and its left are known."""
+  img = np.full((h, w, 3), 128, np.uint8)
+  img[:h // 4, :w // 4] = (255, 0, 0)
+  return img
+
+
+def marker_corner(img: np.ndarray) -> tuple[str, str]:
+  """('top' or 'bottom', 'left' or 'right'): where the red block is."""
+  red = img[..., 0].astype(int) - img[..., 1].astype(int)
+  y, x = np.unravel_index(np.argmax(red), red.shape)
+  return ("top" if y < img.shape[0] / 2 else "bottom", "left" if x < img.shape[1] / 2 else "right")
+
+
+def test_random_flips_keep_the_top_of_portrait_and_landscape_images(tmp_path):
+  """A landscape and a portrait photo with a marker at the top-left, prepared at res=8x16 (the
+  portrait stored rotated): in the image's own frame every flip moves the marker left-right only."""
+  items = {"train": [sources.Item(key="landscape.png", label=0, data=png(marked_image(32, 64))),
+                     sources.Item(key="portrait.png", label=1, data=png(marked_image(64, 32)))]}
+  out = str(tmp_path / "ds")
+  prepare.write_dataset(sources.Source(items=items, class_names=["l", "p"], description="test"),
+                        "8x16", out, progress=False)
+  corners = {0: set(), 1: set()}
+  with loader(out, global_batch_size=2, seed=1) as it:
+    for b in take(it, 24):
+      assert b["portrait"].tolist() == [int(l) for l in b["label"]]  # only the portrait rotated
+      for img, portrait in zip(b["image"], b["portrait"]):
+        own = np.rot90(img, -1) if portrait else img  # undo the 90 degree counter-clockwise turn
+        assert own.shape == ((16, 8, 3) if portrait else (8, 16, 3))
+        corners[int(portrait)].add(marker_corner(own))
+  # Both orientations were seen flipped and not flipped, and the marker always stayed on top.
+  assert corners[0] == corners[1] == {("top", "left"), ("top", "right")}, corners

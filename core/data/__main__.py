@@ -67,25 +67,42 @@ INFO_OPTIONS = [
     cli.Option("data_dir", None, "a prepared data set directory (or gs://...)."),
     cli.Option("verify", "auto", "shard check: quick opens every shard and compares its record "
                "count with meta.json; full also reads every record (ArrayRecord's checksums catch "
-               "flipped bytes); auto = full up to 2 GiB of shards, else quick.",
-               choices=["auto", "quick", "full"]),
+               "flipped bytes); auto = full up to 2 GiB of shards, else quick (a gs:// data set "
+               "is streamed one shard at a time for the check; auto skips it above 2 GiB); none "
+               "skips it.",
+               choices=["auto", "quick", "full", "none"]),
+    cli.Option("hosts", 1, "hosts that train on it (a TPU slice's VMs, SLURM nodes): prints the "
+               "bytes of train shards each host caches from a gs:// data set.", int),
 ]
 
 DESCRIPTION = """\
 Prepares an image data set for training: every image is converted to RGB (transparency composited
 on white), center-cropped and resized as ADM does for ImageNet (halve with a BOX filter while the
 smaller side is >= 2*res, BICUBIC so the smaller side is res, central res x res crop) and written
-as uint8 records with an int label to ArrayRecord shards (splits 'train' and 'eval'), plus
-meta.json. Corrupt or unreadable files are skipped and counted.
+with an int label to ArrayRecord shards (splits 'train' and 'eval'), plus meta.json. Each record
+holds the smaller of a PNG of those pixels and the source file itself (cropped again, identically,
+when read: docs/data.md). Corrupt or unreadable files are skipped and counted.
 
 commands:
   prepare src=... res=... out=...   prepare a data set (options below)
-  info data_dir=... [verify=...]    print a prepared data set's summary, check its shards
+  info data_dir=... [hosts=N]       print a prepared data set's summary and bytes per image and
+                                    per host, check its shards
 
 example: python -m core.data prepare src=/data/imagenet res=256 out=/data/imagenet256 workers=16
 text-to-image: python -m core.data prepare src=/data/coco res=256 out=/data/coco256 \
                  text_encoder=google/t5-v1_1-xxl upscale=true
                (all captions kept with their T5 embeddings; eval_captions/: 30K FID captions)"""
+
+
+def host_line(meta, hosts: int, data_dir: str) -> str:
+  """What each of ``hosts`` hosts caches of the train split (the split training reads)."""
+  split = "train" if meta["shards"].get("train") else next(iter(meta["shards"]), None)
+  per = records.bytes_per_host(meta, split, hosts, data_dir=data_dir) if split else None
+  if per is None:
+    return "bytes per host: unknown (a format-1 data set on gs:// does not record shard sizes)"
+  return (f"bytes per host ({hosts} host{'s' if hosts > 1 else ''}, {split} split): at most "
+          f"{max(per) / 2**30:,.2f} GiB ({max(per):,} bytes) cached from gs:// (a local or "
+          f"gcsfuse-mounted data set: none)")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -101,20 +118,36 @@ def main(argv: Sequence[str]) -> int:
     if not values["data_dir"]:
       raise UserError("info needs data_dir=<prepared data set directory>")
     data_dir = values["data_dir"]
+    if values["hosts"] < 1:
+      raise UserError(f"hosts={values['hosts']} must be at least 1")
     meta = records.read_meta(data_dir)
     local = records.localize(data_dir)
     names = [n for v in meta["shards"].values() for n in v]
-    nbytes = sum(os.path.getsize(os.path.join(local, n)) for n in names
-                 if os.path.isfile(os.path.join(local, n)))
+    sizes = {s: records.shard_bytes(meta, s, local) for s in meta["shards"]}
+    nbytes = sum(sum(v) for v in sizes.values() if v)
     verify = values["verify"]
+    remote = local != data_dir
     full = verify == "full" or (verify == "auto" and nbytes <= VERIFY_AUTO_BYTES)
-    n = records.check_shards(local, meta, full=full)
+    n = None
+    if verify != "none" and not (remote and verify == "auto" and nbytes > VERIFY_AUTO_BYTES):
+      n = 0
+      for split, shard_names in meta["shards"].items():
+        for name in shard_names:
+          with records.shard_file(data_dir, name) as path:
+            n += records.check_shards(os.path.dirname(path), meta, [split], full=full,
+                                      names=[name])
     print(summary_line(meta))
-    print(json.dumps({k: meta[k] for k in ("resolution", "num_classes", "counts", "skipped",
-                                            "source")}, indent=1))
-    print(f"shards ok: {len(names)} files, {nbytes / 2**20:.1f} MiB, {n} records " +
-          ("read back with their checksums" if full else
-           "opened and counted (verify=full reads every record's checksum)"))
+    print(json.dumps({k: meta.get(k) for k in ("format", "resolution", "num_classes", "counts",
+                                                "skipped", "codecs", "source")}, indent=1))
+    print(f"shards: {len(names)} files, {nbytes / 2**20:.1f} MiB" + (
+        "" if n is None else f", {n} records " + (
+            "read back with their checksums" if full else
+            "opened and counted (verify=full reads every record's checksum)")) + (
+        "; not checked (verify=quick or full streams every shard)" if n is None else ""))
+    for split in meta["shards"]:
+      if sizes[split] and meta["counts"].get(split):
+        print(f"{split}: {sum(sizes[split]) / meta['counts'][split] / 1e3:,.1f} kB per image")
+    print(host_line(meta, values["hosts"], local))
     return 0
   if cmd != "prepare":
     raise UserError(f"unknown command {cmd!r}; use: python -m core.data prepare src=... res=... "

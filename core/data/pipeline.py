@@ -1,17 +1,22 @@
 """Reading prepared data sets: a resumable, per-host-sharded grain loader and a whole-split reader.
 
-Every host reads a disjoint share of each epoch's global shuffled order (grain ``ShardOptions``)
-and yields ``{'image': uint8 [B, H, W, 3], 'label': int32 [B]}``, B = global batch / hosts. Flips
-(p = 1/2, as ADM's ``random_flip``; the paper does not say) come from grain's per-record generator,
-so the stream is a function of the seed, and ``get_state``/``set_state`` resume it exactly.
+Data shard i of n reads its own contiguous range of the split's records (an even split in file
+order), shuffled anew every epoch with its own seed, and yields ``{'image': uint8 [B, H, W, 3],
+'label': int32 [B]}``, B = global batch / n. So a host caches only the shard files of its ranges
+(records.localize), not the whole data set. Records are decoded (PNG, or a source JPEG cropped
+again) in grain's map step, i.e. in its worker processes. Flips (p = 1/2, as ADM's
+``random_flip``; the paper does not say) are left-right in the image's own frame (up-down of a
+stored portrait, Sec. 5) and come from grain's per-record generator, so the stream is a function
+of the seed, and ``get_state``/``set_state`` resume it exactly.
 """
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import hashlib
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from absl import flags
 import grain
@@ -24,49 +29,78 @@ from core.data.records import damaged_shard, format_size, image_size, localize, 
 from core.data.records import read_meta
 from core.errors import UserError, first_line
 
-def split_paths(data_dir: str, split: str) -> tuple[list[str], dict[str, Any]]:
-  """(shard paths, meta) of one split; UserError naming the prepare command if it is missing."""
-  local = localize(data_dir)
-  meta = read_meta(local)
-  names = meta["shards"].get(split)
-  if not names:
-    have = [s for s, v in meta["shards"].items() if v]
-    raise UserError(f"data set {data_dir!r} has no records in split {split!r} (it has: "
-                    f"{', '.join(have) or 'none'}); {prepare_hint(data_dir)} splits={split}")
+def _check_local(local: str, data_dir: str, meta: dict[str, Any], split: str,
+                 names: Sequence[str]) -> None:
+  """records.check_shards on ``names``; a damaged file of a gs:// cache names the cache."""
   try:
-    records.check_shards(local, meta, [split])  # catches empty and truncated shards
+    records.check_shards(local, meta, [split], names=names)  # catches empty and truncated shards
   except UserError as e:
     if local == data_dir:
       raise
     raise UserError(f"the local copy {local} of {data_dir} is damaged ({str(e).split(';')[0]}); "
                     f"delete {local} to fetch it again") from None
+
+
+def _split_meta(data_dir: str, split: str) -> dict[str, Any]:
+  meta = read_meta(data_dir)
+  if not meta["shards"].get(split):
+    have = [s for s, v in meta["shards"].items() if v]
+    raise UserError(f"data set {data_dir!r} has no records in split {split!r} (it has: "
+                    f"{', '.join(have) or 'none'}); {prepare_hint(data_dir)} splits={split}")
+  return meta
+
+
+def split_paths(data_dir: str, split: str, names: Sequence[str] | None = None
+                ) -> tuple[list[str], dict[str, Any]]:
+  """(local paths of the shards ``names`` of one split (default: all), meta), the shards checked
+  and, for a gs:// data set, fetched into this host's cache; UserError naming the prepare
+  command if the split is missing."""
+  meta = _split_meta(data_dir, split)
+  names = list(meta["shards"][split] if names is None else names)
+  local = localize(data_dir, names)
+  _check_local(local, data_dir, meta, split, names)
   return [os.path.join(local, n) for n in names], meta
 
 
 class RecordSource(grain.sources.RandomAccessDataSource):
-  """grain source over one split's ArrayRecord shards; its repr (which grain stores in iterator
-  states and checks on restore) names the data set's content, not its path, so a run can resume
-  from a copy of the data in another directory. A record that fails ArrayRecord's checksums (a
-  byte flipped on disk after :func:`split_paths` opened the shards) is a UserError naming the
-  shard and the fix, raised wherever the record is read (the trainer's step, ``iter_split``)."""
+  """grain source over records [start, end) of one split (default all), given the local paths of
+  the shard files that hold them, the first of which starts at record ``first``.
 
-  def __init__(self, paths: list[str], meta: dict[str, Any], split: str):
+  Its repr (which grain stores in iterator states and checks on restore) names the range and the
+  data set's content, not its path, so a run can resume from a copy of the data in another
+  directory. A record that fails ArrayRecord's checksums (a byte flipped on disk after
+  :func:`split_paths` opened the shards) is a UserError naming the shard and the fix, raised
+  wherever the record is read (the trainer's step, ``iter_split``)."""
+
+  def __init__(self, paths: list[str], meta: dict[str, Any], split: str, *, start: int = 0,
+               end: int | None = None, first: int = 0):
     self._source = grain.sources.ArrayRecordDataSource(paths)
     self._names = [os.path.basename(p) for p in paths]
-    self._ends = np.cumsum(meta["shard_counts"][split]).tolist()
+    count = dict(zip(meta["shards"][split], meta["shard_counts"][split]))
+    self._ends = np.cumsum([count[n] for n in self._names]).tolist()
     self._data_dir = os.path.dirname(paths[0]) if paths else ""
+    total = sum(meta["shard_counts"][split])
+    end = total if end is None else end
+    if not first <= start <= end <= first + len(self._source):
+      raise ValueError(f"records {start}:{end} are not in the given shards "
+                       f"({first}:{first + len(self._source)})")
+    self._start, self._len, self._offset = start, end - start, start - first
     fp = hashlib.sha1(json.dumps([meta["resolution"], meta["shards"][split],
                                   meta["shard_counts"][split]]).encode()).hexdigest()[:16]
-    self._repr = f"RecordSource(split={split}, records={len(self._source)}, fingerprint={fp})"
+    self._repr = (f"RecordSource(split={split}, records={start}:{end} of {total}, "
+                  f"fingerprint={fp})")
 
   def __len__(self) -> int:
-    return len(self._source)
+    return self._len
 
   def __getitem__(self, record_key: int) -> bytes:
+    if not 0 <= record_key < self._len:
+      raise IndexError(f"record {record_key} of {self._len}")
+    key = self._offset + record_key
     try:
-      return self._source[record_key]
+      return self._source[key]
     except RuntimeError as e:  # Riegeli: "chunk data hash mismatch", a truncated chunk, ...
-      shard = self._names[min(bisect.bisect_right(self._ends, record_key), len(self._names) - 1)]
+      shard = self._names[min(bisect.bisect_right(self._ends, key), len(self._names) - 1)]
       raise damaged_shard(self._data_dir, shard, first_line(e)) from None
 
   def __repr__(self) -> str:
@@ -109,12 +143,20 @@ def caption(element: dict[str, Any], index: int | None) -> dict[str, Any]:
   return out
 
 
+def flip_axis(element: dict[str, Any]) -> int:
+  """The stored array's axis that is left-right in the image's own frame: 1, or 0 for a portrait
+  stored rotated 90 degrees counter-clockwise (preprocess.orient): with S = rot90ccw(P),
+  rot90ccw(fliplr(P)) = flipud(S)."""
+  return 0 if int(element.get("portrait", 0)) else 1
+
+
 class RandomFlip(grain.transforms.RandomMap):
-  """Flips the image left-right with probability 1/2, using the record's own generator."""
+  """Flips the image left-right in its own frame with probability 1/2, using the record's own
+  generator (a stored portrait is flipped up-down: :func:`flip_axis`)."""
 
   def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator):
     if rng.random() < 0.5:
-      element = dict(element, image=element["image"][:, ::-1])
+      element = dict(element, image=np.flip(element["image"], flip_axis(element)))
     return element
 
 
@@ -153,8 +195,9 @@ class TrainIterator(grain.DataLoaderIterator):
       super().set_state(state)
     except ValueError as e:
       raise UserError("the saved data iterator state does not fit this loader (same data set, "
-                      "seed, "
-                      f"num_workers and shuffle needed to resume): {first_line(e)}") from None
+                      "seed, num_workers, shuffle and data shards needed to resume; states saved "
+                      "before data shards read their own record ranges never fit): "
+                      f"{first_line(e)}") from None
 
   def close(self) -> None:
     """Stops grain's worker processes and drops the pipeline (idempotent)."""
@@ -186,14 +229,16 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
   """This host's batches {'image': uint8 [B,H,W,3], 'label': int32 [B]}, B = global / hosts.
 
   Args:
-    data_dir: a directory written by ``python -m core.data prepare`` (or gs://, copied locally).
+    data_dir: a directory written by ``python -m core.data prepare`` (or gs://: the shard files
+      of this range are cached locally).
     global_batch_size: batch size summed over hosts; must divide by process_count.
-    seed: shuffling and flip seed (reduced mod 2**31, as grain wants a 32-bit seed).
+    seed: shuffling and flip seed (each data shard's own is derived from it: shard_seed).
     shuffle: a new global permutation every epoch; False reads in file order.
     random_flip: left-right flips with probability 1/2, a deterministic function of the seed.
     num_workers: grain worker processes (0 = decode in this process).
     worker_buffer_size: batches each worker prepares ahead.
-    process_index, process_count: this host and the number of hosts (default: from JAX).
+    process_index, process_count: this data shard and the number of shards (default: this JAX
+      process and their number); the shard reads records record_range(index, count).
     num_epochs: None repeats forever.
     split: 'train' or 'eval'.
     resolution: if given, a UserError unless the data set has this resolution.
@@ -207,18 +252,23 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
                     f"number of hosts ({process_count})")
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index={process_index} must be in [0, {process_count})")
-  paths, meta = split_paths(data_dir, split)
+  meta = _split_meta(data_dir, split)
   if resolution is not None and image_size(meta) != parse_res(resolution):
     have, want = format_size(image_size(meta)), format_size(parse_res(resolution))
     raise UserError(f"data set {data_dir!r} has resolution {have} but the model expects {want}; "
                     f"prepare one with res={want} or change the model resolution")
-  source = RecordSource(paths, meta, split)
-  local_batch = global_batch_size // process_count
-  if len(source) < process_count:
-    raise UserError(f"split {split!r} of {data_dir!r} has {len(source)} records, fewer than the "
+  total = sum(meta["shard_counts"][split])
+  if total < process_count:
+    raise UserError(f"split {split!r} of {data_dir!r} has {total} records, fewer than the "
                     f"{process_count} hosts")
+  start, end = records.record_range(meta, split, process_index, process_count)
+  names, first = records.shards_in_range(meta, split, start, end)
+  paths, meta = split_paths(data_dir, split, names)  # only this range's shard files
+  source = RecordSource(paths, meta, split, start=start, end=end, first=first)
+  local_batch = global_batch_size // process_count
   sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shuffle=shuffle, num_epochs=num_epochs, seed=int(seed) % 2**31)
+      num_records=len(source), shuffle=shuffle, num_epochs=num_epochs,
+      seed=shard_seed(seed, process_index, process_count))
   ops: list[Any] = [DecodeRecord()]
   if random_flip:
     ops.append(RandomFlip())
@@ -230,11 +280,17 @@ def make_train_loader(data_dir: str, *, global_batch_size: int, seed: int, shuff
   loader = grain.DataLoader(
       data_source=source, sampler=sampler, operations=ops, worker_count=num_workers,
       worker_buffer_size=worker_buffer_size,
-      shard_options=grain.sharding.ShardOptions(shard_index=process_index,
-                                                shard_count=process_count, drop_remainder=True),
       read_options=grain.ReadOptions(num_threads=read_threads,
                                      prefetch_buffer_size=prefetch_buffer_size))
   return TrainIterator(loader, state=None)
+
+
+def shard_seed(seed: int, index: int, count: int) -> int:
+  """Data shard ``index`` of ``count``'s 31-bit shuffle and flip seed. Distinct per shard: with
+  one seed, every shard would draw the same positions of its range at every step, and shard files
+  written round robin from a class-sorted source hold the same classes at the same positions."""
+  return int(np.random.SeedSequence([int(seed) % 2**31, index, count]).generate_state(1)[0]
+             ) % 2**31
 
 
 class ShardedLoader:
@@ -296,31 +352,55 @@ class ShardedLoader:
         close()
 
 
-def iter_split(data_dir: str, split: str, *, batch_size: int = 256, limit: int | None = None
-               ) -> Iterator[dict[str, np.ndarray]]:
+def _decode_batch(pool, raw: list[bytes], decode: DecodeRecord, text: bool
+                  ) -> dict[str, np.ndarray]:
+  recs = list(pool.map(decode.map, raw))  # PIL decodes and resizes without the GIL
+  if text:
+    recs = [caption(r, 0) for r in recs]
+  out = {"image": np.stack([r["image"] for r in recs]),
+         "label": np.asarray([r["label"] for r in recs], np.int32)}
+  for k in ("text_emb", "text_mask"):
+    if k in recs[0]:
+      out[k] = np.stack([r[k] for r in recs])
+  if "portrait" in recs[0]:
+    out["portrait"] = np.asarray([r["portrait"] for r in recs], np.int32)
+  return out
+
+
+def iter_split(data_dir: str, split: str, *, batch_size: int = 256, limit: int | None = None,
+               threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Yields a split in file order as {'image': uint8 [b,H,W,3], 'label': int32 [b]} batches
-  (text sets: plus each record's first caption as 'text_emb' / 'text_mask', and 'portrait')."""
-  paths, meta = split_paths(data_dir, split)
-  source, decode = RecordSource(paths, meta, split), DecodeRecord()
-  n = len(source) if limit is None else min(limit, len(source))
-  for start in range(0, n, batch_size):
-    recs = [decode.map(source[i]) for i in range(start, min(n, start + batch_size))]
-    if meta.get("has_text_emb"):
-      recs = [caption(r, 0) for r in recs]
-    out = {"image": np.stack([r["image"] for r in recs]),
-           "label": np.asarray([r["label"] for r in recs], np.int32)}
-    for k in ("text_emb", "text_mask"):
-      if k in recs[0]:
-        out[k] = np.stack([r[k] for r in recs])
-    if "portrait" in recs[0]:
-      out["portrait"] = np.asarray([r["portrait"] for r in recs], np.int32)
-    yield out
+  (text sets: plus each record's first caption as 'text_emb' / 'text_mask', and 'portrait').
+
+  Shards are read one at a time (a gs:// shard not in this host's cache is downloaded to a
+  temporary file and deleted after), records decoded by ``threads`` threads (default: the CPUs).
+  """
+  meta = _split_meta(data_dir, split)
+  total = sum(meta["shard_counts"][split])
+  n = total if limit is None else min(limit, total)
+  names = records.shards_in_range(meta, split, 0, n)[0] if n else []
+  decode, text = DecodeRecord(), bool(meta.get("has_text_emb"))
+  count = dict(zip(meta["shards"][split], meta["shard_counts"][split]))
+  pending: list[bytes] = []
+  with concurrent.futures.ThreadPoolExecutor(threads or min(16, os.cpu_count() or 1)) as pool:
+    for name in names:
+      with records.shard_file(data_dir, name) as path:
+        _check_local(os.path.dirname(path), data_dir, meta, split, [name])
+        source = RecordSource([path], meta, split, end=min(n, count[name]))
+        for i in range(len(source)):
+          pending.append(source[i])
+          if len(pending) == batch_size:
+            yield _decode_batch(pool, pending, decode, text)
+            pending = []
+        n -= len(source)
+    if pending:
+      yield _decode_batch(pool, pending, decode, text)
 
 
 def load_split(data_dir: str, split: str, *, limit: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 [N,H,W,3], labels int32 [N]) of a whole split, e.g. for FID statistics."""
-  paths, meta = split_paths(data_dir, split)
+  meta = _split_meta(data_dir, split)
   n = sum(meta["shard_counts"][split]) if limit is None else min(limit,
                                                                  sum(meta["shard_counts"][split]))
   h, w = image_size(meta)
@@ -331,5 +411,4 @@ def load_split(data_dir: str, split: str, *, limit: int | None = None
     k = len(b["label"])
     images[i:i + k], labels[i:i + k] = b["image"], b["label"]
     i += k
-  del paths
   return images, labels

@@ -1,4 +1,7 @@
-"""Preparing a data set: an image source -> ArrayRecord shards of ADM-resized uint8 RGB.
+"""Preparing a data set: an image source -> ArrayRecord shards of ADM-resized RGB images.
+
+Each record holds the smaller of a PNG of the ADM-preprocessed pixels and the source file's own
+bytes (re-cropped identically at load; core/data/records.py, docs/data.md).
 
 ``python -m core.data prepare src=<source> res=<int> out=<dir or gs://...>`` (see ``--help``).
 Unreadable files are skipped and counted, never fatal, but a source with no readable image is
@@ -23,6 +26,7 @@ from typing import Any, Iterator, Sequence
 
 from array_record.python.array_record_module import ArrayRecordWriter
 import numpy as np
+import PIL
 
 from core import progress as progress_lib
 from core.data import captions as captions_lib
@@ -37,14 +41,20 @@ from core.io import storage
 TARGET_SHARD_BYTES = 512 * 2**20
 
 
-def _decode_item(args: tuple[Item, Any, bool]) -> tuple[np.ndarray | None, str, bool]:
-  """Worker: (image or None, reason when None, rotated (only for a non-square res)). Never raises
-  on a bad file; an image smaller than the target without ``upscale`` is a UserError."""
+def _decode_item(args: tuple[Item, Any, bool]) -> tuple[dict[str, Any] | None, str, bool]:
+  """Worker: (encoded image (records.encode_image: a PNG of the ADM-preprocessed pixels, or the
+  source file's bytes when those are smaller) or None, reason when None, rotated (only for a
+  non-square res)). Never raises on a bad file; an image smaller than the target without
+  ``upscale`` is a UserError."""
   item, res, upscale = args
   try:
-    image, rotated = load_image(item.data if item.data is not None else item.path, res,
-                                upscale=upscale, rotate=True)
-    return image, "", rotated
+    if item.data is not None:
+      data = item.data
+    else:
+      with open(item.path, "rb") as f:
+        data = f.read()
+    image, rotated = load_image(data, res, upscale=upscale, rotate=True)
+    return records.encode_image(image, data), "", rotated
   except ImageTooSmall as e:
     h, w = parse_res(res)
     raise UserError(f"image {item.key} is {e}; pass upscale=true to enlarge small images "
@@ -54,13 +64,14 @@ def _decode_item(args: tuple[Item, Any, bool]) -> tuple[np.ndarray | None, str, 
 
 
 def _decode_chunk(items: list[Item], res, upscale: bool
-                  ) -> list[tuple[np.ndarray | None, str, bool]]:
+                  ) -> list[tuple[dict[str, Any] | None, str, bool]]:
   return [_decode_item((it, res, upscale)) for it in items]
 
 
 def _map_items(items: list[Item], res, workers: int, chunk: int = 64, upscale: bool = True
-               ) -> Iterator[tuple[np.ndarray | None, str, bool]]:
-  """(image or None, reason, rotated) for each item, in order; decoded by ``workers`` processes."""
+               ) -> Iterator[tuple[dict[str, Any] | None, str, bool]]:
+  """(encoded image or None, reason, rotated) for each item, in order; made by ``workers``
+  processes."""
   if workers <= 1 or len(items) < chunk:
     yield from (_decode_item((it, res, upscale)) for it in items)
     return
@@ -116,6 +127,7 @@ def write_split(items: list[Item], split: str, res, out_dir: str, *, shards: int
   counts = [0] * shards
   written, skipped, examples = 0, 0, []
   flag = encoder is not None or h != w
+  codecs = dict.fromkeys(records.CODECS, 0)
   bar = progress_lib.Progress(len(items), desc=f"prepare {split}", unit="img",
                              enabled=progress)
   try:
@@ -144,6 +156,7 @@ def write_split(items: list[Item], split: str, res, out_dir: str, *, shards: int
       except RuntimeError as e:  # ArrayRecord reports failed writes (disk full, ...) as these
         raise OSError(first_line(e)) from None
       counts[shard] += 1
+      codecs[image["codec"]] += 1
       written += 1
   finally:
     bar.close()
@@ -161,7 +174,9 @@ def write_split(items: list[Item], split: str, res, out_dir: str, *, shards: int
     if c == 0:
       os.remove(os.path.join(out_dir, n))
   return {"count": written, "skipped": skipped, "shards": keep,
-          "shard_counts": [c for c in counts if c > 0], "skipped_examples": examples}
+          "shard_counts": [c for c in counts if c > 0], "skipped_examples": examples,
+          "shard_bytes": [os.path.getsize(os.path.join(out_dir, n)) for n in keep],
+          "codecs": codecs}
 
 
 def _load_text_emb(path: str) -> dict[str, np.ndarray]:
@@ -198,7 +213,11 @@ def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers
                        "; portrait images rotated 90 degrees counter-clockwise (flag 'portrait')") +
                        ("" if upscale else "; no upscaling"),
       "has_text_emb": text_emb is not None or encoder is not None,
-      "counts": {}, "skipped": {}, "shards": {}, "shard_counts": {}, "skipped_examples": {},
+      # Each record: a PNG of the pixels, or the source file re-cropped at load (records.py).
+      "image_encoding": "png or source file (smaller of the two, per record)",
+      "decoder": {"pillow": PIL.__version__}, "codecs": {},
+      "counts": {}, "skipped": {}, "shards": {}, "shard_counts": {}, "shard_bytes": {},
+      "skipped_examples": {},
   }
   if encoder is not None:
     meta["text"] = dict(encoder.describe(), dtype="float16", captions="all per image")
@@ -213,6 +232,8 @@ def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers
     meta["skipped"][split] = r["skipped"] + source.skipped.get(split, 0)
     meta["shards"][split] = r["shards"]
     meta["shard_counts"][split] = r["shard_counts"]
+    meta["shard_bytes"][split] = r["shard_bytes"]
+    meta["codecs"][split] = r["codecs"]
     meta["skipped_examples"][split] = (source.skipped_examples.get(split, []) +
                                        r["skipped_examples"])[:10]
   if encoder is not None and eval_captions > 0 and meta["counts"].get("eval"):
