@@ -24,7 +24,7 @@ from core.data import __main__ as data_cli
 from core.data import emoji, pipeline, prepare, records
 from core.errors import UserError
 from eval import reference
-from experiments import launchers, plan
+from experiments import plan, tpu
 from tests.fault_helpers import ROOT, run_in_process
 
 RES = 256
@@ -262,8 +262,9 @@ def record_image(i: int) -> np.ndarray:
 
 
 def test_plan_reports_the_bytes_each_host_caches(tmp_path, capsys):
-  """On the paper's 8-host U-Net slice (TPU v2-64): a prepared data set's train shards split 2 per
-  host (file sizes on disk are the truth), and the ImageNet estimate at 512 fits 50 GB per host."""
+  """On the default 8-host U-Net slice (TPU v4-64: the paper's 32 v2 chips, one generation later):
+  a prepared data set's train shards split 2 per host (file sizes on disk are the truth), and the
+  ImageNet estimate at 512 fits 50 GB per host."""
   src = tmp_path / "src"
   src.mkdir()
   rng = np.random.default_rng(0)
@@ -274,7 +275,7 @@ def test_plan_reports_the_bytes_each_host_caches(tmp_path, capsys):
   assert meta["shard_counts"]["train"] == [4] * 16
   sizes = [os.path.getsize(data / n) for n in meta["shards"]["train"]]
   opts = {"launcher": "tpu", "tpu_type": None, "data_dir": str(tmp_path / "set{res}")}
-  tgt = plan.target(opts, "unet", launchers.DEFAULT_TPU)
+  tgt = plan.target(opts, "unet", tpu.DEFAULT_TPU)
   got = plan.data_per_host(opts, 512, tgt)
   assert got["hosts"] == 8 and not got["cached"]  # a local data set is read in place
   assert got["bytes_per_host"] == max(sizes[2 * h] + sizes[2 * h + 1] for h in range(8))
@@ -284,7 +285,7 @@ def test_plan_reports_the_bytes_each_host_caches(tmp_path, capsys):
       plan.IMAGENET_BYTES_PER_IMAGE[512] * plan.IMAGENET_TRAIN_IMAGES / 8)
   # SLURM: 2 nodes of 4 GPUs, one process (data shard) per GPU: a node reads 4 data shards.
   slurm = dict(opts, launcher="slurm", nodes=2, gpus_per_node=4, accelerator="H100")
-  got = plan.data_per_host(slurm, 512, plan.target(slurm, "unet", launchers.DEFAULT_TPU))
+  got = plan.data_per_host(slurm, 512, plan.target(slurm, "unet", tpu.DEFAULT_TPU))
   assert got["hosts"] == 2 and got["bytes_per_host"] == max(sum(sizes[:8]), sum(sizes[8:]))
   proc = run_in_process(capsys, data_cli.main, "info", f"data_dir={data}", "hosts=8")
   assert f"({max(sizes[2 * h] + sizes[2 * h + 1] for h in range(8)):,} bytes)" in proc.stdout
