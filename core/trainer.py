@@ -316,14 +316,13 @@ def _json_float(x) -> float | None:
   return x if np.isfinite(x) else None
 
 
-def _lock_run_dir(workdir: str) -> runlock.RunLock | None:
-  """Locks a local run directory on the chief; every process learns whether that worked."""
-  if storage.is_remote(workdir):
-    return None  # see core/runlock.py
+def _lock_run_dir(workdir: str) -> runlock.RunLock | runlock.GcsLease | None:
+  """Locks the run directory on the chief (a flock, or a lease on gs://: core/runlock.py); every
+  process learns whether that worked."""
   lock, error = None, None
   if jax.process_index() == 0:
     try:
-      lock = runlock.RunLock(workdir).acquire()
+      lock = runlock.lock_run_dir(workdir)
     except UserError as e:
       error = e
   if jax.process_count() > 1:

@@ -13,12 +13,17 @@ caption set, core/data/captions.py) and, for the 384x640 model, its portrait fla
 pass of guidance uses the null text the trainer drops to (core.trainer.null_text: zero embeddings,
 all-False mask). The noise depends only on (seed, batch index): the same seeds under different
 captions start from the same z_1. Images are H x W (Train.image_size may be (height, width)).
+
+Multi-host (``jax.distributed``): each process samples its devices' share of a batch and every
+process gets every image; a sample cache is process 0's alone and broadcast (core/multihost.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import gin
 import jax
@@ -29,9 +34,11 @@ from jax.experimental import multihost_utils
 
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
+from core import multihost
 from core import sampling
 from core import sharding as shd
 from core import trainer as train_lib
+from core.data import pipeline, records
 from core.errors import UserError
 from core.io import rundir
 from core.progress import Progress
@@ -138,14 +145,91 @@ def batch_conditions(conditions: dict[str, np.ndarray] | None, index: int, batch
   return out
 
 
+def caption_portraits(data_dir: str, keys: Sequence[str], split: str = "eval") -> np.ndarray:
+  """int32 [len(keys)]: the portrait flag of the image each evaluation caption was drawn from.
+
+  Section 5's 384x640 model: portrait images are rotated 90 degrees at preparation and flagged
+  (core/data/prepare.py), so the reference statistics of the split hold rotated portraits in their
+  proportion. Sampling caption ``i`` with its image's flag gives samples in that same proportion.
+  The flags are read from the records' headers (``key`` and ``portrait``: images are not decoded);
+  a split prepared without flags gives 0 (landscape), as the trainer feeds such records.
+  """
+  paths, meta = pipeline.split_paths(data_dir, split)
+  source = pipeline.RecordSource(paths, meta, split)
+  flags = {}
+  for i in range(len(source)):
+    header, _ = records.decode_header(source[i])
+    flags[header.get("key", "")] = int(header.get("portrait", 0))
+  missing = sorted({k for k in keys if k not in flags})
+  if missing:
+    raise UserError(f"{len(missing)} evaluation caption(s) of {data_dir} name images that are not "
+                    f"in its {split} split (e.g. {missing[0]!r}); prepare the data set again "
+                    f"(python -m core.data prepare ... overwrite=true)")
+  return np.asarray([flags[k] for k in keys], np.int32)
+
+
+CACHE_KEY_FILE = "cache.json"
+
+
+def _fingerprint(conditions: dict[str, np.ndarray] | None) -> str | None:
+  """A digest of the per-sample conditioning: text masks and portrait flags whole, the text
+  embeddings by shape and first token (T5's outputs are contextual: the first token's embedding
+  depends on the whole caption), so that 30K x 128 x 4096 embeddings are not hashed whole."""
+  if conditions is None:
+    return None
+  h = hashlib.sha1()
+  for k in sorted(conditions):
+    a = np.asarray(conditions[k])
+    h.update(f"{k}{a.shape}{a.dtype}".encode())
+    h.update(np.ascontiguousarray(a[:, 0] if k == "text_emb" else a).tobytes())
+  return h.hexdigest()
+
+
+def _open_cache(cache_dir: str, key: dict[str, Any], paths: Sequence[str],
+                shape: tuple[int, ...]) -> np.ndarray:
+  """Which batches ``cache_dir`` holds for ``key`` (int32 0/1 per path); a cache written under
+  another key (batch size, sampler settings, conditioning) is emptied first. Process 0 only."""
+  os.makedirs(cache_dir, exist_ok=True)
+  key_path = os.path.join(cache_dir, CACHE_KEY_FILE)
+  try:
+    with open(key_path, encoding="utf-8") as f:
+      same = json.load(f) == key
+  except (OSError, ValueError):
+    same = False
+  if not same:
+    for name in os.listdir(cache_dir):
+      if name.startswith("batch_"):
+        os.remove(os.path.join(cache_dir, name))
+    tmp = key_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(key, f)
+    os.replace(tmp, key_path)
+  have = np.zeros(len(paths), np.int32)
+  for i, path in enumerate(paths):
+    try:
+      a = np.load(path, mmap_mode="r")
+      have[i] = a.shape == shape and a.dtype == np.uint8
+    except (OSError, ValueError):  # absent, or not a whole .npy file
+      pass
+  return have
+
+
 def sample_images(run: LoadedRun, params: Any, *, num_samples: int, batch_size: int, num_steps: int,
                   noise_param: float = 0.2, guidance: float = 1.0, seed: int = 0, mesh=None,
                   cache_dir: str | None = None, progress: bool = True,
                   conditions: dict[str, np.ndarray] | None = None) -> np.ndarray:
-  """``num_samples`` uint8 images; with ``cache_dir``, finished batches survive a restart.
+  """``num_samples`` uint8 images, the same on every process; with ``cache_dir``, finished
+  batches survive a restart.
 
   ``conditions``: per-sample arrays (at least num_samples rows) for a text-to-image model, sample i
   conditioned on row i: {'text_emb' [N,T,D], 'text_mask' [N,T] bool[, 'portrait' [N] int]}.
+
+  The cache (one ``batch_<i>.npy`` per batch) is keyed by everything that makes a batch, written
+  to ``cache.json`` in it: batch size, sampler settings, image shape and a fingerprint of the
+  conditioning (the checkpoint is the caller's: one folder per checkpoint); a cache of another
+  key is emptied, a batch file of the wrong shape is sampled again. Multi-host: process 0 alone
+  reads and writes the cache, and broadcasts which batches it holds and their contents, so every
+  process runs the same collectives whatever the other hosts' disks hold.
   """
   mesh = mesh or shd.make_mesh()
   if batch_size % mesh.devices.size:
@@ -154,22 +238,30 @@ def sample_images(run: LoadedRun, params: Any, *, num_samples: int, batch_size: 
   fn = make_batch_sampler(run, batch_size=batch_size, num_steps=num_steps, noise_param=noise_param,
                           guidance=guidance, mesh=mesh)
   num_batches = -(-num_samples // batch_size)
-  out = []
+  shape = (batch_size, *run.cfg.hw, 3)
+  paths = [os.path.join(cache_dir, f"batch_{i:06d}.npy") for i in range(num_batches)
+           ] if cache_dir else []
+  cached = np.zeros(num_batches, np.int32)
+  if cache_dir:
+    key = {"batch_size": batch_size, "num_steps": num_steps, "noise_param": noise_param,
+           "guidance": guidance, "seed": seed, "shape": list(shape[1:]),
+           "num_classes": run.num_classes, "conditions": _fingerprint(conditions)}
+    cached = multihost.from_chief(lambda: _open_cache(cache_dir, key, paths, shape), cached)
+  images = np.empty((num_batches * batch_size, *shape[1:]), np.uint8)
   bar = Progress(total=num_batches, desc=f"sample w={guidance}",
-                 enabled=progress and jax.process_index() == 0)
+                 enabled=progress and multihost.is_chief())
   for i in range(num_batches):
-    path = os.path.join(cache_dir, f"batch_{i:06d}.npy") if cache_dir else None
-    if path and os.path.exists(path):
-      out.append(np.load(path))
+    if cached[i]:
+      imgs = multihost.from_chief(lambda: np.load(paths[i]), np.zeros(shape, np.uint8))
     else:
       cond = batch_conditions(conditions, i, batch_size)
       out_i = fn(params, seed, i) if cond is None else fn(params, seed, i, cond)
       imgs = np.asarray(multihost_utils.process_allgather(out_i, tiled=True))
-      if path and jax.process_index() == 0:
-        tmp = path + ".tmp.npy"
+      if cache_dir and multihost.is_chief():
+        tmp = paths[i] + ".tmp.npy"
         np.save(tmp, imgs)
-        os.replace(tmp, path)
-      out.append(imgs)
+        os.replace(tmp, paths[i])
+    images[i * batch_size:(i + 1) * batch_size] = imgs  # a batch of another shape raises here
     bar.update(i + 1)
   bar.close()
-  return np.concatenate(out)[:num_samples]
+  return images[:num_samples]

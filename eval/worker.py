@@ -14,14 +14,22 @@ rerun with other settings evaluates again instead of reusing old numbers.
 Exactly once, under SIGKILL at any moment: a result row is written in a single append; rows that
 already exist are never recomputed; sample batches are cached under ``<run>/eval/cache`` while an
 evaluation is running, so a restarted worker finishes it instead of starting over; a torn last
-line (killed mid-append) is dropped before the next append.
+line (killed mid-append) is dropped before the next append. A read-only run directory is a
+one-line error before any work.
+
+Multi-host (``distributed=true``, or ``coordinator=`` etc. as core.train): every process samples
+its share; process 0 decides what to evaluate (its results file, its checkpoint list, its sample
+cache, broadcast: core/multihost.py), and it alone computes the references and metrics and writes
+results, samples and events, so hosts cannot fall out of step whatever their disks hold.
 
 Text-to-image runs (Table 8, Figure 8): sample ``i`` is conditioned on caption ``i`` of the data
 set's evaluation caption set (core/data/captions.py: 30K captions drawn once from the COCO
 validation set), the unconditional pass of guidance on the null text; FID (and KID) against the
 eval split only (the COCO validation set) and the CLIP score of each sample with its caption
 (eval/clip_score.py, ``clip_model=``), one row per (guidance, metric). The noise parameter is the
-caller's (the registry gives 1.0 for COCO, appendix A).
+caller's (the registry gives 1.0 for COCO, appendix A). A model with the portrait flag (the
+384x640 model, Sec. 5) samples caption ``i`` with the flag of its image, so portraits (rotated,
+as prepared) are in the proportion of the reference.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Iterator, Sequence
 
@@ -39,6 +48,8 @@ from PIL import Image
 
 from core import checkpoint as ckpt_lib
 from core import cli
+from core import multihost
+from core import train as train_cli
 from core import trainer
 from core.errors import UserError, run_main
 from core.data import captions as captions_lib
@@ -88,12 +99,14 @@ class Evaluator:
                ref_eval: str | None = None, ref_convention: str | None = None,
                max_reference_images: int | None = None, save_samples: str = "grid",
                bootstrap: int = 20, inception_batch_size: int = 50,
-               clip_model: str | None = DEFAULT_CLIP, clip_batch_size: int = 64):
+               clip_model: str | None = DEFAULT_CLIP, clip_batch_size: int = 64,
+               cache_dir: str | None = None):
     for name, value, least in (("batch_size", batch_size, 1), ("num_samples", num_samples, 2),
                                ("sampler_steps", sampler_steps, 1), ("bootstrap", bootstrap, 0)):
       if value < least:
         raise UserError(f"eval.worker {name}={value} must be at least {least}")
     self.run_dir = run_dir
+    self.cache_root = cache_dir or _local_cache_root(run_dir)
     self.guidances = [float(w) for w in guidances]
     self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
     self.sampler_steps, self.noise_param = sampler_steps, noise_param
@@ -141,10 +154,17 @@ class Evaluator:
       self._captions = c
     return self._captions
 
-  def _conditions(self):
+  def conditions(self) -> dict[str, np.ndarray]:
+    """Sample i's conditioning: caption i's embedding and mask and, for a model with the portrait
+    flag (the 384x640 model, Sec. 5), the flag of the image caption i was drawn from, so that
+    samples are portraits (rotated, as prepared) in the reference's proportion."""
     c = self.captions()
     n = self.num_samples
-    return {"text_emb": np.asarray(c.text_emb[:n]), "text_mask": np.asarray(c.text_mask[:n])}
+    out = {"text_emb": np.asarray(c.text_emb[:n]), "text_mask": np.asarray(c.text_mask[:n])}
+    if getattr(self._run.model, "portrait_conditioning", False):
+      out["portrait"] = sample.caption_portraits(self._data_dir, c.keys[:n],
+                                                 c.meta.get("split", "eval"))
+    return out
 
   def _captions_desc(self) -> str:
     m = self.captions().meta
@@ -234,72 +254,96 @@ class Evaluator:
     return [(w, m) for w in self.guidances for m in self.metric_names()
             if result_key(dict(self.row_settings(m), step=step, metric=m, guidance=w)) not in done]
 
+  def todo(self, step: int) -> list[tuple[float, str]]:
+    """:meth:`missing`, as process 0 sees it, on every process (one results file decides)."""
+    grid = [(w, m) for w in self.guidances for m in self.metric_names()]
+
+    def decide() -> np.ndarray:
+      jsonl.repair(rundir.results_path(self.run_dir))
+      missing = set(self.missing(step))
+      return np.asarray([p in missing for p in grid], np.int32)
+
+    mask = multihost.from_chief(decide, np.zeros(len(grid), np.int32))
+    return [p for p, t in zip(grid, mask) if t]
+
   def evaluate(self, step: int, writer=None) -> list[dict[str, Any]]:
-    """Evaluates checkpoint ``step`` at each guidance scale; appends and returns the new rows."""
-    jsonl.repair(rundir.results_path(self.run_dir))
-    todo = self.missing(step)
+    """Evaluates checkpoint ``step`` at each guidance scale; appends and returns the new rows.
+
+    Every process samples; process 0 alone computes the references and metrics and writes rows,
+    samples and events (the others return []). What to evaluate is process 0's decision.
+    """
+    todo = self.todo(step)
     if not todo:
-      _log(f"nothing to evaluate: step {step} has every result for these settings in "
-           f"{rundir.results_path(self.run_dir)}")
+      if multihost.is_chief():
+        _log(f"nothing to evaluate: step {step} has every result for these settings in "
+             f"{rundir.results_path(self.run_dir)}")
       return []
-    refs = self._references()
-    if not self.extractor.has_logits:
+    refs = multihost.on_chief(self._references)
+    if not self.extractor.has_logits and multihost.is_chief():
       _log(f"IS unavailable: extractor {self.extractor.name} has no logits head (FID and KID only)")
     params = sample.restore_ema_params(self._run, step)
+    conditions = self.conditions() if self.text_to_image else None
     written = []
     for w in self.guidances:
       wanted = [m for (ww, m) in todo if ww == w]
       if not wanted:
         continue
-      cache = os.path.join(_local_cache_root(self.run_dir), self.tag(step, w))
-      os.makedirs(cache, exist_ok=True)
-      _log(f"step {step} w={w:g}: sampling {self.num_samples} images ({self.sampler_steps} steps)")
+      cache = os.path.join(self.cache_root, self.tag(step, w))
+      if multihost.is_chief():
+        _log(f"step {step} w={w:g}: sampling {self.num_samples} images "
+             f"({self.sampler_steps} steps)")
       images = sample.sample_images(self._run, params, num_samples=self.num_samples,
                                     batch_size=self.batch_size,
                                     num_steps=self.sampler_steps, noise_param=self.noise_param,
-                                    guidance=w,
-                                    seed=self.seed, cache_dir=cache,
-                                    conditions=self._conditions() if self.text_to_image else None)
-      if jax.process_index() != 0:
-        continue
-      saved = self._save(step, w, images)
-      _log(f"step {step} w={w:g}: Inception features of {len(images)} samples "
-           f"({self.extractor.name}, resize {self.extractor.resize_mode})")
-      feats, logits = self.extractor.features(metrics.validate_images(images))
-      evaluators = metrics.evaluators(
-          refs, has_logits=logits is not None, is_splits=min(10, len(images)),
-          bootstrap=self.bootstrap, seed=self.seed,
-          provenance={"extractor": self.extractor.name, "resize_mode": self.extractor.resize_mode})
-      result = {k: v for ev in evaluators for k, v in ev(feats, logits)}
-      if "clip_score" in wanted:
-        result.update(self._clip_score(images))
-      rows = []
-      for m in wanted:
-        if m not in result:
-          continue
-        std = result.get(f"{m}_std")
-        std = None if std is None or not np.isfinite(std) else float(std)
-        ref = refs.get(m.split("_", 1)[1]) if m not in ("is", "clip_score") else None
-        rows.append({"step": step, "metric": m, "value": float(result[m]), "std": std,
-                     "std_kind": None if std is None else metrics.std_kind(m),
-                     **self.row_settings(m), "guidance": w,
-                     "reference_split": None if ref is None else ref.meta.get("split"),
-                     "reference_num_images": None if ref is None else ref.meta.get("num_images"),
-                     "bootstrap": self.bootstrap if m.startswith("fid") else None,
-                     "samples": saved, "time": time.time()})
-      # One append per guidance scale: a kill leaves either all of these rows or a torn line.
-      jsonl.append(rundir.results_path(self.run_dir), rows)
-      for r in rows:
-        spread = "" if r["std"] is None else f" ± {r['std']:.4g}"
-        _log(f"step {step} w={w:g}: {r['metric']} = {r['value']:.4g}{spread} "
-             f"(n={r['num_samples']})")
-      if writer is not None:
-        writer.write_scalars(step, {f"eval/{r['metric']}_w{w:g}": r["value"] for r in rows})
-        writer.flush()
-      written += rows
-      shutil.rmtree(cache, ignore_errors=True)
+                                    guidance=w, seed=self.seed, cache_dir=cache,
+                                    conditions=conditions)
+      rows = multihost.on_chief(lambda: self._score(step, w, wanted, images, refs, writer))
+      written += rows or []
+      if multihost.is_chief():
+        shutil.rmtree(cache, ignore_errors=True)
     return written
 
+  def _score(self, step: int, w: float, wanted: list[str], images: np.ndarray, refs,
+             writer) -> list[dict[str, Any]]:
+    """The metrics of one guidance scale's samples, appended as rows (process 0 only)."""
+    if len(images) != self.num_samples:  # sample_images' contract; rows record num_samples
+      raise RuntimeError(f"{len(images)} samples for num_samples={self.num_samples}")
+    saved = self._save(step, w, images)
+    _log(f"step {step} w={w:g}: Inception features of {len(images)} samples "
+         f"({self.extractor.name}, resize {self.extractor.resize_mode})")
+    feats, logits = self.extractor.features(metrics.validate_images(images))
+    evaluators = metrics.evaluators(
+        refs, has_logits=logits is not None, is_splits=min(10, len(images)),
+        bootstrap=self.bootstrap, seed=self.seed,
+        provenance={"extractor": self.extractor.name, "resize_mode": self.extractor.resize_mode})
+    result = {k: v for ev in evaluators for k, v in ev(feats, logits)}
+    if "clip_score" in wanted:
+      result.update(self._clip_score(images))
+    rows = []
+    for m in wanted:
+      if m not in result:
+        continue
+      std = result.get(f"{m}_std")
+      std = None if std is None or not np.isfinite(std) else float(std)
+      ref = refs.get(m.split("_", 1)[1]) if m not in ("is", "clip_score") else None
+      rows.append({"step": step, "metric": m, "value": float(result[m]), "std": std,
+                   "std_kind": None if std is None else metrics.std_kind(m),
+                   **self.row_settings(m), "guidance": w,
+                   "reference_split": None if ref is None else ref.meta.get("split"),
+                   "reference_num_images": None if ref is None else ref.meta.get("num_images"),
+                   "bootstrap": self.bootstrap if m.startswith("fid") else None,
+                   "batch_size": self.batch_size,
+                   "samples": saved, "time": time.time()})
+    # One append per guidance scale: a kill leaves either all of these rows or a torn line.
+    jsonl.append(rundir.results_path(self.run_dir), rows)
+    for r in rows:
+      spread = "" if r["std"] is None else f" ± {r['std']:.4g}"
+      _log(f"step {step} w={w:g}: {r['metric']} = {r['value']:.4g}{spread} "
+           f"(n={r['num_samples']})")
+    if writer is not None:
+      writer.write_scalars(step, {f"eval/{r['metric']}_w{w:g}": r["value"] for r in rows})
+      writer.flush()
+    return rows
 
   def _clip_score(self, images) -> Iterator[tuple[str, float]]:
     """clip_score of sample i with caption i (mean) and clip_score_std (its standard error)."""
@@ -361,9 +405,29 @@ OPTIONS = [
     cli.Option("poll_seconds", 60, "how often to look for new checkpoints", parse=float),
     cli.Option("stop_after_step", None, "exit once this step (e.g. the run's last) is evaluated",
                parse=int),
+    cli.Option("cache_dir", None,
+               "where finished sample batches wait while an evaluation runs, so a restarted "
+               "worker finishes it (default: <run>/eval/cache; for gs:// runs "
+               "~/.cache/simple_diffusion/eval/...); multi-host: process 0's is used"),
     cli.Option("distributed", False, "call jax.distributed.initialize() (multi-host sampling)",
                parse=cli.parse_bool),
+    *[o for o in train_cli.OPTIONS if o.name in ("coordinator", "num_processes", "process_id")],
 ]
+
+
+def check_writable(run_dir: str) -> None:
+  """A one-line error, naming the fix, when ``<run>/eval`` (results, samples, events) cannot be
+  written: a run directory on a read-only mount, or another user's."""
+  if storage.is_remote(run_dir):
+    return  # a gs:// write refused for permissions is already a one-line error (core.io.storage)
+  eval_dir = os.path.join(run_dir, "eval")
+  try:
+    os.makedirs(eval_dir, exist_ok=True)
+    tempfile.TemporaryFile(dir=eval_dir).close()
+  except OSError as e:
+    raise UserError(f"cannot write to {eval_dir} ({e.strerror}): the worker writes its results "
+                    f"there; make the run directory writable, or evaluate a copy of it "
+                    f"(cp -r {run_dir} <writable dir>, then workdir=<writable dir>)") from None
 
 
 def main(argv: Sequence[str]) -> int:
@@ -378,8 +442,8 @@ def main(argv: Sequence[str]) -> int:
   if not rundir.is_run(run_dir):
     raise UserError(f"{run_dir} is not a run directory (no config.gin); start training with "
                     f"core.train first")
-  if opts["distributed"]:
-    jax.distributed.initialize()
+  train_cli.initialize_distributed(opts)
+  multihost.on_chief(lambda: check_writable(run_dir))
   evaluator = Evaluator(run_dir, guidances=opts["guidance"], num_samples=opts["num_samples"],
                         batch_size=opts["batch_size"], sampler_steps=opts["sampler_steps"],
                         noise_param=opts["noise_param"], seed=opts["seed"],
@@ -391,39 +455,51 @@ def main(argv: Sequence[str]) -> int:
                         save_samples=opts["save_samples"],
                         bootstrap=opts["bootstrap"],
                         inception_batch_size=opts["inception_batch_size"],
-                        clip_model=opts["clip_model"], clip_batch_size=opts["clip_batch_size"])
+                        clip_model=opts["clip_model"], clip_batch_size=opts["clip_batch_size"],
+                        cache_dir=opts["cache_dir"])
   checkpointer = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
-  writer = MetricWriter(storage.join(run_dir, "eval"), jsonl=False)
+  writer = MetricWriter(storage.join(run_dir, "eval"), jsonl=False, is_chief=multihost.is_chief())
   try:
     if opts["once"]:
-      steps = checkpointer.all_steps()
-      step = opts["step"] if opts["step"] is not None else (steps[-1] if steps else None)
-      if step is None:
-        raise UserError(f"no complete checkpoint in {checkpointer.directory} yet")
-      if step not in steps:
-        raise UserError(f"checkpoint step {step} does not exist in {checkpointer.directory}; "
-                        f"available: {steps}")
+      def pick() -> int:
+        steps = checkpointer.all_steps()
+        step = opts["step"] if opts["step"] is not None else (steps[-1] if steps else None)
+        if step is None:
+          raise UserError(f"no complete checkpoint in {checkpointer.directory} yet")
+        if step not in steps:
+          raise UserError(f"checkpoint step {step} does not exist in {checkpointer.directory}; "
+                          f"available: {steps}")
+        return step
+
+      step = int(multihost.from_chief(pick, np.int32(0)))  # every process: process 0's choice
       for r in evaluator.evaluate(step, writer):
         print(json.dumps(r), flush=True)
       return 0
-    waiting = False
-    while True:
+    waiting, last = False, opts["stop_after_step"]
+
+    def newest_todo() -> tuple[int, int]:
       # Newest first: a worker that fell behind reports the current state of the run first.
       steps = checkpointer.all_steps()
       todo = [s for s in reversed(steps) if evaluator.missing(s)]
-      if todo:
+      return (todo[0] if todo else -1), len(steps)
+
+    def finished() -> bool:
+      return last is not None and last in checkpointer.all_steps() and not evaluator.missing(last)
+
+    while True:
+      step, num_steps = (int(v) for v in multihost.from_chief(newest_todo, np.zeros(2, np.int32)))
+      if step >= 0:
         waiting = False
-        for r in evaluator.evaluate(todo[0], writer):
+        for r in evaluator.evaluate(step, writer):
           print(json.dumps(r), flush=True)
-      last = opts["stop_after_step"]
-      if last is not None and last in checkpointer.all_steps() and not evaluator.missing(last):
+      if multihost.from_chief(finished, np.int32(0)):
         return 0
-      if not todo:
-        if not waiting:
-          _log(f"nothing to evaluate: {len(steps)} checkpoint(s) "
-               f"{'all evaluated' if steps else 'yet'}; "
+      if step < 0:
+        if not waiting and multihost.is_chief():
+          _log(f"nothing to evaluate: {num_steps} checkpoint(s) "
+               f"{'all evaluated' if num_steps else 'yet'}; "
                f"looking for new ones every {opts['poll_seconds']:g}s")
-          waiting = True
+        waiting = True
         time.sleep(opts["poll_seconds"])
   finally:
     writer.close()

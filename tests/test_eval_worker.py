@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
+from eval import sample, worker
 from experiments.launchers import EvalQueue
-from tests.test_train import ROOT, _env, run_train
+from tests.fault_helpers import assert_one_error_line, read_only, run_cli, snapshot
+from tests.test_train import ROOT, _env, _free_port, run_train
 
 pytestmark = pytest.mark.xdist_group("trained_run")
 
@@ -28,6 +30,17 @@ def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained") / "run"
   run_train(workdir, "Train.num_steps=4", "Train.log_every=2")
   return workdir
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+  """An uninterrupted single-process evaluation of ``trained`` (WORKER settings), samples kept."""
+  clean = tmp_path_factory.mktemp("evaluated") / "run"
+  shutil.copytree(trained, clean)
+  p = subprocess.run(_worker(clean, "save_samples=npz"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                     timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return clean
 
 
 def _worker(run_dir, *extra):
@@ -47,14 +60,9 @@ METRICS = ("fid_train", "fid_eval", "kid_train", "kid_eval")
 
 
 @pytest.mark.slow
-def test_worker_killed_and_restarted_writes_each_result_exactly_once(trained, tmp_path):
-  clean, killed = tmp_path / "clean", tmp_path / "killed"
-  shutil.copytree(trained, clean)
+def test_worker_killed_and_restarted_writes_each_result_exactly_once(trained, evaluated, tmp_path):
+  clean, killed = evaluated, tmp_path / "killed"
   shutil.copytree(trained, killed)
-
-  p = subprocess.run(_worker(clean, "save_samples=npz"), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                     timeout=900)
-  assert p.returncode == 0, p.stderr[-3000:]
   want = {_key(r): r for r in _rows(clean)}
   import numpy as np
   from PIL import Image
@@ -105,6 +113,103 @@ def test_worker_killed_and_restarted_writes_each_result_exactly_once(trained, tm
   p = subprocess.run(_worker(killed), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   assert p.returncode == 0 and len(_rows(killed)) == 8
   assert "nothing to evaluate" in p.stderr  # said, in plain lines (stderr is not a terminal here)
+
+
+@pytest.mark.slow
+def test_two_processes_killed_mid_sampling_resume_exactly_once(trained, evaluated, tmp_path):
+  """Two JAX processes on localhost (jax.distributed, CPU collectives), each with its own sample
+  cache as on two hosts. Process 1 is killed mid-sampling, then process 0 (as a scheduler ends a
+  job that lost a task). Rerun, every result is written exactly once and equals the uninterrupted
+  single-process evaluation (two processes sample the same bits as one): the rerun's hosts
+  sampled in step although only process 0's cache held the finished batches. Process 0 alone
+  writes results, events and its cache; process 1 computes no reference and no metric."""
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  caches = [tmp_path / f"host{i}-cache" for i in range(2)]
+
+  def start(tag):
+    port = _free_port()
+    procs = []
+    for i in range(2):
+      with open(tmp_path / f"{tag}{i}.out", "w") as out, open(tmp_path / f"{tag}{i}.err", "w") as err:
+        procs.append(subprocess.Popen(
+            _worker(run, "guidance=1", f"coordinator=127.0.0.1:{port}", "num_processes=2",
+                    f"process_id={i}", f"cache_dir={caches[i]}"),
+            cwd=ROOT, env=_env(), stdout=out, stderr=err))
+    return procs
+
+  procs = start("killed")
+  try:
+    deadline = time.time() + 600
+    while time.time() < deadline and procs[0].poll() is None and not list(caches[0].glob("*/batch_*.npy")):
+      time.sleep(0.05)
+  finally:
+    for p in reversed(procs):
+      p.send_signal(signal.SIGKILL)
+      p.wait()
+  assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2, (tmp_path / "killed0.err").read_text()[-3000:]
+  assert list(caches[0].glob("*/batch_000000.npy")) and not list(caches[1].rglob("*.npy"))
+
+  procs = start("rerun")
+  for i, p in enumerate(procs):
+    try:
+      p.wait(timeout=900)
+    finally:
+      if p.poll() is None:
+        for q in procs:
+          q.kill()
+    assert p.returncode == 0, (tmp_path / f"rerun{i}.err").read_text()[-3000:]
+  got = _rows(run)
+  assert len(got) == len({_key(r) for r in got}) == len(METRICS)  # none missing, none twice
+  want = {_key(r): r for r in _rows(evaluated)}
+  for r in got:
+    assert r["guidance"] == 1.0 and r["num_samples"] == 16
+    assert r["value"] == pytest.approx(want[_key(r)]["value"], rel=1e-6)
+  out1 = (tmp_path / "rerun1.out").read_text()  # rows are printed by process 0 only
+  assert not [l for l in out1.splitlines() if l.startswith("{")], out1
+  err1 = (tmp_path / "rerun1.err").read_text()
+  assert "reference statistics" not in err1 and "Inception features" not in err1, err1[-2000:]
+  assert not list(caches[1].rglob("*.npy"))
+  assert len(list((run / "eval" / "tb").glob("events.out.tfevents.*"))) <= 2  # process 0's runs
+
+
+def test_resumed_evaluation_with_another_batch_size_samples_again(trained, evaluated, tmp_path):
+  """Fault battery (issue 26): an evaluation interrupted at batch_size=4 leaves two cached batches
+  of 4 images; resumed with batch_size=8 it took them for two batches of 8, scoring 8 images in
+  rows that say num_samples 16. The cache is keyed by the batch size (and every other sampling
+  setting): the resumed evaluation samples again and equals an uninterrupted one."""
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  args = [f"workdir={run}", "num_samples=16", "sampler_steps=4", "guidance=1", "max_reference_images=16",
+          "extractor=fid-helper", "once=true"]
+  ev = worker.Evaluator(str(run), guidances=[1.0], num_samples=16, batch_size=4, sampler_steps=4,
+                        noise_param=0.2, seed=0, extractor_source="fid-helper")
+  cache = os.path.join(ev.cache_root, ev.tag(4, 1.0))
+  loaded = sample.load_run(str(run))
+  params = sample.restore_ema_params(loaded, 4)
+  # What a worker run with batch_size=4 leaves when killed after its first two batches.
+  sample.sample_images(loaded, params, num_samples=8, batch_size=4, num_steps=4, cache_dir=cache,
+                       progress=False)
+  assert sorted(n for n in os.listdir(cache) if n.startswith("batch_")) == ["batch_000000.npy", "batch_000001.npy"]
+  assert worker.main([*args, "batch_size=8"]) == 0
+  got = _rows(run)
+  want = {_key(r): r for r in _rows(evaluated)}
+  assert {_key(r) for r in got} == {(4, m, 1.0) for m in METRICS}
+  for r in got:
+    assert r["num_samples"] == 16 and r["batch_size"] == 8
+    assert r["value"] == pytest.approx(want[_key(r)]["value"], rel=1e-6), r["metric"]
+
+
+def test_read_only_run_directory_is_one_line(trained, tmp_path):
+  """Fault battery (issue 26): eval.worker on a run directory it cannot write ended in a
+  traceback; it is one line naming the fix, and the run is left as it was."""
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  before = snapshot(run)
+  with read_only(run) as wrap:
+    proc = run_cli("eval.worker", f"workdir={run}", *WORKER, wrap=wrap)
+  assert_one_error_line(proc, f"cannot write to {run}/eval", "make the run directory writable")
+  assert snapshot(run) == before
 
 
 def test_worker_errors_are_one_line(trained, tmp_path):

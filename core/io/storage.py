@@ -3,7 +3,8 @@
 Local writes are atomic (temp file + rename); ``gs://`` goes through google-cloud-storage
 (anonymous against ``STORAGE_EMULATOR_HOST``, else Application Default Credentials), whose own
 retry (google.api_core's Retry, configured by :func:`retry_options`) handles transient failures;
-a missing path is a one-line :class:`NotFoundError`. :class:`Syncer` mirrors a locally written
+a missing path is a one-line :class:`NotFoundError`. Conditional writes (``if_generation_match``)
+carry the run directory's lease (core/runlock.py). :class:`Syncer` mirrors a locally written
 directory to gs://, queueing failed uploads for the next sync. Orbax writes checkpoints to gs:// itself (gcsfs and
 tensorstore; against the emulator see tests/gcs_emulator.py).
 """
@@ -384,6 +385,51 @@ def _generation(blob, **kw) -> int | None:
   except api_exceptions.NotFound:
     return None
   return blob.generation
+
+
+class ConflictError(OSError):
+  """A conditional write lost: the object's generation was no longer the one given."""
+
+
+def read_generation(path: str) -> tuple[bytes | None, int]:
+  """(contents, generation) of a ``gs://`` object, from one download; (None, 0) when there is no
+  such object (0 is "no live object" in generation preconditions)."""
+  blob = _blob(path)
+  try:
+    data = _call(f"read {path}", blob.download_as_bytes)
+  except NotFoundError:
+    return None, 0
+  return data, int(blob.generation)
+
+
+def write_if_generation(path: str, data: bytes, generation: int) -> int:
+  """Writes a ``gs://`` object only if its generation is still ``generation`` (0: only if there is
+  none), GCS checking and writing in one step (``ifGenerationMatch``); returns the new
+  generation. :class:`ConflictError` when another writer changed it first. A retried request
+  whose first attempt did land also ends in ConflictError: callers tell their own write apart by
+  its contents."""
+  from google.api_core import exceptions as api_exceptions
+  blob = _blob(path)
+  try:
+    _call(f"write {path}", functools.partial(blob.upload_from_string, data,
+                                             content_type="application/json",
+                                             if_generation_match=generation))
+  except api_exceptions.PreconditionFailed as e:
+    raise ConflictError(f"{path}: changed by another writer (generation is not "
+                        f"{generation})") from e
+  return int(blob.generation)
+
+
+def delete_if_generation(path: str, generation: int) -> bool:
+  """Deletes a ``gs://`` object only if its generation is still ``generation``; False when it
+  changed or is gone."""
+  from google.api_core import exceptions as api_exceptions
+  try:
+    _call(f"delete {path}", functools.partial(_blob(path).delete,
+                                              if_generation_match=generation))
+  except (api_exceptions.PreconditionFailed, NotFoundError):
+    return False
+  return True
 
 
 # ------------------------------------------------------------------------------------------------
