@@ -15,11 +15,12 @@ from core.errors import UserError, run_main
 
 PREPARE_OPTIONS = [
     cli.Option("src", None, "image source: a folder of class folders (label = index of the sorted "
-               "folder name), a flat image folder (unconditional), an ImageNet root with "
-               "train/<wnid>/ "
-               "and val/ (val/ as class folders, or flat plus val_labels=), a COCO root "
-               "(train2017/, val2017/, annotations/captions_*2017.json: a captioned set), or "
-               "'emoji' for the built-in emoji-datasource-google set (needs npm). Required."),
+               "folder name), a flat image folder (unconditional), ImageNet as downloaded "
+               "(ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and the devkit, read in place), "
+               "extracted (train/<wnid>/, val/ flat or in class folders), or Kaggle's layout; a "
+               "COCO root (train2014/, val2014/, annotations/captions_*2014.json, or 2017: a "
+               "captioned set), or 'emoji' for the built-in emoji-datasource-google set (needs "
+               "npm). Layouts and the disk each needs: docs/data_sources.md. Required."),
     cli.Option("res", None, "output size: 64 (square) or HxW (e.g. 384x640); images are ADM "
                "center-cropped and resized to it (for HxW, images of the other orientation are "
                "rotated first and flagged 'portrait'). Required.", parse_res),
@@ -34,8 +35,11 @@ PREPARE_OPTIONS = [
                "one per 512 MiB of pixels.", int),
     cli.Option("splits", "train,eval", "comma-separated splits to write (train, eval).",
                lambda s: [x.strip() for x in s.split(",") if x.strip()]),
-    cli.Option("val_labels", None, "labels for a flat ImageNet val/ folder: lines '<image file> "
-               "<wnid>' (whitespace or comma separated, e.g. Kaggle's LOC_val_solution.csv)."),
+    cli.Option("val_labels", None, "labels of ImageNet's flat val images when src= does not "
+               "hold them: the devkit (ILSVRC2012_devkit_t12.tar.gz or its folder), or a file of "
+               "'<image file> <wnid>' lines (whitespace or comma separated, e.g. Kaggle's "
+               "LOC_val_solution.csv). Found in src= without it: the devkit, "
+               "LOC_val_solution.csv, or val file names that begin with '<wnid>_' (ADM)."),
     cli.Option("text_emb", None, "optional .npz of text embeddings keyed by image file stem, "
                "stored in each record as 'text_emb' (images without one are skipped)."),
     cli.Option("captions", None, "text-to-image: keep every caption of each image with its text "

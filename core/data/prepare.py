@@ -26,7 +26,7 @@ import numpy as np
 
 from core import progress as progress_lib
 from core.data import captions as captions_lib
-from core.data import coco, emoji, records
+from core.data import coco, emoji, imagenet, records
 from core.data import text_encoder as text_lib
 from core.data.preprocess import ImageTooSmall, load_image, parse_res
 from core.data.records import SPLITS
@@ -42,8 +42,7 @@ def _decode_item(args: tuple[Item, Any, bool]) -> tuple[np.ndarray | None, str, 
   on a bad file; an image smaller than the target without ``upscale`` is a UserError."""
   item, res, upscale = args
   try:
-    image, rotated = load_image(item.data if item.data is not None else item.path, res,
-                                upscale=upscale, rotate=True)
+    image, rotated = load_image(item.content(), res, upscale=upscale, rotate=True)
     return image, "", rotated
   except ImageTooSmall as e:
     h, w = parse_res(res)
@@ -334,7 +333,8 @@ def prepare(src: str, res, out: str, *, eval_fraction: float | None = None, shar
     if not os.path.exists(src):
       raise UserError(f"src={src!r} does not exist; pass an image folder, an ImageNet root "
                       f"(train/, val/), a COCO root (with captions=true) or src=emoji")
-    source = scan_folder(src, eval_fraction=eval_fraction, val_labels=val_labels, splits=splits)
+    scan = imagenet.imagenet_source if imagenet.is_imagenet(src) else scan_folder
+    source = scan(src, eval_fraction=eval_fraction, val_labels=val_labels, splits=splits)
   if max_images > 0:
     source.items = {s: v[:max_images] for s, v in source.items.items()}
   if not any(source.items.values()):
