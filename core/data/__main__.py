@@ -21,6 +21,10 @@ PREPARE_OPTIONS = [
                "COCO root (train2014/, val2014/, annotations/captions_*2014.json, or 2017: a "
                "captioned set), or 'emoji' for the built-in emoji-datasource-google set (needs "
                "npm). Layouts and the disk each needs: docs/data_sources.md. Required."),
+    cli.Option("eval_src", None, "take the eval split from this source instead (all of src= is "
+               "then train), e.g. src=<caption folder> eval_src=<COCO root>: a model trained on "
+               "other data, evaluated zero-shot on COCO's validation set as in Table 8. meta.json "
+               "records both (split_origins, trained_on_coco, zero_shot)."),
     cli.Option("res", None, "output size: 64 (square) or HxW (e.g. 384x640); images are ADM "
                "center-cropped and resized to it (for HxW, images of the other orientation are "
                "rotated first and flagged 'portrait'). Required.", parse_res),
@@ -43,8 +47,8 @@ PREPARE_OPTIONS = [
     cli.Option("text_emb", None, "optional .npz of text embeddings keyed by image file stem, "
                "stored in each record as 'text_emb' (images without one are skipped)."),
     cli.Option("captions", None, "text-to-image: keep every caption of each image with its text "
-               "embedding. On by default for a COCO root (train2017/, val2017/, annotations/"
-               "captions_*2017.json; or 2014); src=emoji captions=true captions the emoji with "
+               "embedding. On by default for a COCO root (train2014/, val2014/, annotations/"
+               "captions_*2014.json; or 2017) and a folder with captions.jsonl; src=emoji captions=true captions the emoji with "
                "their names.", cli.parse_bool),
     cli.Option("text_encoder", None, "with captions: a Hugging Face T5 name or save_pretrained "
                f"folder (default {text_lib.DEFAULT_ENCODER}; for src=emoji a small random T5 "
@@ -141,7 +145,7 @@ def main(argv: Sequence[str]) -> int:
                  progress=values["progress"], captions=values["captions"],
                  text_encoder=values["text_encoder"], max_len=values["max_len"],
                  upscale=values["upscale"], eval_captions=values["eval_captions"],
-                 caption_seed=values["caption_seed"])
+                 caption_seed=values["caption_seed"], eval_src=values["eval_src"])
   for split, ex in meta["skipped_examples"].items():
     for e in ex[:3]:
       print(f"skipped ({split}) e.g. {e}", file=sys.stderr)

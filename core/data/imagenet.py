@@ -282,7 +282,7 @@ def imagenet_source(src: str, *, eval_fraction: float | None = None,
     items[s].sort(key=lambda it: it.key)
   desc = f"imagenet:{os.path.abspath(src)} (" + "; ".join(f"{s}: {h}" for s, h in how.items()) + ")"
   return Source(items=items, class_names=class_names, description=desc, skipped=skipped,
-                skipped_examples=examples)
+                skipped_examples=examples, origin="imagenet")
 
 
 def _prefixed(name: str, index: dict[str, int]) -> tuple[str | None, str]:

@@ -53,6 +53,33 @@ class Source:
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # found while listing
   skipped_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   upscale: bool = True  # False: an image smaller than the target size is an error (COCO)
+  # What the images are ('coco2014', 'imagenet', 'folder', ...): meta.json's split_origins, from
+  # which it says whether a model trained on the set is evaluated zero-shot.
+  origin: str = ""
+  # A source whose eval split comes from elsewhere (prepare eval_src=): per split, if set.
+  split_origin: dict[str, str] = dataclasses.field(default_factory=dict)
+  split_upscale: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+  def origin_of(self, split: str) -> str:
+    return self.split_origin.get(split, self.origin)
+
+  def upscale_of(self, split: str) -> bool:
+    return self.split_upscale.get(split, self.upscale)
+
+
+def merge(train: Source, evaluation: Source) -> Source:
+  """The train split of ``train`` and the eval split of ``evaluation`` as one Source."""
+  items = {s: v for s, v in train.items.items() if s == "train"}
+  items.update({s: v for s, v in evaluation.items.items() if s == "eval"})
+  parts = {"train": train, "eval": evaluation}
+  return Source(
+      items=items, class_names=train.class_names,
+      description=f"train: {train.description}; eval: {evaluation.description}",
+      skipped={s: parts[s].skipped.get(s, 0) for s in items},
+      skipped_examples={s: parts[s].skipped_examples.get(s, []) for s in items},
+      upscale=train.upscale and evaluation.upscale, origin=train.origin,
+      split_origin={s: parts[s].origin_of(s) for s in items},
+      split_upscale={s: parts[s].upscale_of(s) for s in items})
 
 
 def safe_key(name: str) -> str:
@@ -154,4 +181,5 @@ def scan_folder(src: str, *, eval_fraction: float | None = None, val_labels: str
       items[s].append(it)
   desc = f"folder:{os.path.abspath(src)} (eval_fraction={frac})"
   return Source(items=items, class_names=class_names, description=desc,
-                skipped={s: 0 for s in splits}, skipped_examples={s: [] for s in splits})
+                skipped={s: 0 for s in splits}, skipped_examples={s: [] for s in splits},
+                origin="folder")
