@@ -122,3 +122,24 @@ def check_paper_eval_set(data_dir: str) -> None:
         f"FID@30K repeat captions against a 5K-image reference, not the paper's (and GLIDE's, "
         f"Imagen's, Parti's...) 30K captions of val2014's 40,504 images; prepare the eval split "
         f"from COCO 2014 (python -m core.data prepare src=<COCO root with val2014/> ...)")
+
+
+def data_record(data_dir: str | None) -> dict:
+  """What a run records of its data set (job.json "data"): meta.json's ``split_origins``,
+  ``trained_on_coco`` and ``zero_shot`` (core/data/prepare.py), from which a COCO FID is said to
+  be zero-shot or not; ``data_dir`` alone for a set not prepared yet. None is the built-in emoji
+  set (trained and evaluated on emoji). Sets prepared before these fields: read from 'source'."""
+  if data_dir is None:
+    return {"data_dir": None, "split_origins": {"train": "emoji", "eval": "emoji"},
+            "trained_on_coco": False, "zero_shot": False}
+  path = storage.join(data_dir, "meta.json")
+  if not storage.exists(path):
+    return {"data_dir": data_dir}
+  meta = records.parse_meta(storage.read_bytes(path), path, data_dir)
+  if "split_origins" not in meta:
+    origin = str(meta.get("source", "")).split(":", 1)[0]
+    meta["split_origins"] = {s: origin for s in meta["counts"]}
+    meta["trained_on_coco"] = origin.startswith("coco") and "train" in meta["counts"]
+    meta["zero_shot"] = False if len(meta["counts"]) == 2 else None
+  return {"data_dir": data_dir, **{k: meta.get(k) for k in ("split_origins", "trained_on_coco",
+                                                            "zero_shot")}}
