@@ -100,11 +100,9 @@ def _row_id(row: dict) -> tuple:
 
 
 def _data_dir(train_args: Sequence[str]) -> str | None:
-  """The run's Train.data_dir (None: the built-in emoji set)."""
-  for a in train_args:
-    if a.startswith("Train.data_dir="):
-      return a.split("=", 1)[1].strip("'\"")
-  return None
+  """The run's Train.data_dir, its last binding as for gin (None: the built-in emoji set)."""
+  given = [a.split("=", 1)[1] for a in train_args if a.startswith("Train.data_dir=")]
+  return None if not given or given[-1] == "None" else given[-1].strip("'\"")
 
 
 def is_trained(run_dir: str) -> bool:

@@ -15,7 +15,7 @@ from core.data import captions, coco, emoji, pipeline, prepare, text_encoder
 from core.data import records as records_lib
 from core.errors import UserError, run_main
 from eval import reference
-from experiments import registry, run
+from experiments import jobs, registry, run
 from tests import t2i_fixtures as F
 
 TARBALL = f"{emoji.PACKAGE}-{emoji.VERSION}.tgz"
@@ -436,10 +436,20 @@ def test_caption_folder_trains_and_coco_evaluates_zero_shot(tmp_path, t5, layout
   ec = captions.load_eval_captions(out)
   coco_caps = {c for _, _, caps in F.CAPTIONS["val"] for c in caps}
   assert len(ec.captions) == 5 and set(ec.captions) <= coco_caps
-  # COCO's own train split is not zero-shot; the record says so.
+  # COCO's own train split is not zero-shot; the record says so, and a run records it in job.json
+  # (tables/layout.py then writes "COCO-trained, not zero-shot" beside its FID@30K).
   meta = prepare.prepare(root, 16, str(tmp_path / "coco-out"), text_encoder=t5, eval_captions=2,
                          progress=False)
   assert meta["trained_on_coco"] is True and meta["zero_shot"] is False
+  if layout == "txt":
+    (job,) = [j for j in registry.jobs(registry.select("8")) if j.resolution == 256]
+    for data_dir, trained_on_coco, zero_shot in ((str(tmp_path / "coco-out"), True, False),
+                                                 (out, False, True), (None, False, False)):
+      run_dir = str(tmp_path / f"run-{trained_on_coco}-{zero_shot}")
+      jobs.write_job_json(job, "demo", run_dir, jobs.job_args(job, "demo", run_dir, data_dir))
+      with open(os.path.join(run_dir, "job.json")) as f:
+        data = json.load(f)["data"]
+      assert (data["trained_on_coco"], data["zero_shot"]) == (trained_on_coco, zero_shot)
 
 
 def test_caption_folder_without_captions_is_one_line(tmp_path):
