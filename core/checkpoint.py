@@ -27,6 +27,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 from etils import epath
 
 from core.io import storage
@@ -81,7 +82,7 @@ class Checkpointer:
   """Saves and restores ``(train_state, data_iterator)`` pairs under ``<run_dir>/checkpoints``."""
 
   def __init__(self, run_dir: str, *, max_to_keep: int | None = 3, async_save: bool = True,
-               with_data: bool = True, use_ocdbt: bool = True):
+               with_data: bool = True, use_ocdbt: bool = True, keep_steps=()):
     quiet_closed_loop_errors()
     if not storage.is_remote(run_dir):
       run_dir = os.path.abspath(run_dir)  # orbax wants absolute paths
@@ -92,10 +93,15 @@ class Checkpointer:
     handlers = {STATE: ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt)}
     if with_data:
       handlers[DATA] = grain.checkpoint.CheckpointHandler()
+    keep: dict[str, Any] = {"max_to_keep": max_to_keep}
+    if keep_steps and max_to_keep is not None:  # the newest max_to_keep, and keep_steps always
+      keep = {"preservation_policy": preservation_policy.AnyPreservationPolicy([
+          preservation_policy.LatestN(max_to_keep),
+          preservation_policy.CustomSteps([int(s) for s in keep_steps])])}
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+            **keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True),
         item_handlers=handlers)
 

@@ -69,6 +69,9 @@ class TrainConfig:
   log_every: int = 50
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
+  # Steps checkpointed and kept whatever keep_checkpoints says: a row evaluated at a snapshot of
+  # a longer run (Table 3's "no dropout" at 700K of 1.5M, experiments/jobs.py).
+  keep_steps: tuple[int, ...] = ()
   async_checkpoints: bool = True
   checkpoint_ocdbt: bool = True       # False: one zarr array per leaf (see core/checkpoint.py)
   sample_every: int = 0               # 0: no sample grids during training
@@ -382,6 +385,7 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
                                   num_shards=cfg.num_data_shards or jax.process_count(),
                                   num_workers=cfg.num_workers)
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints,
+                                       keep_steps=cfg.keep_steps,
                                        async_save=cfg.async_checkpoints,
                                        use_ocdbt=cfg.checkpoint_ocdbt)
   start, state = checkpointer.restore_latest(abstract, loader)
@@ -435,7 +439,7 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
         writer.write_images(step, {"samples/ema": sampler(state["ema_params"], step)})
       # Every host calls reached_preemption at every step: all stop at the same one.
       preempted = preemption.requested or checkpointer.reached_preemption(step)
-      if step % cfg.checkpoint_every == 0 or step == end or preempted:
+      if step % cfg.checkpoint_every == 0 or step == end or preempted or step in cfg.keep_steps:
         checkpointer.save(step, state, loader, force=True)
       if preempted:
         break

@@ -11,6 +11,7 @@ import gin
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
 from core import trainer as train_lib
+from core.data import coco
 from core.io import rundir, storage
 from core.models import make_model
 from eval.clip_score import DEFAULT_MODEL as DEFAULT_CLIP
@@ -39,6 +40,9 @@ def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) 
                                                      job.resolution, scale)
   if data_dir:
     binds.append(f"Train.data_dir = '{data_dir.replace('{res}', str(job.resolution))}'")
+  snapshot = scales.snapshot_step(job, scale)
+  if snapshot:  # the row's checkpoint, saved and kept whatever Train.keep_checkpoints says
+    binds.append(f"Train.keep_steps = [{snapshot[0]}]")
   args += [b.replace(" ", "") for b in binds]
   args.append(f"workdir={run_dir}")
   return args
@@ -58,9 +62,16 @@ def eval_args(job: registry.Job, scale: str, run_dir: str, opts: dict[str, Any])
           f"noise_param={job.noise_param}", f"extractor={opts['extractor']}",
           f"resize={opts.get('resize') or 'legacy_tensorflow'}",
           f"save_samples={ev['save_samples']}",
-          "once=true"] + ([f"max_reference_images={ev['max_reference_images']}"]
-                          if ev["max_reference_images"] else []) + (
+          "once=true"] + _step_arg(job, scale) + (
+              [f"max_reference_images={ev['max_reference_images']}"]
+              if ev["max_reference_images"] else []) + (
               [f"clip_model={clip_model(scale, opts)}"] if "clip_score" in job.metrics else [])
+
+
+def _step_arg(job: registry.Job, scale: str) -> list[str]:
+  """A snapshot row (Table 3's "no dropout") evaluates its checkpoint, not the run's last."""
+  snapshot = scales.snapshot_step(job, scale)
+  return [f"step={snapshot[0]}"] if snapshot else []
 
 
 def clip_model(scale: str, opts: dict[str, Any]) -> str:
@@ -71,16 +82,27 @@ def clip_model(scale: str, opts: dict[str, Any]) -> str:
 def write_job_json(job: registry.Job, scale: str, run_dir: str, args: list[str]) -> None:
   """Records which table rows the run serves (merged with rows recorded by earlier invocations)."""
   path = rundir.job_path(run_dir)
-  rows = job.rows_json()
-  if storage.exists(path):
-    old = json.loads(storage.read_text(path))
-    rows = old.get("rows", []) + [r for r in rows if r not in old.get("rows", [])]
+  rows = job.rows_json(*(scales.snapshot_step(job, scale) or ()))
+  if storage.exists(path):  # rows of earlier invocations stay; this one's replace their own
+    new = {_row_id(r) for r in rows}
+    rows = [r for r in json.loads(storage.read_text(path)).get("rows", [])
+            if _row_id(r) not in new] + rows
   storage.makedirs(run_dir)
   storage.write_text(path, json.dumps({
       "run_name": job.name, "scale": scale, "arch": job.arch, "resolution": job.resolution,
       "gin_files": list(job.gin_files), "bindings": list(job.bindings), "train_args": args,
-      "rows": rows,
+      "rows": rows, "data": coco.data_record(_data_dir(args)),
   }, indent=1))
+
+
+def _row_id(row: dict) -> tuple:
+  return row.get("table"), row.get("group"), row.get("row")
+
+
+def _data_dir(train_args: Sequence[str]) -> str | None:
+  """The run's Train.data_dir, its last binding as for gin (None: the built-in emoji set)."""
+  given = [a.split("=", 1)[1] for a in train_args if a.startswith("Train.data_dir=")]
+  return None if not given or given[-1] == "None" else given[-1].strip("'\"")
 
 
 def is_trained(run_dir: str) -> bool:

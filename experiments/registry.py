@@ -18,6 +18,9 @@ Choices where the paper is silent (named in README, pinned by tests/test_registr
   Table 6 tests it on U-Nets only (section 3.2 recommends it above 256).
 - Sampling steps: 256 (not in the paper; FID depends on it with noise_param 0.2), an Entry field.
 - The 1024 U-Net uses the shift-64 schedule like the other U-Nets.
+- Table 3's "no dropout (at 700K iters)": the checkpoint at 700K of a run on the other rows'
+  1.5M-step schedule (at every scale the same fraction of the scale's run), kept whatever
+  keep_checkpoints says and evaluated by step (Entry.eval_fraction, experiments/jobs.py).
 """
 from __future__ import annotations
 
@@ -61,9 +64,9 @@ class Entry:
   note: str = ""
   guidance_sweep: tuple[float, ...] = ()   # further guidance scales evaluated (Figure 8)
   sampler_steps: int = SAMPLER_STEPS       # DDPM steps when sampling for FID / IS
-  # The row trains this fraction of its model's usual number of steps (Table 3 "no dropout":
-  # 700K of 1.5M); the scales keep the fraction (experiments/scales.py).
-  steps_fraction: float = 1.0
+  # The row is the checkpoint at this fraction of its run's steps (Table 3 "no dropout": 700K of a
+  # run with the other rows' 1.5M-step schedule); kept and evaluated at every scale (jobs.py).
+  eval_fraction: float = 1.0
 
 
 @dataclasses.dataclass
@@ -86,8 +89,8 @@ class Job:
     return max(e.sampler_steps for e in self.entries)
 
   @property
-  def steps_fraction(self) -> float:
-    return self.entries[0].steps_fraction
+  def eval_fraction(self) -> float:
+    return self.entries[0].eval_fraction
 
   @property
   def num_samples(self) -> int:
@@ -101,8 +104,11 @@ class Job:
   def metrics(self) -> list[str]:
     return sorted({m for e in self.entries for m in e.metrics})
 
-  def rows_json(self) -> list[dict[str, str]]:
-    return [{"table": e.table, "group": e.group, "row": e.row} for e in self.entries]
+  def rows_json(self, eval_step: int | None = None, num_steps: int | None = None
+                ) -> list[dict]:
+    """The rows served; a snapshot row also names its step (``eval_step`` of ``num_steps``)."""
+    snap = {"eval_step": eval_step, "num_steps": num_steps} if eval_step is not None else {}
+    return [{"table": e.table, "group": e.group, "row": e.row, **snap} for e in self.entries]
 
 
 def _shift(res: int, noise_d: int) -> tuple[str, ...]:
@@ -147,12 +153,10 @@ def _entries() -> list[Entry]:
                        ("dropout from 32", "32"),
                        ("dropout from 16", "16"), ("no dropout", "None")):
     extra = _shift(128, 64) + (f"UNet.dropout_from_resolution = {value}",)
-    fraction = 1.0
-    if value == "None":  # reported at 700K iterations (of the 1.5M of the other rows)
-      extra += ("Train.num_steps = 700000",)
-      fraction = 700_000 / 1_500_000
+    # "no dropout (at 700K iters)": a snapshot of a run on the other rows' 1.5M-step schedule.
+    fraction = 700_000 / 1_500_000 if value == "None" else 1.0
     files, b = _unet(128, None, *extra)
-    add(Entry("3", "128x128", label, "unet", 128, files, b, steps_fraction=fraction))
+    add(Entry("3", "128x128", label, "unet", 128, files, b, eval_fraction=fraction))
 
   # Table 4: blocks at the 16x16 level (U-Net 128, shift 64): num_res_blocks [3, 4, 4, a, 4].
   for a in (2, 4, 8, 12):

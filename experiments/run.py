@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import jax
 
 from core import cli
+from core.data import coco
 from core.errors import Preempted, UserError, run_main
 from core.io import storage
 from eval.inception import RESIZE_MODES
@@ -136,6 +137,9 @@ def check_data(scale: str, launcher: str, data_dir: str | None,
     raise UserError(f"these jobs train at {', '.join(map(str, res))} pixels: put {{res}} in "
                     f"data_dir (e.g. data_dir=gs://bucket/imagenet{{res}}), one prepared set per "
                     f"resolution")
+  for job in job_list:
+    if scale == "paper" and "clip_score" in job.metrics:  # Table 8's FID@30K on COCO val2014
+      coco.check_paper_eval_set(data_dir.replace("{res}", str(job.resolution)))
 
 
 def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument

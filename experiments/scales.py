@@ -10,9 +10,10 @@ counts: the row's total number of (down-path) residual blocks is divided by the 
 (per architecture) and apportioned to the levels in proportion to the paper's counts (largest
 remainder, at least one a level, :func:`scaled_blocks`), so Table 5's "total number of blocks is
 kept the same" across None / DWT-1 / DWT-2 holds at every scale and Table 4's 2 < 4 < 8 < 12
-blocks at 16x16 stay strictly increasing. A row that trains a fraction of its model's usual
-steps (Table 3's "no dropout", 700K of 1.5M) keeps that fraction of the scale's steps. Both
-layers are ordinary gin bindings and so appear in the run's operative ``config.gin``.
+blocks at 16x16 stay strictly increasing. A row evaluated at a fraction of its run (Table 3's
+"no dropout", 700K of 1.5M) is the checkpoint at that fraction of the scale's steps
+(:func:`snapshot_step`). Both layers are ordinary gin bindings and so appear in the run's
+operative ``config.gin``.
 """
 from __future__ import annotations
 
@@ -84,10 +85,17 @@ def scaled_blocks(blocks, divisor: int) -> list[int]:
   return out
 
 
-def steps_fraction(gin_files, bindings) -> float:
-  """The registry's steps_fraction of the row with this configuration (1.0 if none matches)."""
-  key = (tuple(gin_files), tuple(bindings))
-  return next((e.steps_fraction for e in registry.ENTRIES if (e.gin_files, e.bindings) == key), 1.0)
+def snapshot_step(job: registry.Job, scale: str) -> tuple[int, int] | None:
+  """(step, of the run's steps) of a row evaluated at a snapshot (``Entry.eval_fraction``): the
+  same fraction of the run at every scale (Table 3's "no dropout": 700,000 of 1,500,000 at paper
+  scale, 933 of 2,000 at demo scale); None for a row evaluated at its run's last step."""
+  if job.eval_fraction == 1.0:
+    return None
+  with config_lib.scratch():
+    config_lib.parse(list(job.gin_files), list(job.bindings) + scale_bindings(
+        job.gin_files, job.bindings, job.arch, job.resolution, scale))
+    steps = int(_q("Train.num_steps"))
+  return max(1, round(steps * job.eval_fraction)), steps
 
 
 def _whole_levels(arch: str, paper_size, f: int) -> tuple[list[str], int]:
@@ -170,8 +178,4 @@ def _scaled(gin_files, bindings, arch: str, resolution: int, scale: str) -> list
       out += [f"UViT.text_channels = {TEXT_CHANNELS[scale]}", "UViT.num_classes = 0",
               f"Train.text_len = {emoji.EMOJI_MAX_LEN}",
               f"Train.text_dim = {emoji.EMOJI_ENCODER['d_model']}"]
-  fraction = steps_fraction(gin_files, bindings)
-  if fraction != 1.0:
-    steps = int(_q("Train.num_steps"))   # the scale layer's steps (it comes after the row's)
-    out.append(f"Train.num_steps = {max(1, round(steps * fraction))}")
   return out

@@ -31,6 +31,8 @@ def cell(c: Cell) -> str:
     s = f"\\textit{{{s}}}"
   if c.std is not None:
     s += f" $\\pm$ {escape(c.std)}"
+  if c.note:
+    s += f" {{\\footnotesize ({escape(c.note)})}}"
   if c.percent:
     s += r"\%"
   if c.mark:

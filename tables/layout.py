@@ -7,7 +7,9 @@ subsets) where measured (the paper reports none); then where our numbers come fr
 step, number of samples (every FID's n), Inception extractor and resize, experiment scale. A
 missing number is a dash (``Cell(None)``), never a zero. Rows evaluated with another sample count
 than the paper (50K ImageNet, 30K COCO) carry a dagger and a footnote; relative throughput
-measured on another device than the reference row carries a double dagger. :mod:`tables.markdown`
+measured on another device than the reference row carries a double dagger. Table 8 is "COCO
+zero-shot": our FID@30K says beside it when it is not (:func:`zero_shot_note`). A row evaluated
+at a snapshot of its run (Table 3's "no dropout") has a footnote naming the step. :mod:`tables.markdown`
 and :mod:`tables.latex` turn a layout into text.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Cell:
   percent: bool = False       # relative steps/s
   mark: str | None = None     # DAGGER / DDAGGER footnote mark
   emphasis: bool = False      # group headings
+  note: str | None = None     # words beside the number, e.g. "COCO-trained, not zero-shot"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +125,20 @@ def _our_cell(key: str, r) -> Cell:
               mark=DDAGGER if r.device_mismatch else None)
 
 
+def zero_shot_note(r) -> str | None:
+  """Words beside a Table 8 number unless it is zero-shot on COCO as the paper's (a run's data
+  as job.json records it: core.data.coco.data_record)."""
+  if _present(r.trained_on_coco) and r.trained_on_coco:
+    return "COCO-trained, not zero-shot"
+  if not _present(r.zero_shot):
+    return "zero-shot not recorded"
+  if not r.zero_shot:
+    return f"trained and evaluated on {r.train_origin or 'one data set'}, not zero-shot COCO"
+  if _present(r.eval_origin) and not str(r.eval_origin).startswith("coco"):
+    return f"zero-shot on {r.eval_origin}, not COCO"
+  return None
+
+
 def _extractor_text(r) -> str | None:
   """The extractor and, when recorded, its resize mode ('<extractor>, legacy_tensorflow')."""
   if not _present(r.extractor):
@@ -143,6 +160,7 @@ def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> 
               Column("scale", "scale", numeric=False)]
 
   rows: list[Row] = []
+  snapshots: list[tuple[str | None, str]] = []
   group = None
   any_samples_mismatch = any_device_mismatch = any_literature = False
   for r in rows_df.itertuples(index=False):
@@ -156,7 +174,14 @@ def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> 
     any_device_mismatch |= bool(r.device_mismatch) if _present(r.device_mismatch) else False
     cells = [Cell(r.row, mark=DAGGER if mismatch else None)]
     for key, _ in metrics:
-      cells += [_paper_cell(key, r), _our_cell(key, r)]
+      ours = _our_cell(key, r)
+      if table == "8" and key == "fid_train" and ours.text is not None:
+        ours = dataclasses.replace(ours, note=zero_shot_note(r))
+      cells += [_paper_cell(key, r), ours]
+    if _present(r.run_steps):
+      snapshots.append((None, f"{r.row}: the checkpoint at step {int(r.step):,} of its run's "
+                              f"{int(r.run_steps):,} steps, trained on the other rows' schedule "
+                              f"(the paper reports this row at such a snapshot)."))
     samples = "/".join(format_count(n) for n in r.num_samples) if _present(r.num_samples) else None
     cells += [Cell(str(int(r.step)) if _present(r.step) else None),
               Cell(samples),
@@ -179,6 +204,7 @@ def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> 
     notes.append((None, "Ours ± std: FID over bootstrap resamples of the samples; KID (unbiased, "
                         "×1000) over random subsets. Every FID's sample count is in the samples "
                         "column; the extractor column names the resize to 299."))
+  notes += snapshots
   if any_literature:
     notes.append((None, "Rows from the literature show the paper's values only."))
   if any_samples_mismatch:

@@ -21,6 +21,8 @@ def cell(c: Cell) -> str:
     s = f"**{s}**"
   if c.std is not None:
     s += f" ± {c.std}"
+  if c.note:
+    s += f" ({_escape(c.note)})"
   if c.percent:
     s += "%"
   if c.mark:

@@ -1,7 +1,8 @@
 """Chooses, for every row of the paper's tables, the measured numbers it shows.
 
 A row's numbers come from the runs whose job.json lists it: at the latest evaluated step (the run
-reaching it first), guidance 1.0 (Table 9: the row's), the last line per metric winning, with
+reaching it first; a row recorded with an ``eval_step``, Table 3's "no dropout" at 700K of 1.5M,
+at that step only), guidance 1.0 (Table 9: the row's), the last line per metric winning, with
 their std, sample counts and resize mode. Table 8's FID@30K is ``fid_eval`` (appendix C), the best
 over Figure 8's guidance scales, with that scale and its CLIP score. Steps/s is relative to the
 table's reference row. Pinned by tests/test_tables.py.
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tables import paper as paper_lib
+from tables import runs as runs_lib
 from tables.runs import Runs
 
 METRICS = ("fid_train", "fid_eval", "kid_train", "kid_eval", "is")
@@ -22,7 +24,7 @@ MEASURED_COLUMNS = ("run", "scale", "step", "our_fid_train", "our_fid_train_std"
                     "our_kid_eval_std", "our_is_mean", "our_is_std", "num_samples",
                     "samples_mismatch", "extractor", "resize_mode",
                     "our_steps_per_sec", "our_steps_per_sec_rel", "device", "device_mismatch",
-                    "our_guidance", "our_clip_score")
+                    "our_guidance", "our_clip_score", "run_steps") + runs_lib.DATA_COLUMNS
 
 
 def time_seconds(t) -> float:
@@ -50,8 +52,11 @@ def _guidance_matches(g: pd.Series, target: float) -> pd.Series:
 
 def _row_results(runs: Runs, table: str, group: str, row: str) -> pd.DataFrame:
   serving = runs.serves[(runs.serves["table"] == table) & (runs.serves["group"] == group)
-                        & (runs.serves["row"] == row)]["run"].unique()
-  res = runs.results[runs.results["run"].isin(serving) & runs.results["metric"].isin(METRICS)]
+                        & (runs.serves["row"] == row)]
+  res = runs.results[runs.results["run"].isin(serving["run"].unique())
+                     & runs.results["metric"].isin(METRICS)]
+  for r in serving.dropna(subset=["eval_step"]).itertuples(index=False):  # a snapshot row
+    res = res[(res["run"] != r.run) | (pd.to_numeric(res["step"]) == int(r.eval_step))]
   if table != "8":  # Table 8: every guidance scale (its best FID is shown)
     res = res[_guidance_matches(res["guidance"], paper_lib.guidance_of(table, row))]
   return res.dropna(subset=["step", "value"])
@@ -109,6 +114,13 @@ def _measure_row(runs: Runs, table: str, group: str, row: str) -> dict:
   scale = runs.runs.loc[runs.runs["run"] == run, "scale"]
   out["scale"] = None if scale.empty or pd.isna(scale.iloc[0]) else str(scale.iloc[0])
   out["step"] = int(chosen["step"].iloc[0])
+  ran = runs.runs[runs.runs["run"] == run]
+  for c in runs_lib.DATA_COLUMNS:
+    out[c] = None if ran.empty or pd.isna(ran[c].iloc[0]) else ran[c].iloc[0]
+  snap = runs.serves[(runs.serves["run"] == run) & (runs.serves["table"] == table)
+                     & (runs.serves["group"] == group) & (runs.serves["row"] == row)]
+  snap = snap.dropna(subset=["eval_step", "num_steps"])
+  out["run_steps"] = int(snap["num_steps"].iloc[0]) if len(snap) else None
   if best is not None:
     out["our_guidance"], out["our_clip_score"] = best
   return out

@@ -7,7 +7,10 @@ order of FID train (lower is better, e.g. Table 2 at 128x128: shifted to 32 < sh
 original) and one sentence says whether our FID train (and KID train) of the latest evaluation
 (guidance 1) ranks them the same way, with each number's spread, and whether each neighbouring
 difference is larger than twice its combined spread. A demo-scale run may well not reproduce
-the paper's ordering; the sentence says so rather than hiding it.
+the paper's ordering; the sentence says so rather than hiding it. Table 2's below paper scale
+also says why its verdict is no evidence either way (:func:`scale_caveat`): the paper's claim is
+about resolutions above the 32-64 px the cosine schedule was designed for, and the demo's images
+are 16x16.
 """
 from __future__ import annotations
 
@@ -25,11 +28,13 @@ from tables import paper, runs
 METRICS = ("fid_train", "fid_eval", "kid_train", "kid_eval")
 
 
-def latest_numbers(recorded: runs.Runs, run: str) -> dict[str, dict]:
-  """{metric: {value, std, num_samples, step}} of ``run``'s latest evaluated step at guidance 1
-  (the last line wins for repeated evaluations)."""
+def latest_numbers(recorded: runs.Runs, run: str, step: int | None = None) -> dict[str, dict]:
+  """{metric: {value, std, num_samples, step}} of ``run``'s latest evaluated step (or ``step``,
+  a snapshot row's) at guidance 1 (the last line wins for repeated evaluations)."""
   res = recorded.results
   res = res[(res["run"] == run) & res["metric"].isin(METRICS)]
+  if step is not None:
+    res = res[pd.to_numeric(res["step"]) == step]
   res = res[pd.to_numeric(res["guidance"], errors="coerce").fillna(1.0) == 1.0]
   if res.empty:
     return {}
@@ -56,7 +61,7 @@ def _served(recorded: runs.Runs, table: str) -> pd.DataFrame:
   """(group, row, run, paper FID train) of the table's measured rows, in the paper's order."""
   p = paper.load_paper()
   p = p[p["table"] == table][["group", "row", "fid_train_f", "order"]]
-  s = recorded.serves[recorded.serves["table"] == table][["run", "group", "row"]]
+  s = recorded.serves[recorded.serves["table"] == table][["run", "group", "row", "eval_step"]]
   return s.merge(p, on=["group", "row"]).sort_values("order")
 
 
@@ -79,7 +84,7 @@ def sentences(recorded: runs.Runs, table: str) -> list[str]:
     g = g.dropna(subset=["fid_train_f"]).sort_values("fid_train_f", kind="stable")
     measured = []
     for r in g.itertuples(index=False):
-      nums = latest_numbers(recorded, r.run)
+      nums = latest_numbers(recorded, r.run, None if pd.isna(r.eval_step) else int(r.eval_step))
       if "fid_train" in nums:
         measured.append((r.row, nums))
     if len(measured) < 2:
@@ -99,8 +104,25 @@ def sentences(recorded: runs.Runs, table: str) -> list[str]:
     if len(kids) == len(measured):
       k_held, _ = _verdict(kids)
       text += f"; by KID train it {'held' if k_held else 'did not hold'}"
-    out.append(text + ".")
+    ran = recorded.runs[recorded.runs["run"].isin(g["run"])]
+    caveat = scale_caveat(table, set(ran["scale"].dropna()), set(ran["image_size"].dropna()))
+    out.append(text + "." + (f" {caveat}" if caveat else ""))
   return out
+
+
+def scale_caveat(table: str, scales_seen: set[str], sizes: set[str]) -> str | None:
+  """Why Table 2's verdict below paper scale is no evidence for or against the paper (None at
+  paper scale): the claim is about images larger than the cosine schedule was designed for."""
+  if table != "2" or scales_seen == {"paper"}:
+    return None
+  size = ""
+  if len(sizes) == 1 and next(iter(sizes)).isdigit():
+    side = next(iter(sizes))
+    size = f" ({side}x{side} pixels, noise_d scaled alike so each shift keeps its ratio)"
+  return (f"This is no evidence for or against the paper: its claim is that the cosine schedule, "
+          f"designed for 32x32 to 64x64 images, adds too little noise at higher resolutions, and "
+          f"these runs are below paper scale{size}, where by the paper's own rule (shift by "
+          f"2 log(64/d)) a smaller image wants less noise, not more.")
 
 
 OPTIONS = [

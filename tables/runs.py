@@ -1,7 +1,8 @@
 """Reads the recorded results of every run directory under a workdir into pandas frames.
 
 Layout (see the team conventions): ``<workdir>/<run>/job.json`` names the (table, group, row)
-entries a run serves, ``<workdir>/<run>/eval/results.jsonl`` holds one evaluation result per line,
+entries a run serves (a row evaluated at a snapshot also its ``eval_step`` of ``num_steps``) and
+where its data come from (``data``: split origins, trained on COCO, zero-shot), ``<workdir>/<run>/eval/results.jsonl`` holds one evaluation result per line,
 ``<workdir>/<run>/metrics.jsonl`` the training log and ``<workdir>/throughput.jsonl`` the
 throughput measurements. A directory without job.json is not a run and is skipped.
 """
@@ -18,6 +19,9 @@ from core.io import jsonl, rundir, storage
 
 RESULT_COLUMNS = ("step", "metric", "value", "std", "num_samples", "extractor", "resize_mode",
                   "reference", "guidance", "seed", "sampler_steps", "time")
+# From job.json's "data" (core.data.coco.data_record); None where not recorded.
+DATA_COLUMNS = ("trained_on_coco", "zero_shot", "train_origin", "eval_origin")
+SERVE_COLUMNS = ("run", "table", "group", "row", "eval_step", "num_steps")
 THROUGHPUT_COLUMNS = ("table", "group", "row", "steps_per_sec", "img_per_sec", "device",
                       "batch_size", "time")
 
@@ -26,8 +30,8 @@ THROUGHPUT_COLUMNS = ("table", "group", "row", "steps_per_sec", "img_per_sec", "
 class Runs:
   """What a workdir holds: the runs, the rows each serves and their evaluation results."""
   workdir: str | None
-  runs: pd.DataFrame     # run, path, scale
-  serves: pd.DataFrame   # run, table, group, row
+  runs: pd.DataFrame     # run, path, scale, image_size (as trained, e.g. '16'), DATA_COLUMNS
+  serves: pd.DataFrame   # run, table, group, row, eval_step, num_steps
   results: pd.DataFrame  # run, line, RESULT_COLUMNS
   throughput: pd.DataFrame  # line, THROUGHPUT_COLUMNS
 
@@ -77,10 +81,18 @@ def load(workdir: str | None) -> Runs:
     for path in run_dirs(workdir):
       job = _read_job(rundir.job_path(path))
       name = str(job.get("run_name") or path.rstrip("/").rsplit("/", 1)[-1])
-      runs.append({"run": name, "path": path, "scale": job.get("scale")})
+      data = job.get("data") if isinstance(job.get("data"), dict) else {}
+      origins = data.get("split_origins") or {}
+      size = next((a.split("=", 1)[1] for a in job.get("train_args") or []
+                   if str(a).startswith("Train.image_size=")), None)
+      runs.append({"run": name, "path": path, "scale": job.get("scale"), "image_size": size,
+                   "trained_on_coco": data.get("trained_on_coco"),
+                   "zero_shot": data.get("zero_shot"), "train_origin": origins.get("train"),
+                   "eval_origin": origins.get("eval")})
       for r in job.get("rows", []):
         serves.append({"run": name, "table": str(r["table"]), "group": str(r["group"]),
-                       "row": str(r["row"])})
+                       "row": str(r["row"]), "eval_step": r.get("eval_step"),
+                       "num_steps": r.get("num_steps")})
       res = read_jsonl(rundir.results_path(path))
       if len(res):
         res.insert(0, "run", name)
@@ -94,8 +106,9 @@ def load(workdir: str | None) -> Runs:
   throughput["table"] = throughput["table"].map(lambda t: None if t is None else str(t))
   return Runs(
       workdir=workdir,
-      runs=_with_columns(pd.DataFrame.from_records(runs), ("run", "path", "scale")),
-      serves=_with_columns(pd.DataFrame.from_records(serves), ("run", "table", "group", "row")),
+      runs=_with_columns(pd.DataFrame.from_records(runs),
+                         ("run", "path", "scale", "image_size") + DATA_COLUMNS),
+      serves=_with_columns(pd.DataFrame.from_records(serves), SERVE_COLUMNS),
       results=results_df,
       throughput=throughput,
   )

@@ -313,6 +313,8 @@ def test_table8_smoke_end_to_end(smoke_table8, tmp_path):
   best = min((r for r in rows if r["metric"] == "fid_eval"), key=lambda r: r["value"])
   line = next(l for l in text.splitlines() if "simple diffusion (U-ViT 2B)" in l and "8.30" in l)
   assert f"{best['value']:.2f}" in line and f"| {best['guidance']:g} |" in line
+  # Trained on the fake COCO's own train split: not zero-shot, and the table says so.
+  assert line.count("(COCO-trained, not zero-shot)") == 1
   paths = figures.draw_all(workdir, str(tmp_path / "fig"), ["8"], ("clip_fid",))
   assert [os.path.basename(p) for p in paths] == ["clip_fid.png"]
   pts = figures.clip_fid_points(figures.runs.load(workdir), os.path.basename(run_dir))

@@ -17,7 +17,7 @@ import pytest
 
 from core.io import storage
 from core.errors import UserError, run_main
-from tables import layout, markdown, measured, paper, render, runs
+from tables import layout, markdown, measured, ordering, paper, render, runs
 from tests.fault_helpers import assert_one_error_line, read_only, run_cli, snapshot
 
 PAPER = paper.load_paper()
@@ -35,12 +35,14 @@ def result(step, metric, value, *, num_samples=50_000, std=None, guidance=1.0, t
           "time": time if time is not None else 1.7e9 + step}
 
 
-def write_run(workdir, name, rows, results, *, scale="demo", metrics=None):
-  """<workdir>/<name>/{job.json, eval/results.jsonl, metrics.jsonl}; rows: (table, group, row)."""
+def write_run(workdir, name, rows, results, *, scale="demo", metrics=None, **job_fields):
+  """<workdir>/<name>/{job.json, eval/results.jsonl, metrics.jsonl}; rows: (table, group, row)
+  or (table, group, row, {more fields of the row}); job_fields: more fields of job.json."""
   d = os.path.join(workdir, name)
   os.makedirs(os.path.join(d, "eval"), exist_ok=True)
   job = {"run_name": name, "scale": scale, "gin_files": ["gin/demo.gin"], "bindings": [],
-         "rows": [{"table": t, "group": g, "row": r} for t, g, r in rows]}
+         "rows": [dict({"table": r[0], "group": r[1], "row": r[2]}, **(r[3] if len(r) > 3 else {}))
+                  for r in rows], **job_fields}
   with open(os.path.join(d, "job.json"), "w") as f:
     json.dump(job, f)
   with open(os.path.join(d, "eval", "results.jsonl"), "w") as f:
@@ -470,3 +472,79 @@ def test_kid_and_spreads_render_beside_each_number_with_n_and_resize(tmp_path):
   tex = render.render(["2"], workdir, "latex")["table_2.tex"]
   assert r"101.23 $\pm$ 2.35" in tex and r"81.20 $\pm$ 3.10" in tex
   parse_tabulars(tex)  # every row still fills the columns
+
+
+UVIT256 = ("8", "256x256 COCO zero-shot", "simple diffusion (U-ViT 2B)")
+
+
+@pytest.mark.parametrize("data,note", [
+    ({"split_origins": {"train": "coco2014", "eval": "coco2014"}, "trained_on_coco": True,
+      "zero_shot": False}, "COCO-trained, not zero-shot"),
+    ({"split_origins": {"train": "caption-folder", "eval": "coco2014"}, "trained_on_coco": False,
+      "zero_shot": True}, None),
+    ({"split_origins": {"train": "emoji", "eval": "emoji"}, "trained_on_coco": False,
+      "zero_shot": False}, "trained and evaluated on emoji, not zero-shot COCO"),
+    (None, "zero-shot not recorded"),
+])
+def test_table8_says_beside_the_number_when_it_is_not_zero_shot(tmp_path, data, note):
+  """Table 8 sits under "COCO zero-shot" beside zero-shot literature: a model trained on COCO's
+  own train split (or on anything but other data) is said to be so, in every format."""
+  extra = {"data": data} if data is not None else {}
+  write_run(str(tmp_path), "t2i256", [UVIT256],
+            [result(700, "fid_eval", 12.5, num_samples=30_000)], **extra)
+  cell = data_rows(build(str(tmp_path), "8"))[UVIT256]["fid_train:ours"]
+  assert cell.text == "12.50" and cell.note == note
+  outs = render.render(["8"], str(tmp_path), "both")
+  line = next(l for l in outs["table_8.md"].splitlines() if l.startswith("| simple diffusion"))
+  assert ("12.50 (" + note + ")" in line) if note else ("12.50 |" in line and "zero-shot" not in
+                                                        line)
+  if note:
+    assert f"12.50 {{\\footnotesize ({note})}}" in outs["table_8.tex"]
+
+
+NO_DROPOUT = ("3", "128x128", "no dropout")
+
+
+def test_table3_no_dropout_shows_its_snapshot_step_not_the_runs_last(tmp_path):
+  """The row is the checkpoint at 700K of a 1.5M run (933 of 2,000 at demo scale): later steps of
+  the same run, evaluated too, are not its number; the step column and a footnote name it."""
+  write_run(str(tmp_path), "nodrop", [NO_DROPOUT + ({"eval_step": 933, "num_steps": 2000},)], [
+      result(933, "fid_train", 30.0, num_samples=500), result(933, "fid_eval", 31.0, num_samples=500),
+      result(2000, "fid_train", 20.0, num_samples=500), result(2000, "fid_eval", 21.0, num_samples=500)])
+  lay = build(str(tmp_path), "3")
+  row = data_rows(lay)[NO_DROPOUT]
+  assert row["fid_train:ours"].text == "30.00" and row["step"].text == "933"
+  assert any("no dropout: the checkpoint at step 933 of its run's 2,000 steps" in t
+             for _, t in lay.footnotes)
+  # Without a recorded snapshot step the latest step is the row's (every other row).
+  write_run(str(tmp_path), "nodrop", [NO_DROPOUT], [result(933, "fid_train", 30.0),
+                                                    result(2000, "fid_train", 20.0)])
+  assert data_rows(build(str(tmp_path), "3"))[NO_DROPOUT]["step"].text == "2000"
+
+
+def _ordering_workdir(root, scale, size):
+  rows = ["cosine (original at 128)", "cosine (shifted to 32)"]
+  for i, (row, fid) in enumerate(zip(rows, [40.0, 60.0])):  # the paper's ordering does not hold
+    write_run(str(root), f"run{i}", [("2", "128x128", row)], [result(20, "fid_train", fid, std=1.0,
+                                                                      num_samples=500)],
+              scale=scale, train_args=[f"Train.image_size={size}"])
+  return str(root)
+
+
+def test_ordering_verdict_below_paper_scale_says_it_is_no_evidence_against_the_paper(
+    tmp_path, capsys):
+  """`make demo` ends with tables.ordering: a "did NOT hold" at 16x16 must not read as evidence
+  against a claim about resolutions above the 32-64 px the cosine schedule was designed for."""
+  demo = _ordering_workdir(tmp_path / "demo", "demo", 16)
+  assert ordering.main(["table=2", f"workdir={demo}"]) == 0
+  (line,) = capsys.readouterr().out.strip().splitlines()
+  assert "did NOT hold at this scale" in line
+  assert line.endswith("This is no evidence for or against the paper: its claim is that the "
+                       "cosine schedule, designed for 32x32 to 64x64 images, adds too little noise "
+                       "at higher resolutions, and these runs are below paper scale (16x16 "
+                       "pixels, noise_d scaled alike so each shift keeps its ratio), where by the "
+                       "paper's own rule (shift by 2 log(64/d)) a smaller image wants less noise, "
+                       "not more.")
+  paper_scale = _ordering_workdir(tmp_path / "paper", "paper", 128)
+  assert ordering.main(["table=2", f"workdir={paper_scale}"]) == 0
+  assert "no evidence" not in capsys.readouterr().out

@@ -15,6 +15,7 @@ from core.data import captions, coco, emoji, pipeline, prepare, text_encoder
 from core.data import records as records_lib
 from core.errors import UserError, run_main
 from eval import reference
+from experiments import jobs, registry, run
 from tests import t2i_fixtures as F
 
 TARBALL = f"{emoji.PACKAGE}-{emoji.VERSION}.tgz"
@@ -367,3 +368,96 @@ def test_captioned_set_on_gcs_keeps_its_eval_captions(tmp_path, t5, gcs_bucket, 
   here = captions.load_eval_captions(str(tmp_path / "here"))
   assert remote.captions == here.captions and len(here.captions) == 4
   np.testing.assert_array_equal(np.asarray(remote.text_emb), np.asarray(here.text_emb))
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 8's reference (COCO val2014) and zero-shot training data.
+
+
+def test_coco_2014_is_preferred_and_2017_is_refused_at_paper_scale(tmp_path, t5):
+  """The paper's FID@30K and the literature it compares with use val2014 (40,504 images); val2017
+  (5,000) would repeat captions against a 5K reference."""
+  root = str(tmp_path / "coco")
+  F.fake_coco(root, year=2017)
+  F.fake_coco(root, year=2014)
+  out = str(tmp_path / "out")
+  meta = prepare.prepare(root, 16, out, text_encoder=t5, splits=["eval"], eval_captions=4,
+                         progress=False)
+  assert meta["source"].startswith("coco2014:") and meta["split_origins"] == {"eval": "coco2014"}
+  assert all(r["key"].startswith("val2014/") for r in records(out, meta, "eval").values())
+  coco.check_paper_eval_set(out)  # val2014: accepted
+  only2017 = str(tmp_path / "coco2017")
+  F.fake_coco(only2017, year=2017)
+  out17 = str(tmp_path / "coco-256")
+  prepare.prepare(only2017, 16, out17, text_encoder=t5, splits=["eval"], eval_captions=4,
+                  progress=False)
+  with pytest.raises(UserError, match=r"evaluates on COCO val2017: its 5,000 images .* prepare "
+                                      r"the eval split from COCO 2014") as e:
+    coco.check_paper_eval_set(out17)
+  assert "\n" not in str(e.value)
+  coco.check_paper_eval_set(str(tmp_path / "not-prepared-yet"))  # left to the trainer
+  # experiments.run refuses it for Table 8 at paper scale (only there).
+  table8 = [j for j in registry.jobs(registry.select("8")) if j.resolution == 256]
+  with pytest.raises(UserError, match="val2017"):
+    run.check_data("paper", "local", str(tmp_path / "coco-{res}"), table8)
+  run.check_data("demo", "local", str(tmp_path / "coco-{res}"), table8)
+
+
+def _caption_folder(root, layout: str) -> str:
+  """Four captioned images (and one without caption) in a folder, as .txt files or a jsonl."""
+  os.makedirs(os.path.join(root, "sub"), exist_ok=True)
+  rows = {"a.jpg": ["a red cat on a mat", "a cat"], "sub/b.png": ["a tall tower"],
+          "c.jpg": ["two dogs play"], "d.jpg": ["a green apple", "an apple"], "e.jpg": []}
+  for i, (rel, caps) in enumerate(rows.items()):
+    F.image((40, 36), 50 + i).save(os.path.join(root, rel))
+    if layout == "txt" and caps:
+      with open(os.path.join(root, os.path.splitext(rel)[0] + ".txt"), "w") as f:
+        f.write("\n".join(caps) + "\n\n")
+  if layout == "jsonl":
+    with open(os.path.join(root, "captions.jsonl"), "w") as f:
+      for rel, caps in rows.items():
+        for c in caps:  # one line per caption: lines of the same file add up
+          f.write(json.dumps({"file": rel, "caption": c}) + "\n")
+  return str(root), {k: v for k, v in rows.items() if v}
+
+
+@pytest.mark.parametrize("layout", ["txt", "jsonl"])
+def test_caption_folder_trains_and_coco_evaluates_zero_shot(tmp_path, t5, layout):
+  folder, rows = _caption_folder(tmp_path / "pairs", layout)
+  root = F.fake_coco(str(tmp_path / "coco"), year=2014)
+  out = str(tmp_path / "out")
+  meta = prepare.prepare(folder, 16, out, captions=True if layout == "txt" else None,
+                         eval_src=root, text_encoder=t5, eval_captions=5, progress=False)
+  assert meta["split_origins"] == {"train": "caption-folder", "eval": "coco2014"}
+  assert meta["trained_on_coco"] is False and meta["zero_shot"] is True
+  assert meta["counts"] == {"train": 4, "eval": 3} and meta["skipped"]["train"] == 1
+  train = records(out, meta, "train")
+  assert {k: r["captions"] for k, r in train.items()} == rows
+  assert all(k.startswith("val2014/") for k in records(out, meta, "eval"))
+  ec = captions.load_eval_captions(out)
+  coco_caps = {c for _, _, caps in F.CAPTIONS["val"] for c in caps}
+  assert len(ec.captions) == 5 and set(ec.captions) <= coco_caps
+  # COCO's own train split is not zero-shot; the record says so, and a run records it in job.json
+  # (tables/layout.py then writes "COCO-trained, not zero-shot" beside its FID@30K).
+  meta = prepare.prepare(root, 16, str(tmp_path / "coco-out"), text_encoder=t5, eval_captions=2,
+                         progress=False)
+  assert meta["trained_on_coco"] is True and meta["zero_shot"] is False
+  if layout == "txt":
+    (job,) = [j for j in registry.jobs(registry.select("8")) if j.resolution == 256]
+    for data_dir, trained_on_coco, zero_shot in ((str(tmp_path / "coco-out"), True, False),
+                                                 (out, False, True), (None, False, False)):
+      run_dir = str(tmp_path / f"run-{trained_on_coco}-{zero_shot}")
+      jobs.write_job_json(job, "demo", run_dir, jobs.job_args(job, "demo", run_dir, data_dir))
+      with open(os.path.join(run_dir, "job.json")) as f:
+        data = json.load(f)["data"]
+      assert (data["trained_on_coco"], data["zero_shot"]) == (trained_on_coco, zero_shot)
+
+
+def test_caption_folder_without_captions_is_one_line(tmp_path):
+  folder, _ = _caption_folder(tmp_path / "pairs", "none")
+  with pytest.raises(UserError, match=r"no image of src=.* has a caption: put <image>.txt"):
+    prepare.prepare(folder, 16, str(tmp_path / "out"), captions=True, progress=False)
+  with open(os.path.join(folder, "captions.jsonl"), "w") as f:
+    f.write('{"file": "a.jpg", "caption": "x"}\n{"file": "c.jpg"}\n')
+  with pytest.raises(UserError, match=r"captions.jsonl line 2 is not"):
+    prepare.prepare(folder, 16, str(tmp_path / "out"), progress=False)

@@ -15,11 +15,16 @@ from core.errors import UserError, run_main
 
 PREPARE_OPTIONS = [
     cli.Option("src", None, "image source: a folder of class folders (label = index of the sorted "
-               "folder name), a flat image folder (unconditional), an ImageNet root with "
-               "train/<wnid>/ "
-               "and val/ (val/ as class folders, or flat plus val_labels=), a COCO root "
-               "(train2017/, val2017/, annotations/captions_*2017.json: a captioned set), or "
-               "'emoji' for the built-in emoji-datasource-google set (needs npm). Required."),
+               "folder name), a flat image folder (unconditional), ImageNet as downloaded "
+               "(ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and the devkit, read in place), "
+               "extracted (train/<wnid>/, val/ flat or in class folders), or Kaggle's layout; a "
+               "COCO root (train2014/, val2014/, annotations/captions_*2014.json, or 2017: a "
+               "captioned set), or 'emoji' for the built-in emoji-datasource-google set (needs "
+               "npm). Layouts and the disk each needs: docs/data_sources.md. Required."),
+    cli.Option("eval_src", None, "take the eval split from this source instead (all of src= is "
+               "then train), e.g. src=<caption folder> eval_src=<COCO root>: a model trained on "
+               "other data, evaluated zero-shot on COCO's validation set as in Table 8. meta.json "
+               "records both (split_origins, trained_on_coco, zero_shot)."),
     cli.Option("res", None, "output size: 64 (square) or HxW (e.g. 384x640); images are ADM "
                "center-cropped and resized to it (for HxW, images of the other orientation are "
                "rotated first and flagged 'portrait'). Required.", parse_res),
@@ -34,13 +39,16 @@ PREPARE_OPTIONS = [
                "one per 512 MiB of pixels.", int),
     cli.Option("splits", "train,eval", "comma-separated splits to write (train, eval).",
                lambda s: [x.strip() for x in s.split(",") if x.strip()]),
-    cli.Option("val_labels", None, "labels for a flat ImageNet val/ folder: lines '<image file> "
-               "<wnid>' (whitespace or comma separated, e.g. Kaggle's LOC_val_solution.csv)."),
+    cli.Option("val_labels", None, "labels of ImageNet's flat val images when src= does not "
+               "hold them: the devkit (ILSVRC2012_devkit_t12.tar.gz or its folder), or a file of "
+               "'<image file> <wnid>' lines (whitespace or comma separated, e.g. Kaggle's "
+               "LOC_val_solution.csv). Found in src= without it: the devkit, "
+               "LOC_val_solution.csv, or val file names that begin with '<wnid>_' (ADM)."),
     cli.Option("text_emb", None, "optional .npz of text embeddings keyed by image file stem, "
                "stored in each record as 'text_emb' (images without one are skipped)."),
     cli.Option("captions", None, "text-to-image: keep every caption of each image with its text "
-               "embedding. On by default for a COCO root (train2017/, val2017/, annotations/"
-               "captions_*2017.json; or 2014); src=emoji captions=true captions the emoji with "
+               "embedding. On by default for a COCO root (train2014/, val2014/, annotations/"
+               "captions_*2014.json; or 2017) and a folder with captions.jsonl; src=emoji captions=true captions the emoji with "
                "their names.", cli.parse_bool),
     cli.Option("text_encoder", None, "with captions: a Hugging Face T5 name or save_pretrained "
                f"folder (default {text_lib.DEFAULT_ENCODER}; for src=emoji a small random T5 "
@@ -170,7 +178,7 @@ def main(argv: Sequence[str]) -> int:
                  progress=values["progress"], captions=values["captions"],
                  text_encoder=values["text_encoder"], max_len=values["max_len"],
                  upscale=values["upscale"], eval_captions=values["eval_captions"],
-                 caption_seed=values["caption_seed"])
+                 caption_seed=values["caption_seed"], eval_src=values["eval_src"])
   for split, ex in meta["skipped_examples"].items():
     for e in ex[:3]:
       print(f"skipped ({split}) e.g. {e}", file=sys.stderr)

@@ -138,7 +138,7 @@ def emoji_source(tarball: str | None = None, *, eval_fraction: float | None = No
   return sources.Source(items=items, class_names=class_names,
                      description=f"npm:{PACKAGE}@{VERSION} (eval_fraction={frac}" +
                      (", captions: names)" if captions else ")"),
-                     skipped=skipped, skipped_examples=examples)
+                     skipped=skipped, skipped_examples=examples, origin="emoji")
 
 
 def emoji_text_encoder(root: str | None = None) -> str:

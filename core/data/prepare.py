@@ -30,7 +30,8 @@ import PIL
 
 from core import progress as progress_lib
 from core.data import captions as captions_lib
-from core.data import coco, emoji, records
+from core.data import sources as sources_lib
+from core.data import caption_folder, coco, emoji, imagenet, records
 from core.data import text_encoder as text_lib
 from core.data.preprocess import ImageTooSmall, load_image, parse_res
 from core.data.records import SPLITS
@@ -48,10 +49,9 @@ def _decode_item(args: tuple[Item, Any, bool]) -> tuple[dict[str, Any] | None, s
   ``upscale`` is a UserError."""
   item, res, upscale = args
   try:
-    if item.data is not None:
-      data = item.data
-    else:
-      with open(item.path, "rb") as f:
+    data = item.content()
+    if isinstance(data, str):  # a file on disk: its bytes (records may keep them, records.py)
+      with open(data, "rb") as f:
         data = f.read()
     image, rotated = load_image(data, res, upscale=upscale, rotate=True)
     return records.encode_image(image, data), "", rotated
@@ -203,7 +203,8 @@ def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
   h, w = parse_res(res)
-  upscale = source.upscale if upscale is None else upscale
+  up = {s: source.upscale_of(s) if upscale is None else upscale for s in source.items}
+  fixed = [s for s in source.items if not up[s]]
   meta: dict[str, Any] = {
       "format": records.FORMAT, "resolution": h if h == w else [h, w], "image_size": [h, w],
       "num_classes": len(source.class_names),
@@ -211,11 +212,13 @@ def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers
       "preprocessing": "adm_center_crop (BOX halving while both sides >= 2x target, BICUBIC, "
                        "center crop); alpha composited on white" + ("" if h == w else
                        "; portrait images rotated 90 degrees counter-clockwise (flag 'portrait')") +
-                       ("" if upscale else "; no upscaling"),
+                       ("" if not fixed else "; no upscaling" + (
+                           "" if len(fixed) == len(up) else f" ({', '.join(fixed)})")),
       "has_text_emb": text_emb is not None or encoder is not None,
       # Each record: a PNG of the pixels, or the source file re-cropped at load (records.py).
       "image_encoding": "png or source file (smaller of the two, per record)",
       "decoder": {"pillow": PIL.__version__}, "codecs": {},
+      **origins(source),
       "counts": {}, "skipped": {}, "shards": {}, "shard_counts": {}, "shard_bytes": {},
       "skipped_examples": {},
   }
@@ -227,7 +230,7 @@ def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers
     if shards > 0:
       split_shards = max(1, math.ceil(shards * len(items) / max(1, n_ref)))
     r = write_split(items, split, (h, w), out_dir, shards=split_shards, workers=workers,
-                    text_emb=text_emb, progress=progress, encoder=encoder, upscale=upscale)
+                    text_emb=text_emb, progress=progress, encoder=encoder, upscale=up[split])
     meta["counts"][split] = r["count"]
     meta["skipped"][split] = r["skipped"] + source.skipped.get(split, 0)
     meta["shards"][split] = r["shards"]
@@ -250,6 +253,18 @@ def write_dataset(source: Source, res, out_dir: str, *, shards: int = 0, workers
   with open(os.path.join(out_dir, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)
   return meta
+
+
+def origins(source: Source) -> dict[str, Any]:
+  """meta.json's record of where each split comes from and what that means for evaluation:
+  ``trained_on_coco`` (the train split is COCO: a COCO FID is then not zero-shot) and
+  ``zero_shot`` (the eval split comes from other data than the train split; None without both)."""
+  where = {s: source.origin_of(s) for s in source.items}
+  family = {s: re.sub(r"\d+$", "", o) for s, o in where.items()}  # coco2014 and coco2017 alike
+  known = family.get("train") and family.get("eval")
+  return {"split_origins": where,
+          "trained_on_coco": family.get("train") == "coco",
+          "zero_shot": family["train"] != family["eval"] if known else None}
 
 
 def summary_line(meta: dict[str, Any]) -> str:
@@ -329,33 +344,33 @@ def prepare(src: str, res, out: str, *, eval_fraction: float | None = None, shar
             text_emb: str | None = None, workers: int = 1, max_images: int = 0,
             overwrite: bool = False, progress: bool = True, captions: bool | None = None,
             text_encoder: str | None = None, max_len: int = 0, upscale: bool | None = None,
-            eval_captions: int = 0, caption_seed: int = 0) -> dict[str, Any]:
+            eval_captions: int = 0, caption_seed: int = 0,
+            eval_src: str | None = None) -> dict[str, Any]:
   """Prepares ``src`` at resolution ``res`` (int or HxW) into ``out`` (local or gs://); returns the
-  meta dict. ``captions`` (default: on for a COCO layout) keeps every caption of each image with
-  its ``text_encoder`` embeddings (``max_len`` tokens) and writes ``eval_captions`` of them."""
+  meta dict. ``captions`` (default: on for a COCO layout or a caption folder) keeps every caption
+  of each image with its ``text_encoder`` embeddings (``max_len`` tokens) and writes
+  ``eval_captions`` of them. ``eval_src``: the eval split comes from this source instead (all of
+  ``src`` is then train), e.g. a caption folder evaluated zero-shot on COCO."""
   res = parse_res(res)
   bad = [s for s in splits if s not in SPLITS]
   if bad or not splits:
     raise UserError(f"splits={','.join(splits)} must name some of: {', '.join(SPLITS)}")
   _check_out(out, overwrite)
   is_emoji = emoji.is_emoji_source(src)
-  if src == "coco":
-    raise UserError("src=coco needs the COCO root: pass src=<folder with train2017/, val2017/ and "
-                    "annotations/> (captions are then on)")
   if captions is None:
-    captions = not is_emoji and os.path.isdir(os.path.join(src, "annotations"))
+    captions = not is_emoji and _captioned(src)
   if captions and text_emb:
     raise UserError("pass either captions=true (text_encoder= embeds them) or text_emb=<.npz>")
-  if is_emoji:
-    source = emoji.emoji_source(None if src == "emoji" else src, eval_fraction=eval_fraction,
-                                   splits=splits, captions=bool(captions))
-  elif captions:
-    source = coco.coco_source(src, splits=splits)
+  if eval_src:  # e.g. train on a caption folder, evaluate zero-shot on COCO's validation set
+    if eval_fraction is not None:
+      raise UserError("eval_fraction= does not apply with eval_src=, which gives the eval split")
+    every = None if imagenet.is_imagenet(src) else 0.0  # all of src is train
+    train_part = "train" in splits and _source(src, captions, every, val_labels, ["train"])
+    eval_part = "eval" in splits and _source(eval_src, captions, None, val_labels, ["eval"])
+    source = (sources_lib.merge(train_part, eval_part) if train_part and eval_part
+              else train_part or eval_part)
   else:
-    if not os.path.exists(src):
-      raise UserError(f"src={src!r} does not exist; pass an image folder, an ImageNet root "
-                      f"(train/, val/), a COCO root (with captions=true) or src=emoji")
-    source = scan_folder(src, eval_fraction=eval_fraction, val_labels=val_labels, splits=splits)
+    source = _source(src, captions, eval_fraction, val_labels, splits)
   if max_images > 0:
     source.items = {s: v[:max_images] for s, v in source.items.items()}
   if not any(source.items.values()):
@@ -410,6 +425,31 @@ def prepare(src: str, res, out: str, *, eval_fraction: float | None = None, shar
     if tmp is not None and os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return meta
+
+
+def _captioned(src: str) -> bool:
+  """A COCO root (annotations/) or a folder with captions.jsonl: a captioned set by default."""
+  return os.path.isdir(os.path.join(src, "annotations")) or caption_folder.is_caption_folder(src)
+
+
+def _source(src: str, captions: bool, eval_fraction: float | None, val_labels: str | None,
+            splits: Sequence[str]) -> Source:
+  """The Source of ``src``: the emoji set, COCO, a caption folder, ImageNet or an image folder."""
+  if src == "coco":
+    raise UserError("src=coco needs the COCO root: pass src=<folder with train2014/, val2014/ and "
+                    "annotations/> (captions are then on)")
+  if emoji.is_emoji_source(src):
+    return emoji.emoji_source(None if src == "emoji" else src, eval_fraction=eval_fraction,
+                              splits=splits, captions=bool(captions))
+  if not os.path.exists(src):
+    raise UserError(f"src={src!r} does not exist; pass an image folder, an ImageNet root "
+                    f"(train/, val/), a COCO root (with captions=true) or src=emoji")
+  if captions and os.path.isdir(os.path.join(src, "annotations")):
+    return coco.coco_source(src, splits=splits)
+  if captions:
+    return caption_folder.caption_folder_source(src, eval_fraction=eval_fraction, splits=splits)
+  scan = imagenet.imagenet_source if imagenet.is_imagenet(src) else scan_folder
+  return scan(src, eval_fraction=eval_fraction, val_labels=val_labels, splits=splits)
 
 
 def _temp_prefix(out: str) -> str:

@@ -1,8 +1,9 @@
-"""Image sources to prepare: a folder of class folders, a flat folder, the ImageNet layout.
+"""Image sources to prepare: a folder of class folders or a flat folder (ImageNet's layouts:
+core/data/imagenet.py).
 
-Labels are the indices of the sorted class folder names; a folder without train/ and val/ is
-split by a hash of each relative path, so the split is deterministic. A flat ImageNet ``val/``
-takes ``val_labels=<file>`` (``<file name> <wnid>`` lines; Kaggle's LOC_val_solution.csv as is).
+Labels are the indices of the sorted class folder names; a folder is split by a hash of each
+relative path, so the split is deterministic. A key is the file's relative path as text: bytes
+of a file name that are not UTF-8 become ``\\xNN`` escapes (the file is still read by its name).
 """
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ class Item:
   path: str | None = None
   data: bytes | None = None
   captions: tuple[str, ...] = ()  # text-to-image sources: every caption of the image
+  offset: int = -1  # >= 0: the image is ``size`` bytes at this offset of ``path`` (a tar member)
+  size: int = 0
+
+  def content(self) -> str | bytes:
+    """What to decode: the bytes (given, or read from a tar member in place) or the path."""
+    if self.data is not None:
+      return self.data
+    if self.offset >= 0:
+      with open(self.path, "rb") as f:
+        f.seek(self.offset)
+        return f.read(self.size)
+    return self.path
 
 
 @dataclasses.dataclass
@@ -40,6 +53,39 @@ class Source:
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # found while listing
   skipped_examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   upscale: bool = True  # False: an image smaller than the target size is an error (COCO)
+  # What the images are ('coco2014', 'imagenet', 'folder', ...): meta.json's split_origins, from
+  # which it says whether a model trained on the set is evaluated zero-shot.
+  origin: str = ""
+  # A source whose eval split comes from elsewhere (prepare eval_src=): per split, if set.
+  split_origin: dict[str, str] = dataclasses.field(default_factory=dict)
+  split_upscale: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+  def origin_of(self, split: str) -> str:
+    return self.split_origin.get(split, self.origin)
+
+  def upscale_of(self, split: str) -> bool:
+    return self.split_upscale.get(split, self.upscale)
+
+
+def merge(train: Source, evaluation: Source) -> Source:
+  """The train split of ``train`` and the eval split of ``evaluation`` as one Source."""
+  items = {s: v for s, v in train.items.items() if s == "train"}
+  items.update({s: v for s, v in evaluation.items.items() if s == "eval"})
+  parts = {"train": train, "eval": evaluation}
+  return Source(
+      items=items, class_names=train.class_names,
+      description=f"train: {train.description}; eval: {evaluation.description}",
+      skipped={s: parts[s].skipped.get(s, 0) for s in items},
+      skipped_examples={s: parts[s].skipped_examples.get(s, []) for s in items},
+      upscale=train.upscale and evaluation.upscale, origin=train.origin,
+      split_origin={s: parts[s].origin_of(s) for s in items},
+      split_upscale={s: parts[s].upscale_of(s) for s in items})
+
+
+def safe_key(name: str) -> str:
+  """``name`` as UTF-8-encodable text: the bytes of a file name that are not UTF-8 (which Python
+  holds as lone surrogates) become ``\\xNN`` escapes."""
+  return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def hash_fraction(key: str) -> float:
@@ -56,7 +102,7 @@ def _visible(name: str) -> bool:
   return not name.startswith(".")
 
 
-def _list_files(root: str) -> list[str]:
+def list_files(root: str) -> list[str]:
   """Every non-hidden regular file under root, as sorted paths relative to root."""
   out = []
   for d, dirs, files in os.walk(root, followlinks=True):
@@ -68,26 +114,19 @@ def _list_files(root: str) -> list[str]:
   return sorted(out)
 
 
-def _subdirs(path: str) -> list[str]:
+def subdirs(path: str) -> list[str]:
   return sorted(x for x in os.listdir(path) if _visible(x) and os.path.isdir(os.path.join(path, x)))
 
 
-def _class_folder_items(root: str, class_names: list[str], key_prefix: str) -> list[Item]:
-  index = {c: i for i, c in enumerate(class_names)}
-  items = []
-  for c in _subdirs(root):
-    if c not in index:
-      raise UserError(f"class folder {os.path.join(root, c)!r} is not one of the "
-                      f"{len(class_names)} "
-                      f"training classes; check src= (val classes must match train classes)")
-    for rel in _list_files(os.path.join(root, c)):
-      items.append(Item(key=f"{key_prefix}{c}/{rel}", label=index[c],
-                        path=os.path.join(root, c, rel)))
-  return items
+def _class_folder_items(root: str, class_folders: list[str]) -> list[Item]:
+  """Every file of each class folder, labelled by the folder's index."""
+  return [Item(key=safe_key(f"{c}/{rel}"), label=i, path=os.path.join(root, c, rel))
+          for i, c in enumerate(class_folders) for rel in list_files(os.path.join(root, c))]
 
 
 def read_val_labels(path: str, class_names: list[str]) -> dict[str, int]:
-  """Parses a val labels file -> {file stem: label}. See the module docstring for the format."""
+  """Parses a val labels file -> {file stem: label}: '<image file> <class>' lines, whitespace or
+  comma separated, a header line allowed (Kaggle's LOC_val_solution.csv as it is)."""
   if not os.path.isfile(path):
     raise UserError(f"val_labels={path!r} does not exist; pass a file of '<image file> <wnid>' "
                     f"lines")
@@ -118,55 +157,29 @@ def read_val_labels(path: str, class_names: list[str]) -> dict[str, int]:
 
 def scan_folder(src: str, *, eval_fraction: float | None = None, val_labels: str | None = None,
                 splits: Sequence[str] = SPLITS) -> Source:
-  """Lists an image folder (class folders, flat, or the ImageNet train/val layout) as a Source."""
+  """Lists an image folder (class folders, or flat: unconditional) as a Source, split by hash."""
   if not os.path.isdir(src):
     raise UserError(f"src={src!r} is not a directory; pass an image folder, an ImageNet root "
                     f"(train/, val/), or src=emoji")
+  if val_labels:
+    raise UserError(f"val_labels= labels the flat val images of an ImageNet layout and {src!r} "
+                    f"is not one (no train/<class>/ folders or ImageNet tars); drop val_labels")
   items: dict[str, list[Item]] = {s: [] for s in splits}
-  skipped: dict[str, int] = {s: 0 for s in splits}
-  examples: dict[str, list[str]] = {s: [] for s in splits}
-  train_dir, val_dir = os.path.join(src, "train"), os.path.join(src, "val")
-  if os.path.isdir(train_dir) and _subdirs(train_dir):  # ImageNet layout
-    if eval_fraction is not None:
-      raise UserError(f"eval_fraction= does not apply to {src!r}: it has train/ and val/ folders, "
-                      f"whose val/ images form the eval split; drop eval_fraction")
-    class_names = _subdirs(train_dir)
-    if "train" in items:
-      items["train"] = _class_folder_items(train_dir, class_names, "train/")
-    if "eval" in items:
-      if not os.path.isdir(val_dir):
-        raise UserError(f"{src!r} has train/ but no val/ folder for the eval split; add val/ or "
-                        f"pass splits=train")
-      if _subdirs(val_dir):
-        items["eval"] = _class_folder_items(val_dir, class_names, "val/")
-      else:
-        if not val_labels:
-          raise UserError(f"{val_dir!r} is a flat folder; pass val_labels=<file of '<image> "
-                          f"<wnid>' lines> (e.g. LOC_val_solution.csv) or pass splits=train")
-        labels = read_val_labels(val_labels, class_names)
-        for rel in _list_files(val_dir):
-          stem = os.path.splitext(os.path.basename(rel))[0]
-          if stem in labels:
-            items["eval"].append(Item(key=f"val/{rel}", label=labels[stem],
-                                      path=os.path.join(val_dir, rel)))
-          else:
-            skipped["eval"] += 1
-            if len(examples["eval"]) < 10:
-              examples["eval"].append(f"val/{rel}: no entry in val_labels")
-    desc = f"imagenet-layout:{os.path.abspath(src)}"
+  frac = 0.1 if eval_fraction is None else eval_fraction
+  if not 0.0 <= frac < 1.0:
+    raise UserError(f"eval_fraction={frac} must be in [0, 1)")
+  raw = subdirs(src)
+  class_names = [safe_key(c) for c in raw]
+  if raw:
+    listed = _class_folder_items(src, raw)
   else:
-    frac = 0.1 if eval_fraction is None else eval_fraction
-    if not 0.0 <= frac < 1.0:
-      raise UserError(f"eval_fraction={frac} must be in [0, 1)")
-    class_names = _subdirs(src)
-    if class_names:
-      listed = _class_folder_items(src, class_names, "")
-    else:
-      listed = [Item(key=rel, label=0, path=os.path.join(src, rel)) for rel in _list_files(src)]
-    for it in listed:
-      s = split_of(it.key, frac)
-      if s in items:
-        items[s].append(it)
-    desc = f"folder:{os.path.abspath(src)} (eval_fraction={frac})"
-  return Source(items=items, class_names=class_names, description=desc, skipped=skipped,
-                skipped_examples=examples)
+    listed = [Item(key=safe_key(rel), label=0, path=os.path.join(src, rel))
+              for rel in list_files(src)]
+  for it in listed:
+    s = split_of(it.key, frac)
+    if s in items:
+      items[s].append(it)
+  desc = f"folder:{os.path.abspath(src)} (eval_fraction={frac})"
+  return Source(items=items, class_names=class_names, description=desc,
+                skipped={s: 0 for s in splits}, skipped_examples={s: [] for s in splits},
+                origin="folder")
