@@ -485,20 +485,19 @@ def _write_row(step: int, m: dict[str, jax.Array], writer, cfg: TrainConfig,
 def run_hparams(workdir: str, model, cfg: TrainConfig) -> dict[str, Any]:
   """What TensorBoard's HParams dashboard compares across runs (docs/tensorboard.md).
 
-  The table rows the run serves and its scale (``job.json``, written by experiments.run), the
-  model, the schedule and its logSNR shift 2 log(noise_d / image_d) (Eq. 5), the main ``Train``
+  The table, group and row(s) the run serves and its scale (``job.json``, written by
+  experiments.run), the model, the schedule and its logSNR shift 2 log(noise_d / image_d) (Eq. 5), the main ``Train``
   settings and the value this run used of every gin parameter its table row sets. Needs the
   run's gin configuration bound: the trainer's, or config.gin parsed by eval.sample.load_run
   (the eval worker writes the same values beside its results).
   """
-  h: dict[str, Any] = {"run": storage.basename(workdir), "model": type(model).__name__}
+  h: dict[str, Any] = {"model": type(model).__name__}  # the run's name is the HParams trial id
   job = {}
   if storage.exists(rundir.job_path(workdir)):
     job = json.loads(storage.read_text(rundir.job_path(workdir)))
-  rows = job.get("rows", [])
-  if rows:
-    h["table"] = ", ".join(dict.fromkeys(str(r["table"]) for r in rows))
-    h["row"] = "; ".join(f"{r['group']} / {r['row']}" for r in rows)
+  for key in ("table", "group", "row"):  # "2", "128x128", "cosine (shifted to 32)"
+    values = [str(r[key]) for r in job.get("rows", [])]
+    h[key] = "; ".join(values if key == "row" else dict.fromkeys(values)) or None
   h["scale"] = job.get("scale")
   defaults = {k: p.default for k, p in inspect.signature(schedules.get_schedule).parameters.items()}
   sched = {**defaults, **gin.get_bindings("schedule")}

@@ -159,8 +159,8 @@ def test_run_hparams_name_the_row_and_the_values_the_run_used(tmp_path):
   with config_lib.scratch():
     model, cfg, _ = jobs.build(args)
     hp = trainer.run_hparams(run_dir, model, cfg)
-  assert hp["run"] == job.name and hp["table"] == "2" and hp["scale"] == "demo"
-  assert hp["row"] == "128x128 / cosine (shifted to 32)" and hp["model"] == "UNet"
+  assert (hp["table"], hp["group"], hp["row"]) == ("2", "128x128", "cosine (shifted to 32)")
+  assert hp["scale"] == "demo" and hp["model"] == "UNet"
   assert (hp["schedule.name"], hp["schedule.image_d"], hp["schedule.noise_d"]) == (
       "cosine_shifted", 16, 4)
   assert hp["logsnr_shift"] == pytest.approx(2 * math.log(4 / 16))
@@ -230,7 +230,7 @@ def test_a_trained_and_evaluated_run_as_tensorboard_shows_it(tmp_path):
   assert group.name == job.name
   assert sorted(s.name for s in group.sessions) == [f"{job.name}/eval", f"{job.name}/train"]
   hp = {k: _value(v) for k, v in group.hparams.items()}
-  assert hp["table"] == "2" and hp["row"] == "128x128 / cosine (shifted to 32)"
+  assert (hp["table"], hp["group"], hp["row"]) == ("2", "128x128", "cosine (shifted to 32)")
   assert hp["schedule.name"] == "cosine_shifted" and hp["schedule.noise_d"] == 8  # as trained
   metrics = _metrics(group)
   assert metrics["train/loss"] == (4, pytest.approx(rows[-1]["loss"]))
