@@ -78,7 +78,7 @@ def _scalar(name: str, v: Any) -> float | int | str | bool | None:
   return float(a)
 
 
-def _hparam(name: Any, v: Any) -> bool | float | str:
+def _hparam(v: Any) -> bool | float | str:
   """An HParams value: bool, float or str (numpy scalars and other objects converted)."""
   if isinstance(v, (bool, np.bool_)):
     return bool(v)
@@ -87,7 +87,7 @@ def _hparam(name: Any, v: Any) -> bool | float | str:
   if isinstance(v, str):
     return v
   if isinstance(v, np.ndarray) and v.size == 1:
-    return _hparam(name, v.item())
+    return _hparam(v.item())
   return str(v)
 
 
@@ -253,7 +253,7 @@ class MetricWriter:
     if not self.is_chief or self._tb is None:
       return
     self._check_open()
-    values = {str(k): _hparam(k, v) for k, v in hparams.items() if v is not None}
+    values = {str(k): _hparam(v) for k, v in hparams.items() if v is not None}
     if (values, group) == self._hparams:
       return
     self._hparams = (values, group)
