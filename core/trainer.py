@@ -486,10 +486,10 @@ def run_hparams(workdir: str, model, cfg: TrainConfig) -> dict[str, Any]:
   """What TensorBoard's HParams dashboard compares across runs (docs/tensorboard.md).
 
   The table, group and row(s) the run serves and its scale (``job.json``, written by
-  experiments.run), the model, the schedule and its logSNR shift 2 log(noise_d / image_d) (Eq. 5), the main ``Train``
-  settings and the value this run used of every gin parameter its table row sets. Needs the
-  run's gin configuration bound: the trainer's, or config.gin parsed by eval.sample.load_run
-  (the eval worker writes the same values beside its results).
+  experiments.run), the model, the schedule and its logSNR shift 2 log(noise_d / image_d) (Eq. 5),
+  the main ``Train`` settings and the value this run used of every gin parameter its table row
+  sets. Needs the run's gin configuration bound: the trainer's, or config.gin parsed by
+  eval.sample.load_run (the eval worker writes the same values beside its results).
   """
   h: dict[str, Any] = {"model": type(model).__name__}  # the run's name is the HParams trial id
   job = {}
@@ -515,12 +515,13 @@ def run_hparams(workdir: str, model, cfg: TrainConfig) -> dict[str, Any]:
   for binding in job.get("bindings", []):  # the row's own settings, at the values used here
     name, value = (x.strip() for x in binding.split("=", 1))
     try:
-      h[name] = gin.query_parameter(name)
+      v = gin.query_parameter(name)
     except ValueError:
       try:
-        h[name] = ast.literal_eval(value)
+        v = ast.literal_eval(value)
       except (ValueError, SyntaxError):
-        h[name] = value
+        v = value
+    h[name] = "None" if v is None else v  # set to None ("no dropout") is not unset
   return {k: v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
           for k, v in h.items()}
 

@@ -168,6 +168,14 @@ def test_run_hparams_name_the_row_and_the_values_the_run_used(tmp_path):
   assert hp["Train.batch_size"] == 32 and hp["Train.learning_rate"] == 4e-3
   assert hp["Train.adam_b2"] == 0.999  # a binding of the row (appendix B for ImageNet 128)
   assert all(isinstance(v, (bool, int, float, str)) for v in hp.values() if v is not None)
+  # A row that sets a parameter to None (Table 3's "no dropout") shows it, unlike an unset one.
+  (job,) = registry.jobs(registry.select("3", ["no dropout"]))
+  run_dir = str(tmp_path / job.name)
+  args = jobs.job_args(job, "demo", run_dir, None)
+  jobs.write_job_json(job, "demo", run_dir, args)
+  with config_lib.scratch():
+    hp = trainer.run_hparams(run_dir, *jobs.build(args)[:2])
+  assert hp["UNet.dropout_from_resolution"] == "None" and hp["row"] == "no dropout"
 
 
 @pytest.mark.slow
@@ -218,7 +226,8 @@ def test_a_trained_and_evaluated_run_as_tensorboard_shows_it(tmp_path):
     np.testing.assert_array_equal(img, np.asarray(Image.open(run_dir / "eval" / png)))
   ((step, table),) = board.text(f"{job.name}/eval")["eval/results/text_summary"]
   assert step == 4 and len(table.splitlines()) == 2 + len(results) == 2 + 8
-  assert f"| fid_train | 2 | {[r for r in results if r['metric'] == 'fid_train'][1]['value']:.4g} |" in table
+  fid_w2 = [r for r in results if r["metric"] == "fid_train" and r["guidance"] == 2.0][0]
+  assert f"| fid_train | 2 | {fid_w2['value']:.4g} | {fid_w2['std']:.4g} (bootstrap) | 16 | 4 |" in table
 
   # The eval worker, from config.gin, wrote the values the trainer wrote from its live config.
   starts = [metadata.parse_session_start_info_plugin_data(board.mux.SummaryMetadata(
