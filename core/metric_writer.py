@@ -1,8 +1,11 @@
 """Training metrics: ``metrics.jsonl`` (one row per logged step) and TensorBoard events.
 
-Exactly once on resume: a writer started at the restored step drops the rows logged after it and
-purges TensorBoard's later events. On ``gs://`` the files are written locally and mirrored by
-:class:`core.io.storage.Syncer`. Only the chief process writes.
+TensorBoard events go to ``<run>/train`` (the trainer) and ``<run>/eval`` (the eval worker), so
+``tensorboard --logdir <workdir>`` lists each run as ``<run>/train`` and ``<run>/eval`` side by
+side; both carry the run's hyperparameters as one session group of the HParams dashboard (one
+row per run there, docs/tensorboard.md). Exactly once on resume: a writer started at the restored
+step drops the rows logged after it and purges TensorBoard's later events. On ``gs://`` the files
+are written locally and mirrored by :class:`core.io.storage.Syncer`. Only the chief process writes.
 """
 from __future__ import annotations
 
@@ -17,15 +20,16 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import summary_pb2 as tbx_summary_pb2
 
-from core.io import jsonl, storage
+from core.io import jsonl, rundir, storage
 from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, *, padding: int = 0,
@@ -74,6 +78,35 @@ def _scalar(name: str, v: Any) -> float | int | str | bool | None:
   return float(a)
 
 
+def _hparam(v: Any) -> bool | float | str:
+  """An HParams value: bool, float or str (numpy scalars and other objects converted)."""
+  if isinstance(v, (bool, np.bool_)):
+    return bool(v)
+  if isinstance(v, numbers.Real):
+    return float(v)
+  if isinstance(v, str):
+    return v
+  if isinstance(v, np.ndarray) and v.size == 1:
+    return _hparam(v.item())
+  return str(v)
+
+
+def _adopt_events(old: str, new: str) -> None:
+  """Moves the event files of an earlier version's event directory ``old`` into ``new`` when
+  ``new`` has none, and removes ``old`` when it is left empty."""
+  if not os.path.isdir(old) or (os.path.isdir(new) and any(
+      "tfevents" in f for f in os.listdir(new))):
+    return
+  os.makedirs(new, exist_ok=True)
+  moved = [f for f in sorted(os.listdir(old)) if "tfevents" in f]
+  for f in moved:
+    os.replace(os.path.join(old, f), os.path.join(new, f))
+  if moved:
+    log.info("moved %d TensorBoard event file(s) from %s to %s", len(moved), old, new)
+  if not os.listdir(old):
+    os.rmdir(old)
+
+
 def truncate_jsonl(path: str, max_step: int) -> int:
   """Keeps the rows of ``metrics.jsonl`` with ``step <= max_step`` and drops a torn tail;
   returns the number of rows dropped."""
@@ -92,17 +125,28 @@ class MetricWriter:
     start_step: the step the run (re)starts from: rows and events of steps > ``start_step`` left
       by an earlier, crashed run are dropped (see module docstring). With 0 (a fresh run, or a
       writer that logs at arbitrary steps such as the eval worker's) TensorBoard purges nothing.
-    tensorboard: write TensorBoard event files under ``<workdir>/tb``.
+    tensorboard: write TensorBoard event files under ``<workdir>/<tb_dir>``.
     jsonl: write ``<workdir>/metrics.jsonl`` (the eval worker keeps its rows in its own
       ``results.jsonl`` and uses TensorBoard only).
+    tb_dir: the event directory under ``workdir``, i.e. TensorBoard's run name below the run's:
+      ``train`` (:data:`core.io.rundir.TRAIN_EVENTS`) or ``eval``.
+    tb_prefix: put in front of every TensorBoard tag (``train/`` groups the trainer's charts);
+      ``metrics.jsonl`` keeps the names as given.
+    legacy_tb_dir: where earlier versions wrote this writer's events (``tb``, ``eval/tb``): in a
+      local workdir they are moved into ``tb_dir`` when it has none yet, so a resumed run stays one
+      TensorBoard run.
     is_chief: only the chief writes; other processes get a writer that does nothing.
     sync_every_s: for ``gs://`` workdirs, also upload while writing when this many seconds have
       passed since the last upload (``flush`` and ``close`` always upload).
   """
 
   def __init__(self, workdir: str, *, start_step: int = 0, tensorboard: bool = True,
-               jsonl: bool = True, is_chief: bool = True, sync_every_s: float = 120.0):
+               jsonl: bool = True, is_chief: bool = True, sync_every_s: float = 120.0,
+               tb_dir: str = rundir.TRAIN_EVENTS, tb_prefix: str = "",
+               legacy_tb_dir: str | None = None):
     self.workdir = os.fspath(workdir)
+    self.tb_prefix = tb_prefix
+    self._hparams = None
     self.is_chief = is_chief
     self.start_step = int(start_step)
     self._closed = False
@@ -132,8 +176,11 @@ class MetricWriter:
                  self.metrics_path, dropped, self.start_step)
       self._file = open(self.metrics_path, "a", encoding="utf-8")
     if tensorboard:
+      tb_path = os.path.join(self.local_dir, tb_dir)
+      if legacy_tb_dir and self._staging is None:
+        _adopt_events(os.path.join(self.local_dir, legacy_tb_dir), tb_path)
       # A nanosecond suffix keeps event files of quick restarts apart and in creation order.
-      self._tb = SummaryWriter(logdir=os.path.join(self.local_dir, TB_DIR),
+      self._tb = SummaryWriter(logdir=tb_path,
                                purge_step=self.start_step + 1 if self.start_step > 0 else None,
                                flush_secs=30,
                                filename_suffix=f".{time.time_ns()}")
@@ -157,7 +204,7 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(k, float(v), step)
+          self._tb.add_scalar(self.tb_prefix + k, float(v), step)
     self._maybe_sync()
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
@@ -175,11 +222,12 @@ class MetricWriter:
       if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
         raise UserError(f"write_images: {name!r} has shape {img.shape}; pass [H, W, C] or "
                         "[N, H, W, C] with C in 1, 3, 4")
-      self._tb.add_image(name, img, int(step), dataformats="HWC")
+      self._tb.add_image(self.tb_prefix + name, img, int(step), dataformats="HWC")
     self._maybe_sync()
 
   def write_text(self, tag: str, text: str, step: int = 0, *, code: bool = False) -> None:
-    """TensorBoard text (markdown), e.g. the operative gin config; TB tag ``<tag>/text_summary``.
+    """TensorBoard text (markdown), e.g. the operative gin config or a table of results; TB tag
+    ``<tb_prefix><tag>/text_summary``.
 
     ``code=True`` shows ``text`` verbatim as a fenced code block (a gin file's ``#`` comments would
     otherwise render as markdown headings). Write the config at ``step=start_step`` so that each
@@ -191,7 +239,28 @@ class MetricWriter:
     if code:
       fence = "~~~~" if "```" in text else "```"
       text = f"{fence}\n{text.rstrip()}\n{fence}"
-    self._tb.add_text(tag, text, int(step))
+    self._tb.add_text(self.tb_prefix + tag, text, int(step))
+
+  def write_hparams(self, hparams: Mapping[str, Any], group: str) -> None:
+    """This TensorBoard run's hyperparameters, for the HParams dashboard (its table, parallel
+    coordinates and scatter plots), in the hparams plugin's own summary format.
+
+    Each run is a *session*; sessions with the same ``group`` are one row of the dashboard, which
+    shows the union of their scalars' last values as metric columns (the trainer's ``train/...``
+    and the eval worker's ``eval/...`` of one run directory). Values: bool, number or string;
+    ``None`` values are left out. A repeated call with the same values writes nothing.
+    """
+    if not self.is_chief or self._tb is None:
+      return
+    self._check_open()
+    values = {str(k): _hparam(v) for k, v in hparams.items() if v is not None}
+    if (values, group) == self._hparams:
+      return
+    self._hparams = (values, group)
+    pb = hparams_summary.hparams_pb(values, trial_id=group)
+    # tensorboardX writes its own copy of the Summary proto (same wire format).
+    self._tb._get_file_writer().add_summary(  # pylint: disable=protected-access
+        tbx_summary_pb2.Summary.FromString(pb.SerializeToString()), 0)
 
   def flush(self) -> None:
     """Flushes files and, for gs:// workdirs, uploads what changed (retrying earlier failures)."""

@@ -119,6 +119,16 @@ class Progress:
       self._emit(self._line(now))
       self._last_time, self._last_step = now, self.step
 
+  def write(self, line: str) -> None:
+    """Prints a line of its own (``compiling the train step ...``) above the bar, or as a plain
+    line, without breaking the bar."""
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(line, file=self._file)
+    else:
+      self._emit(line)
+
   def close(self) -> None:
     """Ends the bar, or prints the final line with the average rate and the time taken."""
     if self._closed:

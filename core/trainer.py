@@ -9,8 +9,11 @@ step is skipped and counted. The command line is core/train.py.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
+import inspect
+import json
 import os
 import signal
 import sys
@@ -33,6 +36,7 @@ from core import metric_writer
 from core import progress as progress_lib
 from core import runlock
 from core import sampling
+from core import schedules
 from core import sharding as shd
 from core.data import pipeline, prepare, records
 from core.errors import Preempted, UserError
@@ -397,10 +401,13 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
     print(f"resumed from step {start} ({checkpointer.directory})", flush=True)
 
   # The operative config is known once the model and schedule have been built and called.
-  writer = metric_writer.MetricWriter(workdir, start_step=start, is_chief=is_chief)
+  writer = metric_writer.MetricWriter(workdir, start_step=start, is_chief=is_chief,
+                                      tb_dir=rundir.TRAIN_EVENTS, tb_prefix="train/",
+                                      legacy_tb_dir="tb")
   if is_chief:
     storage.write_text(rundir.config_path(workdir), config_lib.operative_config())
     writer.write_text("config", config_lib.operative_config(), step=start, code=True)
+    writer.write_hparams(run_hparams(workdir, model, cfg), group=storage.basename(workdir))
 
   flops_per_image = 3.0 * forward_flops(model, cfg)
   peak = hardware.peak_flops_per_second()
@@ -413,7 +420,15 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
   with preemption:  # installed by train() before compiling; re-entering it is a no-op
     while step < end:
       batch = shd.global_batch(mesh, next(loader))
+      if step == start:
+        bar.write("compiling the train step ...")
+        compile_start = time.perf_counter()
       state, m = step_fn(state, batch)
+      if step == start:  # the first call compiles (45-130 s for the demo on a small CPU)
+        jax.block_until_ready(m)
+        bar.write(f"compiled the train step in "
+                  f"{progress_lib.format_duration(time.perf_counter() - compile_start)} "
+                  f"(its first step included)")
       step += 1
       if step % cfg.log_every == 0 or step == end:
         now = time.time()
@@ -436,7 +451,12 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
               f"step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning "
               f"rate or check the data, then rerun to resume from it")
       if sampler is not None and step % cfg.sample_every == 0:
-        writer.write_images(step, {"samples/ema": sampler(state["ema_params"], step)})
+        sample_start = time.perf_counter()
+        writer.write_images(step, {"samples_ema": sampler(state["ema_params"], step)})
+        bar.write(f"step {step}: sample grid of {cfg.num_sample_images} EMA images "
+                  f"({cfg.sample_steps} sampler steps) in {time.perf_counter() - sample_start:.1f}s"
+                  + ("" if sampler.compiled else " (compiling the sampler included)"))
+        sampler.compiled = True
       # Every host calls reached_preemption at every step: all stop at the same one.
       preempted = preemption.requested or checkpointer.reached_preemption(step)
       if step % cfg.checkpoint_every == 0 or step == end or preempted or step in cfg.keep_steps:
@@ -465,6 +485,50 @@ def _write_row(step: int, m: dict[str, jax.Array], writer, cfg: TrainConfig,
   return row
 
 
+def run_hparams(workdir: str, model, cfg: TrainConfig) -> dict[str, Any]:
+  """What TensorBoard's HParams dashboard compares across runs (docs/tensorboard.md).
+
+  The table, group and row(s) the run serves and its scale (``job.json``, written by
+  experiments.run), the model, the schedule and its logSNR shift 2 log(noise_d / image_d) (Eq. 5),
+  the main ``Train`` settings and the value this run used of every gin parameter its table row
+  sets. Needs the run's gin configuration bound: the trainer's, or config.gin parsed by
+  eval.sample.load_run (the eval worker writes the same values beside its results).
+  """
+  h: dict[str, Any] = {"model": type(model).__name__}  # the run's name is the HParams trial id
+  job = {}
+  if storage.exists(rundir.job_path(workdir)):
+    job = json.loads(storage.read_text(rundir.job_path(workdir)))
+  for key in ("table", "group", "row"):  # "2", "128x128", "cosine (shifted to 32)"
+    values = [str(r[key]) for r in job.get("rows", [])]
+    h[key] = "; ".join(values if key == "row" else dict.fromkeys(values)) or None
+  h["scale"] = job.get("scale")
+  defaults = {k: p.default for k, p in inspect.signature(schedules.get_schedule).parameters.items()}
+  sched = {**defaults, **gin.get_bindings("schedule")}
+  used = {"cosine": (), "cosine_shifted": ("image_d", "noise_d"),
+          "cosine_interpolated": ("image_d", "noise_d_low", "noise_d_high", "order")}
+  h["schedule.name"] = sched["name"]
+  h.update({f"schedule.{k}": sched[k] for k in used.get(sched["name"], ())})
+  if sched["name"] == "cosine":
+    h["logsnr_shift"] = 0.0
+  elif sched["name"] == "cosine_shifted":
+    h["logsnr_shift"] = schedules.shift(sched["image_d"], sched["noise_d"])
+  for name in ("image_size", "batch_size", "learning_rate", "lr_decay", "num_steps", "ema_decay",
+               "seed"):
+    h[f"Train.{name}"] = getattr(cfg, name)
+  for binding in job.get("bindings", []):  # the row's own settings, at the values used here
+    name, value = (x.strip() for x in binding.split("=", 1))
+    try:
+      v = gin.query_parameter(name)
+    except ValueError:
+      try:
+        v = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        v = value
+    h[name] = "None" if v is None else v  # set to None ("no dropout") is not unset
+  return {k: v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+          for k, v in h.items()}
+
+
 def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
   """Sample grids from the EMA parameters for TensorBoard (fixed seed and labels)."""
   n = cfg.num_sample_images
@@ -481,5 +545,6 @@ def _make_sampler(model, logsnr_fn, cfg: TrainConfig, num_classes: int):
     img = np.asarray(sampling.to_uint8(x))
     return metric_writer.image_grid(img, ncols=int(np.ceil(np.sqrt(n))))
 
+  sample.compiled = False  # the first call compiles
   return sample
 

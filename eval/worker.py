@@ -7,9 +7,11 @@ samples with the EMA parameters, then computes FID against the training split, F
 eval split and the Inception Score (when the extractor has logits), the way the paper reports
 them (section 5, Tables 2-9), and beside them KID (unbiased at small n) and a bootstrap spread of
 each FID. Results are appended to ``<run>/eval/results.jsonl``, one JSON line per (step,
-guidance, metric), and to TensorBoard. Every setting that changes a number (sampler steps, noise
-parameter, sample count, seed, extractor, resize, reference) is part of a result's key, so a
-rerun with other settings evaluates again instead of reusing old numbers.
+guidance, metric), and to TensorBoard's run ``<run>/eval`` (each metric, its spread and n against
+the training step, the sample grid, a results table, the run's hyperparameters; see
+docs/tensorboard.md). Every setting that changes a number (sampler steps, noise parameter, sample
+count, seed, extractor, resize, reference) is part of a result's key, so a rerun with other
+settings evaluates again instead of reusing old numbers.
 
 Exactly once, under SIGKILL at any moment: a result row is written in a single append; rows that
 already exist are never recomputed; sample batches are cached under ``<run>/eval/cache`` while an
@@ -301,6 +303,12 @@ class Evaluator:
       written += rows or []
       if multihost.is_chief():
         shutil.rmtree(cache, ignore_errors=True)
+    if writer is not None and written:
+      keys = {result_key(dict(self.row_settings(m), step=step, metric=m, guidance=w))
+              for w in self.guidances for m in self.metric_names()}
+      done = [r for r in read_results(self.run_dir) if result_key(r) in keys]
+      writer.write_text("results", results_table(done), step)
+      writer.flush()
     return written
 
   def _score(self, step: int, w: float, wanted: list[str], images: np.ndarray, refs,
@@ -341,7 +349,10 @@ class Evaluator:
       _log(f"step {step} w={w:g}: {r['metric']} = {r['value']:.4g}{spread} "
            f"(n={r['num_samples']})")
     if writer is not None:
-      writer.write_scalars(step, {f"eval/{r['metric']}_w{w:g}": r["value"] for r in rows})
+      writer.write_hparams(trainer.run_hparams(self.run_dir, self._run.model, self._run.cfg),
+                           group=storage.basename(self.run_dir))
+      writer.write_scalars(step, tb_scalars(rows, w))
+      writer.write_images(step, {tb_tag("samples", w): np.asarray(images[:64])})
       writer.flush()
     return rows
 
@@ -351,6 +362,38 @@ class Evaluator:
       self._clip = clip_score.ClipScore(self.clip_model, batch_size=self._clip_batch_size)
     _log(f"CLIP score of {len(images)} samples ({self.clip_model})")
     return self._clip(images, self.captions().captions[:len(images)])
+
+
+def tb_tag(name: str, w: float) -> str:
+  """The TensorBoard tag of an evaluation's scalar or image (after the eval writer's ``eval/``):
+  ``fid_train`` at guidance 1, ``fid_train_w1.5`` at another scale."""
+  return name if w == 1.0 else f"{name}_w{w:g}"
+
+
+def tb_scalars(rows: Sequence[dict[str, Any]], w: float) -> dict[str, float]:
+  """Each metric of ``rows`` (one guidance scale), its spread (``<metric>_std``: bootstrap for
+  FID, over subsets for KID and IS) and the number of samples, as TensorBoard scalars."""
+  out = {}
+  for r in rows:
+    out[tb_tag(r["metric"], w)] = r["value"]
+    if r["std"] is not None:
+      out[tb_tag(r["metric"], w) + "_std"] = r["std"]
+    out[tb_tag("num_samples", w)] = r["num_samples"]
+  return out
+
+
+def results_table(rows: Sequence[dict[str, Any]]) -> str:
+  """A markdown table of one checkpoint's result rows (TensorBoard's text dashboard shows it:
+  readable where a chart has a single point)."""
+  lines = ["| metric | guidance | value | ± std | n | sampler steps | reference |",
+           "|---|---|---|---|---|---|---|"]
+  for r in sorted(rows, key=lambda r: (r["guidance"], r["metric"])):
+    std = "" if r.get("std") is None else f"{r['std']:.4g} ({r.get('std_kind')})"
+    ref = "" if r.get("reference_split") is None else (
+        f"{r['reference_split']} split, {r.get('reference_num_images')} images")
+    lines.append(f"| {r['metric']} | {r['guidance']:g} | {r['value']:.4g} | {std} | "
+                 f"{r['num_samples']} | {r['sampler_steps']} | {ref} |")
+  return "\n".join(lines)
 
 
 def _local_cache_root(run_dir: str) -> str:
@@ -458,7 +501,8 @@ def main(argv: Sequence[str]) -> int:
                         clip_model=opts["clip_model"], clip_batch_size=opts["clip_batch_size"],
                         cache_dir=opts["cache_dir"])
   checkpointer = ckpt_lib.Checkpointer(run_dir, with_data=False, async_save=False)
-  writer = MetricWriter(storage.join(run_dir, "eval"), jsonl=False, is_chief=multihost.is_chief())
+  writer = MetricWriter(run_dir, jsonl=False, tb_dir=rundir.EVAL_EVENTS, tb_prefix="eval/",
+                        legacy_tb_dir=f"{rundir.EVAL_EVENTS}/tb", is_chief=multihost.is_chief())
   try:
     if opts["once"]:
       def pick() -> int:

@@ -50,7 +50,7 @@ def snapshot(workdir) -> dict[str, bytes]:
   for dirpath, _, files in os.walk(workdir):
     for f in files:
       rel = os.path.relpath(os.path.join(dirpath, f), workdir)
-      if rel != "train.lock" and not rel.startswith("tb"):
+      if rel != "train.lock" and not rel.startswith("train" + os.sep):
         with open(os.path.join(dirpath, f), "rb") as fh:
           out[rel] = fh.read()
   return out

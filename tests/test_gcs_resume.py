@@ -173,7 +173,7 @@ def test_resume_from_gcs_equals_an_uninterrupted_run(tmp_path, gcs_bucket):
   jax.tree.map(np.testing.assert_array_equal, got_state, want_state)
 
   files = storage.list_files(run)
-  assert "config.gin" in files and any(f.startswith("tb/") for f in files)
+  assert "config.gin" in files and any(f.startswith("train/") for f in files)
   assert "train.lock" not in files  # the lease (taken: tests/test_runlock.py) is released at the end
   assert {"checkpoints/4/commit_success.txt", "checkpoints/4/_CHECKPOINT_METADATA"} & set(files)
   assert any(f.startswith("checkpoints/4/data/process_0-of-1") for f in files)  # grain state

@@ -64,7 +64,7 @@ def test_scalars_images_text_roundtrip(tmp_path):
                      "note": "x"}
   assert isinstance(rows[2]["num_images"], int)
 
-  acc = load_tb(os.path.join(wd, "tb"))
+  acc = load_tb(os.path.join(wd, "train"))
   assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
       (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
   assert [e.value for e in acc.Scalars("num_images")] == [8.0, 16.0, 24.0]
@@ -98,9 +98,9 @@ def test_resume_drops_rows_after_checkpoint(tmp_path):
   rows = read_rows(os.path.join(wd, "metrics.jsonl"))
   assert [(r["step"], r["loss"]) for r in rows] == [(s, float(s)) for s in range(1, 6)] + [
       (6, 106.0), (7, 107.0)]
-  acc = load_tb(os.path.join(wd, "tb"))  # TensorBoard purges the dead run's steps 6..10
+  acc = load_tb(os.path.join(wd, "train"))  # TensorBoard purges the dead run's steps 6..10
   assert [(e.step, e.value) for e in acc.Scalars("loss")] == rows_as_pairs(rows)
-  assert len(os.listdir(os.path.join(wd, "tb"))) == 2
+  assert len(os.listdir(os.path.join(wd, "train"))) == 2
 
 
 def rows_as_pairs(rows):
@@ -108,16 +108,18 @@ def rows_as_pairs(rows):
 
 
 def test_tensorboard_only_writer_purges_nothing(tmp_path):
-  """The eval worker's use: TensorBoard only, steps of whichever checkpoints were evaluated."""
-  wd = str(tmp_path / "run" / "eval")
-  with metric_writer.MetricWriter(wd, jsonl=False) as w:
-    w.write_scalars(1000, {"eval/fid_train_w1": 30.0})
-  with metric_writer.MetricWriter(wd, jsonl=False) as w:  # the worker restarted
-    w.write_scalars(2000, {"eval/fid_train_w1": 20.0})
-  assert os.listdir(wd) == ["tb"]
-  acc = load_tb(os.path.join(wd, "tb"))
-  assert [(e.step, e.value) for e in acc.Scalars("eval/fid_train_w1")] == [(1000, 30.0),
-                                                                          (2000, 20.0)]
+  """The eval worker's use: TensorBoard only, into <run>/eval with an ``eval/`` prefix, steps of
+  whichever checkpoints were evaluated (newest first when it fell behind)."""
+  wd = str(tmp_path / "run")
+  opts = dict(jsonl=False, tb_dir="eval", tb_prefix="eval/")
+  with metric_writer.MetricWriter(wd, **opts) as w:
+    w.write_scalars(2000, {"fid_train": 20.0})
+  with metric_writer.MetricWriter(wd, **opts) as w:  # the worker restarted
+    w.write_scalars(1000, {"fid_train": 30.0})
+  assert os.listdir(wd) == ["eval"]
+  acc = load_tb(os.path.join(wd, "eval"))
+  assert [(e.step, e.value) for e in acc.Scalars("eval/fid_train")] == [(2000, 20.0),
+                                                                       (1000, 30.0)]
 
 
 def test_non_chief_writes_nothing(tmp_path):
@@ -147,7 +149,7 @@ def test_gcs_workdir_stages_and_syncs(gcs_bucket):
     assert [r["step"] for r in read_rows(storage.join(wd, "metrics.jsonl"))] == [1, 2, 3]
     w.write_scalars(4, {"loss": 4.0})
   assert [r["step"] for r in read_rows(storage.join(wd, "metrics.jsonl"))] == [1, 2, 3, 4]
-  assert len(storage.listdir(storage.join(wd, "tb"))) == 1
+  assert len(storage.listdir(storage.join(wd, "train"))) == 1
   with metric_writer.MetricWriter(wd, start_step=2, tensorboard=False) as w:
     w.write_scalars(3, {"loss": 30.0})
   assert [(r["step"], r["loss"]) for r in read_rows(storage.join(wd, "metrics.jsonl"))] == [
@@ -163,9 +165,48 @@ def test_config_text_renders_as_a_code_block(tmp_path):
   wd = str(tmp_path / "run")
   with metric_writer.MetricWriter(wd) as w:
     w.write_text("config", config, step=0, code=True)
-  (t,) = load_tb(os.path.join(wd, "tb")).Tensors("config/text_summary")
+  (t,) = load_tb(os.path.join(wd, "train")).Tensors("config/text_summary")
   html = plugin_util.markdown_to_safe_html(t.tensor_proto.string_val[0].decode())
   assert "<h1>" not in html and html.count("<pre><code>") == 1, html
   assert "# Parameters for Train:\n# =====\nTrain.batch_size = 8" in html
   plain = plugin_util.markdown_to_safe_html(config)
   assert "<h1>" in plain  # what the config looked like before: its comments became headings
+
+
+def test_prefix_groups_tensorboard_tags_and_keeps_jsonl_keys(tmp_path):
+  """The trainer's ``train/`` prefix: TensorBoard groups the charts by it; metrics.jsonl (read by
+  tables/) keeps the plain names."""
+  wd = str(tmp_path / "run")
+  with metric_writer.MetricWriter(wd, tb_prefix="train/") as w:
+    w.write_scalars(1, {"loss": 0.5})
+    w.write_images(1, {"samples_ema": np.zeros((2, 4, 4, 3), np.uint8)})
+    w.write_text("config", "x", step=0)
+  assert read_rows(os.path.join(wd, "metrics.jsonl")) == [{"step": 1, "loss": 0.5}]
+  tags = load_tb(os.path.join(wd, "train")).Tags()
+  assert tags["scalars"] == ["train/loss"] and tags["images"] == ["train/samples_ema"]
+  assert tags["tensors"] == ["train/config/text_summary"]
+
+
+def test_events_of_the_earlier_layout_are_adopted_on_resume(tmp_path):
+  """A run started by an earlier version (events in <run>/tb) and resumed by this one keeps one
+  TensorBoard run: the old files move to <run>/train, where the restart's purge still applies."""
+  wd = str(tmp_path / "run")
+  with metric_writer.MetricWriter(wd, tb_dir="tb") as w:  # the earlier layout
+    for step in range(1, 7):
+      w.write_scalars(step, {"loss": float(step)})
+  with metric_writer.MetricWriter(wd, start_step=4, legacy_tb_dir="tb") as w:
+    w.write_scalars(5, {"loss": 50.0})
+  assert sorted(os.listdir(wd)) == ["metrics.jsonl", "train"]
+  assert len(os.listdir(os.path.join(wd, "train"))) == 2
+  acc = load_tb(os.path.join(wd, "train"))
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0),
+                                                             (4, 4.0), (5, 50.0)]
+  # The eval worker's earlier <run>/eval/tb moves up into <run>/eval, next to results.jsonl.
+  os.makedirs(os.path.join(wd, "eval"))
+  open(os.path.join(wd, "eval", "results.jsonl"), "w").close()
+  with metric_writer.MetricWriter(wd, jsonl=False, tb_dir="eval/tb") as w:
+    w.write_scalars(6, {"fid": 1.0})
+  with metric_writer.MetricWriter(wd, jsonl=False, tb_dir="eval", legacy_tb_dir="eval/tb") as w:
+    w.write_scalars(6, {"fid": 1.0})
+  names = os.listdir(os.path.join(wd, "eval"))
+  assert "tb" not in names and len([n for n in names if "tfevents" in n]) == 2

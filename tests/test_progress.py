@@ -78,3 +78,24 @@ def test_disabled_prints_nothing():
     p.update(5, loss=1.0)
     p.advance(5)
   assert out.getvalue() == "" and not p.uses_tqdm
+
+
+def test_write_prints_a_line_of_its_own():
+  """Lines such as ``compiling the train step ...``: plain, or above a tqdm bar that goes on."""
+  out, clock = io.StringIO(), Clock()
+  with progress.Progress(total=10, file=out, clock=clock, interval_s=100) as p:
+    p.write("compiling the train step ...")
+    clock.t = 2.0
+    p.update(10)
+  assert out.getvalue().splitlines() == ["compiling the train step ...",
+                                         "step 10/10 (100%) 5 steps/s done in 2s"]
+  out = io.StringIO()
+  with progress.Progress(total=10, file=out, use_tqdm=True) as p:
+    p.advance(4)
+    p.write("compiled in 3s")
+    p.advance(6)
+  text = out.getvalue()
+  assert "compiled in 3s\n" in text and "10/10" in text.split("compiled in 3s\n")[1]
+  out = io.StringIO()
+  progress.Progress(total=10, file=out, enabled=False).write("x")
+  assert out.getvalue() == ""

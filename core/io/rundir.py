@@ -1,13 +1,20 @@
 """The run-directory contract: where a run (local or gs://) keeps what.
 
-``<run>/config.gin`` (the operative gin config), ``metrics.jsonl`` (training log), ``tb/``
-(TensorBoard), ``checkpoints/`` (orbax), ``eval/results.jsonl`` (one row per metric),
-``eval/samples/``, ``job.json`` (the table rows a run serves); ``<workdir>/throughput.jsonl``.
+``<run>/config.gin`` (the operative gin config), ``metrics.jsonl`` (training log), ``train/``
+(the trainer's TensorBoard events), ``checkpoints/`` (orbax), ``eval/results.jsonl`` (one row per
+metric), ``eval/samples/``, ``eval/`` events (the eval worker's TensorBoard events), ``job.json``
+(the table rows a run serves); ``<workdir>/throughput.jsonl``. ``tensorboard --logdir <workdir>``
+thus names a run's two TensorBoard runs ``<run>/train`` and ``<run>/eval``.
 """
 from __future__ import annotations
 
 from core.errors import UserError
 from core.io import storage
+
+
+# TensorBoard event directories under a run directory (earlier versions: ``tb`` and ``eval/tb``).
+TRAIN_EVENTS = "train"
+EVAL_EVENTS = "eval"
 
 
 def config_path(run_dir: str) -> str:
