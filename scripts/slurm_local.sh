@@ -64,7 +64,9 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 # Finished jobs stay visible to scontrol for 10 minutes (there is no accounting database).
 MinJobAge=600
-KillWait=30
+# Seconds between SIGTERM and SIGKILL at a requeue, cancel or time limit; generous for a
+# loaded CI machine (clusters often keep the default 30).
+KillWait=120
 InactiveLimit=0
 SlurmctldTimeout=120
 SlurmdTimeout=300
