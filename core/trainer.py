@@ -36,7 +36,6 @@ from core import runlock
 from core import sampling
 from core import sharding as shd
 from core.data import pipeline, prepare, records
-from core import errors
 from core.errors import Preempted, UserError
 from core.io import rundir, storage
 from core.models import flops as flops_lib

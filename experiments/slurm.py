@@ -110,9 +110,10 @@ def script(job: registry.Job, train_args: Sequence[str], eval_args: Sequence[str
       '${SLURM_JOB_NODELIST:-} at $(date -Is)"',
       "# A SIGTERM to this shell goes on to the tasks (scancel without --full skips this shell):",
       "# the trainers checkpoint and exit 75. Steps run in the background so that it is handled",
-      "# at once; step() waits through it for the step's own exit status.",
+      "# at once; step() waits through it for the step's own exit status. (scancel in the",
+      "# background: while SLURM ends or requeues the job it retries for minutes.)",
       "stopping=0",
-      'trap \'stopping=1; scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null\' TERM',
+      'trap \'stopping=1; scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null &\' TERM',
       "step() {",
       '  srun --kill-on-bad-exit=1 "$@" &',
       "  local pid=$! rc",
@@ -134,7 +135,8 @@ def script(job: registry.Job, train_args: Sequence[str], eval_args: Sequence[str
       "# 75: stopped at a checkpoint; 143: ended by SIGTERM; or anything after this shell's SIGTERM.",
       f'if {statuses} || {{ [ "$rc" -ne 0 ] && [ "$stopping" -eq 1 ]; }}; then',
       '  echo "sd: job $SLURM_JOB_ID stopped (exit status $rc); requeueing it to resume"',
-      '  scontrol requeue "$SLURM_JOB_ID" || echo "sd: could not requeue; resubmit to resume"',
+      '  scontrol requeue "$SLURM_JOB_ID" ||',
+      '    echo "sd: not requeued by this script (SLURM requeued or ended the job already)"',
       "fi",
       'exit "$rc"',
   ]
@@ -180,7 +182,7 @@ def submit(prepared: Sequence[tuple[registry.Job, str, str]], *, dry_run: bool
   A job already queued or running is not submitted again. Returns {job name: job id}."""
   if dry_run:
     for job, _, text in prepared:
-      print(f"# ---- {job_name(job)}.sbatch", flush=True)
+      print(f"# ---- {job.name}.sbatch", flush=True)
       print(text, end="", flush=True)
     return {}
   active = {n: v for n, v in queue([job_name(j) for j, _, _ in prepared]).items()
@@ -197,7 +199,7 @@ def submit(prepared: Sequence[tuple[registry.Job, str, str]], *, dry_run: bool
     logs = next(l.split("=", 1)[1] for l in text.splitlines() if l.startswith("#SBATCH --output="))
     folder = os.path.dirname(logs)
     os.makedirs(folder, exist_ok=True)  # sbatch does not create the log folder
-    path = os.path.join(folder, f"{name}.sbatch")
+    path = os.path.join(folder, f"{job.name}.sbatch")
     with open(path, "w", encoding="utf-8") as f:
       f.write(text)
     jid = _run(["sbatch", "--parsable", path], f"sbatch {path}").strip().split(";")[0]

@@ -316,7 +316,7 @@ def test_unraisable_errors_of_callbacks_on_a_closed_loop_are_dropped_and_others_
   assert str(seen[0].exc_value) == "kept"
 
 
-def _catches_sigterm(pid: int) -> bool:
+def catches_sigterm(pid: int) -> bool:
   """Whether the process has a handler for SIGTERM (SigCgt in /proc/<pid>/status)."""
   try:
     with open(f"/proc/{pid}/status", encoding="utf-8") as f:
@@ -359,7 +359,7 @@ def test_two_hosts_signalled_before_the_loop_of_a_resumed_run_stop_after_one_ste
 
   procs = start()
   deadline = time.time() + 300
-  while not _catches_sigterm(procs[1].pid) and procs[1].poll() is None and time.time() < deadline:
+  while not catches_sigterm(procs[1].pid) and procs[1].poll() is None and time.time() < deadline:
     time.sleep(0.005)
   procs[1].send_signal(signal.SIGTERM)
   codes, errs = finish(procs)

@@ -24,7 +24,7 @@ from core.errors import UserError
 from eval import worker
 from experiments import jobs, registry, run, slurm
 from tables import render
-from tests.test_faults_train import rows
+from tests.test_faults_train import catches_sigterm, rows
 from tests.test_train import ROOT, TINY, _env, _free_port, losses, train_cmd
 
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -179,18 +179,20 @@ def test_requeue_time_limit_and_batch_shell_signal_each_requeue_the_job_and_it_r
   jid = slurm.submit(prepared, dry_run=False)[slurm.job_name(job)]
   log_path = tmp_path / "logs" / f"{slurm.job_name(job)}-{jid}.out"
   try:
-    def training(restart: int) -> bool:  # this run of the job has started its training step
+    def training(restart: int) -> bool:
+      """This run of the job has started its two trainers, and they handle SIGTERM (a signal
+      in the first instants of a process, before Python runs any of its code, ends it)."""
       info = job_info(cluster, jid)
       if info["JobState"] != "RUNNING" or int(info["Restarts"]) != restart:
         return False
-      listed = sh(cluster, "squeue", "--steps", "--noheader", f"--jobs={jid}", "--format=%i")
-      return any(not s.endswith((".batch", ".extern")) for s in listed.split())
+      pids = _trainers(run_dir)
+      return len(pids) == 2 and all(catches_sigterm(p) for p in pids)
 
     until(lambda: training(0), "the first run's training")
     # Submitting again while it runs submits nothing; a copy sent to sbatch by hand waits.
     assert slurm.submit(prepared, dry_run=False) == {slurm.job_name(job): jid}
-    copy = sh(cluster, "sbatch", "--parsable", str(tmp_path / "logs" /
-                                                  f"{slurm.job_name(job)}.sbatch")).strip()
+    copy = sh(cluster, "sbatch", "--parsable", str(tmp_path / "logs" / f"{job.name}.sbatch")
+              ).strip()
     assert job_info(cluster, copy)["Reason"] == "Dependency"
     sh(cluster, "scancel", copy)
 
@@ -223,6 +225,20 @@ def test_requeue_time_limit_and_batch_shell_signal_each_requeue_the_job_and_it_r
   assert len(stopped) == 3 and stopped == resumed and stopped[-1] < 8, log[-4000:]
   assert [r["step"] for r in rows(run_dir)] == list(range(1, 9))
   assert losses(run_dir) == losses(ref)
+
+
+def _trainers(run_dir) -> list[int]:
+  """Process ids of the ``python -m core.train ... workdir=<run_dir>`` processes on this machine."""
+  pids = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+      continue
+    if argv[1:3] == ["-m", "core.train"] and f"workdir={run_dir}" in argv:
+      pids.append(int(pid))
+  return pids
 
 
 def _minutes(runtime: str) -> int:
