@@ -15,7 +15,9 @@ Stopping and requeueing (docs/cluster.md says what each path was tested with):
   tasks (``scancel --signal=TERM``, which skips the batch step), with the same result. srun itself
   turns a SIGTERM of its own into SIGKILL of the tasks (srun(1)), so ``scancel --full`` loses the
   steps since the last checkpoint; the job still requeues and resumes from it.
-* A task ended by SIGTERM (143: an evaluation, which keeps its finished batches) requeues too.
+* A step ended by SIGTERM (143) requeues too: an evaluation (which keeps its finished batches),
+  or trainers that had checkpointed when ``srun --kill-on-bad-exit`` saw the first exit 75 and
+  ended the others.
 * ``--dependency=singleton``: a second submission of a job waits for the first to end, and a job
   already queued or running is not submitted again.
 

@@ -210,8 +210,12 @@ def test_requeue_time_limit_and_batch_shell_signal_each_requeue_the_job_and_it_r
       until(lambda r=restart: (lambda i: i["JobState"] == "PENDING" and
                                int(i["Restarts"]) == r + 1)(job_info(cluster, jid)),
             f"the job requeued after the {what} stop")
-      # Requeued batch jobs are held for 2 minutes (BeginTime); the time-limit stop shortened
-      # the limit, which a requeued job keeps.
+      # SLURM holds a requeued batch job for 2 minutes (BeginTime): release it once the node
+      # has finished with its last run (a start in the second SLURM revoked the last run's
+      # credential in is refused). The time-limit stop shortened the limit, which it keeps.
+      until(lambda: sh(cluster, "sinfo", "--noheader", "--nodes=localhost",
+                       "--format=%T").strip() == "idle", "the node idle")
+      time.sleep(2)
       sh(cluster, "scontrol", "update", f"JobId={jid}", "TimeLimit=30", "StartTime=now")
     state = until(lambda: (lambda s: s if s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
                            else None)(job_info(cluster, jid)["JobState"]), "the job's end")
