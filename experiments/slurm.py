@@ -10,7 +10,9 @@ Stopping and requeueing (docs/cluster.md says what each path was tested with):
 * ``--signal=TERM@120``: before the time limit SLURM sends SIGTERM to the tasks; the trainers agree
   on a step, checkpoint it and exit 75 (core/trainer.py), and the script requeues its own job
   (``scontrol requeue``): ``--requeue`` alone covers node failure and preemption, and a job's own
-  exit status 75 would end it FAILED unless the admin set ``RequeueExit``.
+  exit status 75 would end it FAILED unless the admin set ``RequeueExit``. It does so only while
+  SLURM still runs the job: after ``scancel`` (which also sends SIGTERM) the job stays cancelled,
+  and ``scontrol requeue`` or preemption requeue it themselves.
 * A SIGTERM to the batch shell (``scancel --batch``, ``--signal=B:TERM@...``) is passed on to the
   tasks (``scancel --signal=TERM``, which skips the batch step), with the same result. srun itself
   turns a SIGTERM of its own into SIGKILL of the tasks (srun(1)), so ``scancel --full`` loses the
@@ -135,10 +137,17 @@ def script(job: registry.Job, train_args: Sequence[str], eval_args: Sequence[str
   statuses = " || ".join(f'[ "$rc" -eq {s} ]' for s in REQUEUE_STATUSES)
   lines += [
       "# 75: stopped at a checkpoint; 143: ended by SIGTERM; or anything after this shell's SIGTERM.",
+      "# Requeued here only while SLURM still runs the job (a signal asked it to stop): when SLURM",
+      "# itself ends it (scancel, scontrol requeue, preemption), SLURM decides.",
       f'if {statuses} || {{ [ "$rc" -ne 0 ] && [ "$stopping" -eq 1 ]; }}; then',
-      '  echo "sd: job $SLURM_JOB_ID stopped (exit status $rc); requeueing it to resume"',
-      '  scontrol requeue "$SLURM_JOB_ID" ||',
-      '    echo "sd: not requeued by this script (SLURM requeued or ended the job already)"',
+      '  state=$(squeue --noheader --jobs="$SLURM_JOB_ID" --format=%T 2>/dev/null)',
+      '  if [ "$state" = RUNNING ]; then',
+      '    echo "sd: job $SLURM_JOB_ID stopped (exit status $rc); requeueing it to resume"',
+      '    scontrol requeue "$SLURM_JOB_ID"',
+      "  else",
+      '    echo "sd: job $SLURM_JOB_ID stopped (exit status $rc) while SLURM ends it'
+      ' (${state:-gone}): not requeued here"',
+      "  fi",
       "fi",
       'exit "$rc"',
   ]

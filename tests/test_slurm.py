@@ -4,10 +4,11 @@ these tests skip saying why; on CI (CI=true) they fail instead.
 
 Each job runs two CPU tasks under jax.distributed, as on a node without GPUs (gpus_per_node=0):
 a Table 2 smoke row trained, evaluated and recorded by ``experiments.run launcher=slurm
-wait=true``; and a run stopped while it starts training three ways a scheduler stops jobs
-(``scontrol requeue``, the signal before the time limit, a SIGTERM to the batch shell) that
-requeues itself each time, resumes from its checkpoint and ends with the losses of an
-uninterrupted two-process run, each step logged once. docs/cluster.md describes what they cover.
+wait=true``; and a run stopped while its training starts in four ways a scheduler stops jobs
+(``scontrol requeue``, the signal before the time limit, a SIGTERM to the batch shell,
+``scancel``), requeued after the first three and resubmitted after the last, that resumes from
+its checkpoint each time and ends with the losses of an uninterrupted two-process run, each step
+logged once. docs/cluster.md describes what they cover.
 """
 from __future__ import annotations
 
@@ -148,20 +149,21 @@ def _stopped_and_resumed(log: str) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.slow
-def test_requeue_time_limit_and_batch_shell_signal_each_requeue_the_job_and_it_resumes(
-    cluster, tmp_path, monkeypatch):
-  """A job stopped three times while its training starts: ``scontrol requeue``, the time-limit
-  signal (its limit shortened so that ``--signal=TERM@120`` fires) and ``scancel --batch
-  --signal=TERM`` (the batch shell alone, which passes it on). Each time the trainers, under
-  jax.distributed, stop after one more step with a checkpoint and exit 75, and the job is
-  requeued (by SLURM for the first, by its own script for the others) and resumes from that
-  checkpoint. It ends COMPLETED after 3 restarts with every step logged once and the losses of
-  an uninterrupted two-process run. A second submission meanwhile is not made; a second copy
-  sent to sbatch by hand waits (--dependency=singleton)."""
-  steps = ["Train.num_steps=8", "Train.checkpoint_every=1000", "mesh.fsdp=-1"]
+def test_each_way_a_scheduler_stops_a_job_requeues_it_or_not_and_it_resumes(cluster, tmp_path,
+                                                                            monkeypatch):
+  """A job stopped four times while its training starts: ``scontrol requeue``, the time-limit
+  signal (its limit shortened so that ``--signal=TERM@120`` fires), ``scancel --batch
+  --signal=TERM`` (the batch shell alone, which passes it on) and ``scancel``. Each time the
+  trainers, under jax.distributed, stop after one more step with a checkpoint and exit 75. The
+  first three requeue the job (SLURM the first, its script the others) and it resumes from that
+  checkpoint; after ``scancel`` it stays cancelled, and submitting it again resumes it. It ends
+  COMPLETED with every step logged once and the losses of an uninterrupted two-process run. A
+  second submission while it runs is not made; a copy sent to sbatch by hand waits
+  (--dependency=singleton)."""
+  steps = ["Train.num_steps=8", "Train.checkpoint_every=1000"]
   ref = tmp_path / "ref"
   port = _free_port()
-  procs = [subprocess.Popen(train_cmd(ref, *steps, f"coordinator=127.0.0.1:{port}",
+  procs = [subprocess.Popen(train_cmd(ref, *steps, "mesh.fsdp=-1", f"coordinator=127.0.0.1:{port}",
                                       "num_processes=2", f"process_id={i}"), cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
@@ -170,42 +172,45 @@ def test_requeue_time_limit_and_batch_shell_signal_each_requeue_the_job_and_it_r
     assert proc.returncode == 0, err[-3000:]
 
   monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])
-  run_dir = tmp_path / "run"
+  run_dir, logs = tmp_path / "run", tmp_path / "logs"
   job = dataclasses.replace(table_job(), name=f"tiny-requeue-{os.getpid()}")
   opts = {**CPU_NODE, "slurm_time": "30", "repo_dir": ROOT, "python": sys.executable,
-          "slurm_logs": str(tmp_path / "logs")}
-  t_args = [*TINY, "Train.num_steps=8", "Train.checkpoint_every=1000", f"workdir={run_dir}"]
-  prepared = [(job, str(run_dir), slurm.script(job, t_args, None, opts))]
+          "slurm_logs": str(logs)}
+  prepared = [(job, str(run_dir), slurm.script(job, [*TINY, *steps, f"workdir={run_dir}"], None,
+                                               opts))]
   jid = slurm.submit(prepared, dry_run=False)[slurm.job_name(job)]
-  log_path = tmp_path / "logs" / f"{slurm.job_name(job)}-{jid}.out"
-  try:
-    def training(restart: int) -> bool:
-      """This run of the job has started its two trainers, and they handle SIGTERM (a signal
-      in the first instants of a process, before Python runs any of its code, ends it)."""
-      info = job_info(cluster, jid)
-      if info["JobState"] != "RUNNING" or int(info["Restarts"]) != restart:
-        return False
-      pids = _trainers(run_dir)
-      return len(pids) == 2 and all(catches_sigterm(p) for p in pids)
+  jids = [jid]
 
-    until(lambda: training(0), "the first run's training")
+  def state(j: str) -> str:
+    return job_info(cluster, j)["JobState"]
+
+  def training(j: str, restart: int) -> bool:
+    """This run of the job has started its two trainers, and they handle SIGTERM (a signal
+    in the first instants of a process, before Python runs any of its code, ends it)."""
+    info = job_info(cluster, j)
+    if info["JobState"] != "RUNNING" or int(info["Restarts"]) != restart:
+      return False
+    pids = _trainers(run_dir)
+    return len(pids) == 2 and all(catches_sigterm(p) for p in pids)
+
+  def time_limit():
+    minutes = _minutes(job_info(cluster, jid)["RunTime"])
+    sh(cluster, "scontrol", "update", f"JobId={jid}", f"TimeLimit={minutes + 3}")
+
+  try:
+    until(lambda: training(jid, 0), "the first run's training")
     # Submitting again while it runs submits nothing; a copy sent to sbatch by hand waits.
     assert slurm.submit(prepared, dry_run=False) == {slurm.job_name(job): jid}
-    copy = sh(cluster, "sbatch", "--parsable", str(tmp_path / "logs" / f"{job.name}.sbatch")
-              ).strip()
+    copy = sh(cluster, "sbatch", "--parsable", str(logs / f"{job.name}.sbatch")).strip()
     assert job_info(cluster, copy)["Reason"] == "Dependency"
     sh(cluster, "scancel", copy)
-
-    def time_limit():
-      minutes = _minutes(job_info(cluster, jid)["RunTime"])
-      sh(cluster, "scontrol", "update", f"JobId={jid}", f"TimeLimit={minutes + 3}")
 
     stops = {"scontrol requeue": lambda: sh(cluster, "scontrol", "requeue", jid),
              "time limit": time_limit,
              "batch shell": lambda: sh(cluster, "scancel", "--batch", "--signal=TERM", jid)}
     for restart, (what, stop) in enumerate(stops.items()):
       if restart:
-        until(lambda r=restart: training(r), f"run {restart} training")
+        until(lambda r=restart: training(jid, r), f"run {restart} training")
       stop()
       until(lambda r=restart: (lambda i: i["JobState"] == "PENDING" and
                                int(i["Restarts"]) == r + 1)(job_info(cluster, jid)),
@@ -217,16 +222,25 @@ def test_requeue_time_limit_and_batch_shell_signal_each_requeue_the_job_and_it_r
                        "--format=%T").strip() == "idle", "the node idle")
       time.sleep(2)
       sh(cluster, "scontrol", "update", f"JobId={jid}", "TimeLimit=30", "StartTime=now")
-    state = until(lambda: (lambda s: s if s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-                           else None)(job_info(cluster, jid)["JobState"]), "the job's end")
+    until(lambda: training(jid, 3), "run 3 training")
+    sh(cluster, "scancel", jid)
+    until(lambda: state(jid) == "CANCELLED" and not _trainers(run_dir), "the cancel")
+    until(lambda: sh(cluster, "sinfo", "--noheader", "--nodes=localhost",
+                     "--format=%T").strip() == "idle", "the node idle")
+    assert job_info(cluster, jid)["Restarts"] == "3"  # not requeued
+    jids.append(slurm.submit(prepared, dry_run=False)[slurm.job_name(job)])
+    assert jids[1] != jid
+    until(lambda: state(jids[1]) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+          "the resubmitted job's end")
   finally:
-    subprocess.run(["scancel", jid], env=cluster, capture_output=True)
-  log = log_path.read_text()
-  assert state == "COMPLETED", log[-4000:]
-  assert job_info(cluster, jid)["Restarts"] == "3"
-  assert log.count("requeueing it to resume") >= 2, log[-4000:]  # the script's own requeues
-  stopped, resumed = _stopped_and_resumed(log)
-  assert len(stopped) == 3 and stopped == resumed and stopped[-1] < 8, log[-4000:]
+    for j in jids:
+      subprocess.run(["scancel", j], env=cluster, capture_output=True)
+  first, second = ((logs / f"{slurm.job_name(job)}-{j}.out").read_text() for j in jids)
+  assert state(jids[1]) == "COMPLETED" and job_info(cluster, jids[1])["Restarts"] == "0", second
+  assert first.count("requeueing it to resume") == 2, first[-4000:]  # time limit, batch shell
+  assert first.count("while SLURM ends it") == 2, first[-4000:]  # scontrol requeue, scancel
+  stopped, resumed = _stopped_and_resumed(first + second)
+  assert len(stopped) == 4 and stopped == resumed and stopped[-1] < 8, first + second
   assert [r["step"] for r in rows(run_dir)] == list(range(1, 9))
   assert losses(run_dir) == losses(ref)
 
