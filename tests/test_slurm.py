@@ -104,6 +104,7 @@ def table_run(cluster, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("slurm_table") / "runs"
   p = subprocess.run([sys.executable, "-m", "experiments.run", "table=2", f"row={ROW}",
                       "scale=smoke", "launcher=slurm", f"workdir={workdir}", *CPU_ARGS,
+                      f"python={sys.executable}",
                       "wait=true", "poll_seconds=2"], cwd=ROOT, env=cluster, capture_output=True,
                      text=True, timeout=LONG)
   return workdir, p
