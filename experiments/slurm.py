@@ -40,6 +40,7 @@ from core.errors import UserError
 from core.io import storage
 from eval import worker
 from experiments import jobs, launchers, registry
+
 # Exit statuses after which the script requeues its job: a trainer that stopped at a checkpoint
 # (core.errors.EXIT_PREEMPTED), a task ended by SIGTERM (128 + 15).
 REQUEUE_STATUSES = (75, 143)
@@ -171,12 +172,12 @@ def _run(cmd: Sequence[str], what: str) -> str:
 
 
 def queue(names: Sequence[str]) -> dict[str, tuple[str, str]]:
-  """{job name: (job id, state)} of the jobs SLURM still lists under these names (the newest of
-  each; ended ones are listed for the cluster's MinJobAge)."""
+  """{job name: (job id, state)} of this user's jobs that SLURM still lists under these names (the
+  newest of each; ended ones are listed for the cluster's MinJobAge)."""
   if not names:
     return {}
-  out = _run(["squeue", "--noheader", "--states=all", f"--name={','.join(names)}",
-              "--format=%i|%j|%T"], "squeue")
+  out = _run(["squeue", "--noheader", "--states=all", f"--user={os.getuid()}",
+              f"--name={','.join(names)}", "--format=%i|%j|%T"], "squeue")
   found: dict[str, tuple[str, str]] = {}
   for line in out.splitlines():
     parts = line.strip().split("|")
@@ -199,7 +200,7 @@ def submit(prepared: Sequence[tuple[registry.Job, str, str]], *, dry_run: bool
   active = {n: v for n, v in queue([job_name(j) for j, _, _ in prepared]).items()
             if v[1] in ACTIVE}
   ids = {}
-  for job, run_dir, text in prepared:
+  for job, _, text in prepared:
     name = job_name(job)
     if name in active:
       jid, state = active[name]
