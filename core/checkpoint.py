@@ -78,6 +78,16 @@ def _why(e: BaseException) -> str:
   return f"{type(e).__name__}: {first_line(e)}"[:200]
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, whose saves do not ask the preemption sync manager themselves: ``save``
+  would report the global step to it, which is not the count the training loop reports
+  (:meth:`Checkpointer.reached_preemption`), and a notice that came during a save would then set
+  the sync point from it."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
 class Checkpointer:
   """Saves and restores ``(train_state, data_iterator)`` pairs under ``<run_dir>/checkpoints``."""
 
@@ -98,7 +108,7 @@ class Checkpointer:
       keep = {"preservation_policy": preservation_policy.AnyPreservationPolicy([
           preservation_policy.LatestN(max_to_keep),
           preservation_policy.CustomSteps([int(s) for s in keep_steps])])}
-    self._manager = ocp.CheckpointManager(
+    self._manager = _Manager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             **keep, enable_async_checkpointing=async_save, create=True,
@@ -127,9 +137,13 @@ class Checkpointer:
     with self._disk_errors(step):
       return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def reached_preemption(self, step: int) -> bool:
-    """True on every host at the same step once any host got SIGTERM (under jax.distributed)."""
-    return jax.process_count() > 1 and self._manager.reached_preemption(step)
+  def reached_preemption(self, count: int) -> bool:
+    """True on every host at the same call once any host got SIGTERM (under jax.distributed).
+
+    ``count`` must be the same on every host at a given step and grow by one a step from 1 at the
+    first step after the hosts start or resume (core/trainer.py: the steps this invocation has run),
+    since a notice that arrives before the first call sets the sync point to 1."""
+    return jax.process_count() > 1 and ocp.multihost.reached_preemption(count)
 
   def check_shapes(self, step: int, abstract_state: Any) -> None:
     """Raises a UserError naming the first model parameter whose shape (or presence) in the

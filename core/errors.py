@@ -3,9 +3,16 @@
 :func:`run_main` prints a :class:`UserError` as one ``error: ...`` line naming the fix (exit 2)
 and a :class:`Preempted` command, which has written its checkpoint, exits 75 (sysexits.h
 EX_TEMPFAIL): a scheduler requeues it and the same command resumes.
+
+SIGTERM is how schedulers ask a command to stop (SLURM's ``--signal``, its time limit and
+preemption, Cloud TPU maintenance). :func:`defer_sigterm` keeps one that arrives while a command
+starts (importing, joining ``jax.distributed``) for the code that stops at a checkpoint to take
+(:func:`take_deferred_sigterm`); :class:`StopOnSigterm` turns SIGTERM into :class:`Preempted` in
+commands that have nothing to checkpoint themselves.
 """
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -23,6 +30,62 @@ class Preempted(BaseException):
 
   Like KeyboardInterrupt it is not an ``Exception``, so no broad ``except Exception`` swallows it.
   """
+
+
+_deferred = {"received": False}
+
+
+def _defer(signum, frame):  # pylint: disable=unused-argument
+  _deferred["received"] = True
+
+
+def defer_sigterm() -> None:
+  """From now until another handler takes SIGTERM over, a SIGTERM is remembered instead of
+  ending the process (Python's default). Call it first thing in a command's module: a scheduler's
+  early warning can arrive while the command still imports JAX."""
+  try:
+    signal.signal(signal.SIGTERM, _defer)
+  except ValueError:  # not in the main thread: nothing to defer
+    pass
+
+
+def take_deferred_sigterm() -> bool:
+  """Whether a SIGTERM arrived while deferred (then forgotten: it is the caller's to act on)."""
+  received = _deferred["received"]
+  _deferred["received"] = False
+  return received
+
+
+class StopOnSigterm:
+  """Inside the block SIGTERM raises :class:`Preempted` in the main thread (after a SIGTERM that
+  :func:`defer_sigterm` kept, at once on entry). A library that catches the ``Preempted`` raised
+  inside it and raises an ``Exception`` of its own instead (orbax does, restoring a checkpoint)
+  does not turn the stop into a failure: whatever escapes the block after a SIGTERM leaves it
+  as ``Preempted``. Code that checkpoints installs its own handler inside the block (the
+  trainer's), so it stops at its next step instead."""
+
+  def __init__(self, message: str = "SIGTERM: stopped; rerun the same command to resume"):
+    self.message = message
+    self.received = False
+    self._previous = None
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    self.received = True
+    raise Preempted(self.message)
+
+  def __enter__(self) -> "StopOnSigterm":
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
+    if take_deferred_sigterm():
+      self.__exit__(None, None, None)
+      self.received = True
+      raise Preempted(self.message)
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> bool:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+    if self.received and exc is not None and not isinstance(exc, Preempted):
+      raise Preempted(self.message) from exc
+    return False
 
 
 def first_line(e: BaseException) -> str:

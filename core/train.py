@@ -4,19 +4,26 @@ The trainer itself (gin configurables, the loop) is core/trainer.py; this module
 command line, so that ``python -m`` does not register the configurables twice. Invalid gin
 bindings and unknown names fail here, before anything is compiled, with a one-line message.
 Exit status: 0 finished (or reached ``stop_at_step``), 2 a mistake to fix (one ``error:`` line),
-75 preempted by SIGTERM after writing a checkpoint (rerun the same command to resume).
+75 preempted by SIGTERM after writing a checkpoint (rerun the same command to resume). A SIGTERM
+that arrives while the command starts (importing JAX, which takes seconds, or joining
+``jax.distributed``) is kept and stops the run after its first step (core/trainer.py).
 """
 from __future__ import annotations
 
-import json
-from typing import Any, Sequence
+from core import errors
 
-import jax
+if __name__ == "__main__":
+  errors.defer_sigterm()  # before the slow imports below (not when imported as a library)
 
-from core import cli
-from core import config as config_lib
-from core.errors import UserError, run_main
-from core import trainer
+import json  # noqa: E402  (after defer_sigterm, on purpose)
+from typing import Any, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+
+from core import cli  # noqa: E402
+from core import config as config_lib  # noqa: E402
+from core.errors import UserError, run_main  # noqa: E402
+from core import trainer  # noqa: E402
 
 # A run the hint can name: the paper's ImageNet 128 U-Net at demo scale (files under gin/).
 EXAMPLE_GIN_FILES = ("gin_file=models/unet_imagenet128.gin gin_file=train/unet_imagenet.gin "

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
 from core import diffusion
+from core import errors
 from core import hardware
 from core import metric_writer
 from core import progress as progress_lib
@@ -287,10 +288,19 @@ def resolve_data_dir(cfg: TrainConfig, text: bool = False) -> tuple[str, dict[st
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so a final checkpoint is written.
+  """SIGTERM, wherever it arrives, becomes a stop at a checkpoint that every process agrees on.
 
-  Only for one process: under ``jax.distributed`` the preemption sync manager owns SIGTERM (a
-  Python handler would hide the signal from it) and the loop asks ``reached_preemption`` instead.
+  One process: a Python handler sets ``requested`` from the start of :func:`train` (compiling,
+  restoring, training); a SIGTERM that core/train.py deferred while the command started counts too.
+
+  Several (``jax.distributed``): JAX's preemption sync manager owns SIGTERM (its C++ handler tells
+  every process; a Python handler would hide the signal from it), and the loop asks orbax's
+  ``reached_preemption`` at every step with the number of steps this invocation has run (1, 2,
+  ...). The sync point is one past the largest count the processes had reported when the notice
+  came, 0 before the loop: with the global step, a run resumed at step N that was signalled while
+  it compiled or restored would have waited for step 1 and never stopped (seen under SLURM, where
+  ``--signal=TERM@120`` lands early in short allocations). A SIGTERM deferred before
+  ``jax.distributed`` started is sent again, to the sync manager's handler.
   """
 
   def __init__(self):
@@ -300,12 +310,17 @@ class _Preemption:
 
   def __enter__(self):
     self._depth += 1
-    if jax.process_count() > 1 or self._depth > 1:
+    if self._depth > 1:
+      return self
+    if jax.process_count() > 1:
+      if errors.take_deferred_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)  # now to the preemption sync manager
       return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # not in the main thread
       self._previous = None
+    self.requested = errors.take_deferred_sigterm()
     return self
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
@@ -457,8 +472,9 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
                   f"({cfg.sample_steps} sampler steps) in {time.perf_counter() - sample_start:.1f}s"
                   + ("" if sampler.compiled else " (compiling the sampler included)"))
         sampler.compiled = True
-      # Every host calls reached_preemption at every step: all stop at the same one.
-      preempted = preemption.requested or checkpointer.reached_preemption(step)
+      # Every host calls reached_preemption at every step, counting the steps run since this
+      # invocation's start (see _Preemption): all stop at the same one.
+      preempted = preemption.requested or checkpointer.reached_preemption(step - start)
       if step % cfg.checkpoint_every == 0 or step == end or preempted or step in cfg.keep_steps:
         checkpointer.save(step, state, loader, force=True)
       if preempted:

@@ -2,14 +2,13 @@
 
 ``local`` runs them here one job after another (``parallel=N``: up to N trainings at once, each in
 its own process, then up to N evaluations at once); ``tpu`` submits a SkyPilot managed job per job
-on a Cloud TPU VM slice (experiments/tpu.py); ``slurm`` writes one ``sbatch`` script
-per job (one task per GPU, requeued on preemption). ``jax.distributed.initialize()`` reads either
-topology; launching a job again resumes its fixed run directory; ``dry_run`` prints the commands.
+on a Cloud TPU VM slice (experiments/tpu.py); ``slurm`` (experiments/slurm.py) submits one
+``sbatch`` script per job. ``jax.distributed.initialize()`` reads either topology; launching a job
+again resumes its fixed run directory; ``dry_run`` prints the commands.
 """
 from __future__ import annotations
 
 import collections
-import os
 import shlex
 import subprocess
 import sys
@@ -26,73 +25,6 @@ from experiments import jobs, registry
 LAUNCHERS = ("local", "tpu", "slurm")
 # Shard parameters, Adam and EMA over every device of a multi-device job (core/sharding.py).
 SHARD_ALL = "mesh.fsdp=-1"
-
-
-def slurm_script(job, train_args: Sequence[str], eval_args: Sequence[str],
-                 opts: dict[str, Any]) -> str:
-  """The sbatch script of one job: the same srun command on every task, one task per GPU."""
-  workdir = next(a.split("=", 1)[1] for a in train_args if a.startswith("workdir="))
-  if not (workdir.startswith("gs://") or workdir.startswith("/")):
-    raise UserError(f"launcher=slurm needs workdir on shared storage (an absolute path every node "
-                    f"mounts) or gs://, got {workdir!r}")
-  nodes, gpus = int(opts.get("nodes") or 1), int(opts.get("gpus_per_node") or 8)
-  if nodes < 1 or gpus < 1:
-    raise UserError(f"nodes={nodes} and gpus_per_node={gpus} must be >= 1")
-  repo = opts.get("repo_dir") or "$SLURM_SUBMIT_DIR"
-  python = opts.get("python") or f"{repo}/.venv/bin/python"
-  logs = opts.get("slurm_logs") or (f"{workdir}/slurm" if workdir.startswith("/") else "slurm-logs")
-  name = f"sd-{job.name}"[:60].rstrip("-")
-  head = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={gpus}",
-          f"--gpus-per-node={gpus}",
-          f"--time={opts.get('slurm_time') or '2-00:00:00'}", f"--output={logs}/%x-%j.out",
-          "--open-mode=append", "--requeue", "--signal=TERM@120"]
-  for key, flag in (("partition", "partition"), ("account", "account")):
-    if opts.get(key):
-      head.append(f"--{flag}={opts[key]}")
-  train = " ".join(shlex.quote(a) for a in [*train_args, SHARD_ALL, "distributed=true"])
-  evaluate = " ".join(shlex.quote(a) for a in [*eval_args, "distributed=true"])
-  lines = ["#!/bin/bash",
-           f"# {job.name}: " + "; ".join(f"T{e.table} {e.group} {e.row}" for e in job.entries)]
-  lines += [f"#SBATCH {h}" for h in head]
-  lines += [
-      "set -euo pipefail",
-      f"cd {repo}",
-      "export PYTHONUNBUFFERED=1",
-      "# jax.distributed.initialize() reads SLURM_PROCID, SLURM_NTASKS, SLURM_STEP_NODELIST and",
-      "# SLURM_LOCALID (the task's GPU): one process per GPU, the same command on every task.",
-      "# Resubmitting this script (or --requeue after preemption) resumes from the latest "
-      "checkpoint.",
-      f"srun --kill-on-bad-exit=1 {python} -m core.train {train}",
-      f"srun --kill-on-bad-exit=1 {python} -m eval.worker {evaluate}",
-  ]
-  return "\n".join(lines) + "\n"
-
-
-def submit_slurm(scripts: dict[str, str], *, dry_run: bool, script_dir: str) -> None:
-  """Prints (dry run) or writes each script to ``script_dir`` and submits it with sbatch."""
-  for name, text in scripts.items():
-    if dry_run:
-      print(f"# ---- {name}.sbatch", flush=True)
-      print(text, end="", flush=True)
-      continue
-    os.makedirs(script_dir, exist_ok=True)
-    for line in text.splitlines():  # sbatch does not create the log folder
-      if line.startswith("#SBATCH --output="):
-        os.makedirs(os.path.dirname(line.split("=", 1)[1]) or ".", exist_ok=True)
-    path = os.path.join(script_dir, f"{name}.sbatch")
-    with open(path, "w") as f:
-      f.write(text)
-    execute([f"sbatch {shlex.quote(path)}"], dry_run=False)
-
-
-def execute(commands: Sequence[str], *, dry_run: bool) -> None:
-  """Prints (dry run) or runs the commands in order, stopping at the first failure."""
-  for c in commands:
-    print(c, flush=True)
-    if not dry_run:
-      rc = subprocess.call(c, shell=True)
-      if rc:
-        raise UserError(f"command failed with exit status {rc}: {c[:200]}")
 
 
 class EvalQueue:

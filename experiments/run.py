@@ -1,30 +1,36 @@
 """The front door: train, evaluate and record every row of a paper table.
 
     python -m experiments.run table=5 [row=...] [scale=paper|demo|smoke] [launcher=local|tpu|slurm]
-                              [workdir=...] [mode=run|plan|throughput]
+                              [workdir=...] [mode=run|plan|throughput|status]
 
 Rows with identical configurations are one job (experiments/jobs.py); ``mode=run`` trains or
 resumes each, evaluates its final step and records it for ``python -m tables.render``;
-``mode=plan`` prints cost and memory, ``mode=throughput`` steps/s (Tables 4, 5). SIGTERM stops
-the command with exit status 75 after the trainer's checkpoint: rerunning it resumes.
+``mode=plan`` prints cost and memory, ``mode=throughput`` steps/s (Tables 4, 5), ``mode=status``
+each job's progress (and, launcher=slurm, its SLURM job and state). SIGTERM stops
+the command with exit status 75 (after the trainer's checkpoint, or mid-evaluation, which resumes
+too): rerunning it resumes.
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
-import sys
-from typing import Any, Sequence
+from core import errors
 
-import jax
+if __name__ == "__main__":
+  errors.defer_sigterm()  # before the slow imports below: StopOnSigterm takes it in main()
 
-from core import cli
-from core.data import coco
-from core.errors import Preempted, UserError, run_main
-from core.io import storage
-from eval.inception import RESIZE_MODES
-from experiments import jobs, launchers, registry, scales, throughput, tpu
-from experiments import plan as plan_lib
+import json  # noqa: E402  (after defer_sigterm, on purpose)
+import os  # noqa: E402
+import sys  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+
+from core import cli  # noqa: E402
+from core.data import coco  # noqa: E402
+from core.errors import UserError, run_main  # noqa: E402
+from core.io import storage  # noqa: E402
+from eval.inception import RESIZE_MODES  # noqa: E402
+from experiments import jobs, launchers, registry, scales, slurm, throughput, tpu  # noqa: E402
+from experiments import plan as plan_lib  # noqa: E402
 
 
 def _positive_int(s: str) -> int:
@@ -44,10 +50,12 @@ OPTIONS = [
                "emoji data, CPU minutes) or smoke (tiny, for tests)", choices=scales.SCALES),
     cli.Option("mode", "run",
                "run: train+evaluate+record; plan: list jobs and costs; throughput: measure "
-               "steps/s of Tables 4 and 5 rows", choices=("run", "plan", "throughput")),
+               "steps/s of Tables 4 and 5 rows; status: each job's progress (launcher=slurm: "
+               "and its SLURM job)", choices=("run", "plan", "throughput", "status")),
     cli.Option("launcher", "local",
                "local: this machine, one job after another; tpu: a SkyPilot managed job per "
-               "job on a Cloud TPU slice; slurm: one sbatch script per job (GPU clusters)",
+               "job on a Cloud TPU slice (docs/tpu.md); slurm: one sbatch script per job "
+               "(clusters; docs/cluster.md)",
                choices=launchers.LAUNCHERS),
     cli.Option("workdir", None, "where run directories go (local or gs://); default runs/<scale>"),
     cli.Option("data_dir", None, "prepared data set (paper scale, launcher=tpu: ImageNet at the "
@@ -94,15 +102,34 @@ OPTIONS = [
                "and report XLA's per-device memory", parse=cli.parse_bool),
     cli.Option("aot_devices", 8, "plan aot=true: CPU devices to fake (FSDP over all)", parse=int),
     cli.Option("nodes", 1, "slurm launcher: nodes per job", parse=int),
-    cli.Option("gpus_per_node", 8, "slurm launcher: GPUs (= tasks) per node", parse=int),
+    cli.Option("gpus_per_node", 8,
+               "slurm launcher: GPUs per node, one task (JAX process) each; 0: CPU-only nodes",
+               parse=int),
+    cli.Option("tasks_per_node", None,
+               "slurm launcher: tasks (JAX processes) per node (default: one per GPU, 1 without "
+               "GPUs)", parse=_positive_int),
+    cli.Option("cpus_per_task", 8,
+               "slurm launcher: CPU cores per task (grain's readers, XLA's threads)",
+               parse=_positive_int),
+    cli.Option("mem_per_cpu", "8G", "slurm launcher: memory per core (sbatch --mem-per-cpu)"),
     cli.Option("partition", None, "slurm launcher: partition"),
     cli.Option("account", None, "slurm launcher: account"),
     cli.Option("slurm_time", "2-00:00:00",
-               "slurm launcher: time limit per submission (resubmit to resume)"),
+               "slurm launcher: time limit of each run of a job (it requeues itself at the "
+               "limit and resumes)"),
+    cli.Option("slurm_logs", None,
+               "slurm launcher: folder for the jobs' scripts and output (default: slurm/ beside "
+               "the run directories)"),
     cli.Option("repo_dir", None,
                "slurm launcher: this repository on the cluster (default: the submit dir)"),
     cli.Option("python", None,
                "slurm launcher: python on the nodes (default <repo_dir>/.venv/bin/python)"),
+    cli.Option("wait", False,
+               "slurm launcher: after submitting (or with mode=status), wait until the jobs "
+               "leave the queue, print their status and fail if one did not finish",
+               parse=cli.parse_bool),
+    cli.Option("poll_seconds", 30.0, "slurm launcher, wait=true: how often to ask squeue",
+               parse=float),
     cli.Option("throughput_batch", None, "mode=throughput: global batch (default: the scale's)",
                parse=int),
     cli.Option("throughput_steps", 10, "mode=throughput: timed steps per row", parse=int),
@@ -142,11 +169,15 @@ def check_data(scale: str, launcher: str, data_dir: str | None,
       coco.check_paper_eval_set(data_dir.replace("{res}", str(job.resolution)))
 
 
-def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument
-  raise Preempted("SIGTERM: stopped; rerun the same command to resume")
-
-
 def main(argv: Sequence[str]) -> int:
+  # SIGTERM outside the trainer's loop (which checkpoints first) stops the command too, with exit
+  # status 75 even where a library wrapped the stop in an error of its own (orbax, restoring the
+  # checkpoint an in-process evaluation samples from).
+  with errors.StopOnSigterm():
+    return _main(argv)
+
+
+def _main(argv: Sequence[str]) -> int:
   opts, bindings = cli.parse(argv, OPTIONS, prog="experiments.run",
                              description=__doc__.split("\n\n")[0])
   if bindings:
@@ -168,6 +199,8 @@ def main(argv: Sequence[str]) -> int:
     print(json.dumps(planned,
                      indent=1) if opts["format"] == "json" else plan_lib.format_text(planned))
     return 0
+  if opts["mode"] == "status":
+    return _status(job_list, workdir, opts)
   if opts["mode"] == "throughput":
     throughput.measure(entries, scale, workdir,
                        [jobs.job_args(j, scale, "unused", None) for j in job_list],
@@ -175,31 +208,17 @@ def main(argv: Sequence[str]) -> int:
     return 0
   check_device(scale, opts["launcher"], job_list, workdir, opts)  # first: it says what jobs cost
   check_data(scale, opts["launcher"], opts["data_dir"], job_list)
-  # SIGTERM outside the trainer's loop (which checkpoints first) stops the command too.
-  previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-  try:
-    return _run_jobs(job_list, table, scale, workdir, opts)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+  return _run_jobs(job_list, table, scale, workdir, opts)
 
 
 def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str,
               opts: dict[str, Any]) -> int:
-  if opts["launcher"] in ("tpu", "slurm"):
+  if opts["launcher"] == "slurm":
+    return _run_slurm(job_list, scale, workdir, opts)
+  if opts["launcher"] == "tpu":
     # Refuse before launching any.
     plan_lib.check_fits(plan_lib.plan_jobs(job_list, scale, workdir, opts))
-    if opts["launcher"] == "tpu":
-      tpu.launch(job_list, scale, workdir, opts)
-      return 0
-    scripts = {}
-    for job in job_list:
-      run_dir = storage.join(workdir, job.name)
-      t_args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
-      e_args = jobs.eval_args(job, scale, run_dir, opts)
-      scripts[job.name] = launchers.slurm_script(job, t_args, e_args, opts)
-    if scripts:
-      launchers.submit_slurm(scripts, dry_run=opts["dry_run"],
-                             script_dir=os.path.join("runs", "slurm"))
+    tpu.launch(job_list, scale, workdir, opts)
     return 0
   background = opts["eval_in_background"] and opts["eval"] and not opts["dry_run"]
   evals = launchers.EvalQueue() if background else None
@@ -220,6 +239,45 @@ def _run_jobs(job_list: list[registry.Job], table: str, scale: str, workdir: str
   else:
     print(f"done: {len(job_list)} job(s) in {workdir}; render with: python -m tables.render "
           f"table={table} workdir={workdir}", file=sys.stderr)
+  return 0
+
+
+def _run_slurm(job_list: list[registry.Job], scale: str, workdir: str,
+               opts: dict[str, Any]) -> int:
+  """One sbatch script per job (experiments/slurm.py), each job's job.json written first; with
+  wait=true, waits for them and fails naming any that did not finish."""
+  if opts["gpus_per_node"]:  # refuse before launching any (CPU nodes: nothing to check)
+    plan_lib.check_fits(plan_lib.plan_jobs(job_list, scale, workdir, opts))
+  prepared = []
+  for job in job_list:
+    run_dir = storage.join(workdir, job.name)
+    t_args = jobs.job_args(job, scale, run_dir, opts["data_dir"])
+    e_args = jobs.eval_args(job, scale, run_dir, opts) if opts["eval"] else None
+    prepared.append((job, run_dir, slurm.script(job, t_args, e_args, opts)))
+    if not opts["dry_run"]:  # the rows the run serves, for tables.render
+      try:
+        jobs.write_job_json(job, scale, run_dir, t_args)
+      except OSError as e:
+        raise UserError(f"cannot write to {run_dir} ({e.strerror or e}); choose a writable "
+                        f"workdir= on storage every node mounts") from None
+  slurm.submit(prepared, dry_run=opts["dry_run"])
+  if opts["wait"] and not opts["dry_run"]:
+    slurm.wait(job_list, workdir, poll_seconds=opts["poll_seconds"], eval_too=opts["eval"])
+  return 0
+
+
+def _status(job_list: list[registry.Job], workdir: str, opts: dict[str, Any]) -> int:
+  """mode=status: each job's latest checkpoint and results (launcher=slurm: and SLURM's view);
+  with wait=true, after the jobs have left the queue."""
+  if opts["launcher"] == "slurm" and opts["wait"]:
+    slurm.wait(job_list, workdir, poll_seconds=opts["poll_seconds"], eval_too=opts["eval"])
+    return 0
+  if opts["launcher"] == "slurm":
+    rows = slurm.status(job_list, workdir)
+  else:
+    rows = [{"job": j.name, "slurm_job": "", "state": "",
+             **slurm.progress(storage.join(workdir, j.name))} for j in job_list]
+  print(slurm.format_status(rows), flush=True)
   return 0
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from orbax.checkpoint._src.serialization import serialization
 
 from core import config as config_lib
 from core import train as train_cli
@@ -158,3 +159,35 @@ def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
   assert checkpoint_steps(run_dir) == [2, 3]  # stopped after one more step, not finished (4)
   assert [r["step"] for r in rows(run_dir)] == [2]  # Train.log_every=2 at smoke scale: logged once
   assert sorted(os.listdir(workdir)) == [job.name]  # the next job never started
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_runner_evaluates_in_process_exits_75(tmp_path, capsys, monkeypatch):
+  """A trained job, then the table command, which evaluates it in its own process: a SIGTERM that
+  lands while orbax reads the checkpoint to sample from (orbax catches the Preempted raised there
+  and raises an Exception of its own, which used to end the command with exit status 1 and a
+  traceback) stops it with exit status 75 and one "preempted:" line, and writes no result."""
+  workdir = tmp_path / "runs"
+  row = "128x128/cosine (shifted to 64)"
+  job, = run.registry.jobs(run.registry.select("2", [row]))
+  run_dir = workdir / job.name
+  trained = subprocess.run([sys.executable, "-m", "core.train",
+                            *jobs.job_args(job, "smoke", str(run_dir), None)],
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+
+  read_shard, sent = serialization._read_shard, []  # pylint: disable=protected-access
+
+  async def read_shard_after_a_sigterm(*args, **kwargs):
+    if not sent:  # the scheduler's SIGTERM, while the first array is read
+      sent.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return await read_shard(*args, **kwargs)
+
+  monkeypatch.setattr(serialization, "_read_shard", read_shard_after_a_sigterm)
+  code, err = exit_and_stderr(run.main, ["table=2", f"row={row}", "scale=smoke",
+                                         f"workdir={workdir}"], capsys)
+  assert sent and code == 75, (code, err[-3000:])
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert lines[-1].startswith("preempted: SIGTERM") and "Traceback" not in err, err[-3000:]
+  assert not (run_dir / "eval" / "results.jsonl").exists()

@@ -314,3 +314,56 @@ def test_unraisable_errors_of_callbacks_on_a_closed_loop_are_dropped_and_others_
   fire(lambda f: (_ for _ in ()).throw(ValueError("kept")))  # any other error is kept
   assert [type(u.exc_value).__name__ for u in seen] == ["ValueError"]
   assert str(seen[0].exc_value) == "kept"
+
+
+def catches_sigterm(pid: int) -> bool:
+  """Whether the process has a handler for SIGTERM (SigCgt in /proc/<pid>/status)."""
+  try:
+    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+      caught = next(int(l.split()[1], 16) for l in f if l.startswith("SigCgt:"))
+  except (OSError, StopIteration):
+    return False
+  return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.slow
+def test_two_hosts_signalled_before_the_loop_of_a_resumed_run_stop_after_one_step(tmp_path):
+  """Two JAX processes resume a run at step 2; process 1 gets SIGTERM as soon as it handles one
+  (the start of core.train, while it imports JAX; before the fix, once jax.distributed had
+  installed the preemption sync manager's handler, before the loop). The notice reaches the sync
+  manager before any process has reported a step: both stop after one more step (3), checkpoint
+  it and exit 75, each step logged once. Before the fix the sync point was step 1, which a run
+  resumed at step 2 never reaches: it trained to the end (or the process died of the signal)."""
+  common = ["Train.num_steps=6", "Train.num_data_shards=2", "Train.checkpoint_every=100000"]
+  run = tmp_path / "run"
+
+  def start(*extra):
+    port = _free_port()
+    return [subprocess.Popen(train_cmd(run, *common, *extra, f"coordinator=127.0.0.1:{port}",
+                                       "num_processes=2", f"process_id={i}"),
+                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for i in range(2)]
+
+  def finish(procs):
+    try:
+      errs = [p.communicate(timeout=600)[1] for p in procs]
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+    return [p.returncode for p in procs], errs
+
+  codes, errs = finish(start("stop_at_step=2"))
+  assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  assert checkpoint_steps(run) == [2]
+
+  procs = start()
+  deadline = time.time() + 300
+  while not catches_sigterm(procs[1].pid) and procs[1].poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  procs[1].send_signal(signal.SIGTERM)
+  codes, errs = finish(procs)
+  assert codes == [75, 75], errs[0][-2000:] + errs[1][-2000:]
+  assert [preempted_step(e) for e in errs] == [3, 3]
+  assert checkpoint_steps(run) == [2, 3]
+  assert_rows_unique_and_complete(run, 3)
