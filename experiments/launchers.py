@@ -9,7 +9,6 @@ again resumes its fixed run directory; ``dry_run`` prints the commands.
 from __future__ import annotations
 
 import collections
-import shlex
 import subprocess
 import sys
 import threading
