@@ -35,31 +35,37 @@ as prepared) are in the proportion of the reference.
 """
 from __future__ import annotations
 
-import io
-import json
-import os
-import shutil
-import sys
-import tempfile
-import time
-from typing import Any, Iterator, Sequence
+from core import errors
 
-import jax
-import numpy as np
-from PIL import Image
+if __name__ == "__main__":
+  errors.defer_sigterm()  # before the slow imports below: StopOnSigterm takes it in main()
 
-from core import checkpoint as ckpt_lib
-from core import cli
-from core import multihost
-from core import train as train_cli
-from core import trainer
-from core.errors import UserError, run_main
-from core.data import captions as captions_lib
-from core.io import jsonl, rundir, storage
-from core.metric_writer import MetricWriter, image_grid
-from eval import clip_score, inception, metrics, reference, sample
-from eval.clip_score import DEFAULT_MODEL as DEFAULT_CLIP
-from eval.inception import RESIZE_MODES
+import io  # noqa: E402  (after defer_sigterm, on purpose)
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Iterator, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from core import checkpoint as ckpt_lib  # noqa: E402
+from core import cli  # noqa: E402
+from core import multihost  # noqa: E402
+from core import train as train_cli  # noqa: E402
+from core import trainer  # noqa: E402
+from core.errors import UserError, run_main  # noqa: E402
+from core.data import captions as captions_lib  # noqa: E402
+from core.io import jsonl, rundir, storage  # noqa: E402
+from core.metric_writer import MetricWriter, image_grid  # noqa: E402
+from eval import clip_score, inception, metrics, reference, sample  # noqa: E402
+from eval.clip_score import DEFAULT_MODEL as DEFAULT_CLIP  # noqa: E402
+from eval.inception import RESIZE_MODES  # noqa: E402
+
 
 def read_results(run_dir: str) -> list[dict[str, Any]]:
   """Every complete result row (a torn final line is ignored)."""
@@ -474,6 +480,14 @@ def check_writable(run_dir: str) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
+  # SIGTERM (preemption, a scheduler's time limit, the runner stopping its background
+  # evaluation) stops the worker with exit status 75: its finished batches are cached and its
+  # rows whole, so the same command resumes.
+  with errors.StopOnSigterm():
+    return _main(argv)
+
+
+def _main(argv: Sequence[str]) -> int:
   opts, bindings = cli.parse(argv, OPTIONS, prog="eval.worker",
                              description=__doc__.split("\n\n")[0])
   if bindings:

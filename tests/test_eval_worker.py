@@ -315,7 +315,8 @@ def test_background_evaluation_failure_fails_the_command_naming_the_job(tmp_path
 
 def test_stopping_the_command_stops_its_background_evaluation(trained, tmp_path):
   """Whatever stops experiments.run (SIGTERM, Ctrl-C, an error) stops the running eval.worker
-  subprocess too, and the results it had written are whole rows."""
+  subprocess too (SIGTERM: it stops with exit status 75, "rerun to resume", as a scheduler's
+  signal would stop it), and the results it had written are whole rows."""
   run = tmp_path / "run"
   shutil.copytree(trained, run)
   q = EvalQueue()
@@ -324,7 +325,7 @@ def test_stopping_the_command_stops_its_background_evaluation(trained, tmp_path)
   proc = q._proc
   time.sleep(5)
   q.stop()
-  assert proc.poll() is not None and q._proc is None
+  assert proc.poll() == 75 and q._proc is None
   q.finish()  # stopped on purpose: finish has nothing left to wait for
   for r in _rows(run):  # every row a whole JSON object (an empty file if stopped early)
     assert r["step"] == 4
