@@ -81,10 +81,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float
 
 
 class Attention(nn.Module):
-  """Multi-head attention with normalised q, k (B.2.1); self-attention when ``context`` is None."""
+  """Multi-head attention with normalised q, k (B.2.1); self-attention when ``context`` is None.
+
+  ``input_norm=False`` takes ``x`` as already normalised and ``qk_norm=False`` drops the q / k
+  LayerNorms: the U-Net's attention layer (unet.py, the lineage's AttnBlock) uses both.
+  """
   num_heads: int
   dtype: Any = jnp.float32
   attention_impl: str = "auto"
+  input_norm: bool = True
+  qk_norm: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
@@ -95,14 +101,15 @@ class Attention(nn.Module):
       raise UserError(f"num_heads={self.num_heads} does not divide the {c} channels of an "
                       "attention layer; choose num_heads dividing every attention width")
     head_dim = c // self.num_heads
-    x_norm = normalize(self.dtype, name="norm")(x)
+    x_norm = normalize(self.dtype, name="norm")(x) if self.input_norm else x
     kv_in = x_norm if context is None else context
     shape = (self.num_heads, head_dim)
     q = _dense(shape, self.dtype, name="query")(x_norm)
     k = _dense(shape, self.dtype, name="key")(kv_in)
     v = _dense(shape, self.dtype, name="value")(kv_in)
-    q = normalize_with_bias(self.dtype, name="norm_q")(q)
-    k = normalize_with_bias(self.dtype, name="norm_k")(k)
+    if self.qk_norm:
+      q = normalize_with_bias(self.dtype, name="norm_q")(q)
+      k = normalize_with_bias(self.dtype, name="norm_k")(k)
     out = dot_product_attention(q, k, v, head_dim ** -0.5, self.attention_impl, mask)
     out = _dense(c, self.dtype, name="out", zero=True, axis=(-2, -1))(out)
     if mask is not None:  # no token to attend to (the null text): no update, bias included

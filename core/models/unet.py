@@ -18,6 +18,10 @@ Layout (choices where B.1 is silent are marked *, pinned by tests/test_models.py
   code lineage (google-research diffusion_distillation unet.py, and ADM / VDM before it). B.1 and
   Table 4 count the blocks of each level ("a+b"), which the lineage's num_res_blocks also counts
   without the middle block. ``middle_block=False`` drops it.
+* Attention layers* (SpatialAttention) are the lineage's (ADM's AttentionBlock, the AttnBlock of
+  diffusion_distillation unet.py): GroupNorm of the input, q, k, v projections without q / k
+  normalisation, zero-initialised output projection, residual. The U-ViT's attention (B.2.1: LayerNorm without
+  bias, LayerNorm on q and k) is the U-ViT's; B.1 does not describe the U-Net's.
 * logSNR input: 'linear' over the (shifted) schedule's range by default* (conditioning.py).
 * PatchOut: GroupNorm, swish, zero-init conv (transposed conv for conv patching), inverse DWT.
 Dropout: ResBlocks at resolutions <= dropout_from_resolution use ``dropout`` (Sec. 3.4).
@@ -34,14 +38,19 @@ import jax.numpy as jnp
 
 from core.errors import UserError
 from core.models.conditioning import Conditioning
-from core.models.layers import Downsample, ResBlock, Upsample, compute_dtype, dropout_rate
+from core.models.layers import (Downsample, ResBlock, Upsample, compute_dtype, dropout_rate,
+                                group_norm)
 from core.models.patching import PatchIn, PatchOut
 from core.models.transformer import Attention
 from core.models.validate import level_resolutions, validate
 
 
 class SpatialAttention(nn.Module):
-  """x + Attention(x) on the flattened H*W tokens of a feature map (U-Net attention layers)."""
+  """x + attention(GroupNorm(x)) over the H*W positions of a feature map (the lineage's AttnBlock).
+
+  GroupNorm (scale and bias, the ResBlocks' groups), then q, k, v projections without q / k
+  normalisation, softmax(q k^T / sqrt(head_dim)) v, a zero-initialised output projection.
+  """
   num_heads: int
   dtype: Any = jnp.float32
   attention_impl: str = "auto"
@@ -49,9 +58,10 @@ class SpatialAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    t = x.reshape(b, h * w, c)
-    t = t + Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(t)
-    return t.reshape(b, h, w, c)
+    t = group_norm(c, self.dtype, name="norm")(x).reshape(b, h * w, c)
+    t = Attention(self.num_heads, self.dtype, self.attention_impl, input_norm=False,
+                  qk_norm=False, name="attn")(t)
+    return x + t.reshape(b, h, w, c)
 
 
 @gin.configurable("UNet")
