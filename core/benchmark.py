@@ -51,6 +51,8 @@ OPTIONS = [
     cli.Option("dtype", None, "compute dtype override (float32 | bfloat16); parameters stay "
                "float32", str, ("float32", "bfloat16", "float16")),
     cli.Option("remat", None, "override the model's remat switch", cli.parse_bool),
+    cli.Option("remat_policy", None, "U-ViT: what its transformer blocks keep for the backward "
+               "pass (UViT.remat_policy)", str, ("none", "minimal", "full")),
     cli.Option("image_size", None, "image size (int or HxW); default: model.image_size"),
     cli.Option("text_len", 128, "text tokens for text-conditioned models", int),
     cli.Option("text_dim", 4096, "text embedding width", int),
@@ -303,7 +305,8 @@ def _rates(model, cfg, res: dict[str, Any]) -> dict[str, Any]:
   peak = hardware.peak_flops_per_second()
   res.update({
       "arch": type(model).__name__, "image_size": cfg.image_size, "dtype": str(model.dtype),
-      "remat": bool(getattr(model, "remat", False)), "device": devices[0].device_kind,
+      "remat": bool(getattr(model, "remat", False)),
+      "remat_policy": getattr(model, "remat_policy", None), "device": devices[0].device_kind,
       "num_devices": len(devices), "tflops_per_sec": res["flops_per_sec"] / 1e12,
       "mfu": (res["flops_per_sec"] / (peak * len(devices))) if peak else None, "time": time.time()})
   return res
@@ -314,6 +317,8 @@ def _build(opts: dict[str, Any], files: list[str], bindings: list[str]):
     bindings = [*bindings, f"UNet.dtype = '{opts['dtype']}'", f"UViT.dtype = '{opts['dtype']}'"]
   if opts["remat"] is not None:
     bindings = [*bindings, f"UNet.remat = {opts['remat']}", f"UViT.remat = {opts['remat']}"]
+  if opts["remat_policy"]:
+    bindings = [*bindings, f"UViT.remat_policy = '{opts['remat_policy']}'"]
   config_lib.parse(files, bindings)
   size = opts["image_size"] or model_image_size()
   if size is None:

@@ -27,6 +27,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from core.errors import UserError
 
@@ -58,6 +59,34 @@ def dropout_rate(resolution: int, dropout: float, dropout_from_resolution: int |
   if dropout_from_resolution is None or dropout <= 0.0:
     return 0.0
   return float(dropout) if resolution <= dropout_from_resolution else 0.0
+
+
+DROPOUT_MASK = "dropout_mask"   # checkpoint_name of every dropout mask (remat policies keep it)
+
+
+class Dropout(nn.Dropout):
+  """flax's nn.Dropout (same random stream and outputs) whose mask is named :data:`DROPOUT_MASK`.
+
+  A rematerialisation policy can then keep the mask (one byte per element) instead of drawing
+  its random bits again in the backward pass (transformer.py, remat_policy='minimal').
+  """
+
+  @nn.compact
+  def __call__(self, inputs, deterministic: bool | None = None, rng=None):
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    keep_prob = 1.0 - self.rate
+    if rng is None:
+      rng = self.make_rng(self.rng_collection)
+    shape = list(inputs.shape)
+    for dim in self.broadcast_dims:
+      shape[dim] = 1
+    mask = jax.random.bernoulli(rng, p=keep_prob, shape=shape)
+    mask = checkpoint_name(jnp.broadcast_to(mask, inputs.shape), DROPOUT_MASK)
+    return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
 class GroupNorm(nn.Module):
@@ -136,7 +165,7 @@ class ResBlock(nn.Module):
     h = group_norm(self.out_ch, self.dtype, name="norm_out")(h) * (1.0 + scale) + shift
     h = nn.swish(h)
     if self.dropout > 0.0:
-      h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+      h = Dropout(self.dropout, deterministic=self.deterministic)(h)
     h = conv3x3(self.out_ch, self.dtype, zero=True, name="conv_out")(h)
     if c_in != self.out_ch:
       x = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32, name="skip_proj")(x)

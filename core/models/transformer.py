@@ -37,9 +37,35 @@ import jax
 import jax.numpy as jnp
 
 from core.errors import UserError
+from core.models.layers import DROPOUT_MASK, Dropout
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 MLP_EXPANSION = 4   # B.2.1 mlp_block(expansion_factor=4)
+REMAT_POLICIES = ("none", "minimal", "full")
+
+
+def checkpoint_policy(name: str) -> Any:
+  """The jax.checkpoint policy of a remat_policy name (None: save nothing, recompute all).
+
+  'minimal' (maxtext's name): keep the outputs of matrix products without batch dimensions (the
+  q, k, v, output and MLP projections: a bf16 [B, T, C] or [B, T, 4C] each) and the dropout masks;
+  the backward pass recomputes the norms, activations, modulation and the attention softmax from
+  them. 'full' keeps only the block's input.
+  """
+  if name not in REMAT_POLICIES:
+    raise UserError(f"remat_policy={name!r} is unknown; use one of {', '.join(REMAT_POLICIES)}")
+  if name == "minimal":
+    cp = jax.checkpoint_policies
+    return cp.save_from_both_policies(cp.checkpoint_dots_with_no_batch_dims,
+                                      cp.save_only_these_names(DROPOUT_MASK))
+  return None
+
+
+def rematerialised(cls: type, policy: str, prevent_cse: bool = True) -> type:
+  """``cls`` wrapped in nn.remat with :func:`checkpoint_policy` (``cls`` itself for 'none')."""
+  if policy == "none":
+    return cls
+  return nn.remat(cls, policy=checkpoint_policy(policy), prevent_cse=prevent_cse)
 
 
 def _dense(features, dtype, name=None, zero=False, axis=-1):
@@ -138,7 +164,7 @@ class MLPBlock(nn.Module):
     scale, shift = jnp.split(mod[:, None, :], 2, axis=-1)
     h = nn.swish(h) * (1.0 + scale) + shift
     if self.dropout > 0.0:
-      h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+      h = Dropout(self.dropout, deterministic=self.deterministic)(h)
     return _dense(c, self.dtype, name="dense_out", zero=True)(h)
 
 
@@ -188,9 +214,11 @@ class TransformerStack(nn.Module):
 
   scan=True: one nn.scan over blocks, parameters stacked on a leading axis of size num_blocks
   (params['blocks']['block'][...] with shape [num_blocks, ...]); compile time does not grow with
-  depth. scan=False: an unrolled loop, params['block_<i>']. remat=True wraps each block in
-  nn.remat (activations recomputed in the backward pass). shared_modulation=True: one (scale,
-  shift) projection of emb, params['shared_emb_proj'], used by every block's MLP.
+  depth. scan=False: an unrolled loop, params['block_<i>']. remat_policy (REMAT_POLICIES) wraps
+  each block in nn.remat with :func:`checkpoint_policy`: 'none' keeps every intermediate for the
+  backward pass, 'minimal' only the projections' outputs and dropout masks, 'full' only the
+  block's input. shared_modulation=True: one (scale, shift) projection of emb,
+  params['shared_emb_proj'], used by every block's MLP.
   """
   num_blocks: int
   num_heads: int
@@ -200,7 +228,7 @@ class TransformerStack(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str = "auto"
   scan: bool = True
-  remat: bool = False
+  remat_policy: str = "none"
   shared_modulation: bool = False
 
   @nn.compact
@@ -215,14 +243,14 @@ class TransformerStack(nn.Module):
     if self.shared_modulation:
       mod = _dense(2 * MLP_EXPANSION * x.shape[-1], self.dtype, name="shared_emb_proj")(emb)
     if self.scan:
-      body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
+      body = rematerialised(_ScanBody, self.remat_policy, prevent_cse=False)
       stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=self.num_blocks)
       x, _ = stack(name="blocks", **kw)(x, emb, text, mod, text_mask)
       return x
-    block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+    block_cls = rematerialised(TransformerBlock, self.remat_policy)
     for i in range(self.num_blocks):
       x = block_cls(name=f"block_{i}", **kw)(x, emb, text, None, mod, text_mask)
     return x

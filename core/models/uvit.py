@@ -37,6 +37,9 @@ conditioning vector (conditioning.py). Feature maps may be non-square (H x W, e.
 tokens at the transformer after dwt_1 and three downsamplings).
 Dropout: ResBlocks / MLP blocks at resolutions <= dropout_from_resolution use ``dropout``; the
 middle transformer uses ``transformer_dropout`` (B.2: 0.2).
+Memory (not maths): ``remat=True`` recomputes every block's activations in the backward pass;
+``remat_policy`` ('none' | 'minimal' | 'full', transformer.py) sets what the transformer blocks
+keep, whatever ``remat`` says of the ResBlocks (None: 'full' with remat, else 'none').
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from core.errors import UserError
 from core.models.conditioning import Conditioning, TextProjection
 from core.models.layers import Downsample, ResBlock, Upsample, compute_dtype, dropout_rate
 from core.models.patching import PatchIn, PatchOut
-from core.models.transformer import TransformerBlock, TransformerStack
+from core.models.transformer import TransformerBlock, TransformerStack, rematerialised
 from core.models.validate import level_resolutions, validate
 
 
@@ -95,6 +98,7 @@ class UViT(nn.Module):
   logsnr_range: Sequence[float] = (-15.0, 15.0)
   dtype: str = "float32"
   remat: bool = False
+  remat_policy: str | None = None
   scan: bool = True
   attention_impl: str = "auto"
   shared_modulation: bool = False
@@ -124,8 +128,9 @@ class UViT(nn.Module):
     emb = cond(logsnr, label, b, portrait)
     text = (TextProjection(self.text_channels, dt, name="text_proj")(text_emb.astype(dt))
             if cross else None)
+    policy = self.remat_policy or ("full" if self.remat else "none")
     res_cls = nn.remat(ResBlock) if self.remat else ResBlock
-    tf_cls = nn.remat(SpatialTransformerBlock) if self.remat else SpatialTransformerBlock
+    tf_cls = rematerialised(SpatialTransformerBlock, policy)
 
     def block(i, name, h, skip=None):
       rate = dropout_rate(res[i], self.dropout, self.dropout_from_resolution)
@@ -156,7 +161,7 @@ class UViT(nn.Module):
     tokens = h.reshape(b, th * tw, tc)
     tokens = TransformerStack(self.num_transformer_blocks, self.num_heads,
                               self.transformer_dropout, cross, det, dt, self.attention_impl,
-                              scan=self.scan, remat=self.remat,
+                              scan=self.scan, remat_policy=policy,
                               shared_modulation=self.shared_modulation, name="transformer")(
                                   tokens, emb, text, text_mask if cross else None)
     h = tokens.reshape(b, th, tw, tc)

@@ -12,7 +12,7 @@ from core.errors import UserError
 from core.models.conditioning import LOGSNR_INPUT_TYPES
 from core.models.layers import compute_dtype
 from core.models.patching import parse_patching
-from core.models.transformer import ATTENTION_IMPLS
+from core.models.transformer import ATTENTION_IMPLS, REMAT_POLICIES
 
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -111,6 +111,10 @@ def validate(model: Any, image_size: int | Sequence[int], image_channels: int = 
                       "the transformer (base_channels * channel_multiplier[-1])")
     if not 0.0 <= model.transformer_dropout < 1.0:
       raise UserError(f"{arch}.transformer_dropout={model.transformer_dropout} must be in [0, 1)")
+    policy = getattr(model, "remat_policy", None)
+    if policy is not None and policy not in REMAT_POLICIES:
+      raise UserError(f"{arch}.remat_policy={policy!r} is unknown; use one of "
+                      f"{', '.join(REMAT_POLICIES)} (or None: 'full' if remat else 'none')")
     if model.text_channels < 0:
       raise UserError(f"{arch}.text_channels must be >= 0 (0 = no text cross-attention)")
   if image_channels < 1:

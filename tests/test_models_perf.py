@@ -1,0 +1,83 @@
+"""Speed and memory options that keep the model's function (issue 29): each one gives the same
+outputs and gradients as the reference path, to float tolerance, on a tiny CPU model."""
+from __future__ import annotations
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core.errors import UserError
+from core.models import UViT
+from core.models.layers import Dropout
+from tests.test_models import TINY_UVIT, random_params
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _value_and_grad(model, params, *args, **kw):
+  """Compiled (loss, grads) of a train-mode forward with dropout, and the compiled temp bytes."""
+
+  def loss(p):
+    v = model.apply({"params": p}, *args, train=True, rngs={"dropout": jax.random.key(3)}, **kw)
+    return jnp.mean(jnp.square(v - 0.3))
+
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+  value, grads = compiled(params)
+  return float(value), grads, compiled.memory_analysis().temp_size_in_bytes
+
+
+def _assert_trees_close(a, b, rtol, atol):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_remat_policies_keep_outputs_and_gradients_and_minimal_keeps_less():
+  """remat_policy 'minimal' / 'full' recompute what 'none' stores: same loss and gradients (with
+  dropout on, so the saved or redrawn masks must agree), and 'minimal' compiles to fewer
+  temporary bytes than 'none' (the transformer's stash), 'full' to no more than 'minimal'."""
+  model = UViT(**{**TINY_UVIT, "num_transformer_blocks": 2}, attn_resolutions=(8,),
+               transformer_dropout=0.3, dropout=0.2, dropout_from_resolution=8)
+  z = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  logsnr = jnp.array([-2.0, 3.0])
+  params = random_params(model, z, logsnr)
+  out = {pol: _value_and_grad(model.clone(remat_policy=pol), params, z, logsnr)
+         for pol in ("none", "minimal", "full")}
+  loss, grads, temp = out["none"]
+  assert loss > 0
+  for pol in ("minimal", "full"):
+    assert out[pol][0] == pytest.approx(loss, rel=1e-6)
+    _assert_trees_close(out[pol][1], grads, rtol=1e-5, atol=1e-6)
+  assert out["minimal"][2] < temp and out["full"][2] <= out["minimal"][2], \
+      {p: o[2] for p, o in out.items()}
+  # remat=True alone still means full remat of the transformer (the old switch).
+  assert model.clone(remat=True).remat_policy is None
+  with pytest.raises(UserError, match="remat_policy='some' is unknown"):
+    jax.eval_shape(model.clone(remat_policy="some").init, jax.random.key(0), z, logsnr)
+
+
+def test_named_dropout_is_flax_dropout_bit_for_bit():
+  """The dropout whose mask a remat policy can keep draws the same mask as flax's nn.Dropout
+  (same module name, same random stream): checkpoints and runs keep their dropout."""
+  def block(cls):
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return cls(0.3, deterministic=False)(nn.Dense(8)(x))
+    return Block()
+
+  x = jax.random.normal(jax.random.key(0), (4, 5, 8))
+  p = block(nn.Dropout).init(jax.random.key(1), x)
+  rngs = {"dropout": jax.random.key(2)}
+  theirs = block(nn.Dropout).apply(p, x, rngs=rngs)
+  ours = block(Dropout).apply(p, x, rngs=rngs)
+  assert 0 < int(jnp.sum(theirs == 0)) < theirs.size
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
