@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from core.models import UViT
-from core.models.layers import Dropout
-from tests.test_models import TINY_UVIT, random_params
+from core.models import UNet, UViT
+from core.models.layers import Dropout, Upsample, upsample_impl
+from tests.test_models import TINY_UNET, TINY_UVIT, random_params
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +81,41 @@ def test_named_dropout_is_flax_dropout_bit_for_bit():
   ours = block(Dropout).apply(p, x, rngs=rngs)
   assert 0 < int(jnp.sum(theirs == 0)) < theirs.size
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_transposed_upsampling_is_nearest_then_conv():
+  """upsample_impl='transposed' (one stride-2 transposed conv, folded 4x4 kernel) is the same
+  function as nearest x2 then the 3x3 conv, with the same parameters (names, shapes, initial
+  values): equal outputs and gradients in float32, at a non-square map with borders."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
+  near, trans = Upsample(4, impl="nearest"), Upsample(4, impl="transposed")
+  p = near.init(jax.random.key(1), x)
+  p_t = trans.init(jax.random.key(1), x)
+  _assert_trees_close(p_t, p, rtol=0, atol=0)                     # same init, same tree
+  p = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), p)
+  y = near.apply(p, x)
+  assert y.shape == (2, 10, 14, 4)
+  np.testing.assert_allclose(np.asarray(trans.apply(p, x)), np.asarray(y), rtol=1e-5, atol=1e-5)
+  grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(p, x)
+  _assert_trees_close(grad(trans), grad(near), rtol=1e-4, atol=1e-5)
+  # bfloat16 compute: the folded kernel is summed in float32, then rounded once.
+  y16 = Upsample(4, jnp.bfloat16, "transposed").apply(p, x)
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["unet", "uvit"])
+def test_models_with_transposed_upsampling_equal_nearest(arch):
+  """Whole models: outputs and parameter gradients with either upsampling path agree."""
+  z = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  logsnr = jnp.array([-2.0, 3.0])
+  model = (UNet(**TINY_UNET) if arch == "unet" else UViT(**TINY_UVIT)).clone(
+      upsample_impl="nearest")
+  params = random_params(model, z, logsnr)
+  ref = _value_and_grad(model, params, z, logsnr)
+  got = _value_and_grad(model.clone(upsample_impl="transposed"), params, z, logsnr)
+  assert got[0] == pytest.approx(ref[0], rel=1e-5)
+  _assert_trees_close(got[1], ref[1], rtol=1e-4, atol=1e-5)
+  assert upsample_impl("auto") == "nearest"       # this CPU; 'transposed' on GPU / TPU
+  with pytest.raises(UserError, match="upsample_impl='bilinear' is unknown"):
+    jax.eval_shape(model.clone(upsample_impl="bilinear").init, jax.random.key(0), z, logsnr)

@@ -20,8 +20,8 @@ Layout (choices where B.1 is silent are marked *, pinned by tests/test_models.py
   without the middle block. ``middle_block=False`` drops it.
 * Attention layers* (SpatialAttention) are the lineage's (ADM's AttentionBlock, the AttnBlock of
   diffusion_distillation unet.py): GroupNorm of the input, q, k, v projections without q / k
-  normalisation, zero-initialised output projection, residual. The U-ViT's attention (B.2.1: LayerNorm without
-  bias, LayerNorm on q and k) is the U-ViT's; B.1 does not describe the U-Net's.
+  normalisation, zero-initialised output projection, residual. The U-ViT's attention (B.2.1:
+  LayerNorm without bias, LayerNorm on q and k) is the U-ViT's; B.1 does not describe the U-Net's.
 * logSNR input: 'linear' over the (shifted) schedule's range by default* (conditioning.py).
 * PatchOut: GroupNorm, swish, zero-init conv (transposed conv for conv patching), inverse DWT.
 Dropout: ResBlocks at resolutions <= dropout_from_resolution use ``dropout`` (Sec. 3.4).
@@ -82,6 +82,7 @@ class UNet(nn.Module):
   dtype: str = "float32"
   remat: bool = False
   attention_impl: str = "auto"
+  upsample_impl: str = "auto"
   middle_block: bool = True
 
   @nn.compact
@@ -130,7 +131,7 @@ class UNet(nn.Module):
       h = block_cls(widths[-1], rate, det, dt, name="mid_block1")(h, emb)
     for i in reversed(range(n)):
       if i < n - 1:
-        h = Upsample(widths[i], dt, name=f"up{i}_resample")(h)
+        h = Upsample(widths[i], dt, self.upsample_impl, name=f"up{i}_resample")(h)
       for j in range(self.num_res_blocks[i] + 1):
         h = block(i, f"up{i}_block{j}", h, skip=hs.pop())
     assert not hs

@@ -101,6 +101,7 @@ class UViT(nn.Module):
   remat_policy: str | None = None
   scan: bool = True
   attention_impl: str = "auto"
+  upsample_impl: str = "auto"
   shared_modulation: bool = False
   portrait_conditioning: bool = False
 
@@ -167,7 +168,7 @@ class UViT(nn.Module):
     h = tokens.reshape(b, th, tw, tc)
 
     for i in reversed(range(levels)):
-      h = Upsample(widths[i], dt, name=f"up{i}_resample")(h)
+      h = Upsample(widths[i], dt, self.upsample_impl, name=f"up{i}_resample")(h)
       for j in range(self.num_res_blocks[i]):
         h = block(i, f"up{i}_block{j}", h, skip=hs.pop())
     assert not hs
