@@ -12,7 +12,8 @@ import pytest
 from core.errors import UserError
 from core.models import UNet, UViT
 from core.models.layers import Dropout, Upsample, upsample_impl
-from tests.test_models import TINY_UNET, TINY_UVIT, random_params
+from core.models.transformer import TransformerStack, dot_product_attention, pallas_attention
+from tests.test_models import TINY_UNET, TINY_UVIT, perturb, random_params
 
 
 @pytest.fixture(autouse=True)
@@ -119,3 +120,46 @@ def test_models_with_transposed_upsampling_equal_nearest(arch):
   assert upsample_impl("auto") == "nearest"       # this CPU; 'transposed' on GPU / TPU
   with pytest.raises(UserError, match="upsample_impl='bilinear' is unknown"):
     jax.eval_shape(model.clone(upsample_impl="bilinear").init, jax.random.key(0), z, logsnr)
+
+
+def test_pallas_attention_equals_reference_in_interpret_mode():
+  """attention_impl='pallas' (the Triton flash-attention kernel, Pallas interpret mode on this
+  CPU) gives XLA's softmax(q k^T s) v and its gradients; with a key mask, or lengths its tiles do
+  not divide, it takes XLA's path."""
+  b, t, heads, d = 2, 32, 2, 24                  # head size 24: the kernel pads it to 32
+  q, k, v = (jax.random.normal(jax.random.key(i), (b, t, heads, d)) for i in range(3))
+  scale = d ** -0.5
+  gin.bind_parameter("pallas_attention.block_q", 16)
+  gin.bind_parameter("pallas_attention.block_k", 16)
+  gin.bind_parameter("pallas_attention.block_backward", 8)
+  assert pallas_attention(q, k, v, scale) is not None
+  fn = lambda impl: (lambda q, k, v: dot_product_attention(q, k, v, scale, impl))
+  ref = fn("xla")(q, k, v)
+  np.testing.assert_allclose(np.asarray(fn("pallas")(q, k, v)), np.asarray(ref), rtol=1e-5,
+                             atol=1e-5)
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+  _assert_trees_close(grad(fn("pallas")), grad(fn("xla")), rtol=1e-4, atol=1e-5)
+  mask = jnp.arange(t)[None, :] < jnp.array([[20], [32]])
+  masked = dot_product_attention(q, k, v, scale, "pallas", mask)
+  np.testing.assert_array_equal(np.asarray(masked),
+                                np.asarray(dot_product_attention(q, k, v, scale, "xla", mask)))
+  assert pallas_attention(q[:, :24], k[:, :24], v[:, :24], scale) is None   # 24 % 16 != 0
+
+
+def test_transformer_stack_with_pallas_attention_equals_xla():
+  """The scanned transformer blocks with the Pallas kernel: same outputs and gradients."""
+  gin.bind_parameter("pallas_attention.block_q", 16)
+  gin.bind_parameter("pallas_attention.block_k", 16)
+  gin.bind_parameter("pallas_attention.block_backward", 16)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16))
+  emb = jax.random.normal(jax.random.key(1), (2, 8))
+  stack = TransformerStack(2, 2, attention_impl="xla")
+  p = perturb(stack.init(jax.random.key(2), x, emb))
+
+  def run(impl):
+    f = lambda p, x: jnp.sum(jnp.sin(stack.clone(attention_impl=impl).apply(p, x, emb)))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(p, x)
+
+  (y_ref, g_ref), (y, g) = run("xla"), run("pallas")
+  assert float(y) == pytest.approx(float(y_ref), rel=1e-5)
+  _assert_trees_close(g, g_ref, rtol=1e-4, atol=1e-5)

@@ -26,6 +26,8 @@ all; without one (text_mask=None) every token is attended, padding included.
 
 Attention is computed by jax.nn.dot_product_attention: on GPU with 16-bit inputs and head_dim
 <= 128 the fused cuDNN (flash) kernel, otherwise XLA's implementation (attention_impl='auto').
+attention_impl='pallas' runs the Pallas (Triton) flash-attention kernel of jax.experimental, which
+takes the paper's head size of 512 (cuDNN's fused kernel stops at 256 on Hopper).
 """
 from __future__ import annotations
 
@@ -33,13 +35,14 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 
 from core.errors import UserError
 from core.models.layers import DROPOUT_MASK, Dropout
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MLP_EXPANSION = 4   # B.2.1 mlp_block(expansion_factor=4)
 REMAT_POLICIES = ("none", "minimal", "full")
 
@@ -84,16 +87,56 @@ def normalize_with_bias(dtype, name=None) -> nn.LayerNorm:
   return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+@gin.configurable("pallas_attention")
+def pallas_block_sizes(block_q: int = 64, block_k: int = 64, block_backward: int = 32,
+                       num_warps: int | None = None, num_stages: int = 2) -> dict[str, Any]:
+  """Tiles of the Pallas flash-attention kernel (gin: ``pallas_attention.block_q = 64`` ...).
+
+  At the paper's head size of 512 a 128 x 512 bf16 query tile alone is 128 KiB of the H100's
+  228 KiB of shared memory, hence 64 (forward) and 32 (backward) rows by default.
+  """
+  return dict(block_q=block_q, block_k=block_k, block_backward=block_backward,
+              num_warps=num_warps, num_stages=num_stages)
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array | None:
+  """softmax(q k^T * scale) v by jax.experimental.pallas.ops.gpu.attention.mha (Triton flash
+  attention; it pads the head size to a power of 2), in Pallas interpret mode off the GPU.
+
+  Returns None where the kernel's tiles do not divide the sequence lengths (caller: XLA's path).
+  """
+  # Lazy: the GPU kernel module is only needed by attention_impl='pallas'.
+  from jax.experimental.pallas.ops.gpu import attention as pallas_mha  # pylint: disable=g-import-not-at-top
+  cfg = pallas_block_sizes()
+  t, s = q.shape[1], k.shape[1]
+  bq, bk = min(cfg["block_q"], t), min(cfg["block_k"], s)
+  bb_q, bb_k = min(cfg["block_backward"], t), min(cfg["block_backward"], s)
+  if t % bq or s % bk or t % bb_q or s % bb_k:
+    return None
+  sizes = pallas_mha.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bb_q, block_kv_dkv=bb_k,
+                                block_q_dq=bb_q, block_kv_dq=bb_k)
+  return pallas_mha.mha(q, k, v, None, sm_scale=scale, block_sizes=sizes,
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                        interpret=jax.default_backend() != "gpu")
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
                           implementation: str = "auto", mask: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T * scale) v on [B, T, heads, head_dim] via jax.nn.dot_product_attention.
 
   ``mask``: [B, S] bool over the keys (True = attend); an example with no True key gets zeros.
+  'pallas': the Pallas kernel (:func:`pallas_attention`) for unmasked attention whose lengths
+  its tiles divide; masked (text cross-) attention and other lengths take XLA's path.
   """
   if implementation not in ATTENTION_IMPLS:
     raise UserError(f"attention_impl={implementation!r} is unknown; use one of "
                     f"{', '.join(ATTENTION_IMPLS)}")
   impl = implementation
+  if impl == "pallas":
+    out = pallas_attention(q, k, v, scale) if mask is None else None
+    if out is not None:
+      return out
+    impl = "xla"
   if impl == "auto":
     fused_ok = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
                 and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
