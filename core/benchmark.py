@@ -33,6 +33,7 @@ from core import trainer
 from core.errors import UserError, run_main
 from core.models.factory import make_model, model_image_size
 from core.models.flops import forward_flops
+from core.models.precast import precast_params
 from core.models.summary import parse_image_size, split_gin_args
 
 OPTIONS = [
@@ -45,6 +46,8 @@ OPTIONS = [
     cli.Option("warmup", 3, "untimed steps after compilation", int),
     cli.Option("calls", 1, "what=sample: timed sampler calls (after one warm-up call)", int),
     cli.Option("sampler_steps", 256, "what=sample: sampler steps per image", int),
+    cli.Option("precast", True, "what=sample: cast the Dense/Conv/Embed weights to the compute "
+               "dtype once before the sampler's loop (core.models.precast)", cli.parse_bool),
     cli.Option("guidance", 1.5, "what=sample: guidance scale; != 1 batches cond and uncond passes "
                "(class-conditional models)", float),
     cli.Option("devices", None, "what=aot: fake this many CPU devices (before JAX starts)", int),
@@ -222,12 +225,14 @@ def train_benchmark(model, logsnr_fn, cfg, *, steps: int = 20, warmup: int = 3,
 
 
 def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int = 256,
-                     guidance: float = 1.5, calls: int = 1, profile: int = 0) -> dict[str, Any]:
+                     guidance: float = 1.5, calls: int = 1, profile: int = 0,
+                     precast: bool = True) -> dict[str, Any]:
   """Times ``calls`` whole jitted sampler calls of ``batch`` images at ``num_steps`` steps.
 
   With guidance != 1 on a class-conditional model each step is one model call of batch 2B (the
   conditional and unconditional passes together), as in evaluation. Parameters are random: speed
-  does not depend on their values.
+  does not depend on their values. ``precast``: weights cast to the compute dtype once per call,
+  before the loop (core.models.precast; bit-identical samples), as eval/sample.py does.
   """
   mesh = shd.make_mesh()
   shd.check_batch_size(mesh, batch)
@@ -243,6 +248,8 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
   shape = (batch, cfg.image_size, cfg.image_size, 3)
 
   def run(params, rng):
+    if precast:
+      params = precast_params(model, params, shape[1:])
     label_rng, text_rng, sample_rng = jax.random.split(rng, 3)
     text = (jax.random.normal(text_rng, (batch, text_len, text_dim)) if text_len else None)
 
@@ -280,6 +287,7 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
   passes = (num_steps + 1) * (2 if guided else 1)  # fori_loop steps + the final x prediction
   return _rates(model, cfg, {
       "what": "sample", "params": _count(abstract["params"]), "batch_size": batch,
+      "precast": precast,
       "sampler_steps": num_steps, "guidance": guidance,
       "guided_batch": 2 * batch if guided else batch, "calls": calls,
       "compile_s": round(compile_s, 2),
@@ -376,7 +384,7 @@ def main(argv: Sequence[str]) -> int:
     res = sample_benchmark(model, logsnr_fn, cfg, batch=opts["batch"],
                            num_steps=opts["sampler_steps"],
                            guidance=opts["guidance"], calls=opts["calls"],
-                           profile=opts["profile"])
+                           profile=opts["profile"], precast=opts["precast"])
   else:
     res = {"what": "aot", **aot_memory(model, logsnr_fn, cfg, shd.make_mesh(fsdp=-1)),
            "time": time.time()}
