@@ -63,6 +63,7 @@ def dropout_rate(resolution: int, dropout: float, dropout_from_resolution: int |
 
 
 DROPOUT_MASK = "dropout_mask"   # checkpoint_name of every dropout mask (remat policies keep it)
+CONV_OUTPUT = "conv_output"     # checkpoint_name of a ResBlock's convolution outputs
 
 
 class Dropout(nn.Dropout):
@@ -159,7 +160,7 @@ class ResBlock(nn.Module):
       s = group_norm(skip.shape[-1], self.dtype, name="norm_skip")(skip)
       h = (h + s) / math.sqrt(2.0)
     h = nn.swish(h)
-    h = conv3x3(self.out_ch, self.dtype, name="conv_in")(h)
+    h = checkpoint_name(conv3x3(self.out_ch, self.dtype, name="conv_in")(h), CONV_OUTPUT)
     emb_out = nn.Dense(2 * self.out_ch, dtype=self.dtype, param_dtype=jnp.float32,
                        name="emb_proj")(emb)[:, None, None, :]
     scale, shift = jnp.split(emb_out, 2, axis=-1)
@@ -167,7 +168,8 @@ class ResBlock(nn.Module):
     h = nn.swish(h)
     if self.dropout > 0.0:
       h = Dropout(self.dropout, deterministic=self.deterministic)(h)
-    h = conv3x3(self.out_ch, self.dtype, zero=True, name="conv_out")(h)
+    h = checkpoint_name(conv3x3(self.out_ch, self.dtype, zero=True, name="conv_out")(h),
+                        CONV_OUTPUT)
     if c_in != self.out_ch:
       x = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32, name="skip_proj")(x)
     return x + h

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from core.errors import UserError
-from core.models.layers import DROPOUT_MASK, Dropout
+from core.models.layers import CONV_OUTPUT, DROPOUT_MASK, Dropout
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MLP_EXPANSION = 4   # B.2.1 mlp_block(expansion_factor=4)
@@ -51,16 +51,16 @@ def checkpoint_policy(name: str) -> Any:
   """The jax.checkpoint policy of a remat_policy name (None: save nothing, recompute all).
 
   'minimal' (maxtext's name): keep the outputs of matrix products without batch dimensions (the
-  q, k, v, output and MLP projections: a bf16 [B, T, C] or [B, T, 4C] each) and the dropout masks;
-  the backward pass recomputes the norms, activations, modulation and the attention softmax from
-  them. 'full' keeps only the block's input.
+  q, k, v, output and MLP projections: a bf16 [B, T, C] or [B, T, 4C] each), of the ResBlocks'
+  convolutions and the dropout masks; the backward pass recomputes the norms, activations,
+  modulation and the attention softmax from them. 'full' keeps only the block's input.
   """
   if name not in REMAT_POLICIES:
     raise UserError(f"remat_policy={name!r} is unknown; use one of {', '.join(REMAT_POLICIES)}")
   if name == "minimal":
     cp = jax.checkpoint_policies
     return cp.save_from_both_policies(cp.checkpoint_dots_with_no_batch_dims,
-                                      cp.save_only_these_names(DROPOUT_MASK))
+                                      cp.save_only_these_names(DROPOUT_MASK, CONV_OUTPUT))
   return None
 
 

@@ -58,6 +58,10 @@ def validate(model: Any, image_size: int | Sequence[int], image_channels: int = 
   if model.attention_impl not in ATTENTION_IMPLS:
     raise UserError(f"{arch}.attention_impl={model.attention_impl!r} is unknown; use one of "
                     f"{', '.join(ATTENTION_IMPLS)}")
+  policy = getattr(model, "remat_policy", None)
+  if policy is not None and policy not in REMAT_POLICIES:
+    raise UserError(f"{arch}.remat_policy={policy!r} is unknown; use one of "
+                    f"{', '.join(REMAT_POLICIES)} (or None: 'full' if remat else 'none')")
   if getattr(model, "upsample_impl", "auto") not in UPSAMPLE_IMPLS:
     raise UserError(f"{arch}.upsample_impl={model.upsample_impl!r} is unknown; use one of "
                     f"{', '.join(UPSAMPLE_IMPLS)}")
@@ -114,10 +118,6 @@ def validate(model: Any, image_size: int | Sequence[int], image_channels: int = 
                       "the transformer (base_channels * channel_multiplier[-1])")
     if not 0.0 <= model.transformer_dropout < 1.0:
       raise UserError(f"{arch}.transformer_dropout={model.transformer_dropout} must be in [0, 1)")
-    policy = getattr(model, "remat_policy", None)
-    if policy is not None and policy not in REMAT_POLICIES:
-      raise UserError(f"{arch}.remat_policy={policy!r} is unknown; use one of "
-                      f"{', '.join(REMAT_POLICIES)} (or None: 'full' if remat else 'none')")
     if model.text_channels < 0:
       raise UserError(f"{arch}.text_channels must be >= 0 (0 = no text cross-attention)")
   if image_channels < 1:
