@@ -33,6 +33,7 @@ from core import trainer
 from core.errors import UserError, run_main
 from core.models.factory import make_model, model_image_size
 from core.models.flops import forward_flops
+from core.models.layers import upsample_impl
 from core.models.precast import precast_params
 from core.models.summary import parse_image_size, split_gin_args
 
@@ -54,8 +55,9 @@ OPTIONS = [
     cli.Option("dtype", None, "compute dtype override (float32 | bfloat16); parameters stay "
                "float32", str, ("float32", "bfloat16", "float16")),
     cli.Option("remat", None, "override the model's remat switch", cli.parse_bool),
-    cli.Option("remat_policy", None, "U-ViT: what its transformer blocks keep for the backward "
-               "pass (UViT.remat_policy)", str, ("none", "minimal", "full")),
+    cli.Option("remat_policy", None, "what the blocks keep for the backward pass "
+               "(UViT.remat_policy: its transformer blocks; UNet.remat_policy)", str,
+               ("none", "minimal", "full")),
     cli.Option("image_size", None, "image size (int or HxW); default: model.image_size"),
     cli.Option("text_len", 128, "text tokens for text-conditioned models", int),
     cli.Option("text_dim", 4096, "text embedding width", int),
@@ -293,6 +295,8 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
       "compile_s": round(compile_s, 2),
       "seconds_per_call": elapsed / calls, "img_per_sec": img_s,
       "ms_per_forward": 1e3 * elapsed / calls / (num_steps + 1),
+      # images through the network per second, guided passes counted (2 per image and step)
+      "image_forwards_per_sec": passes * img_s,
       "flops_per_image_fwd": fwd, "flops_per_sec": passes * fwd * img_s,
       "hours_for_50k": 50_000 / img_s / 3600.0,
       "compiled_memory": _memory(compiled), "device_memory": peak_memory, "profile": where})
@@ -314,7 +318,9 @@ def _rates(model, cfg, res: dict[str, Any]) -> dict[str, Any]:
   res.update({
       "arch": type(model).__name__, "image_size": cfg.image_size, "dtype": str(model.dtype),
       "remat": bool(getattr(model, "remat", False)),
-      "remat_policy": getattr(model, "remat_policy", None), "device": devices[0].device_kind,
+      "remat_policy": getattr(model, "remat_policy", None),
+      "attention_impl": model.attention_impl, "upsample_impl": upsample_impl(model.upsample_impl),
+      "device": devices[0].device_kind,
       "num_devices": len(devices), "tflops_per_sec": res["flops_per_sec"] / 1e12,
       "mfu": (res["flops_per_sec"] / (peak * len(devices))) if peak else None, "time": time.time()})
   return res
@@ -326,7 +332,8 @@ def _build(opts: dict[str, Any], files: list[str], bindings: list[str]):
   if opts["remat"] is not None:
     bindings = [*bindings, f"UNet.remat = {opts['remat']}", f"UViT.remat = {opts['remat']}"]
   if opts["remat_policy"]:
-    bindings = [*bindings, f"UViT.remat_policy = '{opts['remat_policy']}'"]
+    bindings = [*bindings, f"UNet.remat_policy = '{opts['remat_policy']}'",
+                f"UViT.remat_policy = '{opts['remat_policy']}'"]
   config_lib.parse(files, bindings)
   size = opts["image_size"] or model_image_size()
   if size is None:
