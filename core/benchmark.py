@@ -33,6 +33,8 @@ from core import trainer
 from core.errors import UserError, run_main
 from core.models.factory import make_model, model_image_size
 from core.models.flops import forward_flops
+from core.models.layers import upsample_impl
+from core.models.precast import precast_params
 from core.models.summary import parse_image_size, split_gin_args
 
 OPTIONS = [
@@ -45,12 +47,17 @@ OPTIONS = [
     cli.Option("warmup", 3, "untimed steps after compilation", int),
     cli.Option("calls", 1, "what=sample: timed sampler calls (after one warm-up call)", int),
     cli.Option("sampler_steps", 256, "what=sample: sampler steps per image", int),
+    cli.Option("precast", True, "what=sample: cast the Dense/Conv/Embed weights to the compute "
+               "dtype once before the sampler's loop (core.models.precast)", cli.parse_bool),
     cli.Option("guidance", 1.5, "what=sample: guidance scale; != 1 batches cond and uncond passes "
                "(class-conditional models)", float),
     cli.Option("devices", None, "what=aot: fake this many CPU devices (before JAX starts)", int),
     cli.Option("dtype", None, "compute dtype override (float32 | bfloat16); parameters stay "
                "float32", str, ("float32", "bfloat16", "float16")),
     cli.Option("remat", None, "override the model's remat switch", cli.parse_bool),
+    cli.Option("remat_policy", None, "what the blocks keep for the backward pass "
+               "(UViT.remat_policy: its transformer blocks; UNet.remat_policy)", str,
+               ("none", "minimal", "full")),
     cli.Option("image_size", None, "image size (int or HxW); default: model.image_size"),
     cli.Option("text_len", 128, "text tokens for text-conditioned models", int),
     cli.Option("text_dim", 4096, "text embedding width", int),
@@ -220,12 +227,14 @@ def train_benchmark(model, logsnr_fn, cfg, *, steps: int = 20, warmup: int = 3,
 
 
 def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int = 256,
-                     guidance: float = 1.5, calls: int = 1, profile: int = 0) -> dict[str, Any]:
+                     guidance: float = 1.5, calls: int = 1, profile: int = 0,
+                     precast: bool = True) -> dict[str, Any]:
   """Times ``calls`` whole jitted sampler calls of ``batch`` images at ``num_steps`` steps.
 
   With guidance != 1 on a class-conditional model each step is one model call of batch 2B (the
   conditional and unconditional passes together), as in evaluation. Parameters are random: speed
-  does not depend on their values.
+  does not depend on their values. ``precast``: weights cast to the compute dtype once per call,
+  before the loop (core.models.precast; bit-identical samples), as eval/sample.py does.
   """
   mesh = shd.make_mesh()
   shd.check_batch_size(mesh, batch)
@@ -241,6 +250,8 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
   shape = (batch, cfg.image_size, cfg.image_size, 3)
 
   def run(params, rng):
+    if precast:
+      params = precast_params(model, params, shape[1:])
     label_rng, text_rng, sample_rng = jax.random.split(rng, 3)
     text = (jax.random.normal(text_rng, (batch, text_len, text_dim)) if text_len else None)
 
@@ -278,11 +289,14 @@ def sample_benchmark(model, logsnr_fn, cfg, *, batch: int = 64, num_steps: int =
   passes = (num_steps + 1) * (2 if guided else 1)  # fori_loop steps + the final x prediction
   return _rates(model, cfg, {
       "what": "sample", "params": _count(abstract["params"]), "batch_size": batch,
+      "precast": precast,
       "sampler_steps": num_steps, "guidance": guidance,
       "guided_batch": 2 * batch if guided else batch, "calls": calls,
       "compile_s": round(compile_s, 2),
       "seconds_per_call": elapsed / calls, "img_per_sec": img_s,
       "ms_per_forward": 1e3 * elapsed / calls / (num_steps + 1),
+      # images through the network per second, guided passes counted (2 per image and step)
+      "image_forwards_per_sec": passes * img_s,
       "flops_per_image_fwd": fwd, "flops_per_sec": passes * fwd * img_s,
       "hours_for_50k": 50_000 / img_s / 3600.0,
       "compiled_memory": _memory(compiled), "device_memory": peak_memory, "profile": where})
@@ -303,7 +317,10 @@ def _rates(model, cfg, res: dict[str, Any]) -> dict[str, Any]:
   peak = hardware.peak_flops_per_second()
   res.update({
       "arch": type(model).__name__, "image_size": cfg.image_size, "dtype": str(model.dtype),
-      "remat": bool(getattr(model, "remat", False)), "device": devices[0].device_kind,
+      "remat": bool(getattr(model, "remat", False)),
+      "remat_policy": getattr(model, "remat_policy", None),
+      "attention_impl": model.attention_impl, "upsample_impl": upsample_impl(model.upsample_impl),
+      "device": devices[0].device_kind,
       "num_devices": len(devices), "tflops_per_sec": res["flops_per_sec"] / 1e12,
       "mfu": (res["flops_per_sec"] / (peak * len(devices))) if peak else None, "time": time.time()})
   return res
@@ -314,6 +331,9 @@ def _build(opts: dict[str, Any], files: list[str], bindings: list[str]):
     bindings = [*bindings, f"UNet.dtype = '{opts['dtype']}'", f"UViT.dtype = '{opts['dtype']}'"]
   if opts["remat"] is not None:
     bindings = [*bindings, f"UNet.remat = {opts['remat']}", f"UViT.remat = {opts['remat']}"]
+  if opts["remat_policy"]:
+    bindings = [*bindings, f"UNet.remat_policy = '{opts['remat_policy']}'",
+                f"UViT.remat_policy = '{opts['remat_policy']}'"]
   config_lib.parse(files, bindings)
   size = opts["image_size"] or model_image_size()
   if size is None:
@@ -371,7 +391,7 @@ def main(argv: Sequence[str]) -> int:
     res = sample_benchmark(model, logsnr_fn, cfg, batch=opts["batch"],
                            num_steps=opts["sampler_steps"],
                            guidance=opts["guidance"], calls=opts["calls"],
-                           profile=opts["profile"])
+                           profile=opts["profile"], precast=opts["precast"])
   else:
     res = {"what": "aot", **aot_memory(model, logsnr_fn, cfg, shd.make_mesh(fsdp=-1)),
            "time": time.time()}

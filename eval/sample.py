@@ -41,6 +41,7 @@ from core import trainer as train_lib
 from core.data import pipeline, records
 from core.errors import UserError
 from core.io import rundir
+from core.models.precast import precast_params
 from core.progress import Progress
 
 
@@ -101,6 +102,7 @@ def make_batch_sampler(run: LoadedRun, *, batch_size: int, num_steps: int, noise
   text = is_text_to_image(run)
 
   def one_batch(params, seed, index, cond=None):
+    params = precast_params(run.model, params, shape[1:])   # once, not at every step
     rng = jax.random.fold_in(jax.random.key(seed), index)
     label_rng, sample_rng = jax.random.split(rng)
     labels = jax.random.randint(label_rng, (batch_size,), 0, nc) if nc else None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared one-GPU check (issue 15) on a bare machine without network (`make gpu-check`).
+# The prepared one-GPU check (issues 15, 29) on a bare machine without network (`make gpu-check`).
 # Installs the project's missing dependencies from wheels/ (built here by `make gpu-wheels`; the
 # device tool carries it with carry=["wheels"]) into a private folder, then runs
 # scripts/gpu_check.py, which writes benchmarks/results/<device>-<date>.json (and a copy in $OUT).

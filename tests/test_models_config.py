@@ -105,6 +105,8 @@ def _uvit_param_formula(patch_channels: int, classes: int, text: tuple[int, int]
   for i, c in enumerate(widths[:-1]):
     block = (lambda s: transformer(c, s)) if i in attn_levels else (lambda s: resblock(c, s))
     total += blocks[i] * (block(False) + block(True))
+    if i in attn_levels:   # the attention level's position embedding, (128 / 2^i)^2 x c
+      total += (128 // 2 ** i) ** 2 * c
     total += 2 * (9 * c * widths[i + 1]) + widths[i + 1] + c     # down + up resampling convs
   return total + tokens * widths[-1] + n_tf * transformer(widths[-1], False)
 

@@ -1,10 +1,12 @@
-"""Model choices taken from the authors' code lineage: logSNR input types, the U-Net middle block,
-and the U-ViT's per-block vs shared scale/shift projection (closed-form parameter counts)."""
+"""Model choices taken from the authors' code lineage: logSNR input types, the U-Net middle block
+and attention layer, the U-ViT's per-block vs shared scale/shift projection (closed-form parameter
+counts) and the position embedding of its attention-only conv levels."""
 from __future__ import annotations
 
 import math
 import os
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,9 @@ from scipy.special import expit
 from core import config as config_lib
 from core import schedules
 from core.models import UNet, UViT, make_model
+from core.models.layers import Downsample
+from core.models.unet import SpatialAttention
+from core.models.uvit import SpatialTransformerBlock
 from core.models.conditioning import LOGSNR_INPUT_TYPES, logsnr_features, logsnr_to_unit
 from core.models.flops import forward_flops
 from tests.jaxpr_flops import jaxpr_flops
@@ -100,7 +105,13 @@ def _resblock_params(c: int, e: int) -> int:
 
 
 def _attention_params(c: int, heads: int) -> int:
+  """The U-ViT's attention: LayerNorm scale, q k v, q / k LayerNorms (scale + bias), output."""
   return c + 3 * (c * c + c) + 2 * 2 * (c // heads) + (c * c + c)
+
+
+def _unet_attention_params(c: int) -> int:
+  """The U-Net's (the lineage's AttnBlock): GroupNorm scale + bias, q k v, output."""
+  return 2 * c + 3 * (c * c + c) + (c * c + c)
 
 
 def test_unet_middle_block_is_resblock_attention_resblock_at_the_bottom():
@@ -112,8 +123,7 @@ def test_unet_middle_block_is_resblock_attention_resblock_at_the_bottom():
   assert {k for k in p if k.startswith("mid")} == {"mid_block0", "mid_attn", "mid_block1"}
   assert not any(k.endswith("_attn") and not k.startswith("mid") for k in p)
   c = TINY_UNET["base_channels"] * TINY_UNET["channel_multiplier"][-1]
-  extra = 2 * _resblock_params(c, TINY_UNET["emb_channels"]) + _attention_params(
-      c, TINY_UNET["num_heads"])
+  extra = 2 * _resblock_params(c, TINY_UNET["emb_channels"]) + _unet_attention_params(c)
   assert count_params(p) - count_params(param_shapes(with_mid.clone(middle_block=False), 16)) \
       == extra
 
@@ -180,3 +190,74 @@ def test_flops_count_the_middle_block_and_the_shared_projection():
   literal = UViT(**TINY_UVIT)
   assert forward_flops(literal, 16) - forward_flops(literal.clone(shared_modulation=True), 16) \
       == (n - 1) * 2 * e * 8 * c
+
+
+def _group_norm(x: np.ndarray, groups: int, scale, bias, eps=1e-5) -> np.ndarray:
+  b, h, w, c = x.shape
+  g = x.reshape(b, h * w, groups, c // groups).astype(np.float64)
+  mean = g.mean(axis=(1, 3), keepdims=True)
+  var = g.var(axis=(1, 3), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+
+
+def test_unet_attention_is_the_lineages_attnblock():
+  """U-Net attention = the lineage's AttnBlock (diffusion_distillation unet.py, ADM): GroupNorm
+  with bias, q / k / v projections without q / k normalisation, softmax(q k^T / sqrt d) v, output
+  projection, residual. Checked against a numpy forward pass with the module's own parameters."""
+  b, hw, c, heads = 2, 4, 64, 2
+  x = jax.random.normal(jax.random.key(0), (b, hw, hw, c)) * 3.0 + 1.0
+  m = SpatialAttention(num_heads=heads)
+  p = random_params(m, x)
+  assert set(p) == {"norm", "attn"} and set(p["norm"]) == {"scale", "bias"}
+  assert set(p["attn"]) == {"query", "key", "value", "out"}        # no q / k norms
+  y = np.asarray(jax.jit(m.apply)({"params": p}, x), np.float64)
+  n = {k: jax.tree.map(lambda a: np.asarray(a, np.float64), v) for k, v in p.items()}
+  xn = np.asarray(x, np.float64)
+  h = _group_norm(xn, 32, n["norm"]["scale"], n["norm"]["bias"]).reshape(b, hw * hw, c)
+  proj = lambda w: np.einsum("btc,chd->bthd", h, w["kernel"]) + w["bias"]
+  q, k, v = proj(n["attn"]["query"]), proj(n["attn"]["key"]), proj(n["attn"]["value"])
+  logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(c // heads)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  o = np.einsum("bhts,bshd->bthd", w, v)
+  out = np.einsum("bthd,hdc->btc", o, n["attn"]["out"]["kernel"]) + n["attn"]["out"]["bias"]
+  want = xn + out.reshape(b, hw, hw, c)
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+  # The U-Net's attention layers are this block (parameter tree of a whole model).
+  pu = param_shapes(UNet(**TINY_UNET), 16)
+  assert set(pu["mid_attn"]) == {"norm", "attn"} and "norm_q" not in pu["mid_attn"]["attn"]
+
+
+def test_uvit_attention_only_level_gets_a_learned_position_embedding():
+  """A conv level whose ResBlocks are replaced by transformer blocks (attn_resolutions, the text-
+  to-image model's 32x32 level) gets a learned position embedding where its tokens enter the
+  first block, as the transformer's 16x16 tokens do; the up path gets none of its own."""
+  model = UViT(**TINY_UVIT, attn_resolutions=(8,))    # levels 16, 8, 4; transformer at 2x2
+  z = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  logsnr = jnp.array([-1.0, 3.0])
+  p = random_params(model, z, logsnr)
+  c = TINY_UVIT["base_channels"] * TINY_UVIT["channel_multiplier"][1]
+  assert p["down1_pos_emb"].shape == (8 * 8, c) and p["pos_emb"].shape == (2 * 2, 4 * 8)
+  assert not any(k.endswith("pos_emb") for k in p if k not in ("down1_pos_emb", "pos_emb"))
+  init = jax.eval_shape(model.init, jax.random.key(0), z, logsnr)["params"]["down1_pos_emb"]
+  assert init.dtype == jnp.float32
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    name = context.module.name
+    if isinstance(context.module, Downsample) and name == "down0_resample":
+      seen["resampled"] = out
+    if isinstance(context.module, SpatialTransformerBlock) and name == "down1_block0":
+      seen["block_input"] = args[0]
+    return out
+
+  with nn.intercept_methods(record):
+    model.apply({"params": p}, z, logsnr)
+  want = seen["resampled"] + p["down1_pos_emb"].reshape(1, 8, 8, c)
+  np.testing.assert_allclose(np.asarray(seen["block_input"]), np.asarray(want), rtol=1e-6,
+                             atol=1e-6)
+  # The embedding reaches the output (its gradient is not zero).
+  g = jax.grad(lambda e: jnp.sum(model.apply({"params": {**p, "down1_pos_emb": e}}, z,
+                                             logsnr) ** 2))(p["down1_pos_emb"])
+  assert float(jnp.abs(g).max()) > 0

@@ -3,6 +3,9 @@
 Counts 2 x multiply-accumulates of every convolution, dense layer and attention matmul (q k^T and
 attention x v); normalisation, activations, the DWT and other elementwise work are not counted
 (the usual MFU convention). A training step costs 3x the forward pass (forward + backward).
+Counts are of the model's function, not of an implementation: up-sampling counts its nearest x2
+then 3x3 conv (9 taps per output pixel) also where ``upsample_impl='transposed'`` computes the
+same map with 4 (layers.Upsample; at the benchmark shape 3.7% of the forward FLOPs are not done).
 
 The count is analytic (no JAX); tests/test_models_flops.py checks it against a count of the traced
 jaxpr (tests/jaxpr_flops.py) and XLA's cost analysis.

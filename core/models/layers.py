@@ -16,7 +16,8 @@ Choices where the paper is silent (stated here, pinned by tests/test_models.py):
   decided by its resolution: :func:`dropout_rate` (Sec. 3.4, Table 3).
 * Downsample = 2x2 average pooling followed by a 3x3 convolution to the next level's channels
   ("downsampling ... in our case with average pooling", Sec. 3.1); Upsample = nearest-neighbour 2x
-  followed by a 3x3 convolution.
+  followed by a 3x3 convolution (on accelerators computed as the equal transposed convolution
+  with a folded kernel: ``upsample_impl``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from core.errors import UserError
 
@@ -58,6 +60,35 @@ def dropout_rate(resolution: int, dropout: float, dropout_from_resolution: int |
   if dropout_from_resolution is None or dropout <= 0.0:
     return 0.0
   return float(dropout) if resolution <= dropout_from_resolution else 0.0
+
+
+DROPOUT_MASK = "dropout_mask"   # checkpoint_name of every dropout mask (remat policies keep it)
+CONV_OUTPUT = "conv_output"     # checkpoint_name of a ResBlock's convolution outputs
+
+
+class Dropout(nn.Dropout):
+  """flax's nn.Dropout (same random stream and outputs) whose mask is named :data:`DROPOUT_MASK`.
+
+  A rematerialisation policy can then keep the mask (one byte per element) instead of drawing
+  its random bits again in the backward pass (transformer.py, remat_policy='minimal').
+  """
+
+  @nn.compact
+  def __call__(self, inputs, deterministic: bool | None = None, rng=None):
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    keep_prob = 1.0 - self.rate
+    if rng is None:
+      rng = self.make_rng(self.rng_collection)
+    shape = list(inputs.shape)
+    for dim in self.broadcast_dims:
+      shape[dim] = 1
+    mask = jax.random.bernoulli(rng, p=keep_prob, shape=shape)
+    mask = checkpoint_name(jnp.broadcast_to(mask, inputs.shape), DROPOUT_MASK)
+    return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
 class GroupNorm(nn.Module):
@@ -129,15 +160,16 @@ class ResBlock(nn.Module):
       s = group_norm(skip.shape[-1], self.dtype, name="norm_skip")(skip)
       h = (h + s) / math.sqrt(2.0)
     h = nn.swish(h)
-    h = conv3x3(self.out_ch, self.dtype, name="conv_in")(h)
+    h = checkpoint_name(conv3x3(self.out_ch, self.dtype, name="conv_in")(h), CONV_OUTPUT)
     emb_out = nn.Dense(2 * self.out_ch, dtype=self.dtype, param_dtype=jnp.float32,
                        name="emb_proj")(emb)[:, None, None, :]
     scale, shift = jnp.split(emb_out, 2, axis=-1)
     h = group_norm(self.out_ch, self.dtype, name="norm_out")(h) * (1.0 + scale) + shift
     h = nn.swish(h)
     if self.dropout > 0.0:
-      h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
-    h = conv3x3(self.out_ch, self.dtype, zero=True, name="conv_out")(h)
+      h = Dropout(self.dropout, deterministic=self.deterministic)(h)
+    h = checkpoint_name(conv3x3(self.out_ch, self.dtype, zero=True, name="conv_out")(h),
+                        CONV_OUTPUT)
     if c_in != self.out_ch:
       x = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32, name="skip_proj")(x)
     return x + h
@@ -154,12 +186,67 @@ class Downsample(nn.Module):
     return conv3x3(self.out_ch, self.dtype, name="conv")(x)
 
 
-class Upsample(nn.Module):
-  """Nearest-neighbour 2x upsampling, then a 3x3 conv to ``out_ch``."""
-  out_ch: int
+UPSAMPLE_IMPLS = ("auto", "nearest", "transposed")
+# Tap t of the folded 4-tap kernel sums these taps of the 3x3 one (see Upsample).
+_FOLD = ((1.0, 0.0, 0.0), (1.0, 1.0, 0.0), (0.0, 1.0, 1.0), (0.0, 0.0, 1.0))
+
+
+def upsample_impl(impl: str) -> str:
+  """'auto' -> 'nearest' on the CPU, 'transposed' elsewhere; UserError for an unknown name."""
+  if impl not in UPSAMPLE_IMPLS:
+    raise UserError(f"upsample_impl={impl!r} is unknown; use one of {', '.join(UPSAMPLE_IMPLS)}")
+  if impl == "auto":
+    return "nearest" if jax.default_backend() == "cpu" else "transposed"
+  return impl
+
+
+def fold_upsample_kernel(kernel: jax.Array) -> jax.Array:
+  """[3, 3, in, out] kernel of "nearest x2, then 3x3 conv" -> the [4, 4, in, out] kernel of the
+  same map as a stride-2 transposed convolution: W = F K F^T per channel pair, F = _FOLD."""
+  fold = jnp.asarray(_FOLD, kernel.dtype)
+  return jnp.einsum("ty,xz,yzio->txio", fold, fold, kernel)
+
+
+class _FoldedUpsampleConv(nn.Module):
+  """The 3x3 conv after a nearest x2 upsampling, computed as one transposed convolution.
+
+  Output pixel (2i + a, 2j + b) of "repeat, then 3x3 SAME conv" reads input rows i - 1, i (a = 0)
+  or i, i + 1 (a = 1) with the 3x3 kernel's rows summed as in _FOLD; a convolution of the input
+  dilated by 2 (lhs_dilation, zeros between pixels) with the folded 4x4 kernel and padding 2 is
+  that map. Parameters are nn.Conv's (kernel [3, 3, in, out], bias; same names and initialisers),
+  so checkpoints of either implementation load in the other.
+  """
+  features: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    w = fold_upsample_kernel(kernel).astype(self.dtype)
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), w, (1, 1), ((2, 2), (2, 2)),
+                                     lhs_dilation=(2, 2),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias.astype(self.dtype)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour 2x upsampling, then a 3x3 conv to ``out_ch``.
+
+  ``impl`` (UPSAMPLE_IMPLS) only changes how it is computed: 'nearest' materialises the 4x input
+  and convolves it (9 taps per output pixel); 'transposed' is the same function as one transposed
+  convolution with a folded kernel (4 non-zero taps per output pixel, no 4x input; equal to float
+  rounding). 'auto' picks 'transposed' on accelerators and 'nearest' on the CPU, where XLA runs
+  the transposed form's kernel gradient on a slow generic path.
+  """
+  out_ch: int
+  dtype: Any = jnp.float32
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if upsample_impl(self.impl) == "transposed":
+      return _FoldedUpsampleConv(self.out_ch, self.dtype, name="conv")(x)
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     return conv3x3(self.out_ch, self.dtype, name="conv")(x)

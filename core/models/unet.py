@@ -18,9 +18,20 @@ Layout (choices where B.1 is silent are marked *, pinned by tests/test_models.py
   code lineage (google-research diffusion_distillation unet.py, and ADM / VDM before it). B.1 and
   Table 4 count the blocks of each level ("a+b"), which the lineage's num_res_blocks also counts
   without the middle block. ``middle_block=False`` drops it.
+* Attention layers* (SpatialAttention) are the lineage's (ADM's AttentionBlock, the AttnBlock of
+  diffusion_distillation unet.py): GroupNorm of the input, q, k, v projections without q / k
+  normalisation, zero-initialised output projection, residual. The U-ViT's attention (B.2.1:
+  LayerNorm without bias, LayerNorm on q and k) is the U-ViT's; B.1 does not describe the U-Net's.
 * logSNR input: 'linear' over the (shifted) schedule's range by default* (conditioning.py).
 * PatchOut: GroupNorm, swish, zero-init conv (transposed conv for conv patching), inverse DWT.
 Dropout: ResBlocks at resolutions <= dropout_from_resolution use ``dropout`` (Sec. 3.4).
+Compilation (not maths): ``scan_blocks=True`` runs each level's identical blocks as one nn.scan
+(params['down3_blocks']['block'] stacked [n, ...] instead of params['down3_block<j>']),
+so XLA compiles one block per level and path, not 56 (the paper configurations gin/models/unet_*
+turn it on; the demo and smoke scales stay unrolled, which steps faster on the CPU).
+Memory (not maths): ``remat=True`` recomputes every block in the backward pass; ``remat_policy``
+('none' | 'minimal' | 'full', transformer.checkpoint_policy) sets what the blocks keep ('minimal':
+convolution and projection outputs and dropout masks; None: 'full' with remat, else 'none').
 Returns the v prediction in float32 (compute in ``dtype``, parameters in float32).
 """
 from __future__ import annotations
@@ -34,14 +45,19 @@ import jax.numpy as jnp
 
 from core.errors import UserError
 from core.models.conditioning import Conditioning
-from core.models.layers import Downsample, ResBlock, Upsample, compute_dtype, dropout_rate
+from core.models.layers import (Downsample, ResBlock, Upsample, compute_dtype, dropout_rate,
+                                group_norm)
 from core.models.patching import PatchIn, PatchOut
-from core.models.transformer import Attention
+from core.models.transformer import Attention, rematerialised
 from core.models.validate import level_resolutions, validate
 
 
 class SpatialAttention(nn.Module):
-  """x + Attention(x) on the flattened H*W tokens of a feature map (U-Net attention layers)."""
+  """x + attention(GroupNorm(x)) over the H*W positions of a feature map (the lineage's AttnBlock).
+
+  GroupNorm (scale and bias, the ResBlocks' groups), then q, k, v projections without q / k
+  normalisation, softmax(q k^T / sqrt(head_dim)) v, a zero-initialised output projection.
+  """
   num_heads: int
   dtype: Any = jnp.float32
   attention_impl: str = "auto"
@@ -49,9 +65,31 @@ class SpatialAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    t = x.reshape(b, h * w, c)
-    t = t + Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(t)
-    return t.reshape(b, h, w, c)
+    t = group_norm(c, self.dtype, name="norm")(x).reshape(b, h * w, c)
+    t = Attention(self.num_heads, self.dtype, self.attention_impl, input_norm=False,
+                  qk_norm=False, name="attn")(t)
+    return x + t.reshape(b, h, w, c)
+
+
+class _LevelBody(nn.Module):
+  """One of a level's identical blocks, ResBlock [+ attention], as the body of an nn.scan
+  (UNet.scan_blocks): (h, emb, skip) -> (h, h if keep else None)."""
+  out_ch: int
+  dropout: float
+  deterministic: bool
+  dtype: Any
+  attention: bool
+  num_heads: int
+  attention_impl: str
+  keep: bool
+
+  @nn.compact
+  def __call__(self, h, emb, skip):
+    h = ResBlock(self.out_ch, self.dropout, self.deterministic, self.dtype, name="block")(
+        h, emb, skip)
+    if self.attention:
+      h = SpatialAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(h)
+    return h, (h if self.keep else None)
 
 
 @gin.configurable("UNet")
@@ -72,7 +110,10 @@ class UNet(nn.Module):
   dtype: str = "float32"
   remat: bool = False
   attention_impl: str = "auto"
+  upsample_impl: str = "auto"
   middle_block: bool = True
+  scan_blocks: bool = False
+  remat_policy: str | None = None
 
   @nn.compact
   def __call__(self, z: jax.Array, logsnr: jax.Array, label: jax.Array | None = None,
@@ -89,8 +130,9 @@ class UNet(nn.Module):
     widths = [self.base_channels * m for m in self.channel_multiplier]
     attn = set(int(r) for r in self.attn_resolutions)
     det = not train
-    block_cls = nn.remat(ResBlock) if self.remat else ResBlock
-    attn_cls = nn.remat(SpatialAttention) if self.remat else SpatialAttention
+    policy = self.remat_policy or ("full" if self.remat else "none")
+    block_cls = rematerialised(ResBlock, policy)
+    attn_cls = rematerialised(SpatialAttention, policy)
 
     cond = Conditioning(self.emb_channels, self.base_channels, self.logsnr_input_type,
                         tuple(self.logsnr_range), self.num_classes, dt, name="cond")
@@ -104,11 +146,28 @@ class UNet(nn.Module):
         h = attn_cls(self.num_heads, dt, self.attention_impl, name=name + "_attn")(h)
       return h
 
+    def level(i, name, h, skips=None):
+      """nn.scan over the level's blocks, parameters stacked: params[name]['block' | 'attn'].
+
+      Down path: returns (h, [every block's output]); up path: block k merges skips[k]."""
+      body = rematerialised(_LevelBody, policy, prevent_cse=False)
+      scan = nn.scan(body, variable_axes={"params": 0},
+                     split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, 0),
+                     length=len(skips) if skips else self.num_res_blocks[i])
+      rate = dropout_rate(res[i], self.dropout, self.dropout_from_resolution)
+      h, ys = scan(widths[i], rate, det, dt, res[i] in attn, self.num_heads, self.attention_impl,
+                   keep=skips is None, name=name)(h, emb, None if skips is None else
+                                                  jnp.stack(skips))
+      return h, ([] if ys is None else list(ys))
+
     n = len(widths)
     hs = []
     for i in range(n):
       hs.append(h)
-      for j in range(self.num_res_blocks[i]):
+      if self.scan_blocks and self.num_res_blocks[i]:
+        h, outs = level(i, f"down{i}_blocks", h)
+        hs.extend(outs)
+      for j in range(0 if self.scan_blocks else self.num_res_blocks[i]):
         h = block(i, f"down{i}_block{j}", h)
         hs.append(h)
       if i < n - 1:
@@ -120,7 +179,11 @@ class UNet(nn.Module):
       h = block_cls(widths[-1], rate, det, dt, name="mid_block1")(h, emb)
     for i in reversed(range(n)):
       if i < n - 1:
-        h = Upsample(widths[i], dt, name=f"up{i}_resample")(h)
+        h = Upsample(widths[i], dt, self.upsample_impl, name=f"up{i}_resample")(h)
+      if self.scan_blocks:
+        skips = [hs.pop() for _ in range(self.num_res_blocks[i] + 1)]
+        h, _ = level(i, f"up{i}_blocks", h, skips)
+        continue
       for j in range(self.num_res_blocks[i] + 1):
         h = block(i, f"up{i}_block{j}", h, skip=hs.pop())
     assert not hs

@@ -25,7 +25,11 @@ block. "We also replaced convolutional layers with self-attention at the 32 reso
 maps": conv levels whose resolution is in ``attn_resolutions`` use transformer blocks (MLP block
 + self-attention [+ cross-attention]) instead of ResBlocks, keeping the U-Net skip connections (the
 skip enters the MLP block's normalised input like a ResBlock's, (LN(x) + LN(skip)) / sqrt 2), in
-line with Sec. 3.5: MLP blocks replace convolutions where self-attention is used.
+line with Sec. 3.5: MLP blocks replace convolutions where self-attention is used. Such a level has
+no convolution to tell its tokens apart by position, so, as where the 16x16 tokens enter the
+transformer, a learned position embedding (``down{i}_pos_emb``, [H*W, C], normal(0.01)) is added
+where its down path starts; the up path's blocks get positions from its skips and from the
+transformer's residual stream (the paper is silent; README choices table).
 The text mask ([B, T] bool, True on real tokens) keeps padding out of the cross-attention, and
 an all-False mask (the null text of guidance) removes the cross-attention update (transformer.py).
 portrait_conditioning=True adds the 'portrait mode' flag of the 384x640 model (Sec. 5) to the
@@ -33,6 +37,9 @@ conditioning vector (conditioning.py). Feature maps may be non-square (H x W, e.
 tokens at the transformer after dwt_1 and three downsamplings).
 Dropout: ResBlocks / MLP blocks at resolutions <= dropout_from_resolution use ``dropout``; the
 middle transformer uses ``transformer_dropout`` (B.2: 0.2).
+Memory (not maths): ``remat=True`` recomputes every block's activations in the backward pass;
+``remat_policy`` ('none' | 'minimal' | 'full', transformer.py) sets what the transformer blocks
+keep, whatever ``remat`` says of the ResBlocks (None: 'full' with remat, else 'none').
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ from core.errors import UserError
 from core.models.conditioning import Conditioning, TextProjection
 from core.models.layers import Downsample, ResBlock, Upsample, compute_dtype, dropout_rate
 from core.models.patching import PatchIn, PatchOut
-from core.models.transformer import TransformerBlock, TransformerStack
+from core.models.transformer import TransformerBlock, TransformerStack, rematerialised
 from core.models.validate import level_resolutions, validate
 
 
@@ -91,8 +98,10 @@ class UViT(nn.Module):
   logsnr_range: Sequence[float] = (-15.0, 15.0)
   dtype: str = "float32"
   remat: bool = False
+  remat_policy: str | None = None
   scan: bool = True
   attention_impl: str = "auto"
+  upsample_impl: str = "auto"
   shared_modulation: bool = False
   portrait_conditioning: bool = False
 
@@ -120,8 +129,9 @@ class UViT(nn.Module):
     emb = cond(logsnr, label, b, portrait)
     text = (TextProjection(self.text_channels, dt, name="text_proj")(text_emb.astype(dt))
             if cross else None)
+    policy = self.remat_policy or ("full" if self.remat else "none")
     res_cls = nn.remat(ResBlock) if self.remat else ResBlock
-    tf_cls = nn.remat(SpatialTransformerBlock) if self.remat else SpatialTransformerBlock
+    tf_cls = rematerialised(SpatialTransformerBlock, policy)
 
     def block(i, name, h, skip=None):
       rate = dropout_rate(res[i], self.dropout, self.dropout_from_resolution)
@@ -130,28 +140,35 @@ class UViT(nn.Module):
             h, emb, text, skip, text_mask if cross else None)
       return res_cls(widths[i], rate, det, dt, name=name)(h, emb, skip)
 
+    def add_positions(name, h):
+      """h + a learned position embedding [H*W, C] (normal(0.01)), as at the transformer."""
+      _, hh, ww, c = h.shape
+      pos = self.param(name, nn.initializers.normal(0.01), (hh * ww, c), jnp.float32)
+      return h + pos.astype(dt).reshape(1, hh, ww, c)
+
     h = PatchIn(self.patching_type, widths[0], dt, name="patch_in")(z.astype(dt))
     levels = len(self.num_res_blocks)
     hs = []
     for i in range(levels):
+      if res[i] in attn and self.num_res_blocks[i]:
+        h = add_positions(f"down{i}_pos_emb", h)
       for j in range(self.num_res_blocks[i]):
         h = block(i, f"down{i}_block{j}", h)
         hs.append(h)
       h = Downsample(widths[i + 1], dt, name=f"down{i}_resample")(h)
 
+    h = add_positions("pos_emb", h)
     _, th, tw, tc = h.shape
     tokens = h.reshape(b, th * tw, tc)
-    pos = self.param("pos_emb", nn.initializers.normal(0.01), (th * tw, tc), jnp.float32)
-    tokens = tokens + pos.astype(dt)[None]
     tokens = TransformerStack(self.num_transformer_blocks, self.num_heads,
                               self.transformer_dropout, cross, det, dt, self.attention_impl,
-                              scan=self.scan, remat=self.remat,
+                              scan=self.scan, remat_policy=policy,
                               shared_modulation=self.shared_modulation, name="transformer")(
                                   tokens, emb, text, text_mask if cross else None)
     h = tokens.reshape(b, th, tw, tc)
 
     for i in reversed(range(levels)):
-      h = Upsample(widths[i], dt, name=f"up{i}_resample")(h)
+      h = Upsample(widths[i], dt, self.upsample_impl, name=f"up{i}_resample")(h)
       for j in range(self.num_res_blocks[i]):
         h = block(i, f"up{i}_block{j}", h, skip=hs.pop())
     assert not hs

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 
 from core.errors import UserError
 from core.models.conditioning import LOGSNR_INPUT_TYPES
-from core.models.layers import compute_dtype
+from core.models.layers import UPSAMPLE_IMPLS, compute_dtype
 from core.models.patching import parse_patching
-from core.models.transformer import ATTENTION_IMPLS
+from core.models.transformer import ATTENTION_IMPLS, REMAT_POLICIES
 
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -58,6 +58,13 @@ def validate(model: Any, image_size: int | Sequence[int], image_channels: int = 
   if model.attention_impl not in ATTENTION_IMPLS:
     raise UserError(f"{arch}.attention_impl={model.attention_impl!r} is unknown; use one of "
                     f"{', '.join(ATTENTION_IMPLS)}")
+  policy = getattr(model, "remat_policy", None)
+  if policy is not None and policy not in REMAT_POLICIES:
+    raise UserError(f"{arch}.remat_policy={policy!r} is unknown; use one of "
+                    f"{', '.join(REMAT_POLICIES)} (or None: 'full' if remat else 'none')")
+  if getattr(model, "upsample_impl", "auto") not in UPSAMPLE_IMPLS:
+    raise UserError(f"{arch}.upsample_impl={model.upsample_impl!r} is unknown; use one of "
+                    f"{', '.join(UPSAMPLE_IMPLS)}")
   lo, hi = (float(v) for v in model.logsnr_range)
   if not lo < hi:
     raise UserError(f"{arch}.logsnr_range={tuple(model.logsnr_range)} must be (min, max) with "
