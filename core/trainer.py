@@ -50,7 +50,12 @@ PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 class TrainConfig:
   """Everything about a run that is not the model or the schedule (appendix B values in gin/)."""
   image_size: int | tuple[int, int] = 32   # or (height, width), e.g. (384, 640) (section 5)
-  batch_size: int = 32
+  batch_size: int = 32                # images per optimizer step (the paper's batch size)
+  # Gradient accumulation: each step's batch in grad_accum micro-batches of batch_size / grad_accum
+  # images, one after another, then one update: the paper's batch of 512 or 2048 in the memory of
+  # a micro-batch. The update is the whole batch's (to float rounding; every example's noise,
+  # dropout and condition drop are drawn from its own key, see train_step).
+  grad_accum: int = 1
   num_steps: int = 1000
   learning_rate: float = 1e-4
   warmup_steps: int = 10_000
@@ -80,18 +85,23 @@ class TrainConfig:
   # The random-number generator of each step's noise, dropout and condition drop: JAX's default
   # threefry2x32 (as the authors' vdm code), or rbg / unsafe_rbg, cheaper on accelerators with
   # other random numbers (the same speed-for-bits trade the big JAX trainers make for dropout).
+  # rbg / unsafe_rbg draw a vmapped batch's bits from its first key (jax.lax.rng_bit_generator),
+  # so with them a grad_accum > 1 changes the draws (not their distribution); threefry does not.
   prng_impl: str = "threefry2x32"
 
   def __post_init__(self):
     if min(self.hw) < 1:
       raise UserError(f"Train.image_size={self.image_size} must be at least 1 (an int or (H, W))")
-    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every",
+    for name in ("batch_size", "grad_accum", "num_steps", "log_every", "checkpoint_every",
                  "keep_checkpoints", "num_sample_images", "sample_steps", "max_nonfinite_in_a_row"):
       if getattr(self, name) < 1:
         raise UserError(f"Train.{name}={getattr(self, name)} must be at least 1")
     for name in ("warmup_steps", "sample_every", "num_workers"):
       if getattr(self, name) < 0:
         raise UserError(f"Train.{name}={getattr(self, name)} must not be negative")
+    if self.batch_size % self.grad_accum:
+      raise UserError(f"Train.batch_size={self.batch_size} is not divisible by "
+                      f"Train.grad_accum={self.grad_accum}; the micro-batches must be equal")
     if not self.learning_rate > 0:
       raise UserError(f"Train.learning_rate={self.learning_rate} must be positive")
     if self.prng_impl not in PRNG_IMPLS:
@@ -167,30 +177,49 @@ def init_state(model, tx, cfg: TrainConfig, rng: jax.Array, num_classes: int) ->
 
 
 def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_classes: int):
-  """One optimisation step; a non-finite loss or gradient leaves the state unchanged but counted."""
+  """One optimisation step; a non-finite loss or gradient leaves the state unchanged but counted.
+
+  Every example draws its t, eps, dropout and condition drop from its own key,
+  ``fold_in(step key, its index in the step's global batch)``, through a per-example (vmapped)
+  loss: the draws do not depend on how the batch is split, so ``cfg.grad_accum`` micro-batches
+  (examples j, j + k, j + 2k, ... in micro-batch j: every device keeps its share of each) sum to
+  the gradient of the whole batch.
+  """
   step_rng = jax.random.fold_in(jax.random.key(cfg.seed, impl=cfg.prng_impl), state["step"])
-  loss_rng, drop_rng, cond_rng = jax.random.split(step_rng, 3)
-  x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-  # Classifier-free guidance: drop the conditioning of cond_drop_prob of the examples (appendix A);
-  # a dropped class is the null class num_classes, a dropped text is the null text (null_text).
-  drop = jax.random.bernoulli(cond_rng, cfg.cond_drop_prob, (x.shape[0],))
-  label = None
+  n = batch["image"].shape[0]
+  inputs = {"x": batch["image"].astype(jnp.float32) / 127.5 - 1.0,
+            "key": jax.vmap(jax.random.fold_in, (None, 0))(step_rng, jnp.arange(n))}
   if num_classes:
-    label = jnp.where(drop, num_classes, batch["label"].astype(jnp.int32))
-  text_emb, extra = None, extra_conditioning(model, batch)
+    inputs["label"] = batch["label"].astype(jnp.int32)
   if "text_emb" in batch:
-    text_emb, mask = null_text(batch["text_emb"], extra.get("text_mask"), drop)
-    if mask is not None:
-      extra["text_mask"] = mask
+    inputs["text_emb"] = batch["text_emb"]
+  inputs.update(extra_conditioning(model, batch))
+  example_loss = functools.partial(_example_loss, model=model, logsnr_fn=logsnr_fn, cfg=cfg,
+                                   num_classes=num_classes)
 
-  def loss_fn(params):
-    def v_fn(z, logsnr):
-      return model.apply({"params": params}, z, logsnr, label=label, text_emb=text_emb, train=True,
-                         rngs={"dropout": drop_rng}, **extra)
-    # The loss type (eps-MSE, v-MSE, multiscale) is gin-configured on diffusion_loss.
-    return diffusion.diffusion_loss(v_fn, x, loss_rng, logsnr_fn=logsnr_fn)
+  def micro_batch_sums(params, micro):
+    """(sum of the micro-batch's per-example losses, sums of its per-scale terms)."""
+    losses, terms = jax.vmap(example_loss, (None, 0))(params, micro)
+    return jnp.sum(losses), jax.tree.map(jnp.sum, terms)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  grad_fn = jax.value_and_grad(micro_batch_sums, has_aux=True)
+  k = cfg.grad_accum
+  if k == 1:
+    (loss_sum, term_sums), grad_sum = grad_fn(state["params"], inputs)
+  else:
+    # [n, ...] -> [k, n / k, ...]: micro-batch j holds examples j, j + k, ... (strided, so that the
+    # batch's split over devices splits every micro-batch the same way).
+    split = lambda a: jnp.swapaxes(a.reshape(n // k, k, *a.shape[1:]), 0, 1)
+
+    def accumulate(grad_sum, micro):
+      (loss, terms), grads = grad_fn(state["params"], micro)
+      return jax.tree.map(jnp.add, grad_sum, grads), (loss, terms)
+
+    grad_sum, (losses, terms) = jax.lax.scan(
+        accumulate, jax.tree.map(jnp.zeros_like, state["params"]), jax.tree.map(split, inputs))
+    loss_sum, term_sums = jnp.sum(losses), jax.tree.map(jnp.sum, terms)
+  loss = loss_sum / n
+  grads = jax.tree.map(lambda g: g / n, grad_sum)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -207,8 +236,31 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
       "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
   }
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
-  metrics.update({k: v for k, v in aux.items() if k.startswith("loss_") and jnp.ndim(v) == 0})
+  metrics.update({name: total / n for name, total in term_sums.items()})
   return new_state, metrics
+
+
+def _example_loss(params, example, *, model, logsnr_fn, cfg: TrainConfig, num_classes: int):
+  """One example's loss and per-scale terms, every random number from ``example['key']``."""
+  noise_rng, dropout_rng, cond_rng = jax.random.split(example["key"], 3)
+  one = {name: a[None] for name, a in example.items() if name != "key"}  # a batch of one
+  # Classifier-free guidance: drop the conditioning of cond_drop_prob of the examples (appendix A);
+  # a dropped class is the null class num_classes, a dropped text is the null text (null_text).
+  drop = jax.random.bernoulli(cond_rng, cfg.cond_drop_prob, (1,))
+  label = jnp.where(drop, num_classes, one["label"]) if num_classes else None
+  text_emb, extra = None, {k: one[k] for k in ("text_mask", "portrait") if k in one}
+  if "text_emb" in one:
+    text_emb, mask = null_text(one["text_emb"], extra.get("text_mask"), drop)
+    if mask is not None:
+      extra["text_mask"] = mask
+
+  def v_fn(z, logsnr):
+    return model.apply({"params": params}, z, logsnr, label=label, text_emb=text_emb, train=True,
+                       rngs={"dropout": dropout_rng}, **extra)
+
+  # The loss type (eps-MSE, v-MSE, multiscale) is gin-configured on diffusion_loss.
+  loss, aux = diffusion.diffusion_loss(v_fn, one["x"], noise_rng, logsnr_fn=logsnr_fn)
+  return loss, {name: v[0] for name, v in aux.items() if name.startswith("loss_s")}
 
 
 def null_text(text_emb, text_mask, drop):
@@ -375,6 +427,11 @@ def _train(workdir: str, cfg: TrainConfig, model, logsnr_fn, stop_at_step: int |
 
   mesh = shd.make_mesh()
   shd.check_batch_size(mesh, cfg.batch_size)
+  micro = cfg.batch_size // cfg.grad_accum
+  if micro % mesh.devices.size:
+    raise UserError(f"Train.batch_size / Train.grad_accum = {micro} images per micro-batch is not "
+                    f"divisible by the {mesh.devices.size} devices; choose a grad_accum that "
+                    f"leaves a multiple of {mesh.devices.size}")
   tx = make_optimizer(cfg)
   abstract, state_sharding = abstract_state(model, tx, cfg, num_classes, mesh)
   step_fn = jit_train_step(model, tx, logsnr_fn, cfg, num_classes, mesh, state_sharding)
