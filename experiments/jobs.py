@@ -1,8 +1,14 @@
 """A registry job at a scale -> the exact ``core.train`` and ``eval.worker`` arguments, its
 ``job.json`` record, whether it is trained, and its model built from those arguments.
+
+A job may carry per-run changes (:func:`with_overrides`: a batch size, gradient accumulation or
+step count other than the row's, e.g. to fit a paper row to one GPU). They are bound after the
+scale's settings, name the run (a changed row never resumes or overwrites the row's own run) and
+are recorded in job.json as ``modified``, which the tables mark.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Sequence
 
@@ -11,6 +17,7 @@ import gin
 from core import checkpoint as ckpt_lib
 from core import config as config_lib
 from core import trainer as train_lib
+from core.errors import UserError
 from core.io import rundir, storage
 from core.models import make_model
 from eval.clip_score import DEFAULT_MODEL as DEFAULT_CLIP
@@ -32,16 +39,68 @@ EVAL = {
 }
 
 
-def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) -> list[str]:
-  """The exact ``python -m core.train`` arguments for a job at a scale."""
-  args = [f"gin_file={f}" for f in job.gin_files]
+# The Train settings a run may change (experiments.run batch_size=, grad_accum=, steps=), with
+# the word that names them in a changed run's name.
+CHANGEABLE = {"batch_size": "batch", "grad_accum": "accum", "num_steps": "steps"}
+# Gin bindings experiments.run passes on to core.train: how a run logs, checkpoints and reads its
+# data, not what it trains (so the run keeps its name and the row is not marked).
+RUN_BINDINGS = ("Train.log_every", "Train.checkpoint_every", "Train.keep_checkpoints",
+                "Train.sample_every", "Train.num_workers")
+
+
+def _bindings(job: registry.Job, scale: str, data_dir: str | None = None) -> list[str]:
   binds = list(job.bindings) + scales.scale_bindings(job.gin_files, job.bindings, job.arch,
                                                      job.resolution, scale)
   if data_dir:
     binds.append(f"Train.data_dir = '{data_dir.replace('{res}', str(job.resolution))}'")
-  args += [b.replace(" ", "") for b in binds]
+  return binds + list(job.overrides)
+
+
+def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) -> list[str]:
+  """The exact ``python -m core.train`` arguments for a job at a scale."""
+  args = [f"gin_file={f}" for f in job.gin_files]
+  args += [b.replace(" ", "") for b in _bindings(job, scale, data_dir)]
   args.append(f"workdir={run_dir}")
   return args
+
+
+def train_settings(job: registry.Job, scale: str) -> dict[str, int]:
+  """The run's :data:`CHANGEABLE` Train settings at ``scale``, as gin resolves them."""
+  with config_lib.scratch():
+    config_lib.parse(list(job.gin_files), _bindings(job, scale))
+    cfg = train_lib.TrainConfig()  # checks them (e.g. grad_accum divides batch_size)
+  return {name: getattr(cfg, name) for name in CHANGEABLE}
+
+
+def with_overrides(job: registry.Job, scale: str, *, batch_size: int | None = None,
+                   grad_accum: int | None = None, steps: int | None = None,
+                   bindings: Sequence[str] = ()) -> registry.Job:
+  """``job`` with per-run changes: ``batch_size`` images per step, each step in ``grad_accum``
+  micro-batches, ``steps`` steps (a row that trains a fraction of its model's steps keeps it), and
+  :data:`RUN_BINDINGS`. A change names the run (``<row's run>-batch64-accum8``); a value equal to
+  the row's is no change."""
+  for b in bindings:
+    if b.split("=", 1)[0].strip() not in RUN_BINDINGS:
+      raise UserError(f"experiments.run takes only the gin bindings {', '.join(RUN_BINDINGS)} "
+                      f"(got {b!r}); rows define their configuration (experiments/registry.py), "
+                      f"and batch_size=, grad_accum= and steps= change their training")
+  row = train_settings(job, scale)
+  want = {"batch_size": batch_size, "grad_accum": grad_accum,
+          "num_steps": None if steps is None else max(1, round(steps * job.steps_fraction))}
+  changes = {k: v for k, v in want.items() if v is not None and v != row[k]}
+  changed = dataclasses.replace(
+      job, name=job.name + "".join(f"-{CHANGEABLE[k]}{v}" for k, v in changes.items()),
+      overrides=tuple(f"Train.{k} = {v}" for k, v in changes.items()) + tuple(bindings))
+  train_settings(changed, scale)  # a grad_accum that does not divide the batch fails here
+  return changed
+
+
+def modified(job: registry.Job, scale: str) -> dict[str, list[int]]:
+  """{setting: [the row's value, this run's]} of every :data:`CHANGEABLE` Train setting if the
+  job's overrides change any of them (the tables mark the row), else {}."""
+  run, row = train_settings(job, scale), train_settings(dataclasses.replace(job, overrides=()),
+                                                        scale)
+  return {k: [row[k], run[k]] for k in CHANGEABLE} if run != row else {}
 
 
 def sampler_steps(job: registry.Job, scale: str) -> int:
@@ -76,11 +135,15 @@ def write_job_json(job: registry.Job, scale: str, run_dir: str, args: list[str])
     old = json.loads(storage.read_text(path))
     rows = old.get("rows", []) + [r for r in rows if r not in old.get("rows", [])]
   storage.makedirs(run_dir)
-  storage.write_text(path, json.dumps({
+  record = {
       "run_name": job.name, "scale": scale, "arch": job.arch, "resolution": job.resolution,
       "gin_files": list(job.gin_files), "bindings": list(job.bindings), "train_args": args,
       "rows": rows,
-  }, indent=1))
+  }
+  if job.overrides:  # tables/runs.py reads 'modified'
+    record["overrides"] = list(job.overrides)
+    record["modified"] = modified(job, scale)
+  storage.write_text(path, json.dumps(record, indent=1))
 
 
 def is_trained(run_dir: str) -> bool:

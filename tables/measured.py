@@ -2,9 +2,10 @@
 
 A row's numbers come from the runs whose job.json lists it: at the latest evaluated step (the run
 reaching it first), guidance 1.0 (Table 9: the row's), the last line per metric winning, with
-their std, sample counts and resize mode. Table 8's FID@30K is ``fid_eval`` (appendix C), the best
-over Figure 8's guidance scales, with that scale and its CLIP score. Steps/s is relative to the
-table's reference row. Pinned by tests/test_tables.py.
+their std, sample counts and resize mode. Runs that changed the row's training (job.json's
+``modified``) serve it only where no unchanged run has results, and say so. Table 8's FID@30K is
+``fid_eval`` (appendix C), the best over Figure 8's guidance scales, with that scale and its CLIP
+score. Steps/s is relative to the table's reference row. Pinned by tests/test_tables.py.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ MEASURED_COLUMNS = ("run", "scale", "step", "our_fid_train", "our_fid_train_std"
                     "our_kid_eval_std", "our_is_mean", "our_is_std", "num_samples",
                     "samples_mismatch", "extractor", "resize_mode",
                     "our_steps_per_sec", "our_steps_per_sec_rel", "device", "device_mismatch",
-                    "our_guidance", "our_clip_score")
+                    "our_guidance", "our_clip_score", "modified")
 
 
 def time_seconds(t) -> float:
@@ -54,7 +55,15 @@ def _row_results(runs: Runs, table: str, group: str, row: str) -> pd.DataFrame:
   res = runs.results[runs.results["run"].isin(serving) & runs.results["metric"].isin(METRICS)]
   if table != "8":  # Table 8: every guidance scale (its best FID is shown)
     res = res[_guidance_matches(res["guidance"], paper_lib.guidance_of(table, row))]
-  return res.dropna(subset=["step", "value"])
+  res = res.dropna(subset=["step", "value"])
+  unchanged = res[~res["run"].map(lambda r: bool(_modified(runs, r)))]
+  return unchanged if len(unchanged) else res
+
+
+def _modified(runs: Runs, run: str) -> dict | None:
+  """job.json's ``modified`` of ``run``: None for a run with the row's own training."""
+  m = runs.runs.loc[runs.runs["run"] == run, "modified"]
+  return None if m.empty or not isinstance(m.iloc[0], dict) else m.iloc[0]
 
 
 def _pick(res: pd.DataFrame) -> pd.DataFrame:
@@ -109,6 +118,7 @@ def _measure_row(runs: Runs, table: str, group: str, row: str) -> dict:
   scale = runs.runs.loc[runs.runs["run"] == run, "scale"]
   out["scale"] = None if scale.empty or pd.isna(scale.iloc[0]) else str(scale.iloc[0])
   out["step"] = int(chosen["step"].iloc[0])
+  out["modified"] = _modified(runs, run)
   if best is not None:
     out["our_guidance"], out["our_clip_score"] = best
   return out

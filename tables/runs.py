@@ -3,7 +3,9 @@
 Layout (see the team conventions): ``<workdir>/<run>/job.json`` names the (table, group, row)
 entries a run serves, ``<workdir>/<run>/eval/results.jsonl`` holds one evaluation result per line,
 ``<workdir>/<run>/metrics.jsonl`` the training log and ``<workdir>/throughput.jsonl`` the
-throughput measurements. A directory without job.json is not a run and is skipped.
+throughput measurements. A directory without job.json is not a run and is skipped. A job.json's
+``modified`` ({setting: [the row's value, the run's]}) says that the run changed the row's
+training (experiments.run batch_size=, grad_accum=, steps=).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ THROUGHPUT_COLUMNS = ("table", "group", "row", "steps_per_sec", "img_per_sec", "
 class Runs:
   """What a workdir holds: the runs, the rows each serves and their evaluation results."""
   workdir: str | None
-  runs: pd.DataFrame     # run, path, scale
+  runs: pd.DataFrame     # run, path, scale, modified (job.json's, None if none)
   serves: pd.DataFrame   # run, table, group, row
   results: pd.DataFrame  # run, line, RESULT_COLUMNS
   throughput: pd.DataFrame  # line, THROUGHPUT_COLUMNS
@@ -59,6 +61,11 @@ def _read_job(path: str) -> dict:
   for r in job.get("rows", []):
     if not isinstance(r, dict) or not {"table", "group", "row"} <= set(r):
       raise UserError(f"{path}: every entry of 'rows' needs table, group and row; got {r!r}")
+  modified = job.get("modified") or {}
+  if not isinstance(modified, dict) or not all(
+      isinstance(v, list) and len(v) == 2 for v in modified.values()):
+    raise UserError(f"{path}: 'modified' must map each changed setting to [the row's value, the "
+                    f"run's]; got {modified!r}")
   return job
 
 
@@ -77,7 +84,8 @@ def load(workdir: str | None) -> Runs:
     for path in run_dirs(workdir):
       job = _read_job(rundir.job_path(path))
       name = str(job.get("run_name") or path.rstrip("/").rsplit("/", 1)[-1])
-      runs.append({"run": name, "path": path, "scale": job.get("scale")})
+      runs.append({"run": name, "path": path, "scale": job.get("scale"),
+                   "modified": job.get("modified") or None})
       for r in job.get("rows", []):
         serves.append({"run": name, "table": str(r["table"]), "group": str(r["group"]),
                        "row": str(r["row"])})
@@ -94,7 +102,7 @@ def load(workdir: str | None) -> Runs:
   throughput["table"] = throughput["table"].map(lambda t: None if t is None else str(t))
   return Runs(
       workdir=workdir,
-      runs=_with_columns(pd.DataFrame.from_records(runs), ("run", "path", "scale")),
+      runs=_with_columns(pd.DataFrame.from_records(runs), ("run", "path", "scale", "modified")),
       serves=_with_columns(pd.DataFrame.from_records(serves), ("run", "table", "group", "row")),
       results=results_df,
       throughput=throughput,
