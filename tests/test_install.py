@@ -108,3 +108,13 @@ def test_every_optional_module_names_an_extra_of_pyproject():
   with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
     declared = set(tomllib.load(f)["project"]["optional-dependencies"])
   assert set(extras.EXTRA_OF.values()) <= declared, declared
+
+
+def test_an_unknown_accelerator_is_one_line_before_anything_is_installed(tmp_path):
+  venv = tmp_path / "venv"
+  p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "setup.sh"), str(venv)], cwd=ROOT,
+                     env=dict(os.environ, ACCEL="cuda11"), capture_output=True, text=True,
+                     timeout=60)
+  assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+      "error: ACCEL=cuda11 is not one of cpu, cuda12, tpu (docs/install.md)"], p.stderr
+  assert not venv.exists()
