@@ -3,9 +3,10 @@
 One step (section 2, appendix A): t ~ U(0, 1) per image, ``z_t = alpha_t x + sigma_t eps`` under
 the configured logSNR schedule, the unweighted loss of ``diffusion_loss`` on the predicted v, the
 conditioning dropped 10% of the time for classifier-free guidance; Adam with warmup, clipping and
-an EMA (appendix B). Every random number derives from ``(seed, step)`` and the data iterator is
-checkpointed, so a killed run resumes bit-exactly; SIGTERM checkpoints and exits 75; a non-finite
-step is skipped and counted. The command line is core/train.py.
+an EMA (appendix B); optionally in micro-batches (gradient accumulation). Every random number
+derives from ``(seed, step, example)`` and the data iterator is checkpointed, so a killed run
+resumes bit-exactly; SIGTERM checkpoints and exits 75; a non-finite step is skipped and counted.
+The command line is core/train.py.
 """
 from __future__ import annotations
 
@@ -197,27 +198,25 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
   example_loss = functools.partial(_example_loss, model=model, logsnr_fn=logsnr_fn, cfg=cfg,
                                    num_classes=num_classes)
 
-  def micro_batch_sums(params, micro):
-    """(sum of the micro-batch's per-example losses, sums of its per-scale terms)."""
-    losses, terms = jax.vmap(example_loss, (None, 0))(params, micro)
-    return jnp.sum(losses), jax.tree.map(jnp.sum, terms)
+  def loss_sum_fn(params, micro):  # the sum of the micro-batch's per-example losses
+    return jnp.sum(jax.vmap(example_loss, (None, 0))(params, micro))
 
-  grad_fn = jax.value_and_grad(micro_batch_sums, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_sum_fn)
   k = cfg.grad_accum
   if k == 1:
-    (loss_sum, term_sums), grad_sum = grad_fn(state["params"], inputs)
+    loss_sum, grad_sum = grad_fn(state["params"], inputs)
   else:
     # [n, ...] -> [k, n / k, ...]: micro-batch j holds examples j, j + k, ... (strided, so that the
     # batch's split over devices splits every micro-batch the same way).
     split = lambda a: jnp.swapaxes(a.reshape(n // k, k, *a.shape[1:]), 0, 1)
 
     def accumulate(grad_sum, micro):
-      (loss, terms), grads = grad_fn(state["params"], micro)
-      return jax.tree.map(jnp.add, grad_sum, grads), (loss, terms)
+      loss, grads = grad_fn(state["params"], micro)
+      return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-    grad_sum, (losses, terms) = jax.lax.scan(
+    grad_sum, losses = jax.lax.scan(
         accumulate, jax.tree.map(jnp.zeros_like, state["params"]), jax.tree.map(split, inputs))
-    loss_sum, term_sums = jnp.sum(losses), jax.tree.map(jnp.sum, terms)
+    loss_sum = jnp.sum(losses)
   loss = loss_sum / n
   grads = jax.tree.map(lambda g: g / n, grad_sum)
   grad_norm = optax.tree.norm(grads)
@@ -236,12 +235,11 @@ def train_step(state, batch, *, model, tx, logsnr_fn, cfg: TrainConfig, num_clas
       "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
   }
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
-  metrics.update({name: total / n for name, total in term_sums.items()})
   return new_state, metrics
 
 
 def _example_loss(params, example, *, model, logsnr_fn, cfg: TrainConfig, num_classes: int):
-  """One example's loss and per-scale terms, every random number from ``example['key']``."""
+  """One example's loss, every random number drawn from ``example['key']``."""
   noise_rng, dropout_rng, cond_rng = jax.random.split(example["key"], 3)
   one = {name: a[None] for name, a in example.items() if name != "key"}  # a batch of one
   # Classifier-free guidance: drop the conditioning of cond_drop_prob of the examples (appendix A);
@@ -259,8 +257,7 @@ def _example_loss(params, example, *, model, logsnr_fn, cfg: TrainConfig, num_cl
                        rngs={"dropout": dropout_rng}, **extra)
 
   # The loss type (eps-MSE, v-MSE, multiscale) is gin-configured on diffusion_loss.
-  loss, aux = diffusion.diffusion_loss(v_fn, one["x"], noise_rng, logsnr_fn=logsnr_fn)
-  return loss, {name: v[0] for name, v in aux.items() if name.startswith("loss_s")}
+  return diffusion.diffusion_loss(v_fn, one["x"], noise_rng, logsnr_fn=logsnr_fn)[0]
 
 
 def null_text(text_emb, text_mask, drop):

@@ -108,8 +108,9 @@ def test_per_example_loss_is_the_batched_model():
   example = {"x": jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1.0,
              "label": jnp.asarray(batch["label"]),
              "key": jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(8))}
-  per_example = functools.partial(trainer._example_loss, model=MODEL,  # pylint: disable=protected-access
-                                  logsnr_fn=LOGSNR, cfg=CFG, num_classes=NUM_CLASSES)
+  per_example = functools.partial(
+      trainer._example_loss,  # pylint: disable=protected-access
+      model=MODEL, logsnr_fn=LOGSNR, cfg=CFG, num_classes=NUM_CLASSES)
   vmapped = lambda p: jax.vmap(per_example, (None, 0))(p, example)
   batched = lambda p: MODEL.apply({"params": p}, example["x"], jnp.zeros((8,)),
                                   label=example["label"], train=True,

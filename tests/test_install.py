@@ -78,7 +78,8 @@ from core.data import text_encoder
 from eval import clip_score, inception
 errors = []
 for make in (inception.FeatureExtractor, lambda: clip_score.ClipScore("x"),
-             lambda: text_encoder.TextEncoder("x"), lambda: text_encoder.build_random_t5("x", ["a"])):
+             lambda: text_encoder.TextEncoder("x"),
+             lambda: text_encoder.build_random_t5("x", ["a"])):
   try:
     make()
   except UserError as e:
