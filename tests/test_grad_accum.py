@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -17,11 +18,12 @@ import numpy as np
 import pytest
 
 from core import config as config_lib
+from core import diffusion
 from core import schedules
 from core import trainer
 from core.errors import UserError
 from core.models.unet import UNet
-from tests.jaxpr_flops import jaxpr_flops
+from core.models.uvit import UViT
 
 NUM_CLASSES = 3
 # Dropout on every block and half the labels dropped: draws that would differ if they depended on
@@ -98,42 +100,89 @@ def test_micro_batches_update_like_the_whole_batch(small_groups):
   assert change > CFG.learning_rate
 
 
-def test_per_example_loss_is_the_batched_model():
-  """The per-example (vmapped) loss runs the model as batched ops: the same number of
-  convolutions and matmul FLOPs as one batched forward pass, and no loop over examples."""
-  tx = trainer.make_optimizer(CFG)
-  state = trainer.init_state(MODEL, tx, CFG, jax.random.key(0), num_classes=NUM_CLASSES)
-  batch = _batches(8, 1)[0]
-  step_key = jax.random.key(1)
-  example = {"x": jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1.0,
-             "label": jnp.asarray(batch["label"]),
-             "key": jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(8))}
-  per_example = functools.partial(
-      trainer._example_loss,  # pylint: disable=protected-access
-      model=MODEL, logsnr_fn=LOGSNR, cfg=CFG, num_classes=NUM_CLASSES)
-  vmapped = lambda p: jax.vmap(per_example, (None, 0))(p, example)
-  batched = lambda p: MODEL.apply({"params": p}, example["x"], jnp.zeros((8,)),
-                                  label=example["label"], train=True,
-                                  rngs={"dropout": step_key})
-  assert jaxpr_flops(vmapped, state["params"]) == jaxpr_flops(batched, state["params"]) > 0
+def test_uvit_scanned_blocks_with_dropout_accumulate_like_the_whole_batch(small_groups):
+  """The U-ViT's transformer (nn.scan over rematerialised blocks) with dropout in its MLPs and
+  ResBlocks: one step in 2 micro-batches gives the whole batch's loss, gradient norm and Adam
+  moments. Random weights: at initialisation every dropout sits before a zero-initialised layer,
+  where its masks change nothing yet."""
+  model = UViT(base_channels=16, emb_channels=16, channel_multiplier=(1, 2), num_res_blocks=(1,),
+               num_transformer_blocks=2, num_heads=2, transformer_dropout=0.3, dropout=0.3,
+               dropout_from_resolution=8, attn_resolutions=(), num_classes=NUM_CLASSES,
+               scan=True, remat=True)
+  batch = _batches(4, 1)[0]
+  out = []
+  for k in (1, 2):
+    cfg = dataclasses.replace(CFG, batch_size=4, grad_accum=k)
+    tx = trainer.make_optimizer(cfg)
+    state = trainer.init_state(model, tx, cfg, jax.random.key(0), num_classes=NUM_CLASSES)
+    leaves, tree = jax.tree.flatten(state["params"])
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    state["params"] = jax.tree.unflatten(
+        tree, [0.1 * jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, leaves)])
+    step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, logsnr_fn=LOGSNR,
+                                     cfg=cfg, num_classes=NUM_CLASSES))
+    out.append(jax.device_get(step(state, batch)))
+  (whole, m_whole), (split, m_split) = out
+  np.testing.assert_allclose(m_split["loss"], m_whole["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_split["grad_norm"], m_whole["grad_norm"], rtol=1e-5)
+  flat_whole = jax.tree_util.tree_flatten_with_path(whole["opt_state"])[0]
+  # Float noise is judged against each moment's largest entry over the whole model: some
+  # gradients are zero in exact arithmetic (an attention key's bias, which the softmax ignores),
+  # and their rounding residue (~1e-8) has no scale of its own.
+  moment = lambda path: ".mu" if ".mu" in path else ".nu" if ".nu" in path else path
+  scale = {}
+  for path, a in flat_whole:
+    name = moment(jax.tree_util.keystr(path))
+    scale[name] = max(scale.get(name, 0.0), float(np.abs(a).max()))
+  for (path, a), b in zip(flat_whole, jax.tree.leaves(split["opt_state"])):
+    name = jax.tree_util.keystr(path)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * (scale[moment(name)] or 1.0),
+                               err_msg=name)
 
-  def primitives(fn):
-    names = []
 
-    def walk(jaxpr):
-      for eqn in jaxpr.eqns:
-        names.append(eqn.primitive.name)
-        for v in eqn.params.values():
-          for j in (v if isinstance(v, (list, tuple)) else [v]):
-            inner = getattr(j, "jaxpr", None)
-            if inner is not None:
-              walk(getattr(inner, "jaxpr", inner))
-    walk(jax.make_jaxpr(fn)(state["params"]).jaxpr)
-    return names
+class _Dropped(nn.Module):
+  """A dense layer then flax's Dropout, as the models use it (deterministic set at construction)."""
 
-  got, want = primitives(vmapped), primitives(batched)
-  assert got.count("conv_general_dilated") == want.count("conv_general_dilated") > 0
-  assert not {"scan", "while", "map"} & set(got)
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dropout(0.5, deterministic=False)(nn.Dense(64)(x))
+
+
+def test_per_example_dropout_masks_do_not_depend_on_the_batch():
+  """Under trainer.per_example_dropout an example's dropout mask is a function of its index in
+  the step's batch alone: examples 2 and 3 are masked alike inside a batch of 6 and as a batch of
+  two; the masks differ between examples, keep about half and scale by 2 as flax's Dropout does."""
+  module = _Dropped()
+  x = jnp.ones((6, 8))
+  params = module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+
+  def apply(xs, index):
+    with nn.intercept_methods(trainer.per_example_dropout(index)):
+      return module.apply(params, xs, rngs={"dropout": jax.random.key(2)})
+
+  dense = nn.Dense(64).apply({"params": params["params"]["Dense_0"]}, x)
+  whole = np.asarray(apply(x, jnp.arange(6)))
+  part = np.asarray(apply(x[2:4], jnp.arange(2, 4)))
+  np.testing.assert_array_equal(part, whole[2:4])
+  kept = whole != 0
+  assert 0.3 < kept.mean() < 0.7 and len({row.tobytes() for row in kept}) == 6
+  np.testing.assert_allclose(whole[kept], 2.0 * np.asarray(dense)[kept], rtol=1e-6)
+  # Without the interceptor the batch of two draws other masks (flax's one mask per batch).
+  plain = np.asarray(module.apply(params, x[2:4], rngs={"dropout": jax.random.key(2)}))
+  assert not np.array_equal(plain != 0, kept[2:4])
+
+
+def test_diffusion_loss_with_per_example_keys_draws_each_example_alone():
+  """diffusion_loss with one key per example: an example's t (hence its loss) is the same in a
+  batch of 4 and alone."""
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(1), jnp.arange(4))
+  v_fn = lambda z, logsnr: 0.5 * z
+  _, batch = diffusion.diffusion_loss(v_fn, x, keys, logsnr_fn=LOGSNR)
+  _, alone = diffusion.diffusion_loss(v_fn, x[1:2], keys[1:2], logsnr_fn=LOGSNR)
+  np.testing.assert_allclose(alone["t"], batch["t"][1:2])
+  np.testing.assert_allclose(alone["loss"], batch["loss"][1:2], rtol=1e-6)
+  assert len(set(np.asarray(batch["t"]).tolist())) == 4
 
 
 def test_grad_accum_must_divide_the_batch():
