@@ -1,5 +1,8 @@
 # The two commands a newcomer types: `make demo` and `make test`. Each sets itself up.
 VENV ?= .venv
+# JAX's build: cpu, cuda12 (NVIDIA GPUs) or tpu (Cloud TPU VMs), e.g. `make setup ACCEL=cuda12`.
+# Unset: cpu, or the one the environment was set up for (docs/install.md).
+ACCEL ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
@@ -11,9 +14,11 @@ DEMO_DATA ?= $(if $(SIMPLE_DIFFUSION_DATA),$(SIMPLE_DIFFUSION_DATA),$(CURDIR)/da
 
 .PHONY: setup demo test clean gpu-check gpu-wheels
 $(STAMP): pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh $(VENV)
+	ACCEL=$(ACCEL) bash scripts/setup.sh $(VENV)
 
-setup: $(STAMP)
+# Always runs (pip skips what is installed): `make setup ACCEL=...` switches an environment.
+setup:
+	ACCEL=$(ACCEL) bash scripts/setup.sh $(VENV)
 
 $(DEMO_DATA)/meta.json: | $(STAMP)
 	$(PY) -m core.data prepare src=emoji res=16 out=$(DEMO_DATA)

@@ -156,21 +156,33 @@ def per_example_loss(x, eps, z, logsnr, v_pred, *, loss_type: str = "eps_mse",
   return sum(term / s for s, term in terms.items()), terms
 
 
+def _draw_t_eps(rng, shape, dtype):
+  """t ~ U(0, 1) and eps ~ N(0, I) of ``shape`` from one key."""
+  t_rng, eps_rng = jax.random.split(rng)
+  return (jax.random.uniform(t_rng, shape[:1], dtype=dtype),
+          jax.random.normal(eps_rng, shape, dtype=dtype))
+
+
 @gin.configurable("diffusion_loss", allowlist=["loss_type", "multiscale", "multiscale_base"])
 def diffusion_loss(v_fn: Callable, x, rng, *, logsnr_fn: Callable, loss_type: str = "eps_mse",
                    multiscale: bool = False, multiscale_base: int = 32):
   """Batch training loss: t ~ U(0, 1) per example, z_t ~ q(z_t | x), model v_fn(z_t, logsnr_t).
 
-  v_fn(z [B,H,W,C], logsnr [B]) -> v_hat (closes over params, labels, dropout rng). Returns
-  (scalar mean loss, aux) with per-example arrays of shape [B] in aux: 'loss' (the per-example
-  loss, for masking), 't', 'logsnr', and with ``multiscale`` the unweighted 'loss_s{s}' terms.
+  ``rng``: one key for the batch, or one typed key per example ([B], ``jax.random.key``): each
+  example's t and eps then come from its own key, whatever batch it is in (gradient accumulation,
+  core/trainer.py). v_fn(z [B,H,W,C], logsnr [B]) -> v_hat (closes over params, labels, dropout
+  rng). Returns (scalar mean loss, aux) with per-example arrays of shape [B] in aux: 'loss' (the
+  per-example loss, for masking), 't', 'logsnr', and with ``multiscale`` the unweighted
+  'loss_s{s}' terms.
   """
   if x.ndim != 4:
     raise UserError(f"diffusion_loss needs NHWC images, got shape {tuple(x.shape)}")
-  t_rng, eps_rng = jax.random.split(rng)
-  t = jax.random.uniform(t_rng, (x.shape[0],), dtype=x.dtype)
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1:
+    t, eps = jax.vmap(lambda k: _draw_t_eps(k, (1, *x.shape[1:]), x.dtype))(rng)
+    t, eps = t[:, 0], eps[:, 0]
+  else:
+    t, eps = _draw_t_eps(rng, x.shape, x.dtype)
   logsnr = logsnr_fn(t)
-  eps = jax.random.normal(eps_rng, x.shape, dtype=x.dtype)
   z = diffuse(x, logsnr, eps)
   v_pred = v_fn(z, logsnr)
   loss, terms = per_example_loss(x, eps, z, logsnr, v_pred, loss_type=loss_type,

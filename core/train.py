@@ -65,7 +65,9 @@ def main(argv: Sequence[str]) -> int:
     raise UserError("give workdir=<run directory> (a local path or gs://bucket/prefix)")
   config_lib.parse(opts["gin_file"], bindings)  # fails here, before any compile, on a bad binding
   initialize_distributed(opts)
-  summary = trainer.train(opts["workdir"], stop_at_step=opts["stop_at_step"])  # may raise Preempted
+  # stop_at_step= given here wins over a gin binding of train.stop_at_step (a snapshot row's).
+  stop = {} if opts["stop_at_step"] is None else {"stop_at_step": opts["stop_at_step"]}
+  summary = trainer.train(opts["workdir"], **stop)  # may raise Preempted
   print(json.dumps(summary), flush=True)
   return 0
 

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from core import extras
 from core.errors import UserError
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
@@ -23,7 +24,8 @@ SCALE = 100.0
 
 
 def _load(name_or_path: str):
-  import transformers  # pylint: disable=import-outside-toplevel  (optional heavy dependency)
+  extras.require("torch", "the CLIP score", "t2i")
+  transformers = extras.require("transformers", "the CLIP score")
   kw = {} if os.path.isdir(name_or_path) else {"local_files_only": True}
   try:
     model = transformers.CLIPModel.from_pretrained(name_or_path, **kw)

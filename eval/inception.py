@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from core import extras
 from core.errors import UserError
 from core.io import storage
 from core.progress import Progress
@@ -217,7 +218,7 @@ class FeatureExtractor:
         than two batches.
       backend: 'onnxruntime' (CPU; the default when installed), 'torch', or 'auto'.
     """
-    import torch
+    torch = extras.require("torch", "the Inception network (FID, IS)")
     if resize_mode not in RESIZE_MODES:
       raise UserError(f"resize_mode={resize_mode!r} is not valid; choose one of: "
                       f"{', '.join(RESIZE_MODES)}")
@@ -251,8 +252,8 @@ class FeatureExtractor:
     if backend != "torch" and self.device.type == "cpu":
       self._session = _onnx_session(self._trunk, self.path, torch.get_num_threads())
       if self._session is None and backend == "onnxruntime":
-        raise UserError("backend=onnxruntime needs the onnx and onnxruntime packages (pip install "
-                        "onnx onnxruntime), or use backend=torch")
+        raise UserError("backend=onnxruntime needs the onnx and onnxruntime packages (the 'eval' "
+                        "extra: pip install -e '.[eval]'), or use backend=torch")
     self.backend = "onnxruntime" if self._session is not None else "torch"
 
   @staticmethod

@@ -1,8 +1,14 @@
 """A registry job at a scale -> the exact ``core.train`` and ``eval.worker`` arguments, its
 ``job.json`` record, whether it is trained, and its model built from those arguments.
+
+A job may carry per-run changes (:func:`with_overrides`: a batch size, gradient accumulation or
+step count other than the row's, e.g. to fit a paper row to one GPU). They are bound after the
+scale's settings, name the run (a changed row never resumes or overwrites the row's own run) and
+are recorded in job.json as ``modified``, which the tables mark.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Sequence
 
@@ -12,6 +18,7 @@ from core import checkpoint as ckpt_lib
 from core import config as config_lib
 from core import trainer as train_lib
 from core.data import coco
+from core.errors import UserError
 from core.io import rundir, storage
 from core.models import make_model
 from eval.clip_score import DEFAULT_MODEL as DEFAULT_CLIP
@@ -33,19 +40,72 @@ EVAL = {
 }
 
 
-def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) -> list[str]:
-  """The exact ``python -m core.train`` arguments for a job at a scale."""
-  args = [f"gin_file={f}" for f in job.gin_files]
+# The Train settings a run may change (experiments.run batch_size=, grad_accum=, steps=), with
+# the word that names them in a changed run's name.
+CHANGEABLE = {"batch_size": "batch", "grad_accum": "accum", "num_steps": "steps"}
+# Gin bindings experiments.run passes on to core.train: how a run logs, checkpoints and reads its
+# data, not what it trains (so the run keeps its name and the row is not marked).
+RUN_BINDINGS = ("Train.log_every", "Train.checkpoint_every", "Train.keep_checkpoints",
+                "Train.sample_every", "Train.num_workers")
+
+
+def _bindings(job: registry.Job, scale: str, data_dir: str | None = None) -> list[str]:
   binds = list(job.bindings) + scales.scale_bindings(job.gin_files, job.bindings, job.arch,
                                                      job.resolution, scale)
   if data_dir:
     binds.append(f"Train.data_dir = '{data_dir.replace('{res}', str(job.resolution))}'")
   snapshot = scales.snapshot_step(job, scale)
-  if snapshot:  # the row's checkpoint, saved and kept whatever Train.keep_checkpoints says
-    binds.append(f"Train.keep_steps = [{snapshot[0]}]")
-  args += [b.replace(" ", "") for b in binds]
+  if snapshot:  # the row's checkpoint, saved and kept whatever Train.keep_checkpoints says; the
+    # run stops there, on the schedule of all its steps (the paper's 700K of 1.5M)
+    binds += [f"Train.keep_steps = [{snapshot[0]}]", f"train.stop_at_step = {snapshot[0]}"]
+  return binds + list(job.overrides)
+
+
+def job_args(job: registry.Job, scale: str, run_dir: str, data_dir: str | None) -> list[str]:
+  """The exact ``python -m core.train`` arguments for a job at a scale."""
+  args = [f"gin_file={f}" for f in job.gin_files]
+  args += [b.replace(" ", "") for b in _bindings(job, scale, data_dir)]
   args.append(f"workdir={run_dir}")
   return args
+
+
+def train_settings(job: registry.Job, scale: str) -> dict[str, int]:
+  """The run's :data:`CHANGEABLE` Train settings at ``scale``, as gin resolves them."""
+  with config_lib.scratch():
+    config_lib.parse(list(job.gin_files), _bindings(job, scale))
+    cfg = train_lib.TrainConfig()  # checks them (e.g. grad_accum divides batch_size)
+  return {name: getattr(cfg, name) for name in CHANGEABLE}
+
+
+def with_overrides(job: registry.Job, scale: str, *, batch_size: int | None = None,
+                   grad_accum: int | None = None, steps: int | None = None,
+                   bindings: Sequence[str] = ()) -> registry.Job:
+  """``job`` with per-run changes: ``batch_size`` images per step, each step in ``grad_accum``
+  micro-batches, ``steps`` steps (a snapshot row keeps its fraction of them), and
+  :data:`RUN_BINDINGS`. A change names the run (``<row's run>-batch64-accum8``); a value equal to
+  the row's is no change."""
+  for b in bindings:
+    if b.split("=", 1)[0].strip() not in RUN_BINDINGS:
+      raise UserError(f"experiments.run takes only the gin bindings {', '.join(RUN_BINDINGS)} "
+                      f"(got {b!r}); rows define their configuration (experiments/registry.py), "
+                      f"and batch_size=, grad_accum= and steps= change their training")
+  row = train_settings(job, scale)
+  want = {"batch_size": batch_size, "grad_accum": grad_accum,
+          "num_steps": steps}
+  changes = {k: v for k, v in want.items() if v is not None and v != row[k]}
+  changed = dataclasses.replace(
+      job, name=job.name + "".join(f"-{CHANGEABLE[k]}{v}" for k, v in changes.items()),
+      overrides=tuple(f"Train.{k} = {v}" for k, v in changes.items()) + tuple(bindings))
+  train_settings(changed, scale)  # a grad_accum that does not divide the batch fails here
+  return changed
+
+
+def modified(job: registry.Job, scale: str) -> dict[str, list[int]]:
+  """{setting: [the row's value, this run's]} of every :data:`CHANGEABLE` Train setting if the
+  job's overrides change any of them (the tables mark the row), else {}."""
+  run, row = train_settings(job, scale), train_settings(dataclasses.replace(job, overrides=()),
+                                                        scale)
+  return {k: [row[k], run[k]] for k in CHANGEABLE} if run != row else {}
 
 
 def sampler_steps(job: registry.Job, scale: str) -> int:
@@ -88,11 +148,15 @@ def write_job_json(job: registry.Job, scale: str, run_dir: str, args: list[str])
     rows = [r for r in json.loads(storage.read_text(path)).get("rows", [])
             if _row_id(r) not in new] + rows
   storage.makedirs(run_dir)
-  storage.write_text(path, json.dumps({
+  record = {
       "run_name": job.name, "scale": scale, "arch": job.arch, "resolution": job.resolution,
       "gin_files": list(job.gin_files), "bindings": list(job.bindings), "train_args": args,
       "rows": rows, "data": coco.data_record(_data_dir(args)),
-  }, indent=1))
+  }
+  if job.overrides:  # tables/runs.py reads 'modified'
+    record["overrides"] = list(job.overrides)
+    record["modified"] = modified(job, scale)
+  storage.write_text(path, json.dumps(record, indent=1))
 
 
 def _row_id(row: dict) -> tuple:
@@ -106,7 +170,7 @@ def _data_dir(train_args: Sequence[str]) -> str | None:
 
 
 def is_trained(run_dir: str) -> bool:
-  """Whether the run has checkpointed its configured last step."""
+  """Whether the run has checkpointed its configured last step (a snapshot row's stop)."""
   if not rundir.is_run(run_dir):
     return False
   last = latest_step(run_dir)
@@ -126,7 +190,9 @@ def latest_step(run_dir: str) -> int | None:
 def _configured_steps(run_dir: str) -> int:
   with config_lib.scratch():
     config_lib.parse_text(rundir.read_config(run_dir), rundir.config_path(run_dir))
-    return train_lib.TrainConfig().num_steps
+    steps = train_lib.TrainConfig().num_steps
+    stop = config_lib.query("train.stop_at_step")
+    return steps if stop is None else min(steps, int(stop))
 
 
 def build(train_args: Sequence[str]):

@@ -164,12 +164,15 @@ def memory(model, cfg, devices: int) -> dict[str, Any]:
                                               train_lib.make_optimizer(cfg), cfg,
                                               num_classes=nc), jax.random.key(0))
   total, per_device = benchmark.state_bytes(abstract, fsdp)
+  # Gradient accumulation keeps a sum of the micro-batches' gradients beside the state.
+  accum = benchmark.state_bytes(abstract["params"], fsdp)[1] if cfg.grad_accum > 1 else 0
   per_image = activation_bytes_per_image(model, cfg)
-  images = math.ceil(cfg.batch_size / devices)
+  images = math.ceil(cfg.batch_size // cfg.grad_accum / devices)  # one micro-batch at a time
   return {"params": int(sum(a.size for a in jax.tree.leaves(abstract["params"]))), "fsdp": fsdp,
           "state_bytes_total": total, "state_bytes_per_device": per_device,
+          "grad_accum_bytes_per_device": accum,
           "activation_bytes_per_image": per_image, "images_per_device": images,
-          "bytes_per_device": per_device + images * per_image}
+          "bytes_per_device": per_device + accum + images * per_image}
 
 
 def describe(job, scale: str, workdir: str, train_args: Sequence[str], tgt: Target, *,
@@ -193,7 +196,8 @@ def describe(job, scale: str, workdir: str, train_args: Sequence[str], tgt: Targ
   return {
       "rows": [f"T{e.table} {e.group} / {e.row}" for e in job.entries],
       "run_name": job.name, "scale": scale, "resolution": cfg.image_size, "params": mem["params"],
-      "gflops_per_image": fwd / 1e9, "batch_size": cfg.batch_size, "steps": cfg.num_steps,
+      "gflops_per_image": fwd / 1e9, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+      "steps": cfg.num_steps,
       "target": tgt.label, "devices": tgt.devices, "chips": tgt.chips, "cost_unit": tgt.unit,
       "memory": mem, "bytes_per_device": mem["bytes_per_device"], "device_memory_bytes": limit,
       "data": data_per_host(opts, cfg.image_size, tgt),
@@ -246,7 +250,8 @@ def check_fits(planned: list[dict[str, Any]]) -> None:
           f"device (state {m['state_bytes_per_device'] / 2 ** 30:,.1f} GiB over fsdp={m['fsdp']}, "
           f"activations of "
           f"{m['images_per_device']} images) > {p['device_memory_bytes'] / 2 ** 30:,.1f} GiB "
-          f"usable; use more chips (tpu_type=, nodes=) so that fewer images land on each device")
+          f"usable; use more chips (tpu_type=, nodes=) or grad_accum= so that fewer images land "
+          f"on each device at once")
 
 
 def format_text(planned: list[dict[str, Any]]) -> str:
@@ -258,11 +263,16 @@ def format_text(planned: list[dict[str, Any]]) -> str:
                  f"{p['target']})")
     for r in p["rows"]:
       lines.append(f"    {r}")
+    accum = p.get("grad_accum", 1)
+    batch = (f"{p['batch_size']} ({accum} micro-batches of {p['batch_size'] // accum})"
+             if accum > 1 else f"{p['batch_size']}")
     lines.append(f"    params {p['params'] / 1e6:,.1f}M  forward {p['gflops_per_image']:,.3g} "
-                 f"GFLOP/image  batch {p['batch_size']}  steps {p['steps']:,}")
+                 f"GFLOP/image  batch {batch}  steps {p['steps']:,}")
+    summed = m.get("grad_accum_bytes_per_device")
     lines.append(f"    per device: {gib(p['bytes_per_device'])} = state "
                  f"{gib(m['state_bytes_per_device'])} "
-                 f"(of {gib(m['state_bytes_total'])}, fsdp={m['fsdp']}) + activations "
+                 f"(of {gib(m['state_bytes_total'])}, fsdp={m['fsdp']}) + "
+                 + (f"summed gradients {gib(summed)} + " if summed else "") + "activations "
                  f"{m['images_per_device']} x {gib(m['activation_bytes_per_image'])}; usable "
                  f"{gib(p['device_memory_bytes'])}: {'fits' if p['fits'] else 'DOES NOT FIT'}")
     d = p["data"]

@@ -78,6 +78,9 @@ class Job:
   gin_files: tuple[str, ...]
   bindings: tuple[str, ...]
   entries: list[Entry]
+  # Per-run bindings after the scale's (experiments.run batch_size=, grad_accum=, steps=; the run
+  # is then named after them: experiments/jobs.py with_overrides).
+  overrides: tuple[str, ...] = ()
 
   @property
   def guidances(self) -> list[float]:

@@ -2,12 +2,15 @@
 
     python -m experiments.run table=5 [row=...] [scale=paper|demo|smoke] [launcher=local|tpu|slurm]
                               [workdir=...] [mode=run|plan|throughput|status]
+                              [batch_size=N] [grad_accum=K] [steps=N] [Train.log_every=...]
 
 Rows with identical configurations are one job (experiments/jobs.py); ``mode=run`` trains or
 resumes each, evaluates its final step and records it for ``python -m tables.render``;
 ``mode=plan`` prints cost and memory, ``mode=throughput`` steps/s (Tables 4, 5), ``mode=status``
-each job's progress (and, launcher=slurm, its SLURM job and state). SIGTERM stops
-the command with exit status 75 (after the trainer's checkpoint, or mid-evaluation, which resumes
+each job's progress (and, launcher=slurm, its SLURM job and state). batch_size=, grad_accum= and
+steps= change a row's training (e.g. the paper's batch in 8 micro-batches on one GPU,
+docs/one_gpu.md): the run gets its own name and the tables mark the row. SIGTERM stops the
+command with exit status 75 (after the trainer's checkpoint, or mid-evaluation, which resumes
 too): rerunning it resumes.
 """
 from __future__ import annotations
@@ -70,6 +73,18 @@ OPTIONS = [
     cli.Option("parallel", 1,
                "launcher=local: train up to N jobs at once, each in its own process, then "
                "evaluate them in turn (on a small CPU one process leaves cores idle)",
+               parse=_positive_int),
+    cli.Option("batch_size", None,
+               "images per optimizer step instead of the row's (paper scale: the paper's 512 or "
+               "2048); the learning rate stays the row's. The run gets its own name and the "
+               "tables mark the row", parse=_positive_int),
+    cli.Option("grad_accum", None,
+               "each step's batch in N micro-batches, one after another: the same update in the "
+               "activation memory of batch_size/N images (e.g. the paper's 512 on one GPU: "
+               "grad_accum=8); named and marked like batch_size", parse=_positive_int),
+    cli.Option("steps", None,
+               "training steps instead of the row's (a row that trains a fraction of its "
+               "model's steps keeps the fraction); named and marked like batch_size",
                parse=_positive_int),
     cli.Option("num_samples", None, "override the number of evaluation samples", parse=int),
     cli.Option("extractor", "auto",
@@ -179,18 +194,18 @@ def main(argv: Sequence[str]) -> int:
 
 def _main(argv: Sequence[str]) -> int:
   opts, bindings = cli.parse(argv, OPTIONS, prog="experiments.run",
-                             description=__doc__.split("\n\n")[0])
-  if bindings:
-    raise UserError(f"experiments.run takes no gin bindings (got {bindings[0]!r}); rows define "
-                    f"their configuration: see experiments/registry.py")
+                             description=__doc__.split("\n\n")[0] + "\n\nGin bindings: only "
+                             + ", ".join(jobs.RUN_BINDINGS) + " (how a run logs and checkpoints)")
   table = opts["table"]
   if opts["mode"] == "throughput" and table is None:
     table = "4"
   if table is None:
     raise UserError(f"give table=N; valid tables: {', '.join(registry.TABLES)}")
   entries = registry.select(str(table), opts["row"])
-  job_list = registry.jobs(entries)
   scale = opts["scale"]
+  job_list = [jobs.with_overrides(j, scale, batch_size=opts["batch_size"],
+                                  grad_accum=opts["grad_accum"], steps=opts["steps"],
+                                  bindings=bindings) for j in registry.jobs(entries)]
   workdir = opts["workdir"] or os.path.join("runs", scale)
   if opts["mode"] == "plan":
     if opts["aot"]:  # before JAX starts its CPU backend
@@ -206,7 +221,8 @@ def _main(argv: Sequence[str]) -> int:
                        [jobs.job_args(j, scale, "unused", None) for j in job_list],
                        batch_size=opts["throughput_batch"], steps=opts["throughput_steps"])
     return 0
-  check_device(scale, opts["launcher"], job_list, workdir, opts)  # first: it says what jobs cost
+  if not opts["dry_run"]:  # a dry run prints the commands anywhere
+    check_device(scale, opts["launcher"], job_list, workdir, opts)  # first: it says what jobs cost
   check_data(scale, opts["launcher"], opts["data_dir"], job_list)
   return _run_jobs(job_list, table, scale, workdir, opts)
 

@@ -93,7 +93,7 @@ def snapshot_step(job: registry.Job, scale: str) -> tuple[int, int] | None:
     return None
   with config_lib.scratch():
     config_lib.parse(list(job.gin_files), list(job.bindings) + scale_bindings(
-        job.gin_files, job.bindings, job.arch, job.resolution, scale))
+        job.gin_files, job.bindings, job.arch, job.resolution, scale) + list(job.overrides))
     steps = int(_q("Train.num_steps"))
   return max(1, round(steps * job.eval_fraction)), steps
 

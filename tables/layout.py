@@ -9,8 +9,10 @@ missing number is a dash (``Cell(None)``), never a zero. Rows evaluated with ano
 than the paper (50K ImageNet, 30K COCO) carry a dagger and a footnote; relative throughput
 measured on another device than the reference row carries a double dagger. Table 8 is "COCO
 zero-shot": our FID@30K says beside it when it is not (:func:`zero_shot_note`). A row evaluated
-at a snapshot of its run (Table 3's "no dropout") has a footnote naming the step. :mod:`tables.markdown`
-and :mod:`tables.latex` turn a layout into text.
+at a snapshot of its run (Table 3's "no dropout") has a footnote naming the step. Our numbers from
+a run that changed the row's training (experiments.run batch_size=, grad_accum=, steps=) carry a
+section sign and a footnote saying how. :mod:`tables.markdown` and :mod:`tables.latex` turn a
+layout into text.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import pandas as pd
 
 from tables import paper as paper_lib
 
-DAGGER, DDAGGER = "dagger", "ddagger"
+DAGGER, DDAGGER, MODIFIED = "dagger", "ddagger", "section"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,25 @@ def _present(v) -> bool:
 def format_count(n: int) -> str:
   """50000 -> '50K', 2500 -> '2.5K', 512 -> '512'."""
   return f"{n / 1000:g}K" if n >= 1000 else str(n)
+
+
+def format_large(n: int) -> str:
+  """1500000 -> '1.5M', 100000 -> '100K', 512 -> '512'."""
+  return f"{n / 1e6:g}M" if n >= 1_000_000 else format_count(n)
+
+
+def modification_text(modified: dict) -> str:
+  """How a run changed its row's training, from job.json's ``modified`` ({setting: [the row's,
+  the run's]}): 'batch 512 as 8 × 64 accumulated, 100K steps (row: 1.5M)'."""
+  (row_b, b), (_, k), (row_s, s) = (modified.get(n, [None, None]) for n in
+                                    ("batch_size", "grad_accum", "num_steps"))
+  parts = []
+  if b is not None and (b != row_b or (k or 1) > 1):
+    parts.append(f"batch {b}" + (f" (row: {row_b})" if b != row_b else "")
+                 + (f" as {k} × {b // k} accumulated" if (k or 1) > 1 else ""))
+  if s is not None and s != row_s:
+    parts.append(f"{format_large(s)} steps (row: {format_large(row_s)})")
+  return ", ".join(parts) or "other settings"
 
 
 def _metrics_for(table: str, rows: pd.DataFrame) -> list[tuple[str, str]]:
@@ -163,6 +184,7 @@ def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> 
   snapshots: list[tuple[str | None, str]] = []
   group = None
   any_samples_mismatch = any_device_mismatch = any_literature = False
+  changed: list[str] = []
   for r in rows_df.itertuples(index=False):
     if r.group != group:
       group = r.group
@@ -173,15 +195,20 @@ def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> 
     any_samples_mismatch |= mismatch
     any_device_mismatch |= bool(r.device_mismatch) if _present(r.device_mismatch) else False
     cells = [Cell(r.row, mark=DAGGER if mismatch else None)]
+    modified = r.modified if isinstance(r.modified, dict) else None
+    if modified:
+      changed.append(f"{r.row}: {modification_text(modified)}")
     for key, _ in metrics:
       ours = _our_cell(key, r)
       if table == "8" and key == "fid_train" and ours.text is not None:
         ours = dataclasses.replace(ours, note=zero_shot_note(r))
+      if modified and key != "steps" and ours.text is not None:
+        ours = dataclasses.replace(ours, mark=MODIFIED)
       cells += [_paper_cell(key, r), ours]
     if _present(r.run_steps):
-      snapshots.append((None, f"{r.row}: the checkpoint at step {int(r.step):,} of its run's "
-                              f"{int(r.run_steps):,} steps, trained on the other rows' schedule "
-                              f"(the paper reports this row at such a snapshot)."))
+      snapshots.append((None, f"{r.row}: the checkpoint at step {int(r.step):,} of the other rows' "
+                              f"{int(r.run_steps):,}-step schedule, where its run stops (the "
+                              f"paper reports this row at such a snapshot)."))
     samples = "/".join(format_count(n) for n in r.num_samples) if _present(r.num_samples) else None
     cells += [Cell(str(int(r.step)) if _present(r.step) else None),
               Cell(samples),
@@ -213,4 +240,7 @@ def build(table: str, measured: pd.DataFrame, *, workdir: str | None = None) -> 
                           "samples column. FID is biased upward with fewer samples."))
   if any_device_mismatch:
     notes.append((DDAGGER, "throughput measured on a different device than the reference row."))
+  if changed:
+    notes.append((MODIFIED, "trained otherwise than the row (experiments.run batch_size=, "
+                            "grad_accum=, steps=): " + "; ".join(changed) + "."))
   return Layout(table, info.caption, columns, rows, notes)

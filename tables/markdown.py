@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from tables import paper
-from tables.layout import DAGGER, Cell, Layout
+from tables.layout import DAGGER, MODIFIED, Cell, Layout
 
 DASH = "–"
-_MARKS = {DAGGER: "†", "ddagger": "‡"}
+_MARKS = {DAGGER: "†", "ddagger": "‡", MODIFIED: "§"}
 
 
 def _escape(text: str) -> str:

@@ -3,9 +3,10 @@
 A row's numbers come from the runs whose job.json lists it: at the latest evaluated step (the run
 reaching it first; a row recorded with an ``eval_step``, Table 3's "no dropout" at 700K of 1.5M,
 at that step only), guidance 1.0 (Table 9: the row's), the last line per metric winning, with
-their std, sample counts and resize mode. Table 8's FID@30K is ``fid_eval`` (appendix C), the best
-over Figure 8's guidance scales, with that scale and its CLIP score. Steps/s is relative to the
-table's reference row. Pinned by tests/test_tables.py.
+their std, sample counts and resize mode. Runs that changed the row's training (job.json's
+``modified``) serve it only where no unchanged run has results, and say so. Table 8's FID@30K is
+``fid_eval`` (appendix C), the best over Figure 8's guidance scales, with that scale and its CLIP
+score. Steps/s is relative to the table's reference row. Pinned by tests/test_tables.py.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ MEASURED_COLUMNS = ("run", "scale", "step", "our_fid_train", "our_fid_train_std"
                     "our_kid_eval_std", "our_is_mean", "our_is_std", "num_samples",
                     "samples_mismatch", "extractor", "resize_mode",
                     "our_steps_per_sec", "our_steps_per_sec_rel", "device", "device_mismatch",
-                    "our_guidance", "our_clip_score", "run_steps") + runs_lib.DATA_COLUMNS
+                    "our_guidance", "our_clip_score", "run_steps",
+                    "modified") + runs_lib.DATA_COLUMNS
 
 
 def time_seconds(t) -> float:
@@ -59,7 +61,15 @@ def _row_results(runs: Runs, table: str, group: str, row: str) -> pd.DataFrame:
     res = res[(res["run"] != r.run) | (pd.to_numeric(res["step"]) == int(r.eval_step))]
   if table != "8":  # Table 8: every guidance scale (its best FID is shown)
     res = res[_guidance_matches(res["guidance"], paper_lib.guidance_of(table, row))]
-  return res.dropna(subset=["step", "value"])
+  res = res.dropna(subset=["step", "value"])
+  unchanged = res[~res["run"].map(lambda r: bool(_modified(runs, r)))]
+  return unchanged if len(unchanged) else res
+
+
+def _modified(runs: Runs, run: str) -> dict | None:
+  """job.json's ``modified`` of ``run``: None for a run with the row's own training."""
+  m = runs.runs.loc[runs.runs["run"] == run, "modified"]
+  return None if m.empty or not isinstance(m.iloc[0], dict) else m.iloc[0]
 
 
 def _pick(res: pd.DataFrame) -> pd.DataFrame:
@@ -121,6 +131,7 @@ def _measure_row(runs: Runs, table: str, group: str, row: str) -> dict:
                      & (runs.serves["group"] == group) & (runs.serves["row"] == row)]
   snap = snap.dropna(subset=["eval_step", "num_steps"])
   out["run_steps"] = int(snap["num_steps"].iloc[0]) if len(snap) else None
+  out["modified"] = _modified(runs, run)
   if best is not None:
     out["our_guidance"], out["our_clip_score"] = best
   return out

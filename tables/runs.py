@@ -4,7 +4,9 @@ Layout (see the team conventions): ``<workdir>/<run>/job.json`` names the (table
 entries a run serves (a row evaluated at a snapshot also its ``eval_step`` of ``num_steps``) and
 where its data come from (``data``: split origins, trained on COCO, zero-shot), ``<workdir>/<run>/eval/results.jsonl`` holds one evaluation result per line,
 ``<workdir>/<run>/metrics.jsonl`` the training log and ``<workdir>/throughput.jsonl`` the
-throughput measurements. A directory without job.json is not a run and is skipped.
+throughput measurements. A directory without job.json is not a run and is skipped. A job.json's
+``modified`` ({setting: [the row's value, the run's]}) says that the run changed the row's
+training (experiments.run batch_size=, grad_accum=, steps=).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ THROUGHPUT_COLUMNS = ("table", "group", "row", "steps_per_sec", "img_per_sec", "
 class Runs:
   """What a workdir holds: the runs, the rows each serves and their evaluation results."""
   workdir: str | None
-  runs: pd.DataFrame     # run, path, scale, image_size (as trained, e.g. '16'), DATA_COLUMNS
+  runs: pd.DataFrame     # run, path, scale, image_size (as trained, e.g. '16'), modified
+                         # (job.json's, None if none), DATA_COLUMNS
   serves: pd.DataFrame   # run, table, group, row, eval_step, num_steps
   results: pd.DataFrame  # run, line, RESULT_COLUMNS
   throughput: pd.DataFrame  # line, THROUGHPUT_COLUMNS
@@ -63,6 +66,11 @@ def _read_job(path: str) -> dict:
   for r in job.get("rows", []):
     if not isinstance(r, dict) or not {"table", "group", "row"} <= set(r):
       raise UserError(f"{path}: every entry of 'rows' needs table, group and row; got {r!r}")
+  modified = job.get("modified") or {}
+  if not isinstance(modified, dict) or not all(
+      isinstance(v, list) and len(v) == 2 for v in modified.values()):
+    raise UserError(f"{path}: 'modified' must map each changed setting to [the row's value, the "
+                    f"run's]; got {modified!r}")
   return job
 
 
@@ -86,6 +94,7 @@ def load(workdir: str | None) -> Runs:
       size = next((a.split("=", 1)[1] for a in job.get("train_args") or []
                    if str(a).startswith("Train.image_size=")), None)
       runs.append({"run": name, "path": path, "scale": job.get("scale"), "image_size": size,
+                   "modified": job.get("modified") or None,
                    "trained_on_coco": data.get("trained_on_coco"),
                    "zero_shot": data.get("zero_shot"), "train_origin": origins.get("train"),
                    "eval_origin": origins.get("eval")})
@@ -107,7 +116,7 @@ def load(workdir: str | None) -> Runs:
   return Runs(
       workdir=workdir,
       runs=_with_columns(pd.DataFrame.from_records(runs),
-                         ("run", "path", "scale", "image_size") + DATA_COLUMNS),
+                         ("run", "path", "scale", "image_size", "modified") + DATA_COLUMNS),
       serves=_with_columns(pd.DataFrame.from_records(serves), SERVE_COLUMNS),
       results=results_df,
       throughput=throughput,

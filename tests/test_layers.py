@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("core", "eval", "experiments", "tables")
 # Lowest first; a module may import its own layer and the layers below it.
 LAYERS = (
-    ("core.errors", "core.cli", "core.progress"),
+    ("core.errors", "core.extras", "core.cli", "core.progress"),
     ("core.io",),
     ("core.data",),
     ("core.schedules", "core.diffusion", "core.sampling", "core.models", "core.sharding",

@@ -157,7 +157,7 @@ def test_unknown_table_row_and_binding_are_one_line_errors():
     run.main(["table=10"])
   with pytest.raises(UserError, match=r"no row 'shifted to 16'; valid rows: .*cosine \(shifted to 32\)"):
     run.main(["table=2", "row=shifted to 16", "mode=plan"])
-  with pytest.raises(UserError, match="takes no gin bindings"):
+  with pytest.raises(UserError, match=r"takes only the gin bindings Train.log_every, .*\(got 'UNet.base_channels=8'\)"):
     run.main(["table=2", "UNet.base_channels=8"])
   with pytest.raises(UserError, match="unknown option 'tabel'"):
     run.main(["tabel=2"])
@@ -251,3 +251,83 @@ def test_eval_sampler_steps_are_the_rows_at_paper_scale_and_the_scales_below():
   fewer = dataclasses.replace(job, entries=[dataclasses.replace(e, sampler_steps=100) for e in job.entries])
   assert steps(fewer, "paper") == "100"
   assert steps(fewer, "demo") == str(jobs.EVAL["demo"]["sampler_steps"])
+
+
+SHIFT32 = "128x128/cosine (shifted to 32)"
+
+
+def _dry_train_args(capsys, *extra):
+  """The core.train arguments experiments.run prints for Table 2's shift-32 row at paper scale
+  (a dry run needs no accelerator)."""
+  run.main(["table=2", f"row={SHIFT32}", "scale=paper", "dry_run=true", "eval=false",
+            "workdir=/runs", "data_dir=/data/imagenet{res}", *extra])
+  line = [l for l in capsys.readouterr().out.splitlines() if "core.train" in l][0]
+  return shlex.split(line)[3:]
+
+
+def test_overrides_reach_core_train_after_the_row_and_name_the_run(capsys):
+  """batch_size=, grad_accum=, steps= and the allowed gin bindings come after the row's own
+  settings (gin's last binding wins) and give the run its own name; values equal to the row's
+  change nothing."""
+  job = _job("2", "128x128", "cosine (shifted to 32)")
+  plain = _dry_train_args(capsys)
+  assert plain[-1] == f"workdir=/runs/{job.name}" and "Train.num_steps=1500000" in plain
+  assert _dry_train_args(capsys, "batch_size=512", "grad_accum=1", "steps=1500000") == plain
+  args = _dry_train_args(capsys, "batch_size=256", "grad_accum=4", "steps=1000",
+                         "Train.checkpoint_every=500")
+  assert args[:len(plain) - 1] == plain[:-1]  # the row's arguments, unchanged, first
+  assert args[len(plain) - 1:] == ["Train.batch_size=256", "Train.grad_accum=4",
+                                   "Train.num_steps=1000", "Train.checkpoint_every=500",
+                                   f"workdir=/runs/{job.name}-batch256-accum4-steps1000"]
+  # Gin resolves them as the run will: the overrides win over the row's values.
+  changed = jobs.with_overrides(job, "paper", batch_size=256, grad_accum=4, steps=1000)
+  assert jobs.train_settings(changed, "paper") == {"batch_size": 256, "grad_accum": 4,
+                                                   "num_steps": 1000}
+  assert jobs.modified(changed, "paper") == {"batch_size": [512, 256], "grad_accum": [1, 4],
+                                             "num_steps": [1_500_000, 1000]}
+  # A snapshot row keeps its fraction of the schedule (Table 3's "no dropout": 700K of the 1.5M
+  # of the others): steps=150000 is the schedule, its run stops and is evaluated at 70,000.
+  no_dropout = jobs.with_overrides(_job("3", "128x128", "no dropout"), "paper", steps=150_000)
+  assert jobs.train_settings(no_dropout, "paper")["num_steps"] == 150_000
+  assert scales.snapshot_step(no_dropout, "paper") == (70_000, 150_000)
+  assert "train.stop_at_step=70000" in jobs.job_args(no_dropout, "paper", "/r", None)
+  with pytest.raises(UserError, match="Train.batch_size=60 is not divisible by Train.grad_accum=8"):
+    run.main(["table=2", f"row={SHIFT32}", "scale=paper", "dry_run=true", "batch_size=60",
+              "grad_accum=8", "data_dir=/d"])
+  with pytest.raises(UserError, match="bad value for grad_accum"):
+    run.main(["table=2", "grad_accum=0"])
+
+
+def test_plan_counts_one_micro_batch_of_activations(capsys):
+  """mode=plan with grad_accum: activations of batch / grad_accum images per device, plus the
+  summed gradients; the paper's 128x128 U-Net at batch 512 fits one H100 only so."""
+  def plan(*extra):
+    run.main(["table=2", f"row={SHIFT32}", "scale=paper", "mode=plan", "format=json", *extra])
+    return json.loads(capsys.readouterr().out)[0]
+  whole, accum = plan(), plan("grad_accum=8")
+  assert whole["memory"]["images_per_device"] == 512 and not whole["fits"]
+  assert accum["memory"]["images_per_device"] == 64 and accum["fits"] and accum["grad_accum"] == 8
+  assert accum["batch_size"] == whole["batch_size"] == 512
+  assert accum["memory"]["grad_accum_bytes_per_device"] == 4 * accum["params"]  # float32
+  assert accum["train_cost"] == whole["train_cost"]
+
+
+@pytest.mark.slow
+def test_smoke_row_with_overrides_trains_and_records_them(tmp_path):
+  """grad_accum=2 steps=2 at smoke scale: the run trains 2 steps in micro-batches of 4, its
+  config.gin says so, and job.json records what changed against the row."""
+  workdir = str(tmp_path / "runs")
+  run.main(["table=2", f"row={SHIFT32}", "scale=smoke", f"workdir={workdir}", "eval=false",
+            "grad_accum=2", "steps=2"])
+  (name,) = os.listdir(workdir)
+  assert name == _job("2", "128x128", "cosine (shifted to 32)").name + "-accum2-steps2"
+  run_dir = os.path.join(workdir, name)
+  with open(os.path.join(run_dir, "job.json")) as f:
+    record = json.load(f)
+  assert record["modified"] == {"batch_size": [8, 8], "grad_accum": [1, 2], "num_steps": [4, 2]}
+  assert record["overrides"] == ["Train.grad_accum = 2", "Train.num_steps = 2"]
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    assert [json.loads(l)["step"] for l in f] == [2]
+  with open(os.path.join(run_dir, "config.gin")) as f:
+    config = f.read()
+  assert "Train.grad_accum = 2" in config and "Train.num_steps = 2" in config

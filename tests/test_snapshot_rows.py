@@ -2,7 +2,8 @@
 
 The trainer saves and keeps the snapshot's checkpoint whatever keep_checkpoints says
 (Train.keep_steps, an orbax preservation policy); the table run trains the row on its neighbours'
-schedule, evaluates that checkpoint and the rendered table names its step.
+schedule up to that step (train.stop_at_step), evaluates that checkpoint and the rendered table
+names its step.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from core import checkpoint as ckpt_lib
-from experiments import run
+from experiments import jobs, run
 from tables import render
 
 
@@ -44,11 +45,13 @@ def test_table3_no_dropout_smoke_evaluates_and_renders_its_snapshot(tmp_path, ca
   job = json.load(open(os.path.join(run_dir, "job.json")))
   assert job["rows"] == [{"table": "3", "group": "128x128", "row": "no dropout", "eval_step": 2,
                           "num_steps": 4}]   # round(4 x 700K / 1.5M) of the smoke scale's 4 steps
-  assert ckpt_lib.Checkpointer(run_dir, with_data=False).all_steps() == [2, 4]
+  # The run stops at its snapshot, on the 4-step schedule (the learning rate's, say): no step 3 or 4.
+  assert ckpt_lib.Checkpointer(run_dir, with_data=False).all_steps() == [2]
+  assert jobs.is_trained(run_dir)
   results = [json.loads(l) for l in open(os.path.join(run_dir, "eval", "results.jsonl"))]
   assert results and {r["step"] for r in results} == {2}
   capsys.readouterr()
   render.main(["table=3", f"workdir={workdir}", "out=-", "format=markdown"])
   md = capsys.readouterr().out
   row = next(l for l in md.splitlines() if l.startswith("| no dropout"))
-  assert "| 2 |" in row and "no dropout: the checkpoint at step 2 of its run's 4 steps" in md
+  assert "| 2 |" in row and "no dropout: the checkpoint at step 2 of the other rows' 4-step schedule" in md

@@ -17,6 +17,7 @@ import pytest
 
 from core.io import storage
 from core.errors import UserError, run_main
+from experiments import jobs, registry
 from tables import layout, markdown, measured, ordering, paper, render, runs
 from tests.fault_helpers import assert_one_error_line, read_only, run_cli, snapshot
 
@@ -514,7 +515,7 @@ def test_table3_no_dropout_shows_its_snapshot_step_not_the_runs_last(tmp_path):
   lay = build(str(tmp_path), "3")
   row = data_rows(lay)[NO_DROPOUT]
   assert row["fid_train:ours"].text == "30.00" and row["step"].text == "933"
-  assert any("no dropout: the checkpoint at step 933 of its run's 2,000 steps" in t
+  assert any("no dropout: the checkpoint at step 933 of the other rows' 2,000-step schedule" in t
              for _, t in lay.footnotes)
   # Without a recorded snapshot step the latest step is the row's (every other row).
   write_run(str(tmp_path), "nodrop", [NO_DROPOUT], [result(933, "fid_train", 30.0),
@@ -548,3 +549,52 @@ def test_ordering_verdict_below_paper_scale_says_it_is_no_evidence_against_the_p
   paper_scale = _ordering_workdir(tmp_path / "paper", "paper", 128)
   assert ordering.main(["table=2", f"workdir={paper_scale}"]) == 0
   assert "no evidence" not in capsys.readouterr().out
+
+
+def test_a_row_trained_otherwise_is_marked_until_the_rows_own_run_has_results(tmp_path):
+  """experiments.run grad_accum=8 steps=100000 at paper scale: the run has its own name, its
+  job.json (written by experiments.jobs) says what changed, and the table marks our numbers with
+  a section sign and a footnote saying how. Once the row's own run has results, they are shown,
+  unmarked."""
+  job = registry.jobs(registry.select("2", ["128x128/cosine (shifted to 32)"]))[0]
+  changed = jobs.with_overrides(job, "paper", grad_accum=8, steps=100_000)
+  assert changed.name == f"{job.name}-accum8-steps100000"
+  workdir = str(tmp_path / "runs")
+  run_dir = os.path.join(workdir, changed.name)
+  jobs.write_job_json(changed, "paper", run_dir, jobs.job_args(changed, "paper", run_dir, None))
+  with open(os.path.join(run_dir, "job.json")) as f:
+    assert json.load(f)["modified"] == {"batch_size": [512, 512], "grad_accum": [1, 8],
+                                        "num_steps": [1_500_000, 100_000]}
+  os.makedirs(os.path.join(run_dir, "eval"))
+  with open(os.path.join(run_dir, "eval", "results.jsonl"), "w") as f:
+    f.write(json.dumps(result(100_000, "fid_train", 5.0)) + "\n")
+  cells = data_rows(build(workdir, "2"))[SHIFT32]
+  assert (cells["fid_train:ours"].text, cells["fid_train:ours"].mark) == ("5.00", layout.MODIFIED)
+  assert cells["fid_train:paper"].mark is None
+  note = ("§ trained otherwise than the row (experiments.run batch_size=, grad_accum=, steps=): "
+          "cosine (shifted to 32): batch 512 as 8 × 64 accumulated, 100K steps (row: 1.5M).")
+  outs = render.render(["2"], workdir)
+  assert "| 5.00§ |" in outs["table_2.md"] and note in outs["table_2.md"]
+  assert r"5.00$^\S$" in outs["table_2.tex"]
+  parse_tabulars(outs["table_2.tex"])
+  if shutil.which("pdflatex"):
+    out = tmp_path / "tex"
+    render.main([f"workdir={workdir}", f"out={out}", "table=2", "format=latex", "standalone=true"])
+    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "table_2.tex"],
+                          cwd=out, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+  # The row's own run (trained as the registry says) takes over, unmarked.
+  write_run(workdir, job.name, [SHIFT32], [result(1_500_000, "fid_train", 3.0)], scale="paper")
+  cells = data_rows(build(workdir, "2"))[SHIFT32]
+  assert (cells["fid_train:ours"].text, cells["fid_train:ours"].mark) == ("3.00", None)
+  assert "§" not in render.render(["2"], workdir, "markdown")["table_2.md"]
+
+
+def test_modification_text_says_what_changed():
+  text = layout.modification_text
+  assert text({"batch_size": [512, 64], "grad_accum": [1, 1], "num_steps": [10, 10]}) == (
+      "batch 64 (row: 512)")
+  assert text({"batch_size": [2048, 256], "grad_accum": [1, 4], "num_steps": [500_000, 500_000]}
+              ) == "batch 256 (row: 2048) as 4 × 64 accumulated"
+  assert text({"batch_size": [32, 32], "grad_accum": [1, 1], "num_steps": [2000, 500]}) == (
+      "500 steps (row: 2K)")

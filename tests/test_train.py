@@ -139,6 +139,25 @@ def test_two_processes_train_like_one(tmp_path):
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_grad_accum_on_two_devices_trains_like_the_whole_batch(tmp_path):
+  """Train.grad_accum=2 on two (CPU) devices, each micro-batch split over both: the same loss
+  and gradient norm at every step as the whole batch at once. A grad_accum that leaves fewer
+  images than devices in a micro-batch is a one-line error."""
+  env = _env(XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
+  common = ["Train.num_steps=3", "Train.async_checkpoints=False"]
+  run_train(tmp_path / "whole", *common, env=env)
+  run_train(tmp_path / "accum", *common, "Train.grad_accum=2", env=env)
+  rows = {name: [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")] for name in ("whole", "accum")}
+  assert [r["step"] for r in rows["accum"]] == [r["step"] for r in rows["whole"]] == [1, 2, 3]
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose([r[key] for r in rows["accum"]], [r[key] for r in rows["whole"]], rtol=1e-5)
+  p = run_train(tmp_path / "bad", *common, "Train.grad_accum=4", check=False, env=env)
+  lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+  assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+  assert "1 images per micro-batch is not divisible by the 2 devices" in lines[0]
+
+
 def test_bad_binding_is_one_line_error_before_compiling(tmp_path):
   p = run_train(tmp_path / "bad", "UNet.num_res_blockz=[1]", check=False)
   assert p.returncode == 2

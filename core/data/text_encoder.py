@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from core import extras
 from core.errors import UserError
 
 DEFAULT_ENCODER = "google/t5-v1_1-xxl"
@@ -65,9 +66,9 @@ class TextEncoder:
 
   def __init__(self, name_or_path: str, max_len: int = DEFAULT_MAX_LEN, *, batch_size: int = 64,
                device: str | None = None, dtype: str = "float32"):
-    import huggingface_hub  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
+    torch = extras.require("torch", "the T5 text encoder", "t2i")
+    transformers = extras.require("transformers", "the T5 text encoder")
+    huggingface_hub = extras.require("huggingface_hub", "the T5 text encoder")
     if max_len <= 0:
       raise UserError(f"text max_len={max_len} must be a positive number of tokens, e.g. 128")
     self.name = name_or_path
@@ -149,9 +150,9 @@ def build_random_t5(path: str, vocabulary: Iterable[str], *, d_model: int = 32,
   position buckets) and a word-level tokenizer over ``vocabulary`` (lowercased; unknown words map to
   ``<unk>``; ``</s>`` closes every caption) to ``path`` with ``save_pretrained``; deterministic in
   ``seed``. Returns ``path``."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  import tokenizers  # pylint: disable=g-import-not-at-top
+  torch = extras.require("torch", "the T5 text encoder", "t2i")
+  transformers = extras.require("transformers", "the T5 text encoder")
+  tokenizers = extras.require("tokenizers", "the T5 text encoder")
   from tokenizers import models, normalizers, pre_tokenizers, processors  # noqa: E501
   vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
   for w in sorted({w.lower() for w in vocabulary}):
