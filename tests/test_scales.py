@@ -122,8 +122,8 @@ def test_scaled_blocks_apportion_a_total():
 @pytest.mark.parametrize("scale", ["smoke", "demo", "paper"])
 def test_table3_no_dropout_is_the_700k_checkpoint_of_a_run_on_the_rows_schedule(scale):
   """The paper's "no dropout (at 700K iters)" is a snapshot of a run with the other rows' 1.5M-step
-  schedule: the row trains that schedule (a shorter run would decay its learning rate to zero at
-  its own end at demo scale), keeps the checkpoint at 700K/1.5M of the run and evaluates it."""
+  schedule: the row trains on that schedule (a shorter run would decay its learning rate to zero at
+  its own end), stops at 700K/1.5M of it, keeps that checkpoint and evaluates it."""
   other, nodrop = _job("3", "128x128", "dropout from 32"), _job("3", "128x128", "no dropout")
   for name in ("Train.num_steps", "Train.lr_decay", "Train.warmup_steps", "Train.learning_rate",
                "Train.checkpoint_every", "Train.keep_checkpoints"):
@@ -132,6 +132,8 @@ def test_table3_no_dropout_is_the_700k_checkpoint_of_a_run_on_the_rows_schedule(
   step = round(total * 700_000 / 1_500_000)
   assert scales.snapshot_step(nodrop, scale) == (step, total) and 0 < step < total
   assert list(_bound(nodrop, scale, "Train.keep_steps")) == [step]
+  assert _bound(nodrop, scale, "train.stop_at_step") == step  # no step past the snapshot
+  assert _bound(other, scale, "train.stop_at_step") is None
   opts = {"num_samples": None, "extractor": "auto", "resize": None}
   assert f"step={step}" in jobs.eval_args(nodrop, scale, "run", opts)
   assert not [a for a in jobs.eval_args(other, scale, "run", opts) if a.startswith("step=")]
