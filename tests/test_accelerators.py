@@ -4,6 +4,7 @@ plumbing and JSON on a CPU, and the Tables 4/5 speed columns end to end."""
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import stat
@@ -156,46 +157,84 @@ def test_paper_uvit2b_step_compiles_sharded_over_8_devices():
   assert aot["compiled"]["temp_bytes"] > 0
 
 
+# The stages the smoke test runs: each code path of the check once (the baseline's profile and
+# its nearest up-sampling, the fallback-carrying 36-block stage, the scanned U-Net's profile, the
+# sampler with weights cast once, and every training change together); the other five are the
+# same core.benchmark runs with one setting each, which test_gpu_check_stages_change_one_setting_each
+# reads from their arguments and tests/test_models_perf.py checks setting by setting.
+SMOKE_RUN = ["train_uvit_benchmark256", "train_uvit36_256", "train_unet256", "sample_uvit_benchmark256",
+             "train_uvit_benchmark256_all"]
+GPU_CHECK_STAGES = ["train_uvit_benchmark256", "train_uvit_benchmark256_transposed",
+                    "train_uvit_benchmark256_minimal", "train_uvit36_256", "train_unet256",
+                    "sample_uvit_benchmark256", "sample_uvit_benchmark256_noprecast",
+                    "train_uvit_benchmark256_pallas", "train_uvit_benchmark256_rbg",
+                    "train_uvit_benchmark256_all"]
+
+
+def _gpu_check():
+  spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_gpu_check_stages_change_one_setting_each(smoke):
+  """Each A/B stage is the stage before it in the chain with the one setting its name says."""
+  stages = {st["name"]: st["args"] for st in _gpu_check().stages(smoke)}
+  assert list(stages) == GPU_CHECK_STAGES
+  base = [a for a in stages["train_uvit_benchmark256"] if a not in ("profile=2", "UViT.upsample_impl='nearest'")]
+  transposed = ["UViT.upsample_impl='transposed'"] if smoke else []   # 'auto' is transposed on a GPU
+  pallas = ["UViT.attention_impl='pallas'"] + (["pallas_attention.block_q=16", "pallas_attention.block_k=16",
+                                               "pallas_attention.block_backward=16"] if smoke else [])
+  assert "UViT.upsample_impl='nearest'" in stages["train_uvit_benchmark256"]
+  assert stages["train_uvit_benchmark256_transposed"] == base + transposed
+  assert stages["train_uvit_benchmark256_minimal"] == base + transposed + ["remat_policy=minimal"]
+  assert stages["train_uvit_benchmark256_pallas"] == base + transposed + pallas
+  assert stages["train_uvit_benchmark256_rbg"] == base + transposed + ["Train.prng_impl='unsafe_rbg'"]
+  assert stages["train_uvit_benchmark256_all"] == (base + transposed + ["remat_policy=minimal"] + pallas
+                                                   + ["Train.prng_impl='unsafe_rbg'"])
+  assert stages["sample_uvit_benchmark256_noprecast"] == stages["sample_uvit_benchmark256"] + ["precast=false"]
+  assert "what=sample" in stages["sample_uvit_benchmark256"]
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_writes_one_json(tmp_path):
-  """The check's plumbing on a CPU: every stage (baseline and each A/B of issue 29) in its own
-  process at tiny shapes, each with the settings it names, the comparisons with the baseline,
-  the targets (not judged in smoke mode), one JSON file."""
+  """The check's plumbing on a CPU: stages (the baseline and A/Bs of docs/performance.md) each in
+  its own process at tiny shapes, with the settings it names, the comparisons with the baseline,
+  the targets (not judged in smoke mode), the stages not asked for listed as skipped, one JSON file."""
   p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), f"out={tmp_path}",
-                      "budget_s=3000"],
+                      "budget_s=3000", "only=" + ",".join(SMOKE_RUN)],
                      env={**_env(), "GPU_CHECK_SMOKE": "1"}, capture_output=True, text=True, timeout=3000)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
   (path,) = glob.glob(str(tmp_path / "*.json"))
   doc = json.load(open(path))
   assert os.path.basename(path) == f"cpu-{doc['date']}-smoke.json" and doc["smoke"] and doc["device"] == "cpu"
-  names = ["train_uvit_benchmark256", "train_uvit_benchmark256_transposed", "train_uvit_benchmark256_minimal",
-           "train_uvit36_256", "train_unet256", "sample_uvit_benchmark256", "sample_uvit_benchmark256_noprecast",
-           "train_uvit_benchmark256_pallas", "train_uvit_benchmark256_rbg", "train_uvit_benchmark256_all"]
-  assert [s["stage"] for s in doc["summary"]] == names
-  assert [s["status"] for s in doc["summary"]] == ["ok"] * len(names)
+  names = SMOKE_RUN
+  assert [s["stage"] for s in doc["summary"]] == GPU_CHECK_STAGES
+  assert {s["stage"]: s["status"] for s in doc["summary"]} == {
+      n: "ok" if n in names else "skipped" for n in GPU_CHECK_STAGES}
   res = {n: doc["stages"][n]["result"] for n in names}
   for s in doc["summary"]:
-    assert s["value"] > 0 and s["tflops_per_sec"] > 0 and s["mfu"] is None and s["compiled_bytes"] > 0
+    if s["stage"] in names:
+      assert s["value"] > 0 and s["tflops_per_sec"] > 0 and s["mfu"] is None and s["compiled_bytes"] > 0
   base = res["train_uvit_benchmark256"]
   assert base["arch"] == "UViT" and base["dtype"] == "bfloat16" and base["batch_size"] == 2
-  # The baseline is the 2026-11-27 configuration; each A/B changes the one setting it names.
+  # The baseline is the 2026-11-27 configuration; each A/B changes the settings it names.
   assert (base["prng_impl"], base["upsample_impl"], base["remat_policy"], base["attention_impl"]) == (
       "threefry2x32", "nearest", None, "auto")
-  assert res["train_uvit_benchmark256_transposed"]["upsample_impl"] == "transposed"
-  assert res["train_uvit_benchmark256_minimal"]["remat_policy"] == "minimal"
   assert res["train_uvit36_256"]["remat_policy"] == "minimal" and not res["train_uvit36_256"]["remat"]
   assert res["train_unet256"]["arch"] == "UNet" and res["train_unet256"]["compile_s"] > 0
-  assert res["train_uvit_benchmark256_pallas"]["attention_impl"] == "pallas"
-  assert res["train_uvit_benchmark256_rbg"]["prng_impl"] == "unsafe_rbg"
   every = res["train_uvit_benchmark256_all"]
-  assert (every["remat_policy"], every["attention_impl"], every["prng_impl"]) == ("minimal", "pallas", "unsafe_rbg")
+  assert (every["remat_policy"], every["attention_impl"], every["prng_impl"], every["upsample_impl"]) == (
+      "minimal", "pallas", "unsafe_rbg", "transposed")
   by_stage = {s["stage"]: s for s in doc["summary"]}
   assert by_stage["train_uvit_benchmark256"]["vs_baseline"] is None
-  rel = by_stage["train_uvit_benchmark256_rbg"]["vs_baseline"]
-  assert rel == pytest.approx(res["train_uvit_benchmark256_rbg"]["img_per_sec"] / base["img_per_sec"])
+  rel = by_stage["train_uvit_benchmark256_all"]["vs_baseline"]
+  assert rel == pytest.approx(every["img_per_sec"] / base["img_per_sec"])
   # Sampling: image-forwards/s counts both guided passes of every step and the final prediction.
-  sample, raw = res["sample_uvit_benchmark256"], res["sample_uvit_benchmark256_noprecast"]
-  assert sample["guided_batch"] == 2 * sample["batch_size"] and sample["precast"] and not raw["precast"]
+  sample = res["sample_uvit_benchmark256"]
+  assert sample["guided_batch"] == 2 * sample["batch_size"] and sample["precast"]
   assert sample["image_forwards_per_sec"] == pytest.approx(
       sample["guided_batch"] * (sample["sampler_steps"] + 1) / sample["seconds_per_call"])
   assert by_stage["sample_uvit_benchmark256"]["port"] == 745.0 and by_stage["train_uvit_benchmark256"]["port"] == 173.0
