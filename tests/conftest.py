@@ -34,20 +34,23 @@ except ImportError:  # pragma: no cover
 
 
 # Longest first (measured on 2 idle cores, `make test`): pytest-xdist hands out work units in
-# collection order, so a 6-minute test collected last would run alone at the end while the other
+# collection order, so a 6-minute unit collected last would run alone at the end while the other
 # worker idles. Items matching these node-id prefixes come first, in this order, then the other
 # `slow` tests, then the rest (otherwise in collection order). A module whose tests share an
-# expensive module-scoped fixture is one xdist_group (its fixture is built once, on one worker).
+# expensive module-scoped fixture is one xdist_group, one unit (its fixture is built once, on one
+# worker): the SLURM group (about 6 minutes: the table row, then the four stops of one job) and the
+# faults_train group (its two-host test and the module's shared run) are the largest units, so
+# they go first, one to each worker; each worker takes one more unit while its first runs.
 HEAVIEST = (
-    "tests/test_registry.py::test_table2_smoke_end_to_end",  # trains and evaluates 4 rows
-    "tests/test_learning.py",
-    # Third and fourth: each worker takes one more unit while its first test runs, so these two
-    # are queued behind the two longest; the faults_train group (its two-host test and the
-    # module's shared run) is the largest unit after them.
-    "tests/test_faults_run.py::test_sigterm_to_the_runner",
+    "tests/test_slurm.py",
     "tests/test_faults_train.py",
-    "tests/test_storage.py",  # the GCS emulator
+    "tests/test_registry.py::test_table2_smoke_end_to_end",  # trains and evaluates 3 rows
     "tests/test_eval_worker.py",
+    "tests/test_accelerators.py::test_gpu_check_smoke",
+    "tests/test_learning.py",
+    "tests/test_faults_run.py::test_sigterm_to_the_runner",
+    "tests/test_scales.py::test_demo_uvit_learns",
+    "tests/test_storage.py",  # the GCS emulator
     "tests/test_train.py",
 )
 

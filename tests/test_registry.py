@@ -191,12 +191,14 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
   """table=2 scale=smoke trains, evaluates and records rows of both groups; the renderer reads
   them; a rerun after an interruption redoes nothing that finished.
 
-  Four of the seven rows, two per group (the suite's longest test; all seven took 8 of its 17
+  Three of the seven rows, both groups (the suite's longest test; all seven took 8 of its 17
   minutes): the other rows differ from these only in the schedule's shift, which
   tests/test_schedules.py pins, and every job's model is built in tests/test_scales.py.
   """
   workdir = str(tmp_path / "runs")
-  first = "cosine (shifted to 64)"  # a label in both groups: one job each
+  # A label in both groups selects one job each; the group qualifies it.
+  assert {e.group for e in registry.select("2", ["cosine (shifted to 64)"])} == {"128x128", "256x256"}
+  first = "128x128/cosine (shifted to 64)"
   rows = f"{first},128x128/cosine (original at 128),256x256/cosine (shifted to 32)"
   # A first invocation that stops after one row stands for an interrupted table run; it evaluates
   # in background eval.worker subprocesses (eval_in_background); the second trains the other rows
@@ -205,17 +207,17 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
   run.main(["table=2", f"row={first}", "scale=smoke", f"workdir={workdir}",
             "eval_in_background=true"])
   done_before = {d: open(os.path.join(workdir, d, "eval", "results.jsonl")).read() for d in os.listdir(workdir)}
-  assert len(done_before) == 2
+  assert len(done_before) == 1
   capsys.readouterr()
   run.main(["table=2", f"row={rows}", "scale=smoke", f"workdir={workdir}", "parallel=2"])
   out = capsys.readouterr().out
   assert out.count("trained already") == len(done_before) and out.count("evaluated already") == len(done_before)
-  assert out.count("training (") == 4 - len(done_before)   # the other jobs, trained by the pool
-  assert out.count("2 at once") == 2 * 4 - len(done_before)      # ... and all evaluated by one
+  assert out.count("training (") == 3 - len(done_before)   # the other jobs, trained by the pool
+  assert out.count("2 at once") == 2 * 3 - len(done_before)      # ... and all evaluated by one
   for d, text in done_before.items():
     assert open(os.path.join(workdir, d, "eval", "results.jsonl")).read() == text
   runs = sorted(os.listdir(workdir))
-  assert len(runs) == 4
+  assert len(runs) == 3
   out_dir = tmp_path / "tables"
   render.main(["table=2", f"workdir={workdir}", f"out={out_dir}", "format=markdown"])
   md = (out_dir / "table_2.md").read_text()
@@ -227,7 +229,7 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
     elif len(cells) > 3 and group:
       lines[(group, cells[1].rstrip("†"))] = cells
   trained = {(e.group, e.row) for e in registry.select("2", rows.split(","))}
-  assert len(trained) == 4
+  assert len(trained) == 3
   for r in [r for r in _csv_rows() if r["table"] == "2"]:
     cells = lines[(r["group"], r["row"])]
     assert cells[2] == r["fid_train"] and cells[4] == r["fid_eval"]  # the paper's numbers
@@ -238,7 +240,7 @@ def test_table2_smoke_end_to_end_and_rerun_skips_finished_jobs(tmp_path, capsys)
       assert ours == [["–"], ["–"]], cells
   # A third run does nothing at all.
   run.main(["table=2", f"row={rows}", "scale=smoke", f"workdir={workdir}"])
-  assert capsys.readouterr().out.count("trained already") == 4
+  assert capsys.readouterr().out.count("trained already") == 3
 
 
 def test_eval_sampler_steps_are_the_rows_at_paper_scale_and_the_scales_below():
