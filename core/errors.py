@@ -12,8 +12,10 @@ commands that have nothing to checkpoint themselves.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 import warnings
 from typing import Callable, Sequence
 
@@ -61,20 +63,37 @@ class StopOnSigterm:
   :func:`defer_sigterm` kept, at once on entry). A library that catches the ``Preempted`` raised
   inside it and raises an ``Exception`` of its own instead (orbax does, restoring a checkpoint)
   does not turn the stop into a failure: whatever escapes the block after a SIGTERM leaves it
-  as ``Preempted``. Code that checkpoints installs its own handler inside the block (the
-  trainer's), so it stops at its next step instead."""
+  as ``Preempted``. A ``Preempted`` raised while a finaliser runs (an object's ``__del__``,
+  e.g. a ZipFile's while torch loads a model) is one Python drops ("Exception ignored in"), and
+  the block would run on: the signal is delivered again, to be raised where it ends the block.
+  Code that checkpoints installs its own handler inside the block (the trainer's), so it stops
+  at its next step instead."""
 
   def __init__(self, message: str = "SIGTERM: stopped; rerun the same command to resume"):
     self.message = message
     self.received = False
     self._previous = None
+    self._hook = None
+    self._active = False
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     self.received = True
     raise Preempted(self.message)
 
+  def _unraisable(self, unraisable) -> None:
+    if self._active and isinstance(unraisable.exc_value, Preempted):
+      threading.Timer(0.05, self._again).start()
+      return
+    self._hook(unraisable)
+
+  def _again(self) -> None:
+    if self._active:
+      os.kill(os.getpid(), signal.SIGTERM)
+
   def __enter__(self) -> "StopOnSigterm":
     self._previous = signal.signal(signal.SIGTERM, self._handler)
+    self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+    self._active = True
     if take_deferred_sigterm():
       self.__exit__(None, None, None)
       self.received = True
@@ -82,6 +101,9 @@ class StopOnSigterm:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> bool:
+    self._active = False
+    if sys.unraisablehook == self._unraisable:  # pylint: disable=comparison-with-callable
+      sys.unraisablehook = self._hook
     signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
     if self.received and exc is not None and not isinstance(exc, Preempted):
       raise Preempted(self.message) from exc

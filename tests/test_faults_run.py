@@ -124,6 +124,37 @@ def test_work_abandoned_by_an_error_prints_nothing_after_its_line():
   assert "never awaited" in p.stderr   # without run_main the warning does appear
 
 
+# A command that SIGTERM reaches while a finaliser runs: Python drops the exception the handler
+# raises there ("Exception ignored in"), as it did while torch loaded the Inception network.
+_SIGTERM_IN_A_FINALISER = """
+import os, signal, sys, time
+from core import errors
+
+class Closes:
+  def __del__(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000):   # the handler runs here, inside __del__
+      time.sleep(0.001)
+
+def main(argv):
+  with errors.StopOnSigterm():
+    Closes()
+    for _ in range(100):   # 5 s of work after the finaliser
+      time.sleep(0.05)
+    print("ran to the end")
+  return 0
+
+errors.run_main(main, [])
+"""
+
+
+def test_sigterm_dropped_inside_a_finaliser_still_stops_the_command():
+  p = subprocess.run([sys.executable, "-c", _SIGTERM_IN_A_FINALISER], cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=60)
+  assert p.returncode == 75 and "ran to the end" not in p.stdout, (p.returncode, p.stdout, p.stderr)
+  assert "preempted:" in p.stderr and "Exception ignored" not in p.stderr, p.stderr
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
   """A job trained to step 2 of 4 (a staged run), then the table command, SIGTERMed once its
