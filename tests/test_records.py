@@ -18,8 +18,8 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 import numpy as np
 import pytest
 from PIL import Image
-import skimage.data
 
+from benchmarks import data_decode
 from core.data import __main__ as data_cli
 from core.data import emoji, pipeline, prepare, records
 from core.errors import UserError
@@ -28,24 +28,15 @@ from experiments import plan, tpu
 from tests.fault_helpers import ROOT, run_in_process
 
 RES = 256
-# skimage.data's colour photographs (files shipped inside the package).
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png",
-          "hubble_deep_field.jpg", "retina.jpg", "rocket.jpg", "ihc.png")
+PHOTOS = data_decode.PHOTOS  # skimage.data's colour photographs (files shipped inside the package)
 
 
 def photo_bytes() -> dict[str, bytes]:
-  """Each photograph as shipped, plus an ImageNet-like JPEG of it (longer side 500, quality 90)."""
-  out = {}
-  for name in PHOTOS:
-    with open(os.path.join(os.path.dirname(skimage.data.__file__), name), "rb") as f:
-      out[name] = f.read()
-    with Image.open(io.BytesIO(out[name])) as img:
-      img = img.convert("RGB")
-      s = 500 / max(img.size)
-      img = img.resize((round(img.size[0] * s), round(img.size[1] * s)), Image.BICUBIC)
-      with io.BytesIO() as b:
-        img.save(b, "JPEG", quality=90)
-        out[os.path.splitext(name)[0] + "-500.jpg"] = b.getvalue()
+  """Each photograph as shipped, plus an ImageNet-like JPEG of it (longer side 500, quality 90),
+  as benchmarks/data_decode.py measures them."""
+  made = data_decode.sources()
+  out = dict(made["as shipped"])
+  out.update({os.path.splitext(n)[0] + "-500.jpg": b for n, b in made["imagenet-like jpeg"].items()})
   return out
 
 
