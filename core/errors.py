@@ -12,6 +12,7 @@ commands that have nothing to checkpoint themselves.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -116,10 +117,12 @@ def first_line(e: BaseException) -> str:
 
 
 def _quiet_exit(status: int) -> None:
-  """Exits after the one line: work the error abandoned (e.g. an async checkpoint write that hit
-  a full disk, whose coroutine is finalised at shutdown with a "never awaited" RuntimeWarning)
-  must not print after it."""
+  """Exits after the one line: work the error abandoned must not print after it (an async
+  checkpoint write that hit a full disk, whose coroutine is finalised at shutdown with a "never
+  awaited" RuntimeWarning; the other failed reads of a checkpoint that does not restore, whose
+  tasks asyncio logs as "Task exception was never retrieved")."""
   warnings.simplefilter("ignore")
+  logging.disable(logging.CRITICAL)
   sys.exit(status)
 
 

@@ -99,12 +99,19 @@ def test_read_only_output_directory_is_one_line(tmp_path, capsys):
 
 
 ABANDONED = """
-import sys
+import asyncio, sys
 from core.errors import UserError, run_main
 async def write():
   pass
+async def read_shard():
+  raise ValueError("DATA_LOSS: a shard of the checkpoint")
 def main(argv):
   main.pending = write()   # an async write the error abandons, finalised at shutdown
+  # A failed task whose exception nobody retrieves (orbax restoring a garbled checkpoint reads
+  # its arrays concurrently; one failure is raised, the others' tasks are finalised at shutdown).
+  main.loop = asyncio.new_event_loop()
+  main.task = main.loop.create_task(read_shard())
+  main.loop.run_until_complete(asyncio.sleep(0.01))
   raise UserError("disk full; free space and rerun")
 run_main(main)
 """
@@ -112,7 +119,8 @@ run_main(main)
 
 def test_work_abandoned_by_an_error_prints_nothing_after_its_line():
   """A coroutine left un-awaited by the failure (orbax's async checkpoint write on a full disk)
-  would print a RuntimeWarning at shutdown, after the one error line."""
+  would print a RuntimeWarning at shutdown, after the one error line, and a failed task nobody
+  awaited asyncio's "Task exception was never retrieved" with a traceback."""
   p = subprocess.run([sys.executable, "-c", ABANDONED], cwd=ROOT, env=_env(), capture_output=True,
                      text=True, timeout=120)
   assert p.returncode == 2
@@ -121,7 +129,7 @@ def test_work_abandoned_by_an_error_prints_nothing_after_its_line():
                            "from core.errors import UserError\nrun_main = lambda m: m([])")
   p = subprocess.run([sys.executable, "-c", bare], cwd=ROOT, env=_env(), capture_output=True,
                      text=True, timeout=120)
-  assert "never awaited" in p.stderr   # without run_main the warning does appear
+  assert "never awaited" in p.stderr and "never retrieved" in p.stderr   # without run_main they appear
 
 
 # A command that SIGTERM reaches while a finaliser runs: Python drops the exception the handler
