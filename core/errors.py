@@ -66,7 +66,7 @@ class StopOnSigterm:
   does not turn the stop into a failure: whatever escapes the block after a SIGTERM leaves it
   as ``Preempted``. A ``Preempted`` raised while a finaliser runs (an object's ``__del__``,
   e.g. a ZipFile's while torch loads a model) is one Python drops ("Exception ignored in"), and
-  the block would run on: the signal is delivered again, to be raised where it ends the block.
+  the block would run on: there the signal is delivered again, once the finaliser has returned.
   Code that checkpoints installs its own handler inside the block (the trainer's), so it stops
   at its next step instead."""
 
@@ -74,18 +74,15 @@ class StopOnSigterm:
     self.message = message
     self.received = False
     self._previous = None
-    self._hook = None
     self._active = False
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     self.received = True
-    raise Preempted(self.message)
-
-  def _unraisable(self, unraisable) -> None:
-    if self._active and isinstance(unraisable.exc_value, Preempted):
+    if _in_finaliser(frame):
+      # Raised here, Python would drop it: the signal comes again once the finaliser returns.
       threading.Timer(0.05, self._again).start()
       return
-    self._hook(unraisable)
+    raise Preempted(self.message)
 
   def _again(self) -> None:
     if self._active:
@@ -93,7 +90,6 @@ class StopOnSigterm:
 
   def __enter__(self) -> "StopOnSigterm":
     self._previous = signal.signal(signal.SIGTERM, self._handler)
-    self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
     self._active = True
     if take_deferred_sigterm():
       self.__exit__(None, None, None)
@@ -103,12 +99,19 @@ class StopOnSigterm:
 
   def __exit__(self, exc_type, exc, tb) -> bool:
     self._active = False
-    if sys.unraisablehook == self._unraisable:  # pylint: disable=comparison-with-callable
-      sys.unraisablehook = self._hook
     signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
     if self.received and exc is not None and not isinstance(exc, Preempted):
       raise Preempted(self.message) from exc
     return False
+
+
+def _in_finaliser(frame) -> bool:
+  """Whether ``frame`` runs inside an object's ``__del__``, where Python drops exceptions."""
+  while frame is not None:
+    if frame.f_code.co_name == "__del__":
+      return True
+    frame = frame.f_back
+  return False
 
 
 def first_line(e: BaseException) -> str:
@@ -116,13 +119,17 @@ def first_line(e: BaseException) -> str:
   return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _quiet_exit(status: int) -> None:
+def _quiet_exit(status: int, whole_process: bool) -> None:
   """Exits after the one line: work the error abandoned must not print after it (an async
   checkpoint write that hit a full disk, whose coroutine is finalised at shutdown with a "never
   awaited" RuntimeWarning; the other failed reads of a checkpoint that does not restore, whose
-  tasks asyncio logs as "Task exception was never retrieved")."""
+  tasks asyncio logs as "Task exception was never retrieved"). Logging and unraisable exceptions
+  are silenced only where the command owns the process (``run_main`` reading ``sys.argv``), not
+  in a caller that goes on (a test)."""
   warnings.simplefilter("ignore")
-  logging.disable(logging.CRITICAL)
+  if whole_process:
+    logging.disable(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
   sys.exit(status)
 
 
@@ -130,15 +137,16 @@ def run_main(main: Callable[[Sequence[str]], int | None],
              argv: Sequence[str] | None = None) -> None:
   """Runs ``main(argv)``: a UserError becomes one ``error:`` line and exit status 2, a Preempted
   one ``preempted:`` line and exit status 75."""
+  whole_process = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     rc = main(argv)
   except UserError as e:
     print(f"error: {first_line(e)}", file=sys.stderr)
-    _quiet_exit(EXIT_USER_ERROR)
+    _quiet_exit(EXIT_USER_ERROR, whole_process)
   except Preempted as e:
     print(f"preempted: {first_line(e)}", file=sys.stderr, flush=True)
-    _quiet_exit(EXIT_PREEMPTED)
+    _quiet_exit(EXIT_PREEMPTED, whole_process)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import math
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -129,4 +128,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  run_main(main, sys.argv[1:])
+  run_main(main)
