@@ -1,8 +1,8 @@
 """Learning regression: a tiny U-Net trained briefly on the emoji data samples closer to the data.
 
 The trainer (core.train, the paper's 128x128 U-Net gin files cut to two levels at 16x16) trains
-for a few hundred steps; its loss falls, and its EMA samples and an untrained model's samples (same sampler, seed and
-labels) are compared with held-out emoji images by KID (unbiased squared MMD, cubic kernel,
+for a few hundred steps; its loss falls, and its EMA samples and an untrained model's samples
+(same sampler, seed and labels) are compared with held-out emoji images by KID (unbiased squared MMD, cubic kernel,
 eval/kid.py) on raw pixels, a distance independent of the training loss and cheaper than
 Inception features. A change that stops the model learning (loss, schedule, sampler, optimizer,
 EMA, data) leaves the trained model's KID near the untrained one's and fails this test.
@@ -51,7 +51,8 @@ def test_trained_model_samples_are_much_closer_to_the_data_than_an_untrained_one
       "Train.log_every=10", f"Train.checkpoint_every={STEPS}", f"workdir={workdir}"])
   # The training loss falls (the mean of the first three logged steps against the last three).
   loss = losses(workdir)
-  first, last = np.mean([loss[s] for s in (10, 20, 30)]), np.mean([loss[s] for s in (STEPS - 20, STEPS - 10, STEPS)])
+  first = np.mean([loss[s] for s in (10, 20, 30)])
+  last = np.mean([loss[s] for s in (STEPS - 20, STEPS - 10, STEPS)])
   assert last < 0.8 * first, (first, last)
   run = sample.load_run(workdir)
   trained = sample.restore_ema_params(run, STEPS)
