@@ -2,9 +2,9 @@
 
 The trainer (core.train, the paper's 128x128 U-Net gin files cut to two levels at 16x16) trains
 for a few hundred steps; its loss falls, and its EMA samples and an untrained model's samples
-(same sampler, seed and labels) are compared with held-out emoji images by KID (unbiased squared MMD, cubic kernel,
-eval/kid.py) on raw pixels, a distance independent of the training loss and cheaper than
-Inception features. A change that stops the model learning (loss, schedule, sampler, optimizer,
+(same sampler, seed and labels) are compared with held-out emoji images by KID (unbiased squared
+MMD, cubic kernel, eval/kid.py) on raw pixels, a distance independent of the training loss and
+cheaper than Inception features. A change that stops the model learning (loss, schedule, sampler, optimizer,
 EMA, data) leaves the trained model's KID near the untrained one's and fails this test.
 """
 from __future__ import annotations
