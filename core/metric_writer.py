@@ -9,20 +9,24 @@ are written locally and mirrored by :class:`core.io.storage.Syncer`. Only the ch
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import numbers
 import os
 import shutil
+import socket
 import tempfile
 import time
 from typing import Any, Mapping
 
 import numpy as np
+from PIL import Image
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
-from tensorboardX import SummaryWriter
-from tensorboardX.proto import summary_pb2 as tbx_summary_pb2
+from tensorboard.plugins.text import metadata as text_metadata
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from core.io import jsonl, rundir, storage
 from core.errors import UserError
@@ -107,6 +111,67 @@ def _adopt_events(old: str, new: str) -> None:
     os.rmdir(old)
 
 
+class _Events:
+  """One TensorBoard event file, written with TensorBoard's own record writer and protos:
+  scalars, PNG images, markdown text and hparams summaries. TensorBoard itself, not tensorboardX
+  (which imports torch: about a second for every trainer process).
+
+  The file is ``events.out.tfevents.<seconds>.<host>.<nanoseconds>``: TensorBoard reads a
+  directory's files in name order, so a restart's file sorts after the one it resumes (the names
+  tensorboardX gave, kept for runs started by earlier versions). Every event is flushed as it is
+  written. ``purge_step``: the events of that step and later, left by a crashed run, are hidden
+  (a ``SessionLog.START`` at that step, as TensorBoard reads it).
+  """
+
+  def __init__(self, logdir: str, *, purge_step: int | None):
+    os.makedirs(logdir, exist_ok=True)
+    now = time.time_ns()
+    name = f"events.out.tfevents.{now // 10**9:010d}.{socket.gethostname()}.{now}"
+    self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
+    self._add(event_pb2.Event(wall_time=now / 1e9, file_version="brain.Event:2"))
+    if purge_step is not None:
+      self._add(event_pb2.Event(
+          step=purge_step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def _add(self, event: event_pb2.Event) -> None:
+    self._records.write(event.SerializeToString())
+    self._records.flush()
+
+  def add_summary(self, summary: summary_pb2.Summary, step: int) -> None:
+    self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self.add_summary(summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=tag, simple_value=float(value))]), step)
+
+  def add_image(self, tag: str, img: np.ndarray, step: int) -> None:
+    """``img``: uint8 [H, W, C], C in 1, 3, 4, stored as PNG (one channel as gray RGB)."""
+    if img.shape[-1] == 1:
+      img = np.repeat(img, 3, axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    self.add_summary(summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=tag, image=summary_pb2.Summary.Image(
+            height=img.shape[0], width=img.shape[1], colorspace=img.shape[2],
+            encoded_image_string=buf.getvalue()))]), step)
+
+  def add_text(self, tag: str, text: str, step: int) -> None:
+    """Markdown for the text dashboard, under ``<tag>/text_summary``."""
+    tensor = tensor_pb2.TensorProto(
+        dtype="DT_STRING", string_val=[text.encode("utf-8")],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]))
+    self.add_summary(summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=tag + "/text_summary", metadata=text_metadata.create_summary_metadata("", ""),
+        tensor=tensor)]), step)
+
+  def flush(self) -> None:
+    self._records.flush()
+
+  def close(self) -> None:
+    self._records.close()
+
+
 def truncate_jsonl(path: str, max_step: int) -> int:
   """Keeps the rows of ``metrics.jsonl`` with ``step <= max_step`` and drops a torn tail;
   returns the number of rows dropped."""
@@ -179,11 +244,7 @@ class MetricWriter:
       tb_path = os.path.join(self.local_dir, tb_dir)
       if legacy_tb_dir and self._staging is None:
         _adopt_events(os.path.join(self.local_dir, legacy_tb_dir), tb_path)
-      # A nanosecond suffix keeps event files of quick restarts apart and in creation order.
-      self._tb = SummaryWriter(logdir=tb_path,
-                               purge_step=self.start_step + 1 if self.start_step > 0 else None,
-                               flush_secs=30,
-                               filename_suffix=f".{time.time_ns()}")
+      self._tb = _Events(tb_path, purge_step=self.start_step + 1 if self.start_step > 0 else None)
 
   # ----------------------------------------------------------------------------------------------
 
@@ -222,7 +283,7 @@ class MetricWriter:
       if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
         raise UserError(f"write_images: {name!r} has shape {img.shape}; pass [H, W, C] or "
                         "[N, H, W, C] with C in 1, 3, 4")
-      self._tb.add_image(self.tb_prefix + name, img, int(step), dataformats="HWC")
+      self._tb.add_image(self.tb_prefix + name, img, int(step))
     self._maybe_sync()
 
   def write_text(self, tag: str, text: str, step: int = 0, *, code: bool = False) -> None:
@@ -257,10 +318,7 @@ class MetricWriter:
     if (values, group) == self._hparams:
       return
     self._hparams = (values, group)
-    pb = hparams_summary.hparams_pb(values, trial_id=group)
-    # tensorboardX writes its own copy of the Summary proto (same wire format).
-    self._tb._get_file_writer().add_summary(  # pylint: disable=protected-access
-        tbx_summary_pb2.Summary.FromString(pb.SerializeToString()), 0)
+    self._tb.add_summary(hparams_summary.hparams_pb(values, trial_id=group), 0)
 
   def flush(self) -> None:
     """Flushes files and, for gs:// workdirs, uploads what changed (retrying earlier failures)."""

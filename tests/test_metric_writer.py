@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from core import metric_writer
 from core.io import storage
 from core.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_tb(logdir: str) -> ea.EventAccumulator:
@@ -210,3 +214,26 @@ def test_events_of_the_earlier_layout_are_adopted_on_resume(tmp_path):
     w.write_scalars(6, {"fid": 1.0})
   names = os.listdir(os.path.join(wd, "eval"))
   assert "tb" not in names and len([n for n in names if "tfevents" in n]) == 2
+
+
+def test_quick_restarts_are_read_in_the_order_they_ran(tmp_path):
+  """Twelve restarts within a second, each resuming at the step the one before reached: TensorBoard
+  reads the files in name order, so every restart's file must sort after the earlier ones (a
+  counter or process id in the name would not: "10" sorts before "9")."""
+  wd = str(tmp_path / "run")
+  for k in range(12):
+    with metric_writer.MetricWriter(wd, start_step=k) as w:
+      w.write_scalars(k + 1, {"loss": float(k + 1)})
+      w.write_scalars(k + 2, {"loss": -1.0})  # logged after the last checkpoint: purged
+  acc = load_tb(os.path.join(wd, "train"))
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == (
+      [(k + 1, float(k + 1)) for k in range(12)] + [(13, -1.0)])
+
+
+def test_a_trainer_process_does_not_import_torch():
+  """The trainer writes TensorBoard events without torch (tensorboardX imports it: about a second
+  of every trainer process); the eval worker's Inception network is what needs torch."""
+  code = "import sys, core.train; print(sorted(m for m in ('torch', 'tensorboardX') if m in sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+  assert out.stdout.strip() == "[]", out.stderr[-2000:]
