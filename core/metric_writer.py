@@ -114,7 +114,7 @@ def _adopt_events(old: str, new: str) -> None:
 class _Events:
   """One TensorBoard event file, written with TensorBoard's own record writer and protos:
   scalars, PNG images, markdown text and hparams summaries. TensorBoard itself, not tensorboardX
-  (which imports torch: about a second for every trainer process).
+  (which imports torch: about 2 s of every trainer process's start).
 
   The file is ``events.out.tfevents.<seconds>.<host>.<nanoseconds>``: TensorBoard reads a
   directory's files in name order, so a restart's file sorts after the one it resumes (the names

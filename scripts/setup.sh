@@ -68,7 +68,7 @@ sys.dont_write_bytecode = False
 for name in ("experiments.run", "core.train", "core.benchmark", "eval.worker", "eval.reference",
              "tables.render", "tables.ordering", "tables.figures", "torch", "torch.nn.functional",
              "torch.onnx", "onnx", "onnxruntime", "PIL.Image", "matplotlib.pyplot", "pandas",
-             "tensorboardX", "pytest", "xdist", "google.cloud.storage", "tokenizers",
+             "pytest", "xdist", "google.cloud.storage", "tokenizers",
              "transformers.models.t5.modeling_t5", "transformers.models.clip.modeling_clip"):
   try:
     importlib.import_module(name)

@@ -231,8 +231,8 @@ def test_quick_restarts_are_read_in_the_order_they_ran(tmp_path):
 
 
 def test_a_trainer_process_does_not_import_torch():
-  """The trainer writes TensorBoard events without torch (tensorboardX imports it: about a second
-  of every trainer process); the eval worker's Inception network is what needs torch."""
+  """The trainer writes TensorBoard events without torch (tensorboardX imports it: about 2 s of
+  every trainer process's start); the eval worker's Inception network is what needs torch."""
   code = "import sys, core.train; print(sorted(m for m in ('torch', 'tensorboardX') if m in sys.modules))"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
