@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import shutil
@@ -54,17 +55,27 @@ for _name in ("absl", "asyncio"):
 
 
 def quiet_closed_loop_errors() -> None:
-  """Wraps ``sys.unraisablehook`` so that it drops one error: tensorstore's future callbacks that
-  find orbax's asyncio loop already closed, as after a failed save on a full disk (each would print
-  a bare traceback in front of the one ``error:`` line). Every other unraisable error goes on to
-  the previous hook."""
+  """Wraps ``sys.unraisablehook`` so that it drops two errors of orbax's abandoned asynchronous
+  work, each of which would print a bare traceback after the one ``error:`` or ``preempted:``
+  line:
+
+  * tensorstore's future callbacks that find orbax's asyncio loop already closed, as after a
+    failed save on a full disk;
+  * a read coroutine of a restore that a SIGTERM stopped, closed unfinished when it is collected:
+    orbax catches the ``GeneratorExit`` and raises an ``Exception`` instead (one per array read,
+    hundreds, at whatever later moment the garbage collector runs).
+
+  Every other unraisable error goes on to the previous hook."""
   previous = sys.unraisablehook
   if getattr(previous, "quiets_closed_loops", False):
     return
 
   def hook(unraisable):
     e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)):
+    closed_loop = isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
+    closed_read = (isinstance(e.__cause__, GeneratorExit)
+                   and inspect.iscoroutine(unraisable.object))
+    if not (closed_loop or closed_read):
       previous(unraisable)
 
   hook.quiets_closed_loops = True
