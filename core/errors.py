@@ -12,6 +12,7 @@ commands that have nothing to checkpoint themselves.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -66,7 +67,9 @@ class StopOnSigterm:
   does not turn the stop into a failure: whatever escapes the block after a SIGTERM leaves it
   as ``Preempted``. A ``Preempted`` raised while a finaliser runs (an object's ``__del__``,
   e.g. a ZipFile's while torch loads a model) is one Python drops ("Exception ignored in"), and
-  the block would run on: there the signal is delivered again, once the finaliser has returned.
+  one raised in an asyncio callback (orbax's event loop reading its wake-up pipe) is one asyncio
+  logs and drops; the block would run on: there the signal is delivered again, once the finaliser
+  or the callback has returned.
   Code that checkpoints installs its own handler inside the block (the trainer's), so it stops
   at its next step instead."""
 
@@ -78,8 +81,9 @@ class StopOnSigterm:
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     self.received = True
-    if _in_finaliser(frame):
-      # Raised here, Python would drop it: the signal comes again once the finaliser returns.
+    if _dropped_here(frame):
+      # Raised here, it would be dropped: the signal comes again once the finaliser or callback
+      # has returned.
       threading.Timer(0.05, self._again).start()
       return
     raise Preempted(self.message)
@@ -105,10 +109,17 @@ class StopOnSigterm:
     return False
 
 
-def _in_finaliser(frame) -> bool:
-  """Whether ``frame`` runs inside an object's ``__del__``, where Python drops exceptions."""
+def _dropped_here(frame) -> bool:
+  """Whether an exception raised in ``frame`` would be dropped: inside an object's ``__del__``
+  (Python prints "Exception ignored in") or inside an asyncio callback that is not a coroutine's
+  step (asyncio logs "Exception in callback"); a coroutine's task takes the exception instead."""
   while frame is not None:
-    if frame.f_code.co_name == "__del__":
+    code = frame.f_code
+    if code.co_name == "__del__":
+      return True
+    if code.co_flags & inspect.CO_COROUTINE:
+      return False
+    if code.co_name == "_run" and code.co_filename.endswith(os.path.join("asyncio", "events.py")):
       return True
     frame = frame.f_back
   return False

@@ -5,17 +5,20 @@ one ``error:`` line); the SIGTERM case runs the real command in a subprocess.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from orbax.checkpoint._src.serialization import serialization
 
 from core import config as config_lib
 from core import train as train_cli
+from core import errors
 from core.errors import run_main
 from experiments import jobs, run
 from tests.test_faults_train import _mount_tmpfs, _umount, checkpoint_steps, rows
@@ -199,6 +202,22 @@ def test_sigterm_to_the_runner_stops_it_without_a_result(tmp_path):
   assert [r["step"] for r in rows(run_dir)] == [2]  # Train.log_every=2 at smoke scale: logged once
   assert sorted(os.listdir(workdir)) == [job.name]  # the next job never started
 
+
+
+def test_sigterm_inside_an_asyncio_callback_still_stops_the_block():
+  """A SIGTERM whose handler runs inside an asyncio callback (seen: an eval worker, while orbax's
+  event loop read its wake-up pipe) raises there; asyncio logs and drops that, and the worker ran
+  on, ignoring the signal until it was killed. It is delivered again once the callback returns, and
+  the block stops."""
+  with pytest.raises(errors.Preempted):
+    with errors.StopOnSigterm():
+      loop = asyncio.new_event_loop()
+      try:
+        loop.call_soon(os.kill, os.getpid(), signal.SIGTERM)
+        loop.run_until_complete(asyncio.sleep(0.05))
+      finally:
+        loop.close()
+      time.sleep(5)  # the rest of the block: the stop comes here
 
 @pytest.mark.slow
 def test_sigterm_while_the_runner_evaluates_in_process_exits_75(tmp_path, capsys, monkeypatch):
