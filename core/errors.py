@@ -65,11 +65,11 @@ class StopOnSigterm:
   :func:`defer_sigterm` kept, at once on entry). A library that catches the ``Preempted`` raised
   inside it and raises an ``Exception`` of its own instead (orbax does, restoring a checkpoint)
   does not turn the stop into a failure: whatever escapes the block after a SIGTERM leaves it
-  as ``Preempted``. A ``Preempted`` raised while a finaliser runs (an object's ``__del__``,
-  e.g. a ZipFile's while torch loads a model) is one Python drops ("Exception ignored in"), and
-  one raised in an asyncio callback (orbax's event loop reading its wake-up pipe) is one asyncio
-  logs and drops; the block would run on: there the signal is delivered again, once the finaliser
-  or the callback has returned.
+  as ``Preempted``. A ``Preempted`` that Python drops ("Exception ignored in": raised while a
+  finaliser runs, e.g. a ZipFile's ``__del__`` while torch loads a model, or a garbage-collector
+  callback, e.g. JAX's) reaches ``sys.unraisablehook``, and one raised in an asyncio callback
+  (orbax's event loop reading its wake-up pipe) is one asyncio logs and drops; the block would run
+  on: the signal is delivered again, once the finaliser or callback has returned.
   Code that checkpoints installs its own handler inside the block (the trainer's), so it stops
   at its next step instead."""
 
@@ -77,23 +77,38 @@ class StopOnSigterm:
     self.message = message
     self.received = False
     self._previous = None
+    self._previous_unraisable = sys.unraisablehook
     self._active = False
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     self.received = True
-    if _dropped_here(frame):
-      # Raised here, it would be dropped: the signal comes again once the finaliser or callback
-      # has returned.
-      threading.Timer(0.05, self._again).start()
+    if _in_an_asyncio_callback(frame):
+      # Raised here, asyncio would log and drop it: the signal comes again once the callback has
+      # returned.
+      self._deliver_again()
       return
     raise Preempted(self.message)
+
+  def _deliver_again(self) -> None:
+    threading.Timer(0.05, self._again).start()
 
   def _again(self) -> None:
     if self._active:
       os.kill(os.getpid(), signal.SIGTERM)
 
+  def _unraisable(self, unraisable) -> None:
+    """Wraps ``sys.unraisablehook`` while the block runs: our ``Preempted``, dropped where Python
+    cannot raise (a finaliser, a garbage-collector or weakref callback), is delivered again; any
+    other error goes on to the hook before."""
+    if self._active and isinstance(unraisable.exc_value, Preempted):
+      self._deliver_again()
+    else:
+      self._previous_unraisable(unraisable)
+
   def __enter__(self) -> "StopOnSigterm":
     self._previous = signal.signal(signal.SIGTERM, self._handler)
+    self._previous_unraisable = sys.unraisablehook
+    sys.unraisablehook = self._unraisable
     self._active = True
     if take_deferred_sigterm():
       self.__exit__(None, None, None)
@@ -104,19 +119,19 @@ class StopOnSigterm:
   def __exit__(self, exc_type, exc, tb) -> bool:
     self._active = False
     signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+    if sys.unraisablehook == self._unraisable:  # else a hook set inside wraps ours: inactive now
+      sys.unraisablehook = self._previous_unraisable
     if self.received and exc is not None and not isinstance(exc, Preempted):
       raise Preempted(self.message) from exc
     return False
 
 
-def _dropped_here(frame) -> bool:
-  """Whether an exception raised in ``frame`` would be dropped: inside an object's ``__del__``
-  (Python prints "Exception ignored in") or inside an asyncio callback that is not a coroutine's
-  step (asyncio logs "Exception in callback"); a coroutine's task takes the exception instead."""
+def _in_an_asyncio_callback(frame) -> bool:
+  """Whether an exception raised in ``frame`` would be logged and dropped by asyncio: inside a
+  callback the event loop runs (``Handle._run``) that is not a coroutine's step, whose task would
+  take the exception instead."""
   while frame is not None:
     code = frame.f_code
-    if code.co_name == "__del__":
-      return True
     if code.co_flags & inspect.CO_COROUTINE:
       return False
     if code.co_name == "_run" and code.co_filename.endswith(os.path.join("asyncio", "events.py")):
