@@ -35,6 +35,9 @@ _DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s")
 _REF = re.compile(r"%([\w.\-]+)")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
+# The computations an instruction runs: a while loop's body and condition, a conditional's branches.
+_RUNS = re.compile(r"(?:body|condition|true_computation|false_computation)=%([\w.\-]+)"
+                   r"|branch_computations=\{([^}]*)\}")
 _OPCODE = re.compile(r"(?:^|\s)([a-z][\w\-]*)\(%")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Kind of an op, from its op_name (lower case), first match wins.
@@ -60,9 +63,14 @@ def op_names(hlo_text: str) -> dict[str, str]:
   without metadata (weight-gradient convolutions, layout copies). Such an instruction is named
   after its own opcode under the module path of its nearest operand that has an op_name
   (backward if any operand within reach is), e.g.
-  ``jit(train_step)/transpose(jvp(UViT))/down0_block0/convolution``.
+  ``jit(train_step)/transpose(jvp(UViT))/down0_block0/convolution``. One with no named operand
+  within reach inside a loop body or a branch (the copies of a while loop's carried state, e.g.
+  the threefry counters of ``jax.random``) is named under the loop or conditional that runs it:
+  ``.../jit(_uniform)/while/copy``.
   """
   names, operands, opcodes, calls = {}, {}, {}, {}
+  home: dict[str, str] = {}  # instruction -> its computation
+  runner: dict[str, str] = {}  # computation -> the while or conditional instruction that runs it
   heavy: dict[str, str] = {}  # computation -> op_name of its first convolution or dot
   computation = None
   for line in hlo_text.splitlines():
@@ -73,7 +81,11 @@ def op_names(hlo_text: str) -> dict[str, str]:
     m = _DEF.match(line)
     if not m:
       continue
+    home[m.group(1)] = computation
     rhs = line[m.end():]
+    for body, branches in _RUNS.findall(rhs):
+      for comp in [body] if body else _REF.findall(branches):
+        runner[comp] = m.group(1)
     on = _OP_NAME.search(rhs)
     op = _OPCODE.search(rhs)
     if on:
@@ -104,6 +116,14 @@ def op_names(hlo_text: str) -> dict[str, str]:
         prefix = re.sub(r"jvp\((\w+)\)", r"transpose(jvp(\1))", prefix, count=1)
       inferred[name] = f"{prefix}/{opcodes[name]}"
   names.update(inferred)
+  for name in operands:
+    if name in names:
+      continue
+    loop, hops = runner.get(home.get(name)), 0
+    while loop is not None and loop not in names and hops < 8:  # a loop in an unnamed loop
+      loop, hops = runner.get(home.get(loop)), hops + 1
+    if loop in names:
+      names[name] = f"{names[loop]}/{opcodes[name]}"
   return names
 
 

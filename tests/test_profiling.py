@@ -43,6 +43,41 @@ def test_op_names_reads_metadata_and_infers_missing_from_operands():
   assert profiling.kind(names["gemm_fusion.5"]) == "matmul"
 
 
+LOOP_HLO = """
+%region_body.1 (arg: (s32[], u32[4])) -> (s32[], u32[4]) {
+  %arg = (s32[], u32[4]{0}) parameter(0)
+  %gte.2 = u32[4]{0} get-tuple-element(%arg), index=1
+  %copy.3 = u32[4]{0} copy(%gte.2)
+  %gte.4 = s32[] get-tuple-element(%arg), index=0
+  ROOT %tuple.5 = (s32[], u32[4]{0}) tuple(%gte.4, %copy.3)
+}
+
+%region_cond.6 (arg.7: (s32[], u32[4])) -> pred[] {
+  %arg.7 = (s32[], u32[4]{0}) parameter(0)
+  %gte.8 = s32[] get-tuple-element(%arg.7), index=0
+  %constant.9 = s32[] constant(5)
+  ROOT %compare.10 = pred[] compare(%gte.8, %constant.9), direction=LT
+}
+
+ENTRY %main (p0: (s32[], u32[4])) -> (s32[], u32[4]) {
+  %p0 = (s32[], u32[4]{0}) parameter(0)
+  %copy.11 = (s32[], u32[4]{0}) copy(%p0)
+  ROOT %while.12 = (s32[], u32[4]{0}) while(%copy.11), condition=%region_cond.6, body=%region_body.1, metadata={op_name="jit(train_step)/jvp(UViT)/transformer/Dropout_0/jit(_uniform)/while"}
+}
+"""
+
+
+def test_op_names_name_a_loops_unnamed_instructions_after_the_loop():
+  """The copies of a while loop's carried state (jax.random's threefry counters) have no metadata
+  and no named operand: they count under the loop that runs them. Outside any loop an unnamed copy
+  of a parameter stays unmapped."""
+  names = profiling.op_names(LOOP_HLO)
+  loop = "jit(train_step)/jvp(UViT)/transformer/Dropout_0/jit(_uniform)/while"
+  assert names["copy.3"] == loop + "/copy" and names["compare.10"] == loop + "/compare"
+  assert profiling.kind(names["copy.3"]) == "rng" and profiling.scope(names["copy.3"]) == "transformer"
+  assert "copy.11" not in names and "p0" not in names
+
+
 @pytest.mark.parametrize("op_name,kind,scope", [
     ("jit(train_step)/jvp(UViT)/transformer/while/body/closed_call/blocks/block/self_attn/vmap()/reduce_max",
      "attention", "transformer"),
