@@ -210,15 +210,15 @@ def test_sigterm_inside_an_asyncio_callback_still_stops_the_block():
   event loop read its wake-up pipe) raises there; asyncio logs and drops that, and the worker ran
   on, ignoring the signal until it was killed. It is delivered again once the callback returns, and
   the block stops."""
-  with pytest.raises(errors.Preempted):
-    with errors.StopOnSigterm():
-      loop = asyncio.new_event_loop()
-      try:
+  loop = asyncio.new_event_loop()
+  try:
+    with pytest.raises(errors.Preempted):
+      with errors.StopOnSigterm():
         loop.call_soon(os.kill, os.getpid(), signal.SIGTERM)
         loop.run_until_complete(asyncio.sleep(0.05))
-      finally:
-        loop.close()
-      time.sleep(5)  # the rest of the block: the stop comes here
+        time.sleep(5)  # the rest of the block: the stop comes here
+  finally:
+    loop.close()  # outside the block: a stop that lands inside close() would leave it half done
 
 def test_sigterm_inside_a_garbage_collector_callback_still_stops_the_block():
   """A SIGTERM whose handler runs inside a garbage-collector callback (seen: an eval worker,
